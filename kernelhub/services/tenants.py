@@ -1,0 +1,61 @@
+"""Tenants and their API keys. Keys are compared in constant time; a tenant is just a name."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from ..errors import InvalidRequest, Unauthorized
+
+
+@dataclasses.dataclass(frozen=True)
+class Tenant:
+    """Who is calling. Every sandbox, session and execution belongs to exactly one."""
+
+    name: str
+
+
+class TenantRegistry:
+    """Maps API keys to tenants. Called by every surface before anything else."""
+
+    def __init__(self, keys: Mapping[str, str]) -> None:
+        for key, name in keys.items():
+            if not isinstance(key, str) or not isinstance(name, str) or not key or not name:
+                raise InvalidRequest("API keys and tenant names must be non-empty strings.")
+        # Digests of equal length, so compare_digest's time does not depend on the key's length either.
+        self._keys = [(hashlib.sha256(k.encode()).digest(), Tenant(n)) for k, n in keys.items()]
+
+    @classmethod
+    def from_file(cls, path: str | Path, default_token: str | None = None) -> TenantRegistry:
+        """Read ``{"<key>": "<tenant name>", ...}``; ``default_token`` is the tenant ``default``'s key."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise InvalidRequest(f"Cannot read the API keys file {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidRequest(f"The API keys file {path} must hold a JSON object of key: tenant name.")
+        keys = dict(data)
+        if default_token:
+            keys[default_token] = "default"
+        return cls(keys)
+
+    def authenticate(self, key: str | None) -> Tenant:
+        """The tenant of ``key``; raises :class:`Unauthorized` for a missing or unknown key."""
+        if not key:
+            raise Unauthorized("An API key is required: send 'Authorization: Bearer <key>'.")
+        digest = hashlib.sha256(key.encode()).digest()
+        found = None
+        for candidate, tenant in self._keys:
+            # No early exit: every key is compared.
+            if hmac.compare_digest(candidate, digest):
+                found = tenant
+        if found is None:
+            raise Unauthorized("The API key is not valid.")
+        return found
+
+    def tenants(self) -> list[Tenant]:
+        return [t for _, t in self._keys]

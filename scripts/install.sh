@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Installs everything kernelhub needs on a fresh Debian machine, idempotently:
+#   - system packages (bubblewrap, util-linux's setpriv, e2fsprogs for workspace images),
+#   - the gateway's virtualenv in .venv,
+#   - the kernels' runtime in $KERNELHUB_RUNTIME_DIR (default /opt/kernelhub/runtime), kept apart from the
+#     gateway so that the sandbox's read-only view holds only what kernels need.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNTIME="${KERNELHUB_RUNTIME_DIR:-/opt/kernelhub/runtime}"
+PY="${PYTHON:-python3}"
+
+need_apt=()
+command -v bwrap >/dev/null || need_apt+=(bubblewrap)
+command -v setpriv >/dev/null || need_apt+=(util-linux)
+command -v mkfs.ext4 >/dev/null || need_apt+=(e2fsprogs)
+command -v losetup >/dev/null || need_apt+=(mount)
+[ -x /usr/bin/python3 ] || need_apt+=(python3)
+/usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+command -v node >/dev/null || need_apt+=(nodejs npm)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then echo "install: need root to apt-get install ${need_apt[*]}" >&2; exit 1; fi
+  echo "install: apt-get install ${need_apt[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# The gateway.
+if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
+stamp=.venv/.kernelhub-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[test]'
+  touch "$stamp"
+fi
+
+# The kernels' runtime: Debian's python (readable by unprivileged sandbox uids, unlike a python under /root).
+mkdir -p "$RUNTIME"
+chmod 755 "$RUNTIME"
+rstamp="$RUNTIME/.python-installed"
+if [ ! -f "$rstamp" ] || [ scripts/runtime-requirements.txt -nt "$rstamp" ]; then
+  [ -x "$RUNTIME/python/bin/python" ] || /usr/bin/python3 -m venv "$RUNTIME/python"
+  "$RUNTIME/python/bin/pip" install -q --upgrade pip
+  "$RUNTIME/python/bin/pip" install -q -r scripts/runtime-requirements.txt
+  touch "$rstamp"
+fi
+nstamp="$RUNTIME/.node-installed"
+if [ ! -f "$nstamp" ] || [ scripts/runtime-package.json -nt "$nstamp" ]; then
+  mkdir -p "$RUNTIME/node"
+  cp scripts/runtime-package.json "$RUNTIME/node/package.json"
+  (cd "$RUNTIME/node" && npm install --no-audit --no-fund --loglevel=error >/dev/null)
+  touch "$nstamp"
+fi
+chmod -R a+rX "$RUNTIME"
+echo "install: ok (gateway .venv, runtime $RUNTIME)"
