@@ -1,0 +1,3 @@
+from typing import Any
+
+default_handlers: list[Any] = []

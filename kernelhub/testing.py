@@ -1,0 +1,120 @@
+"""A real gateway for tests: ``kernelhub serve`` in a subprocess on an unused loopback port.
+
+Used by the test suite (``pytest_plugins = ["kernelhub.testing"]``) and usable by anyone who wants to drive a
+throwaway gateway from a script. The fixture ``gateway`` is session-scoped: one gateway for the whole run,
+with two tenants (``alice`` with :data:`TOKEN`, ``bob`` with :data:`OTHER_TOKEN`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+TOKEN = "test-token-alice-0123456789"
+OTHER_TOKEN = "test-token-bob-9876543210"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_state_dir() -> str:
+    """A state directory sandbox uids can traverse (pytest's tmp_path is 0700, which they cannot)."""
+    path = tempfile.mkdtemp(prefix="kernelhub-test-", dir="/tmp")
+    os.chmod(path, 0o711)
+    return path
+
+
+class Gateway:
+    """A running ``kernelhub serve``; ``request`` is a tiny JSON client for tests."""
+
+    def __init__(self, *, extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.token = TOKEN
+        self.other_token = OTHER_TOKEN
+        self.state_dir = make_state_dir()
+        keys = os.path.join(self.state_dir, "keys.json")
+        with open(keys, "w") as f:
+            json.dump({OTHER_TOKEN: "bob"}, f)
+        self.log_path = os.path.join(self.state_dir, "gateway.log")
+        argv = [sys.executable, "-m", "kernelhub.cli", "serve", "--port", str(self.port), "--token", TOKEN,
+                "--api-keys", keys, "--state-dir", self.state_dir, *(extra_args or [])]
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the gateway exited: {self.log()}")
+            try:
+                self.request("GET", "/api")
+                return
+            except (OSError, urllib.error.URLError):
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"the gateway did not start: {self.log()}")
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()[-5000:]
+
+    def request(self, method: str, path: str, body: Any = None, *, token: str | None = "default",
+                headers: dict[str, str] | None = None, raw: bytes | None = None,
+                timeout: float = 120) -> tuple[int, Any]:
+        """Send a request; answers (status, parsed JSON or bytes). Never raises for HTTP errors."""
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        if body is not None:
+            req.add_header("Content-Type", "application/json")
+        if token == "default":
+            token = self.token
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        for k, v in (headers or {}).items():
+            req.add_header(k, v)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                status, payload, ctype = resp.status, resp.read(), resp.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as err:
+            status, payload, ctype = err.code, err.read(), err.headers.get("Content-Type", "")
+        if "json" in ctype and payload:
+            return status, json.loads(payload)
+        return status, payload
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+        with contextlib.suppress(OSError):
+            for name in ("keys.json", "gateway.log"):
+                os.unlink(os.path.join(self.state_dir, name))
+
+
+@pytest.fixture(scope="session")
+def gateway() -> Iterator[Gateway]:
+    gw = Gateway()
+    try:
+        yield gw
+    finally:
+        gw.stop()
