@@ -138,8 +138,19 @@ class Agent:
             self.send({"op": "failed", "id": req, "message": "spawn needs argv and 1 or 3 fds"})
             return
         stdio = fds * 3 if len(fds) == 1 else fds
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
+        try:
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        except OSError as exc:
+            self.send({"op": "failed", "id": req, "message": f"{type(exc).__name__}: {exc}", "errno": exc.errno})
+            return
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            os.close(err_r)
+            os.close(err_w)
+            # EAGAIN here is the pids limit (or RLIMIT_NPROC): the gateway reports reason "pids".
+            self.send({"op": "failed", "id": req, "message": f"{type(exc).__name__}: {exc}", "errno": exc.errno})
+            return
         if pid == 0:  # child
             try:
                 os.setsid()

@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import logging
@@ -398,7 +399,11 @@ class Sandbox:
             raise
         if reply.get("op") != "spawned":
             self._procs.pop(req, None)
-            raise SandboxError(f"Could not start {argv[0]!r} in the sandbox: {reply.get('message')}")
+            message = str(reply.get("message"))[:500]
+            if reply.get("errno") == errno.EAGAIN:
+                raise SandboxError(f"Could not start {argv[0]!r}: the sandbox is at its process limit "
+                                   f"({self.limits.pids} pids).", error="pids", status=429)
+            raise SandboxError(f"Could not start {argv[0]!r} in the sandbox: {message}")
         pid = reply.get("pid")
         proc.pid = pid if isinstance(pid, int) else None
         return proc

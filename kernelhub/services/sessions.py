@@ -45,14 +45,16 @@ DONE_GRACE_S = 1.0
 #: After an interrupt, how long the kernel has to stop before it is restarted.
 INTERRUPT_GRACE_S = 3.0
 
-_DISK_ERRORS = re.compile(r"\[Errno (28|122)\]|No space left on device|Disk quota exceeded|ENOSPC|EDQUOT")
+_DISK_ERRORS = re.compile(
+    r"\[Errno (27|28|122)\]|No space left on device|Disk quota exceeded|File too large|ENOSPC|EDQUOT|EFBIG"
+)
 _PIDS_ERRORS = re.compile(r"\[Errno 11\]|Resource temporarily unavailable|EAGAIN|fork: retry")
 
 
 def env_snippet(language: str, values: Mapping[str, str | None]) -> str:
     """Code that sets (or, for None, removes) environment variables in a running kernel's process."""
     if language == "python":
-        return (f"import os as _kh_os\nfor _kh_k, _kh_v in {json.dumps(dict(values))}.items():\n"
+        return (f"import os as _kh_os\nfor _kh_k, _kh_v in {dict(values)!r}.items():\n"
                 "    _kh_os.environ.pop(_kh_k, None) if _kh_v is None else "
                 "_kh_os.environ.__setitem__(_kh_k, _kh_v)\ndel _kh_os, _kh_k, _kh_v")
     if language in ("node", "typescript"):
