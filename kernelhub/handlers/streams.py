@@ -1,7 +1,233 @@
-"""(being written)"""
+"""``WS /v1/sandboxes/{id}/stream``: executions over a websocket (API.md, "Streaming").
+
+The client sends ``{"type": "execute", code, session_id?, language?, timeout_s?, env?, request_id?}``,
+``{"type": "interrupt", execution_id}`` and ``{"type": "input", execution_id, value}``. The server answers each
+execute with ``{"type": "accepted", execution_id, request_id, status}`` at once (so a queued execution can be
+interrupted before it starts), then the execution's events as the NDJSON stream has them (``start``,
+``stdout``/``stderr``, ``result``, ``error``, ``input_request``, ``end``), each with ``execution_id`` and the
+client's ``request_id``. A message the server cannot act on is answered ``{"type": "rejected", request_id,
+error, message}`` (not ``error``, which is an execution's exception).
+
+Several executions may be in flight from one connection; each runs in a task of its own. Events are sent
+with ``await write_message(...)`` from the execution's listener, so a slow client slows its kernel's reader
+rather than making the gateway buffer without bound. A closed connection is an ordinary disconnect: what it
+started and has not ended is interrupted.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 from typing import Any
 
-default_handlers: list[Any] = []
+from tornado import websocket
+
+from ..errors import Conflict, InvalidRequest, KernelHubError, NotFound
+from ..services.executions import Execution
+from ..services.hub import Hub
+from ..services.tenants import TenantRegistry
+from .base import GatewayConfig, WebSocketBase
+
+MAX_REQUEST_ID = 256
+_EXECUTE_FIELDS = ("type", "code", "session_id", "language", "timeout_s", "env", "request_id")
+
+
+def _request_id(msg: dict[str, Any]) -> Any:
+    rid = msg.get("request_id")
+    if rid is None or (isinstance(rid, (str, int)) and not isinstance(rid, bool) and len(str(rid)) <= MAX_REQUEST_ID):
+        return rid
+    return None
+
+
+def _string(msg: dict[str, Any], name: str, what: str, *, required: bool = False) -> str | None:
+    value = msg.get(name)
+    if value is None:
+        if required:
+            raise InvalidRequest(f"The field {name!r} is required.")
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{name} must be {what}.")
+    return value
+
+
+class SandboxStreamHandler(WebSocketBase):
+    """One client's executions in one sandbox over a websocket."""
+
+    sandbox_id: str
+
+    def initialize(self, hub: Hub, tenants: TenantRegistry, config: GatewayConfig, **kwargs: Any) -> None:
+        super().initialize(hub, tenants, config, **kwargs)
+        self._closed = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._live: dict[str, Execution] = {}
+        self._inputs: dict[str, asyncio.Future[str]] = {}
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        # Refuse an unknown (or another tenant's) sandbox with a plain 404 before the upgrade.
+        try:
+            self.authenticate()
+            self.hub.get_sandbox(self.tenant, args[0] if args else None)
+        except KernelHubError as exc:
+            self.set_status(exc.status)
+            self.set_header("Content-Type", "application/json; charset=UTF-8")
+            self.finish(json.dumps(exc.to_dict()))
+            return
+        await super().get(*args, **kwargs)
+
+    def open(self, *args: Any, **kwargs: Any) -> None:
+        super().open(*args, **kwargs)
+        self.sandbox_id = args[0]
+
+    # -- sending ------------------------------------------------------------------------------------------
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        """Send one message, waiting until tornado has handed it to the socket (back-pressure)."""
+        await self.write_message(json.dumps(message, ensure_ascii=False, default=str))
+
+    async def _reject(self, request_id: Any, exc: KernelHubError) -> None:
+        with contextlib.suppress(websocket.WebSocketClosedError):
+            await self._send({"type": "rejected", "request_id": request_id, "error": exc.error,
+                              "message": exc.message})
+
+    # -- receiving ----------------------------------------------------------------------------------------
+
+    async def on_message(self, message: str | bytes) -> None:
+        # tornado delivers the next message only when this returns: anything long runs in a task.
+        try:
+            msg = json.loads(message)
+        except (ValueError, UnicodeDecodeError):
+            await self._reject(None, InvalidRequest("A message must be a JSON object."))
+            return
+        if not isinstance(msg, dict):
+            await self._reject(None, InvalidRequest("A message must be a JSON object."))
+            return
+        request_id = _request_id(msg)
+        try:
+            if msg.get("request_id") is not None and request_id is None:
+                raise InvalidRequest(f"request_id must be a string or an integer of at most {MAX_REQUEST_ID} "
+                                     "characters.")
+            kind = msg.get("type")
+            if kind == "execute":
+                self._start(msg, request_id)
+            elif kind == "interrupt":
+                self._interrupt(msg)
+            elif kind == "input":
+                self._input(msg)
+            else:
+                raise InvalidRequest(f"Unknown message type {str(kind)[:64]!r}; send execute, interrupt or input.")
+        except KernelHubError as exc:
+            await self._reject(request_id, exc)
+
+    def _start(self, msg: dict[str, Any], request_id: Any) -> None:
+        unknown = sorted(set(msg) - set(_EXECUTE_FIELDS))
+        if unknown:
+            raise InvalidRequest(f"Unknown field {unknown[0]!r}; execute accepts {', '.join(_EXECUTE_FIELDS)}.")
+        timeout = msg.get("timeout_s")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))):
+            raise InvalidRequest("timeout_s must be a number of seconds.")
+        env = msg.get("env")
+        if env is not None and not isinstance(env, dict):
+            raise InvalidRequest("env must be a JSON object of strings.")
+        args = {
+            "code": _string(msg, "code", "a string of code", required=True),
+            "session_id": _string(msg, "session_id", "a session id"),
+            "language": _string(msg, "language", "a language name (python, node, typescript, bash)"),
+            "timeout_s": timeout,
+            "env": env,
+        }
+        self._background(self._run_execution(args, request_id))
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)  # held so that it is not garbage-collected while it runs
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_execution(self, args: dict[str, Any], request_id: Any) -> None:
+        """One execution from accept to end; runs in its own task."""
+        holder: dict[str, Execution] = {}
+
+        async def listener(event: dict[str, Any]) -> None:
+            event = {**event, "request_id": request_id}
+            await self._send(event)
+
+        async def input_handler(prompt: str, password: bool) -> str:
+            ex = holder["ex"]
+            fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            self._inputs[ex.id] = fut
+            try:
+                return await asyncio.wait_for(fut, ex.timeout_s)
+            finally:
+                self._inputs.pop(ex.id, None)
+
+        try:
+            ex = await self.hub.execute(self.tenant, self.sandbox_id, listener=listener,
+                                        input_handler=input_handler, wait=False, **args)
+        except KernelHubError as exc:
+            await self._reject(request_id, exc)
+            return
+        holder["ex"] = ex
+        self._live[ex.id] = ex
+        try:
+            if self._closed:
+                return  # gone while the execution was being set up: the finally interrupts it
+            with contextlib.suppress(websocket.WebSocketClosedError):
+                # Sent before the execution's task can run, so it always precedes "start".
+                await self._send({"type": "accepted", "execution_id": ex.id, "request_id": request_id,
+                                  "status": ex.status, "session_id": ex.session_id})
+            await ex.wait()
+        finally:
+            self._live.pop(ex.id, None)
+            pending = self._inputs.pop(ex.id, None)
+            if pending is not None and not pending.done():
+                # Ended while asking for input: free the session's stdin reader for the next execution now.
+                pending.set_result("")
+            if self._closed and not ex.ended:
+                with contextlib.suppress(KernelHubError):
+                    await self.hub.interrupt_execution(self.tenant, ex.id)
+
+    def _owned(self, msg: dict[str, Any]) -> Execution:
+        execution_id = _string(msg, "execution_id", "an execution id", required=True)
+        ex = self.hub.get_execution(self.tenant, execution_id)
+        if ex.sandbox_id != self.sandbox_id:
+            raise NotFound(f"No execution {str(execution_id)[:64]!r} in sandbox {self.sandbox_id}.")
+        return ex
+
+    def _interrupt(self, msg: dict[str, Any]) -> None:
+        ex = self._owned(msg)
+        if ex.ended:
+            raise Conflict(f"Execution {ex.id} already ended ({ex.status}).", error="execution_ended")
+        # In a task: the interrupt may wait for the kernel to begin the code, and messages keep flowing.
+        self._background(self._interrupt_quietly(ex.id))
+
+    def _input(self, msg: dict[str, Any]) -> None:
+        ex = self._owned(msg)
+        value = msg.get("value")
+        if not isinstance(value, str):
+            raise InvalidRequest("value must be a string.")
+        fut = self._inputs.get(ex.id)
+        if fut is None or fut.done():
+            raise Conflict(f"Execution {ex.id} is not waiting for input.", error="no_input_requested")
+        fut.set_result(value)
+
+    # -- closing ------------------------------------------------------------------------------------------
+
+    def on_close(self) -> None:
+        """An ordinary disconnect: interrupt what this connection started and has not ended."""
+        self._closed = True
+        for fut in self._inputs.values():
+            if not fut.done():
+                # An empty answer, not cancel(): the session's stdin reader must survive this.
+                fut.set_result("")
+        for ex in list(self._live.values()):
+            if not ex.ended:
+                self._background(self._interrupt_quietly(ex.id))
+
+    async def _interrupt_quietly(self, execution_id: str) -> None:
+        with contextlib.suppress(KernelHubError):
+            await self.hub.interrupt_execution(self.tenant, execution_id)
+
+
+default_handlers: list[Any] = [
+    (r"/v1/sandboxes/([^/]+)/stream", SandboxStreamHandler),
+]

@@ -44,6 +44,8 @@ LANGUAGES = ("python", "node", "typescript", "bash")
 DONE_GRACE_S = 1.0
 #: After an interrupt, how long the kernel has to stop before it is restarted.
 INTERRUPT_GRACE_S = 3.0
+#: How long an interrupt waits for the kernel to show it runs the current execution (see :meth:`interrupt`).
+INTERRUPT_WAIT_S = 2.0
 
 _DISK_ERRORS = re.compile(
     r"\[Errno (27|28|122)\]|No space left on device|Disk quota exceeded|File too large|ENOSPC|EDQUOT|EFBIG"
@@ -95,6 +97,8 @@ class JupyterSession:
         self._lock = asyncio.Lock()
         self._current: Execution | None = None
         self._idle: asyncio.Event | None = None
+        self._begun: asyncio.Event | None = None
+        self._interrupted = False
         self._reply: asyncio.Future[dict[str, Any]] | None = None
         self._shell_waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._readers: list[asyncio.Task[None]] = []
@@ -189,6 +193,8 @@ class JupyterSession:
                 self.execution_state = state
         if ex is None or parent != ex.msg_id:
             return
+        if self._begun is not None and msg.get("msg_type") != "status":
+            self._begun.set()  # execute_input or output: the kernel is inside the execute handler
         if msg.get("msg_type") == "status" and msg["content"].get("execution_state") == "idle":
             if self._idle is not None:
                 self._idle.set()
@@ -277,6 +283,8 @@ class JupyterSession:
         oom0, pids0 = sandbox.oom_kills(), sandbox.pids_max_hits()
         loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
+        self._begun = asyncio.Event()
+        self._interrupted = False
         self._reply = loop.create_future()
         ex.mark_running()
         await ex.emit({"type": "start"})
@@ -331,6 +339,10 @@ class JupyterSession:
         if content.get("execution_count") is not None:
             ex.execution_count = content["execution_count"]
         status = content.get("status")
+        if reply is None and ex.error is None and self._interrupted:
+            # The signal landed in the kernel's own code around the cell ("KeyboardInterrupt caught in kernel"):
+            # the cell was stopped, but no execute_reply says so.
+            ex.error = {"name": "KeyboardInterrupt", "value": "The execution was interrupted.", "traceback": []}
         if status is None:
             status = "error" if ex.error else "ok"
         if status == "error" and ex.error is None:
@@ -379,7 +391,17 @@ class JupyterSession:
         self.sandbox.log(f"{self.language} kernel restarted ({why})")
 
     async def interrupt(self) -> None:
-        """Interrupt whatever runs now; the kernel keeps its state. Called by the hub."""
+        """Interrupt whatever runs now; the kernel keeps its state. Called by the hub.
+
+        A kernel ignores SIGINT between requests (ipykernel honours it only inside a shell handler), and an
+        execution is "running" from just before its request is sent: a signal sent in that gap would be
+        lost and the code would run on. So the signal waits (briefly) until the kernel has shown that it
+        runs the current execution."""
+        begun = self._begun
+        if self._lock.locked() and begun is not None and not begun.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(begun.wait(), INTERRUPT_WAIT_S)
+        self._interrupted = self._lock.locked()
         await self.km.interrupt_kernel()
 
     async def restart(self) -> None:

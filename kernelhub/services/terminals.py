@@ -1,0 +1,660 @@
+"""Terminal sessions: a login shell on a PTY inside a sandbox, shared by websocket clients and ``session_execute``.
+
+terminado supplies the terminal machinery (the read loop on the PTY master, broadcasting output to every
+client, the replay buffer for reconnecting clients, sizing the terminal to its smallest client, the websocket
+message shape). It normally spawns its shell on the host with ``ptyprocess``; here the shell is started by the
+sandbox's agent (:meth:`Sandbox.spawn` with ``pty=True``) and the gateway keeps only the PTY master. Three small
+classes make that fit:
+
+- :class:`SandboxPty` duck-types what terminado uses of ``ptyprocess.PtyProcessUnicode`` (``fd``, ``pid``,
+  ``read``, ``write``, ``close``, ``getwinsize``, ``setwinsize``, ``isalive``, ``kill``,
+  ``delayafterterminate``, ``decoder``) on the master fd and the :class:`SandboxProcess` of the shell;
+- :class:`SandboxTerminal` is a terminado ``PtyWithClients`` built around a :class:`SandboxPty` instead of
+  spawning one;
+- :class:`SandboxTermManager` is a terminado ``TermManagerBase`` with exactly one terminal, the session's.
+
+The PTY is allocated in the sandbox's own devpts instance (bubblewrap's ``--dev`` mounts one), so ``tty`` in
+the shell answers ``/dev/pts/N`` and the device belongs to the sandbox user. It is reached from the host through
+``/proc/<pid>/root`` of bubblewrap's pid 1; where that fails (no such rights, or a sandbox without a launcher)
+a host PTY is used instead: the shell works the same but ``tty`` answers "not a tty".
+
+How a websocket handler attaches (:class:`kernelhub.handlers.terminal.TerminalWebSocket` does exactly this)::
+
+    session = ...                              # a TerminalSession in state "running"
+    self.term_manager = session.manager        # what terminado.TermSocket expects in self.term_manager
+    self._blocking_io_executor = session.manager.blocking_io_executor
+    self.size = (None, None)                   # rows, cols; set from ["set_size", rows, cols]
+    self.terminal = session.manager.get_terminal()
+    self.terminal.clients.append(self)         # from now on: self.on_pty_read(text), self.on_pty_died()
+    # send ["setup", {}], then "".join(self.terminal.read_buffer) (what it printed before) as ["stdout", ...]
+    # ["stdin", data]     -> self.terminal.ptyproc.write(data); await self.terminal.ptyproc.drain()
+    # ["set_size", r, c]  -> self.size = (r, c); self.terminal.resize_to_smallest()
+    # on close            -> self.terminal.clients.remove(self); self.terminal.resize_to_smallest()
+
+A client is any object with ``size`` (``(rows, cols)``, ``None`` for unknown), ``on_pty_read(text)`` and
+``on_pty_died()``. Everything runs on the event loop thread: :meth:`SandboxPty.write` never blocks (it queues
+what the PTY does not take yet), and the manager's ``blocking_io_executor`` runs calls inline so that stock
+``TermSocket.stdin_to_ptyproc`` writes on the loop too. A client that cannot keep up may call
+:meth:`TerminalSession.pause_reading` / :meth:`TerminalSession.resume_reading`: while any client holds a pause
+the master is not read, so the shell blocks on its own output instead of the gateway buffering it.
+
+Closing a session hangs up the shell's process group, kills it, then kills whatever else is left in the
+shell's session (background jobs, ``nohup``); a process that made a session of its own (``setsid``) lives on
+until the sandbox stops, as a daemon outlives an ssh login.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import collections
+import concurrent.futures
+import contextlib
+import fcntl
+import logging
+import os
+import shlex
+import signal
+import stat
+import struct
+import termios
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from terminado.management import PtyWithClients, TermManagerBase
+from tornado.ioloop import IOLoop
+
+from ..errors import Conflict, SandboxError
+from ..models import new_id
+
+if TYPE_CHECKING:
+    from ..sandbox.sandbox import Sandbox, SandboxProcess
+
+log = logging.getLogger("kernelhub.terminals")
+
+#: The shell of every terminal session.
+SHELL_ARGV = ("/bin/bash", "-l", "-i")
+TERM_TYPE = "xterm-256color"
+DEFAULT_ROWS, DEFAULT_COLS = 24, 80
+#: ``execute`` returns once the terminal has printed nothing for this long (or at its timeout).
+QUIET_S = 0.3
+#: How long ``start`` waits for the shell's first prompt: input typed before readline is ready echoes twice.
+PROMPT_WAIT_S = 5.0
+#: How long a hung-up shell has to exit before it is killed.
+HANGUP_GRACE_S = 0.5
+#: What a reconnecting client is replayed, at most (characters).
+REPLAY_CHARS = 256 * 1024
+READ_SIZE = 65536
+#: ``drain`` returns once at most this much input waits for the PTY.
+DRAIN_LIMIT = 64 * 1024
+
+_TIOCSPTLCK = 0x40045431  # unlockpt()
+_TIOCGPTPEER = 0x5441  # open the slave of a master without a path lookup (Linux 4.13+)
+_PTMX_RDEV = os.makedev(5, 2)
+
+# Run inside the sandbox on close: kill every process of the shell's session (argv[1]) until none is left.
+# Zombies are skipped: they are dead and their parent (bwrap's pid 1 for orphans) reaps them.
+_KILL_SESSION = """\
+import os, sys
+sid = int(sys.argv[1])
+for _ in range(100):
+    found = False
+    for name in os.listdir('/proc'):
+        if not name.isdigit():
+            continue
+        try:
+            with open('/proc/%s/stat' % name) as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+            if fields[0] != 'Z' and int(fields[3]) == sid:
+                os.kill(int(name), 9)
+                found = True
+        except (OSError, ValueError, IndexError):
+            pass
+    if not found:
+        break
+"""
+
+
+# -- the PTY ------------------------------------------------------------------------------------------------
+
+
+def _open_sandbox_ptmx(sandbox: Sandbox) -> int | None:
+    """Open ``/dev/pts/ptmx`` of the sandbox's own devpts instance, or None where it cannot be reached.
+
+    The path is walked from ``/proc/<pid>/root`` of bubblewrap's pid 1 (the launcher's only child, checked by
+    its parent pid through the same ``/proc`` entry) without following symlinks, and the node must be the
+    ptmx device before it is opened: the sandbox user owns its ``/dev`` tmpfs and could plant anything else.
+    """
+    launcher = getattr(sandbox, "_launcher", None)
+    launcher_pid = getattr(launcher, "pid", None)
+    if launcher_pid is None or getattr(launcher, "returncode", 0) is not None:
+        return None
+    fds: list[int] = []
+
+    def opened(fd: int) -> int:
+        fds.append(fd)
+        return fd
+
+    try:
+        with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as f:
+            children = f.read().split()
+        if len(children) != 1:
+            return None
+        proc = opened(os.open(f"/proc/{int(children[0])}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        stat_fd = opened(os.open("stat", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc))
+        fields = os.read(stat_fd, 4096).rsplit(b")", 1)[1].split()
+        if int(fields[1]) != launcher_pid:
+            return None
+        d = opened(os.open("root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=proc))
+        for name in ("dev", "pts"):
+            d = opened(os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d))
+        node = opened(os.open("ptmx", os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d))
+        st = os.fstat(node)
+        if not stat.S_ISCHR(st.st_mode) or st.st_rdev != _PTMX_RDEV:
+            return None
+        # Reopening the O_PATH fd opens exactly the inode checked above.
+        return os.open(f"/proc/self/fd/{node}", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except (OSError, ValueError, IndexError) as exc:
+        log.debug("sandbox %s: no PTY from its devpts (%s); using a host PTY", sandbox.id, exc)
+        return None
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def open_pty(sandbox: Sandbox) -> tuple[int, int]:
+    """A (master, slave) PTY pair for a shell in ``sandbox``; both close-on-exec, the caller closes them."""
+    master = _open_sandbox_ptmx(sandbox)
+    if master is None:
+        return os.openpty()
+    try:
+        fcntl.ioctl(master, _TIOCSPTLCK, struct.pack("i", 0))
+        slave = fcntl.ioctl(master, _TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        os.close(master)
+        return os.openpty()
+    if os.geteuid() == 0:
+        # Owned by the sandbox user (as on a login), not by a root it cannot map.
+        with contextlib.suppress(OSError):
+            os.fchown(slave, sandbox.uid, sandbox.gid)
+    return master, slave
+
+
+class SandboxPty:
+    """What terminado uses of ``ptyprocess.PtyProcessUnicode``, for a shell started by the sandbox's agent.
+
+    Created by :meth:`TerminalSession.start`; terminado's manager reads it, clients write to it. ``pid`` is the
+    shell's pid inside the sandbox: signals go through the agent, never ``os.kill`` on the host.
+    """
+
+    #: terminado's ``PtyWithClients.terminate`` sleeps this long between signals.
+    delayafterterminate = 0.1
+
+    def __init__(self, fd: int, process: SandboxProcess) -> None:
+        self.fd = fd
+        self.process = process
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        os.set_blocking(fd, False)
+        self._loop = asyncio.get_running_loop()
+        self._out = bytearray()
+        self._writing = False
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def isalive(self) -> bool:
+        return self.process.returncode is None
+
+    # -- I/O: on the event loop thread only -------------------------------------------------------------
+
+    def read(self, size: int = READ_SIZE) -> str:
+        """What the terminal printed, decoded; ``""`` when nothing is waiting. Raises EOFError once every
+        holder of the slave is gone (or the PTY is closed)."""
+        if self.fd < 0:
+            raise EOFError("the PTY is closed")
+        try:
+            data = os.read(self.fd, size)
+        except BlockingIOError:
+            return ""
+        except OSError as exc:  # EIO: the slave side is gone
+            raise EOFError(str(exc)) from None
+        if not data:
+            raise EOFError("end of file")
+        return self.decoder.decode(data)
+
+    def write(self, text: str) -> int:
+        """Queue ``text`` for the shell and write what the PTY takes now; never blocks. Await :meth:`drain`
+        to wait for the queue to empty. Answers ``len(text)`` like ``ptyprocess``."""
+        if self.fd < 0:
+            return 0
+        self._out += text.encode("utf-8", errors="replace")  # JSON may carry lone surrogates
+        self._flush()
+        return len(text)
+
+    async def drain(self, limit: int = DRAIN_LIMIT) -> None:
+        """Wait until at most ``limit`` bytes of input wait for the PTY (or it closed). Callers that take input
+        from a network await this so that a shell not reading pushes back on the client."""
+        while len(self._out) > limit and self.fd >= 0:
+            self._drained.clear()
+            await self._drained.wait()
+
+    @property
+    def pending_input(self) -> int:
+        return len(self._out)
+
+    def _flush(self) -> None:
+        while self._out and self.fd >= 0:
+            try:
+                n = os.write(self.fd, self._out)
+            except BlockingIOError:
+                break
+            except OSError:
+                self._out.clear()  # the terminal is gone: nobody will read it
+                break
+            del self._out[:n]
+        if self._out and self.fd >= 0:
+            if not self._writing:
+                self._loop.add_writer(self.fd, self._flush)
+                self._writing = True
+        else:
+            if self._writing:
+                self._loop.remove_writer(self.fd)
+                self._writing = False
+        if len(self._out) <= DRAIN_LIMIT or self.fd < 0:
+            self._drained.set()
+
+    def close(self, force: bool = True) -> None:
+        """Close the master (idempotent). Called by terminado's manager on EOF and by the session's close."""
+        if self.fd < 0:
+            return
+        if self._writing:
+            self._loop.remove_writer(self.fd)
+            self._writing = False
+        os.close(self.fd)
+        self.fd = -1
+        self._out.clear()
+        self._drained.set()
+
+    # -- the window -------------------------------------------------------------------------------------
+
+    def getwinsize(self) -> tuple[int, int]:
+        """(rows, cols) of the terminal."""
+        if self.fd < 0:
+            return DEFAULT_ROWS, DEFAULT_COLS
+        rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(self.fd, termios.TIOCGWINSZ, b"\0" * 8))
+        return rows, cols
+
+    def setwinsize(self, rows: int, cols: int) -> None:
+        """Resize; the kernel sends SIGWINCH to the terminal's foreground process group."""
+        if self.fd >= 0:
+            fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    # -- signals (through the agent; the call returns before the signal is delivered) -------------------
+
+    def kill(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the shell alone, as ``ptyprocess`` does."""
+        self._signal(sig, group=False)
+
+    def killpg(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the shell's process group (the shell and its foreground job)."""
+        self._signal(sig, group=True)
+
+    def _signal(self, sig: int, *, group: bool) -> None:
+        async def send() -> None:
+            with contextlib.suppress(SandboxError):
+                await self.process.send_signal(sig, group=group)
+
+        task = self._loop.create_task(send())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+class SandboxTerminal(PtyWithClients):
+    """terminado's terminal-with-clients around a :class:`SandboxPty` (``PtyWithClients.__init__`` would
+    spawn a host process). ``clients``, ``read_buffer``, ``resize_to_smallest`` and ``terminate`` are
+    terminado's."""
+
+    ptyproc: SandboxPty
+
+    def __init__(self, ptyproc: SandboxPty, name: str) -> None:
+        self.clients: list[Any] = []
+        self.read_buffer: collections.deque[str] = collections.deque()
+        self.ptyproc = ptyproc
+        self.term_name = name
+        #: Characters read from the terminal so far.
+        self.received = 0
+        self._buffered = 0
+
+    def record(self, text: str) -> None:
+        """Keep ``text`` for clients that connect later, at most :data:`REPLAY_CHARS` in all."""
+        self.received += len(text)
+        self.read_buffer.append(text)
+        self._buffered += len(text)
+        while self._buffered > REPLAY_CHARS and len(self.read_buffer) > 1:
+            self._buffered -= len(self.read_buffer.popleft())
+
+    def killpg(self, sig: int = signal.SIGTERM) -> None:
+        # terminado's would call os.getpgid on a pid of the sandbox's pid namespace.
+        self.ptyproc.killpg(sig)
+
+
+class _InlineExecutor(concurrent.futures.Executor):
+    """Runs each call at once on the calling (event loop) thread. :class:`SandboxPty` I/O never blocks and is
+    not thread-safe, so terminado's ``run_on_executor`` writes must not go to a thread."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+
+_INLINE = _InlineExecutor()
+
+
+class SandboxTermManager(TermManagerBase):
+    """A terminado manager with one terminal: the session's. What ``terminado.TermSocket`` needs as its
+    ``term_manager``; created by :class:`TerminalSession`, which starts and stops its reading."""
+
+    def __init__(self, session: TerminalSession) -> None:
+        super().__init__(shell_command=shlex.join(SHELL_ARGV), term_settings={"type": TERM_TYPE},
+                         blocking_io_executor=_INLINE)
+        self.session = session
+
+    def get_terminal(self, url_component: Any = None) -> SandboxTerminal:
+        """The session's terminal, whatever the URL says (the handler resolved the session already)."""
+        terminal = self.session.terminal
+        if terminal is None or self.session.state != "running":
+            raise Conflict(f"Terminal session {self.session.id} is {self.session.state}.")
+        return terminal
+
+    def new_terminal(self, **kwargs: Any) -> PtyWithClients:
+        raise NotImplementedError("terminals are started by TerminalSession.start")
+
+    def pty_read(self, fd: int, events: Any = None) -> None:
+        """Called by the event loop when the master is readable: broadcast what the terminal printed.
+
+        terminado's version polls first (blocking the loop up to 100 ms on a spurious wake-up); the master is
+        non-blocking here, so a read that finds nothing just returns."""
+        terminal = self.ptys_by_fd.get(fd)
+        if terminal is None:
+            return
+        try:
+            text = terminal.ptyproc.read(READ_SIZE)
+        except EOFError:
+            self.on_eof(terminal)
+            return
+        if not text:
+            return
+        assert isinstance(terminal, SandboxTerminal)
+        terminal.record(text)
+        for client in list(terminal.clients):
+            try:
+                client.on_pty_read(text)
+            except Exception:
+                log.exception("terminal %s: a client failed to take output", terminal.term_name)
+
+    def on_eof(self, ptywclients: PtyWithClients) -> None:
+        """Every holder of the slave is gone: stop reading, tell the clients, end the session."""
+        fd = ptywclients.ptyproc.fd
+        if self.ptys_by_fd.pop(fd, None) is not None:
+            IOLoop.current().remove_handler(fd)
+        ptywclients.ptyproc.close()
+        clients, ptywclients.clients = list(ptywclients.clients), []
+        for client in clients:
+            with contextlib.suppress(Exception):
+                client.on_pty_died()
+        self.session._ended()
+
+    def stop_reading(self, terminal: SandboxTerminal) -> None:
+        fd = terminal.ptyproc.fd
+        if self.ptys_by_fd.pop(fd, None) is not None:
+            IOLoop.current().remove_handler(fd)
+
+    def set_reading(self, terminal: SandboxTerminal, on: bool) -> None:
+        fd = terminal.ptyproc.fd
+        if fd in self.ptys_by_fd:
+            IOLoop.current().update_handler(fd, IOLoop.READ if on else 0)
+
+    async def kill_all(self) -> None:
+        await self.session.close()
+
+
+class _Collector:
+    """A terminal client that keeps what the terminal prints, for :meth:`TerminalSession.execute`."""
+
+    size: tuple[int | None, int | None] = (None, None)
+
+    def __init__(self, limit: int) -> None:
+        self.chunks: list[str] = []
+        self.length = 0
+        self.limit = limit
+        self.truncated = False
+        self.died = False
+        self.event = asyncio.Event()
+
+    def on_pty_read(self, text: str) -> None:
+        self.event.set()
+        room = self.limit - self.length
+        if len(text) > room:
+            text = text[:max(room, 0)]
+            self.truncated = True
+        if text:
+            self.chunks.append(text)
+            self.length += len(text)
+
+    def on_pty_died(self) -> None:
+        self.died = True
+        self.event.set()
+
+    async def wait(self, timeout: float) -> bool:
+        """True if something arrived within ``timeout``."""
+        try:
+            await asyncio.wait_for(self.event.wait(), timeout)
+        except TimeoutError:
+            return False
+        self.event.clear()
+        return True
+
+
+# -- the session --------------------------------------------------------------------------------------------
+
+
+class TerminalSession:
+    """A shell on a PTY in a sandbox. Created and started by the hub (``session_create`` with type
+    ``terminal``); driven by ``session_execute`` and by websocket clients attached through :attr:`manager`;
+    closed by the hub (``session_close``, sandbox stop) or when the shell exits."""
+
+    type = "terminal"
+    language = None
+
+    def __init__(self, sandbox: Sandbox, *, argv: Sequence[str] = SHELL_ARGV,
+                 env: dict[str, str] | None = None) -> None:
+        self.id = new_id("se")
+        self.sandbox = sandbox
+        self.sandbox_id = sandbox.id
+        self.argv = list(argv)
+        self.env = {"TERM": TERM_TYPE, **(env or {})}
+        self.state = "starting"
+        self.last_activity = time.time()
+        self.process: SandboxProcess | None = None
+        self.terminal: SandboxTerminal | None = None
+        self.manager = SandboxTermManager(self)
+        self._lock = asyncio.Lock()
+        self._paused_by: set[int] = set()
+        self._closing: asyncio.Future[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "sandbox_id": self.sandbox_id, "type": "terminal", "language": None,
+                "state": self.state}
+
+    @property
+    def busy(self) -> bool:
+        """True while a client is attached or an execute runs: the hub does not reap such a sandbox as idle."""
+        return self.state == "running" and self.terminal is not None and bool(self.terminal.clients)
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the shell and wait for its first prompt (at most :data:`PROMPT_WAIT_S`)."""
+        master, slave = open_pty(self.sandbox)
+        try:
+            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", DEFAULT_ROWS, DEFAULT_COLS, 0, 0))
+            self.process = await self.sandbox.spawn(self.argv, stdin=slave, stdout=slave, stderr=slave,
+                                                    env=self.env, pty=True)
+        except BaseException:
+            os.close(master)
+            self.state = "closed"
+            raise
+        finally:
+            # The shell holds the slave now; the gateway must not, or EOF would never come.
+            os.close(slave)
+        self.terminal = SandboxTerminal(SandboxPty(master, self.process), self.id)
+        self.manager.start_reading(self.terminal)
+        self.state = "running"
+        self._watcher = asyncio.ensure_future(self._watch(self.process))
+        prompt = _Collector(REPLAY_CHARS)
+        self.terminal.clients.append(prompt)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PROMPT_WAIT_S
+        try:
+            if await prompt.wait(PROMPT_WAIT_S):
+                while loop.time() < deadline and await prompt.wait(0.05):
+                    pass
+        finally:
+            with contextlib.suppress(ValueError):
+                self.terminal.clients.remove(prompt)
+
+    async def _watch(self, process: SandboxProcess) -> None:
+        await process.wait()
+        # Output the shell printed last may still wait in the master; the read loop takes it first.
+        await asyncio.sleep(0.05)
+        await self.close()
+
+    def _ended(self) -> None:
+        """The terminal hit EOF (called by the manager): end the session."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close(ended=True))
+
+    async def close(self) -> None:
+        """Hang up and kill the shell and what is left of its session, disconnect the clients, close the PTY.
+        Idempotent; called by the hub, and by the session itself when the shell exits."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self, ended: bool = False) -> None:
+        self.state = "closed"
+        proc, terminal = self.process, self.terminal
+        if proc is not None and self.sandbox.state == "running":
+            try:
+                if ended and proc.returncode is None:
+                    # EOF: the shell is on its way out; let it exit with its own status.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(proc.wait(), HANGUP_GRACE_S)
+                if proc.returncode is None:
+                    await proc.send_signal(signal.SIGHUP)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(proc.wait(), HANGUP_GRACE_S)
+                    await proc.send_signal(signal.SIGKILL)
+                await self._kill_session(proc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), 5)
+            except SandboxError:
+                pass  # the sandbox stopped meanwhile: everything in it is gone
+        if terminal is not None:
+            # Whatever the shell printed last still reaches the clients, then they are told it ended.
+            for _ in range(64):  # bounded: a process of another session may still hold the slave and write
+                if terminal.ptyproc.fd not in self.manager.ptys_by_fd:
+                    break
+                before = terminal.received
+                self.manager.pty_read(terminal.ptyproc.fd)
+                if terminal.received == before:
+                    break
+            self.manager.stop_reading(terminal)
+            clients, terminal.clients = list(terminal.clients), []
+            for client in clients:
+                with contextlib.suppress(Exception):
+                    client.on_pty_died()
+            terminal.ptyproc.close()
+        watcher = self._watcher
+        if watcher is not None and watcher is not asyncio.current_task():
+            watcher.cancel()
+
+    async def _kill_session(self, proc: SandboxProcess) -> None:
+        """Kill every process left in the shell's session (its sid is the shell's pid: the agent setsid()s).
+        Only run right after the shell died, so the sid cannot have been reused."""
+        if proc.pid is None:
+            return
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            killer = await self.sandbox.spawn(
+                [self.sandbox.factory.agent_python, "-I", "-S", "-c", _KILL_SESSION, str(proc.pid)],
+                stdin=devnull, stdout=devnull, stderr=devnull)
+        finally:
+            os.close(devnull)
+        try:
+            await asyncio.wait_for(killer.wait(), 10)
+        except TimeoutError:
+            await killer.kill()
+
+    # -- use ------------------------------------------------------------------------------------------
+
+    async def execute(self, input: str, timeout: float) -> dict[str, Any]:
+        """Type ``input`` (a newline is added if it does not end with one) and answer what the terminal
+        printed until it was quiet for :data:`QUIET_S` or ``timeout`` passed: ``{"output": text}``, plus
+        ``"reason": "output_truncated"`` past the sandbox's ``output_mb``. Called by the hub for
+        ``session_execute``; one at a time per session."""
+        async with self._lock:
+            terminal = self.terminal
+            if self.state != "running" or terminal is None:
+                raise Conflict(f"Terminal session {self.id} is {self.state}.")
+            self.last_activity = time.time()
+            if not input.endswith("\n"):
+                input += "\n"
+            collector = _Collector(self.sandbox.limits.output_bytes)
+            terminal.clients.append(collector)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            try:
+                terminal.ptyproc.write(input)
+                while not collector.died:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0 or not await collector.wait(min(QUIET_S, remaining)):
+                        break
+            finally:
+                with contextlib.suppress(ValueError):
+                    terminal.clients.remove(collector)
+                self.last_activity = time.time()
+            out: dict[str, Any] = {"output": "".join(collector.chunks)}
+            if collector.truncated:
+                out["reason"] = "output_truncated"
+            return out
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Set the terminal's size directly (clients' sizes take over again on their next ``set_size``)."""
+        if self.terminal is not None:
+            self.terminal.ptyproc.setwinsize(rows, cols)
+
+    def pause_reading(self, client: object) -> None:
+        """Stop reading the terminal until ``client`` calls :meth:`resume_reading` (a slow websocket)."""
+        if not self._paused_by and self.terminal is not None:
+            self.manager.set_reading(self.terminal, False)
+        self._paused_by.add(id(client))
+
+    def resume_reading(self, client: object) -> None:
+        self._paused_by.discard(id(client))
+        if not self._paused_by and self.terminal is not None:
+            self.manager.set_reading(self.terminal, True)

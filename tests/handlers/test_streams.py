@@ -1,0 +1,286 @@
+"""Streaming executions against a real gateway: NDJSON answers of POST .../execute (order, errors, a client
+that goes away) and the websocket WS /v1/sandboxes/{id}/stream (executions in flight side by side with their
+request_ids, interrupt, input, rejected messages, auth, disconnect)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from kernelhub.testing import Gateway
+
+pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups]
+
+LONG_LOOP = "import time; x = 1\nfor i in range(1000): time.sleep(0.1)"
+
+
+@pytest.fixture(scope="module")
+def sandbox(sandboxes: Any) -> dict[str, Any]:
+    return sandboxes("python")
+
+
+@pytest.fixture(scope="module")
+def second_session(gateway: Gateway, sandbox: dict[str, Any]) -> dict[str, Any]:
+    status, session = gateway.request("POST", f"/v1/sandboxes/{sandbox['id']}/sessions", {"language": "python"})
+    assert status == 201, session
+    return session
+
+
+@pytest.fixture
+def ws(gateway: Gateway, sandbox: dict[str, Any]) -> Iterator[ClientConnection]:
+    url = f"ws://127.0.0.1:{gateway.port}/v1/sandboxes/{sandbox['id']}/stream"
+    with connect(url, additional_headers={"Authorization": f"Bearer {gateway.token}"}, open_timeout=30) as conn:
+        yield conn
+
+
+def recv(conn: ClientConnection, timeout: float = 60) -> dict[str, Any]:
+    message = json.loads(conn.recv(timeout=timeout))
+    assert isinstance(message, dict)
+    return message
+
+
+def recv_until_end(conn: ClientConnection, request_id: Any, timeout: float = 60) -> list[dict[str, Any]]:
+    """Messages for ``request_id`` up to and including its end (others are dropped)."""
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        message = recv(conn, max(0.1, deadline - time.monotonic()))
+        if message.get("request_id") == request_id:
+            got.append(message)
+            if message["type"] in ("end", "rejected"):
+                return got
+
+
+def assert_prompt(gateway: Gateway, sandbox_id: str, session_id: str | None = None) -> None:
+    """A plain execute in the sandbox finishes at once and sees the state the interrupted code left."""
+    started = time.monotonic()
+    body: dict[str, Any] = {"code": "print(x)"}
+    if session_id:
+        body["session_id"] = session_id
+    status, ex = gateway.request("POST", f"/v1/sandboxes/{sandbox_id}/execute", body, timeout=30)
+    assert status == 200 and ex["status"] == "ok" and ex["stdout"] == "1\n", ex
+    assert time.monotonic() - started < 10
+
+
+# -- NDJSON ---------------------------------------------------------------------------------------------------
+
+def test_ndjson_events_in_order(sandbox: dict[str, Any], ndjson: Any) -> None:
+    code = "import time\nfor i in range(3):\n    print(i, flush=True)\n    time.sleep(0.2)\n6 * 7"
+    stream = ndjson("POST", f"/v1/sandboxes/{sandbox['id']}/execute", {"code": code})
+    assert stream.response.status == 200
+    assert stream.response.getheader("Content-Type").startswith("application/x-ndjson")
+    arrivals = []
+    events = []
+    for event in stream.events():
+        events.append(event)
+        arrivals.append(time.monotonic())
+    events_ = [e for e in events if e["type"] != "keepalive"]
+    assert events_[0]["type"] == "start"
+    assert events_[-1]["type"] == "end"
+    kinds = [e["type"] for e in events_]
+    assert kinds.count("start") == 1 and kinds.count("end") == 1
+    stdout = [e for e in events_ if e["type"] == "stdout"]
+    assert "".join(e["text"] for e in stdout) == "0\n1\n2\n"
+    assert len(stdout) >= 3  # streamed as they happened, not in one piece at the end
+    assert arrivals[kinds.index("end")] - arrivals[0] >= 0.4
+    [result] = [e for e in events_ if e["type"] == "result"]
+    assert result["is_main_result"] is True and result["data"] == {"text/plain": "42"}
+    assert kinds.index("result") > kinds.index("stdout")
+    execution_id = events_[0]["execution_id"]
+    assert all(e["execution_id"] == execution_id for e in events_)
+    end = events_[-1]["execution"]
+    assert end["id"] == execution_id and end["status"] == "ok" and end["stdout"] == "0\n1\n2\n"
+
+
+def test_ndjson_error_event(sandbox: dict[str, Any], ndjson: Any) -> None:
+    stream = ndjson("POST", f"/v1/sandboxes/{sandbox['id']}/execute", {"code": "print('a')\n1/0"})
+    events = [e for e in stream.events() if e["type"] != "keepalive"]
+    assert [e["type"] for e in events] == ["start", "stdout", "error", "end"]
+    assert events[2]["name"] == "ZeroDivisionError" and events[2]["traceback"]
+    assert events[3]["execution"]["status"] == "error"
+    assert events[3]["execution"]["error"]["name"] == "ZeroDivisionError"
+
+
+def test_ndjson_errors_before_the_start_are_plain_json(gateway: Gateway, sandbox: dict[str, Any],
+                                                       ndjson: Any) -> None:
+    stream = ndjson("POST", "/v1/sandboxes/sbnotthere/execute", {"code": "1"})
+    assert stream.response.status == 404
+    assert json.loads(stream.response.read())["error"] == "not_found"
+    stream = ndjson("POST", f"/v1/sandboxes/{sandbox['id']}/execute", {"nocode": "1"})
+    assert stream.response.status == 400
+    assert json.loads(stream.response.read())["error"] == "invalid_request"
+    stream = ndjson("POST", f"/v1/sandboxes/{sandbox['id']}/execute", {"code": "1"}, token=gateway.other_token)
+    assert stream.response.status == 404
+
+
+def test_ndjson_disconnect_interrupts(gateway: Gateway, sandbox: dict[str, Any], ndjson: Any) -> None:
+    stream = ndjson("POST", f"/v1/sandboxes/{sandbox['id']}/execute", {"code": LONG_LOOP})
+    first = next(stream.events())
+    assert first["type"] == "start"
+    time.sleep(0.3)  # well inside the loop
+    stream.close()
+    assert_prompt(gateway, sandbox["id"])
+    status, ex = gateway.request("GET", f"/v1/executions/{first['execution_id']}")
+    assert status == 200 and ex["status"] == "error" and ex["reason"] == "interrupted", ex
+
+
+def test_ndjson_session_execute(gateway: Gateway, second_session: dict[str, Any], ndjson: Any) -> None:
+    stream = ndjson("POST", f"/v1/sessions/{second_session['id']}/execute", {"input": "print('via session')"})
+    events = [e for e in stream.events() if e["type"] != "keepalive"]
+    assert [e["type"] for e in events] == ["start", "stdout", "end"]
+    assert events[-1]["execution"]["session_id"] == second_session["id"]
+    assert events[1]["text"] == "via session\n"
+
+
+def test_ndjson_terminal_session_execute(gateway: Gateway, sandbox: dict[str, Any], ndjson: Any) -> None:
+    status, term = gateway.request("POST", f"/v1/sandboxes/{sandbox['id']}/sessions", {"type": "terminal"})
+    assert status == 201
+    try:
+        stream = ndjson("POST", f"/v1/sessions/{term['id']}/execute", {"input": "echo t-$((2 + 2))\n"})
+        events = [e for e in stream.events() if e["type"] != "keepalive"]
+        assert len(events) == 1 and events[0]["type"] == "end" and "t-4" in events[0]["output"], events
+    finally:
+        gateway.request("DELETE", f"/v1/sessions/{term['id']}")
+
+
+# -- websocket ------------------------------------------------------------------------------------------------
+
+def test_ws_executions_in_flight_side_by_side(ws: ClientConnection, sandbox: dict[str, Any],
+                                              second_session: dict[str, Any]) -> None:
+    first_session = sandbox["sessions"][0]["id"]
+    ws.send(json.dumps({"type": "execute", "request_id": "slow", "session_id": first_session,
+                        "code": "import time\ntime.sleep(1.5)\nprint('slow')"}))
+    ws.send(json.dumps({"type": "execute", "request_id": "fast", "session_id": second_session["id"],
+                        "code": "print('fast')"}))
+    ws.send(json.dumps({"type": "execute", "request_id": 3, "session_id": first_session,
+                        "code": "print('queued')"}))
+    by_request: dict[Any, list[dict[str, Any]]] = {"slow": [], "fast": [], 3: []}
+    ended: list[Any] = []
+    while len(ended) < 3:
+        message = recv(ws)
+        assert message["type"] != "rejected", message
+        by_request[message["request_id"]].append(message)
+        if message["type"] == "end":
+            ended.append(message["request_id"])
+    assert ended == ["fast", "slow", 3]  # the other session's code did not wait for the slow one
+    for request_id, messages in by_request.items():
+        kinds = [m["type"] for m in messages]
+        assert kinds[0] == "accepted" and kinds[1] == "start" and kinds[-1] == "end", (request_id, kinds)
+        execution_id = messages[0]["execution_id"]
+        assert all(m["execution_id"] == execution_id for m in messages)
+        assert messages[-1]["execution"]["status"] == "ok"
+    assert by_request[3][0]["status"] == "queued"  # behind the slow one in the same kernel
+    assert by_request["fast"][-1]["execution"]["stdout"] == "fast\n"
+    assert by_request["slow"][-1]["execution"]["stdout"] == "slow\n"
+
+
+def test_ws_interrupt(ws: ClientConnection, sandbox: dict[str, Any]) -> None:
+    ws.send(json.dumps({"type": "execute", "request_id": "loop", "code": LONG_LOOP}))
+    accepted = recv(ws)
+    assert accepted["type"] == "accepted" and accepted["request_id"] == "loop"
+    assert recv(ws)["type"] == "start"
+    ws.send(json.dumps({"type": "interrupt", "execution_id": accepted["execution_id"], "request_id": "stop"}))
+    messages = recv_until_end(ws, "loop", timeout=15)
+    end = messages[-1]["execution"]
+    assert end["status"] == "error" and end["reason"] == "interrupted" and end["error"]["name"] == "KeyboardInterrupt"
+    assert any(m["type"] == "error" and m["name"] == "KeyboardInterrupt" for m in messages)
+    # Interrupting what already ended is refused, with the request_id of that message.
+    ws.send(json.dumps({"type": "interrupt", "execution_id": accepted["execution_id"], "request_id": "late"}))
+    rejected = recv(ws)
+    assert rejected == {"type": "rejected", "request_id": "late", "error": "execution_ended",
+                        "message": rejected["message"]}
+
+
+def test_ws_interrupt_a_queued_execution(ws: ClientConnection, sandbox: dict[str, Any]) -> None:
+    ws.send(json.dumps({"type": "execute", "request_id": "busy", "code": "import time\ntime.sleep(1)"}))
+    ws.send(json.dumps({"type": "execute", "request_id": "waiting", "code": "print('never')"}))
+    accepted = {}
+    while len(accepted) < 2:
+        message = recv(ws)
+        if message["type"] == "accepted":
+            accepted[message["request_id"]] = message
+    ws.send(json.dumps({"type": "interrupt", "execution_id": accepted["waiting"]["execution_id"]}))
+    end = recv_until_end(ws, "waiting")[-1]["execution"]
+    assert end["status"] == "killed" and end["reason"] == "cancelled" and end["stdout"] == ""
+    assert recv_until_end(ws, "busy")[-1]["execution"]["status"] == "ok"
+
+
+def test_ws_input(ws: ClientConnection) -> None:
+    ws.send(json.dumps({"type": "execute", "request_id": "ask",
+                        "code": "name = input('name? ')\nprint('hello', name)\nname.upper()"}))
+    execution_id = None
+    while True:
+        message = recv(ws)
+        assert message["request_id"] == "ask"
+        execution_id = message["execution_id"]
+        if message["type"] == "input_request":
+            assert message["prompt"] == "name? " and message["password"] is False
+            break
+    ws.send(json.dumps({"type": "input", "execution_id": execution_id, "value": "kernelhub"}))
+    messages = recv_until_end(ws, "ask")
+    end = messages[-1]["execution"]
+    assert end["status"] == "ok", end
+    assert "hello kernelhub" in end["stdout"]
+    assert end["results"][0]["data"]["text/plain"] == "'KERNELHUB'"
+    # No input is pending any more.
+    ws.send(json.dumps({"type": "input", "execution_id": execution_id, "value": "x", "request_id": "extra"}))
+    assert recv(ws)["error"] == "no_input_requested"
+
+
+@pytest.mark.parametrize("message, error", [
+    ("not json", "invalid_request"),
+    ("[1, 2]", "invalid_request"),
+    ('{"type": "launch", "request_id": "r"}', "invalid_request"),
+    ('{"type": "execute", "request_id": "r"}', "invalid_request"),
+    ('{"type": "execute", "code": 5, "request_id": "r"}', "invalid_request"),
+    ('{"type": "execute", "code": "1", "timeout_s": "soon", "request_id": "r"}', "invalid_request"),
+    ('{"type": "execute", "code": "1", "timeout_s": 99999, "request_id": "r"}', "invalid_request"),
+    ('{"type": "execute", "code": "1", "session_id": "senope", "request_id": "r"}', "not_found"),
+    ('{"type": "execute", "code": "1", "language": "cobol", "request_id": "r"}', "invalid_request"),
+    ('{"type": "execute", "code": "1", "surprise": true, "request_id": "r"}', "invalid_request"),
+    ('{"type": "interrupt", "execution_id": "exnope", "request_id": "r"}', "not_found"),
+    ('{"type": "interrupt", "request_id": "r"}', "invalid_request"),
+    ('{"type": "input", "execution_id": "exnope", "value": "v", "request_id": "r"}', "not_found"),
+    ('{"type": "execute", "code": "1", "request_id": {"nested": 1}}', "invalid_request"),
+])
+def test_ws_rejects_bad_messages(ws: ClientConnection, message: str, error: str) -> None:
+    ws.send(message)
+    answer = recv(ws, timeout=30)
+    assert answer["type"] == "rejected" and answer["error"] == error and answer["message"], answer
+    if '"request_id": "r"' in message:
+        assert answer["request_id"] == "r"
+    # The connection is still usable.
+    ws.send(json.dumps({"type": "execute", "code": "print('still here')", "request_id": "after"}))
+    assert recv_until_end(ws, "after")[-1]["execution"]["stdout"] == "still here\n"
+
+
+def test_ws_auth_before_upgrade(gateway: Gateway, sandbox: dict[str, Any]) -> None:
+    url = f"ws://127.0.0.1:{gateway.port}/v1/sandboxes/{sandbox['id']}/stream"
+    for headers, status in (({}, 401), ({"Authorization": "Bearer wrong"}, 401),
+                            ({"Authorization": f"Bearer {gateway.other_token}"}, 404)):
+        with pytest.raises(InvalidStatus) as raised:
+            with connect(url, additional_headers=headers, open_timeout=10):
+                pass
+        assert raised.value.response.status_code == status
+        assert json.loads(raised.value.response.body)["error"] in ("unauthorized", "not_found")
+    with connect(f"{url}?token={gateway.token}", open_timeout=10) as conn:
+        conn.send(json.dumps({"type": "execute", "code": "print(2)", "request_id": 1}))
+        assert recv_until_end(conn, 1)[-1]["execution"]["stdout"] == "2\n"
+
+
+def test_ws_disconnect_interrupts(gateway: Gateway, sandbox: dict[str, Any]) -> None:
+    url = f"ws://127.0.0.1:{gateway.port}/v1/sandboxes/{sandbox['id']}/stream"
+    with connect(url, additional_headers={"Authorization": f"Bearer {gateway.token}"}) as conn:
+        conn.send(json.dumps({"type": "execute", "code": LONG_LOOP, "request_id": "gone"}))
+        accepted = recv(conn)
+        assert recv(conn)["type"] == "start"
+        time.sleep(0.3)
+    assert_prompt(gateway, sandbox["id"])
+    status, ex = gateway.request("GET", f"/v1/executions/{accepted['execution_id']}")
+    assert ex["status"] == "error" and ex["reason"] == "interrupted"
