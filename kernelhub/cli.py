@@ -53,8 +53,8 @@ def install_kernelspecs(prefix: str | None = None, user: bool = False) -> list[s
     installed = []
     for spec_dir in sorted(KERNELSPECS_DIR.iterdir()):
         if (spec_dir / "kernel.json").exists():
-            installed.append(ksm.install_kernel_spec(str(spec_dir), spec_dir.name, user=user, prefix=prefix,
-                                                     replace=True))
+            # install_kernel_spec replaces an existing spec of that name (its ``replace`` is deprecated).
+            installed.append(ksm.install_kernel_spec(str(spec_dir), spec_dir.name, user=user, prefix=prefix))
     return installed
 
 

@@ -60,14 +60,16 @@ def checks(*, bwrap: str | None = None, cgroup_root: str = "/sys/fs/cgroup",
     info: dict[str, Any] = cgroups.probe(cgroup_root) if version else {}
     out.append(Check("cgroups", version is not None,
                      f"cgroup v{version} at {cgroup_root}" if version else f"no cgroup hierarchy at {cgroup_root}"))
+    controllers = info.get("controllers") or {}
     for controller in ("memory", "cpu", "pids"):
-        available = controller in (info.get("writable") or info.get("controllers") or [])
+        # cgroups.probe lists every controller it looked for; only "writable" says a group gets it.
+        available = bool(controllers.get(controller, {}).get("writable"))
         out.append(Check(f"cgroup {controller}", available and root,
                          "enforced" if available and root else "not available: that limit cannot be enforced"))
-    out.append(Check("swap accounting", bool(info.get("memsw", version == 2)),
-                     "memory limits include swap" if info.get("memsw", version == 2)
+    swap = bool(info.get("swap_accounting"))
+    out.append(Check("swap accounting", swap, "memory limits include swap" if swap
                      else "no memsw: memory limits do not cover swap", required=False))
-    freezer = bool(info.get("freezer", version == 2))
+    freezer = bool(info.get("freezer"))
     out.append(Check("freezer", freezer, "processes are frozen before they are killed" if freezer
                      else "no freezer: a fork storm may race the kill loop", required=False))
     loop = False

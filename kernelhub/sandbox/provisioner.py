@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import stat
 import uuid
@@ -106,24 +107,37 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         assert sandbox is not None
         extra_arguments = kwargs.pop("extra_arguments", [])
         base = f"k-{(km.kernel_id or uuid.uuid4().hex).replace('-', '')[:12]}"
+        # Each kernel binds its sockets in a directory of its own under the run directory, which is root's:
+        # the sandbox uid owns this one only until its kernel has bound (see _seal), so code in the sandbox
+        # can never swap a socket for a symlink to a host socket that the gateway would then connect to.
+        sock_dir = sandbox.run_dir / base
+        dir_fd = self._open_socket_dir(sock_dir, sandbox)
         km.transport = "ipc"
-        km.ip = str(sandbox.run_dir / base)
+        km.ip = str(sock_dir / "s")
         km.shell_port, km.iopub_port, km.stdin_port, km.control_port, km.hb_port = 1, 2, 3, 4, 5
         km.cache_ports = False
         # The host-side file, for the gateway (and anything else on the host that connects).
         km.write_connection_file()
         self.connection_info = km.get_connection_info()
         inner = dict(self.connection_info)
-        inner["ip"] = sandbox.inner_run_path(base)
+        inner["ip"] = sandbox.inner_run_path(f"{base}/s")
         if isinstance(inner.get("key"), bytes):
             inner["key"] = inner["key"].decode()
-        inner_file = sandbox.run_dir / f"{base}.json"
-        fd = os.open(inner_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(inner, f)
-        if sandbox.factory.as_root:
-            os.chown(inner_file, sandbox.uid, sandbox.gid)
-        self._inner_connection_file = sandbox.inner_run_path(f"{base}.json")
+        # The directory is the sandbox's until the kernel has bound. Remove whatever it put at this name and
+        # create afresh (O_EXCL): never open its FIFO (that would block the event loop) nor follow its link.
+        # Give the file away by descriptor: a chown by path would follow a symlink swapped in after the open.
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink("connection.json", dir_fd=dir_fd)
+            fd = os.open("connection.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=dir_fd)
+            with os.fdopen(fd, "w") as f:
+                if sandbox.factory.as_root:
+                    os.fchown(fd, sandbox.uid, sandbox.gid)
+                json.dump(inner, f)
+        finally:
+            os.close(dir_fd)
+        self._inner_connection_file = sandbox.inner_run_path(f"{base}/connection.json")
         cmd = [
             arg.replace(km.connection_file, self._inner_connection_file)
             for arg in km.format_kernel_cmd(extra_arguments=extra_arguments)
@@ -148,12 +162,17 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             os.close(devnull)
             os.close(out)
         sandbox.log(f"kernel {self.kernel_id} ({name}) started as pid {self.process.pid}")
+        # Checked here, not in post_launch: KernelManager connects its control socket before post_launch,
+        # and zmq would follow a symlink planted at that path to any unix socket of the host.
+        await self._sockets_or_stop()
         return self.connection_info
 
     async def post_launch(self, **kwargs: Any) -> None:
-        """Called by ``KernelManager.post_start_kernel``: waits until the kernel has bound its sockets and
-        checks that each is a socket of the sandbox's uid, not a symlink planted by code in the sandbox
-        (SECURITY.md pitfall 8)."""
+        """Called by ``KernelManager.post_start_kernel``; the sockets were checked in :meth:`launch_kernel`."""
+
+    async def _sockets_or_stop(self) -> None:
+        """Wait until the kernel has bound its sockets and check that each is a socket of the sandbox's uid,
+        not a symlink planted by code in the sandbox (SECURITY.md pitfall 8)."""
         try:
             await self._wait_for_sockets()
         except BaseException:
@@ -162,6 +181,33 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 self.sandbox = None
                 self.process = None
             raise
+
+    @staticmethod
+    def _open_socket_dir(path: Any, sandbox: Sandbox) -> int:
+        """Make (or, on restart, reopen) a kernel's socket directory and hand it to the sandbox uid for the
+        kernel to bind in. Its parent is root's, so nothing in the sandbox can have replaced it."""
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        if sandbox.factory.as_root:
+            os.fchown(fd, sandbox.uid, sandbox.gid)
+        os.fchmod(fd, 0o700)
+        return fd
+
+    def _seal(self) -> None:
+        """Called once the kernel has bound its sockets: the directory becomes root's (0755), so the sandbox
+        can still connect to its kernel's sockets but can no longer remove or replace them."""
+        sandbox = self.sandbox
+        assert sandbox is not None
+        if not sandbox.factory.as_root:
+            return
+        fd = os.open(os.path.dirname(str(self.connection_info["ip"])),
+                     os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchown(fd, 0, 0)
+            os.fchmod(fd, 0o755)
+        finally:
+            os.close(fd)
 
     async def _wait_for_sockets(self) -> None:
         sandbox, process = self.sandbox, self.process
@@ -181,6 +227,13 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                     await process.kill()
                     raise SandboxError("The kernel's socket directory was tampered with; refusing to connect.")
             if not missing:
+                self._seal()
+                # Checked again now that the sandbox can no longer change them.
+                for path in paths:
+                    st = os.lstat(path)
+                    if not stat.S_ISSOCK(st.st_mode) or (sandbox.factory.as_root and st.st_uid != sandbox.uid):
+                        await process.kill()
+                        raise SandboxError("The kernel's socket directory was tampered with; refusing to connect.")
                 return
             if process.poll() is not None:
                 raise SandboxError(
@@ -197,10 +250,14 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         provisioner made the sandbox, stops it (no process, cgroup or uid is left)."""
         sandbox = self.sandbox
         if sandbox is not None and self.connection_info:
-            base = os.path.basename(str(self.connection_info.get("ip", "")))
-            for name in [f"{base}.json"] + [f"{base}-{p}" for p in range(1, 6)]:
-                with contextlib.suppress(OSError):
-                    os.unlink(sandbox.run_dir / name)
+            sock_dir = os.path.dirname(str(self.connection_info.get("ip", "")))
+            if restart:
+                for name in [f"s-{p}" for p in range(1, 6)]:
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(sock_dir, name))
+            else:
+                # unlink never follows a link: whatever the sandbox left here, only the entries go.
+                shutil.rmtree(sock_dir, ignore_errors=True)
         if not restart and self.owns_sandbox and sandbox is not None:
             await sandbox.stop()
             self.sandbox = None

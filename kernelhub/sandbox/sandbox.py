@@ -35,16 +35,39 @@ from . import bwrap
 from .cgroups import Cgroup, create_cgroup, open_cgroup
 from .limits import Limits
 from .workspace import Workspace
+from .workspace import _run as _run_command
 
 log = logging.getLogger("kernelhub.sandbox")
 
 #: Files bound read-only at /opt/kernelhub-agent in every sandbox.
 AGENT_FILES = (Path(__file__).with_name("agent.py"), Path(__file__).with_name("tslab_ipc.js"))
 _LOG_LINES = 2000
+_LAUNCH_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
+#: Size of the run directory's tmpfs: connection files and sockets need a few KiB per kernel.
+_RUN_DIR_BYTES = 2 * 1024 * 1024
 
 
 def _env_default(name: str, fallback: str) -> str:
     return os.environ.get(name, fallback)
+
+
+async def _mount_run_dir(path: Path, uid: int, gid: int) -> None:
+    # Root's, 0755: the sandbox reads its kernels' connection files and connects to their sockets here but
+    # creates nothing itself (each kernel's own directory is handed to it only while that kernel binds).
+    options = f"size={_RUN_DIR_BYTES},nr_inodes=4096,mode=0755,uid=0,gid=0,nosuid,nodev,noexec"
+    code, out = await _run_command("mount", "-t", "tmpfs", "-o", options, "kernelhub-run", str(path))
+    if code != 0:
+        raise SandboxError(f"Could not mount the sandbox's run directory: {out or f'mount exit {code}'}.")
+
+
+async def _unmount_run_dir(path: Path) -> None:
+    if not os.path.ismount(path):
+        return
+    code, out = await _run_command("umount", str(path))
+    if code != 0:
+        code, out = await _run_command("umount", "-l", str(path))  # busy: detach, freed with the last user
+    if code != 0:
+        raise SandboxError(f"Could not unmount {path}: {out}")
 
 
 class UidPool:
@@ -223,7 +246,10 @@ class Sandbox:
         etc_dir = self.dir / "etc"
         etc_dir.mkdir(mode=0o755)
         self.run_dir.mkdir(mode=0o700)
-        os.chown(self.run_dir, self.uid, self.gid) if f.as_root else None
+        if f.as_root:
+            # The sandbox writes here (its kernels' sockets): a small tmpfs, charged to its memory cgroup,
+            # instead of the host disk, where no quota would hold what it writes.
+            await _mount_run_dir(self.run_dir, self.uid, self.gid)
         self.workspace = Workspace(self.dir, self.uid, self.gid, self.limits,
                                    mode=f.workspace_mode, min_host_free_mb=f.min_host_free_mb)
         await self.workspace.create()
@@ -263,6 +289,10 @@ class Sandbox:
             self._launcher = await asyncio.create_subprocess_exec(
                 *argv, stdin=agent_end.fileno(), stdout=asyncio.subprocess.DEVNULL, stderr=stderr_w,
                 close_fds=True,
+                # Not the gateway's environment (nor its cwd, which /bin/sh exports as PWD): bwrap's pid 1
+                # keeps what it was exec'd with in /proc/1/environ, readable inside the sandbox whatever
+                # --clearenv did for its child.
+                env=_LAUNCH_ENV, cwd="/",
             )
         finally:
             agent_end.close()
@@ -495,6 +525,10 @@ class Sandbox:
                 await self.workspace.destroy()
             except Exception as exc:
                 errors.append(f"workspace: {exc}")
+        try:
+            await _unmount_run_dir(self.run_dir)
+        except SandboxError as exc:
+            errors.append(f"run dir: {exc}")
         for task in list(self._tasks):
             task.cancel()
         self.factory.uids.release(self.uid)
@@ -692,6 +726,8 @@ class SandboxFactory(LoggingConfigurable):
                 workspace = Workspace(entry, uid or 0, uid or 0, Limits(), mode=self.workspace_mode)
                 with contextlib.suppress(Exception):
                     await workspace.destroy()
+                with contextlib.suppress(SandboxError):
+                    await _unmount_run_dir(entry / "run")
                 shutil.rmtree(entry, ignore_errors=True)
                 reaped.append(entry.name)
             finally:

@@ -1,0 +1,301 @@
+"""The sandbox launch as pure functions (bubblewrap argv, limit validation), the uid allocator across pools,
+and reaping what a SIGKILLed process left behind (real sandboxes, real cgroups, real mounts)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kernelhub.errors import InvalidRequest, IsolationUnavailable, SandboxError
+from kernelhub.sandbox import bwrap
+from kernelhub.sandbox.limits import DEFAULT_MAXIMUM, Limits, resolve_limits
+from kernelhub.sandbox.sandbox import SandboxFactory, UidPool
+
+SPEC = bwrap.SandboxSpec(
+    sandbox_id="sbtest",
+    uid=201234,
+    gid=201234,
+    hostname="sandbox-sbtest",
+    workspace="/state/sandboxes/sbtest/workspace",
+    run_dir="/state/sandboxes/sbtest/run",
+    etc_dir="/state/sandboxes/sbtest/etc",
+    agent_dir="/state/agent",
+    runtime_dir="/opt/kernelhub/runtime",
+    node_modules="/opt/kernelhub/runtime/node/node_modules",
+    env={"MY_VAR": "1"},
+)
+PROCS = ["/sys/fs/cgroup/memory/kernelhub/sbtest/cgroup.procs", "/sys/fs/cgroup/pids/kernelhub/sbtest/cgroup.procs"]
+COMMAND = ["/usr/bin/python3", "-I", "/opt/kernelhub-agent/agent.py"]
+
+
+def pairs(argv: list[str], flag: str) -> list[str]:
+    """Every value that follows ``flag`` in ``argv``."""
+    return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
+
+
+def index_of(argv: list[str], *seq: str) -> int:
+    for i in range(len(argv) - len(seq) + 1):
+        if argv[i : i + len(seq)] == list(seq):
+            return i
+    raise AssertionError(f"{seq} not in {argv}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bubblewrap argv
+
+
+def test_bwrap_argv_isolates_everything() -> None:
+    argv = bwrap.bwrap_argv(SPEC, COMMAND, bwrap="/usr/bin/bwrap")
+    options = argv[: argv.index("--")]
+    assert argv[0] == "/usr/bin/bwrap"
+    for flag in ("--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup",
+                 "--unshare-net", "--disable-userns", "--clearenv", "--new-session", "--die-with-parent"):
+        assert flag in options, flag
+    assert "--share-net" not in options and "--unshare-all" not in options
+    assert pairs(options, "--cap-drop") == ["ALL"] and "--cap-add" not in options
+    assert pairs(options, "--uid") == [str(bwrap.INNER_UID)] and pairs(options, "--gid") == [str(bwrap.INNER_GID)]
+    assert pairs(options, "--hostname") == [SPEC.hostname]
+    assert pairs(options, "--proc") == ["/proc"] and pairs(options, "--dev") == ["/dev"]
+    # Nothing of the host beyond /usr and a few /etc entries: no /, /sys, /home, /root, /run or /tmp of the host.
+    sources = pairs(options, "--bind") + pairs(options, "--ro-bind") + pairs(options, "--ro-bind-try")
+    for source in sources:
+        assert source == "/usr" or source.startswith(("/etc/", "/state/", "/opt/kernelhub/runtime")), source
+    assert not any(s in ("/", "/sys", "/etc", "/proc", "/dev", "/tmp", "/run") for s in sources)
+    assert not any(s.startswith("/sys") for s in options)
+    assert "/etc/shadow" not in sources and "/etc/passwd" not in sources
+    assert index_of(options, "--ro-bind", "/usr", "/usr") >= 0
+    # The writable binds are exactly the run dir and the workspace.
+    assert pairs(options, "--bind") == [SPEC.run_dir, SPEC.workspace]
+    assert argv[argv.index("--") + 1 :] == COMMAND
+
+
+def test_private_tmp_and_shm_with_sizes_and_run_dir_bound_after_them() -> None:
+    argv = bwrap.bwrap_argv(SPEC, COMMAND)
+    tmp = index_of(argv, "--size", str(SPEC.tmp_size_bytes), "--tmpfs", "/tmp")
+    shm = index_of(argv, "--size", str(SPEC.shm_size_bytes), "--tmpfs", "/dev/shm")
+    run = index_of(argv, "--bind", SPEC.run_dir, bwrap.INNER_RUN)
+    # A later --tmpfs on /tmp or /run would hide the bound run dir (KERNELS.md).
+    assert run > tmp and run > shm and run > index_of(argv, "--dir", "/run")
+    assert index_of(argv, "--bind", SPEC.workspace, bwrap.INNER_WORKSPACE) > tmp
+    assert pairs(argv, "--chdir") == [bwrap.INNER_WORKSPACE]
+
+
+def test_environment_is_only_the_sandbox_own() -> None:
+    argv = bwrap.bwrap_argv(SPEC, COMMAND)
+    names = pairs(argv, "--setenv")
+    env = dict(zip(names, [argv[i + 2] for i, a in enumerate(argv) if a == "--setenv"], strict=True))
+    assert env == {**bwrap.BASE_ENV, "HOSTNAME": SPEC.hostname, "MY_VAR": "1"}
+    assert "--clearenv" in argv[: argv.index("--setenv")]
+    assert bwrap.sandbox_env(SPEC, {"X": "2"})["X"] == "2"
+
+
+def test_launch_joins_cgroup_then_drops_to_the_uid_then_bwrap() -> None:
+    argv = bwrap.launch_argv(SPEC, PROCS, COMMAND, bwrap="/usr/bin/bwrap", setpriv="/usr/bin/setpriv")
+    assert argv[:2] == ["/bin/sh", "-c"]
+    # The join script gets the procs files before the first "--", then the rest of the chain.
+    first_sep = argv.index("--")
+    assert argv[4:first_sep] == PROCS
+    setpriv = argv.index("/usr/bin/setpriv")
+    bwrap_at = argv.index("/usr/bin/bwrap")
+    assert first_sep < setpriv < bwrap_at
+    drop = argv[setpriv:bwrap_at]
+    for flag in (f"--reuid={SPEC.uid}", f"--regid={SPEC.gid}", "--clear-groups", "--no-new-privs",
+                 "--inh-caps=-all", "--bounding-set=-all"):
+        assert flag in drop, flag
+    assert argv[bwrap_at:] == bwrap.bwrap_argv(SPEC, COMMAND, bwrap="/usr/bin/bwrap")
+
+
+def test_the_join_script_really_writes_its_pid_before_exec(tmp_path: Path) -> None:
+    procs = [tmp_path / "a.procs", tmp_path / "b.procs"]
+    argv = bwrap.launch_argv(SPEC, [str(p) for p in procs], ["/bin/sh", "-c", "echo $$"], as_root=False)
+    # Run only the join step: replace everything after the procs files by a command that reports its pid.
+    join = argv[: argv.index("--") + 1] + ["/bin/sh", "-c", "echo $$"]
+    out = subprocess.run(join, capture_output=True, text=True, check=True).stdout.strip()
+    # exec keeps the pid: the pid written before exec is the workload's own.
+    assert [p.read_text().strip() for p in procs] == [out, out]
+
+
+def test_launch_without_root_or_cgroups() -> None:
+    assert bwrap.launch_argv(SPEC, [], COMMAND, as_root=False) == bwrap.bwrap_argv(SPEC, COMMAND)
+    assert bwrap.launch_argv(SPEC, [], COMMAND)[0] == "setpriv"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"uid": 0}, {"gid": 0}, {"hostname": "Bad_Host"}, {"hostname": "x" * 64}, {"network": "host"},
+     {"env": {"LD_PRELOAD": "/x.so"}}, {"env": {"JPY_PARENT_PID": "1"}}, {"env": {"A=B": "1"}}],
+)
+def test_spec_refuses_unsafe_values(change: dict[str, Any]) -> None:
+    fields = {f: getattr(SPEC, f) for f in SPEC.__dataclass_fields__}
+    with pytest.raises(ValueError):
+        bwrap.SandboxSpec(**{**fields, **change})
+
+
+def test_generated_etc_has_no_host_accounts() -> None:
+    files = bwrap.passwd_files(SPEC)
+    assert set(files) == set(bwrap.GENERATED_ETC)
+    assert [line.split(":")[0] for line in files["passwd"].splitlines()] == ["root", "user", "nobody"]
+    assert "shadow" not in bwrap.ETC_RO_ENTRIES and "sudoers" not in bwrap.ETC_RO_ENTRIES
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Limits
+
+
+def test_resolve_limits_defaults_lowering_and_raising() -> None:
+    assert resolve_limits(None) == Limits() == resolve_limits({})
+    assert resolve_limits({"memory_mb": None}) == Limits()
+    lowered = resolve_limits({"memory_mb": 64, "cpu": 0.25, "pids": 16})
+    assert (lowered.memory_mb, lowered.cpu, lowered.pids, lowered.disk_mb) == (64, 0.25, 16, Limits().disk_mb)
+    raised = resolve_limits({"memory_mb": DEFAULT_MAXIMUM.memory_mb, "cpu": 4})
+    assert raised.memory_mb == DEFAULT_MAXIMUM.memory_mb and raised.cpu == 4.0 and isinstance(raised.cpu, float)
+    assert resolve_limits({"pids": 32.0}).pids == 32 and isinstance(resolve_limits({"pids": 32.0}).pids, int)
+    assert resolve_limits({"memory_mb": 100}, maximum=Limits(memory_mb=100)).memory_mb == 100
+    assert resolve_limits({}, defaults=Limits(memory_mb=64)).memory_mb == 64
+
+
+@pytest.mark.parametrize(
+    ("requested", "words"),
+    [
+        ({"memory_mb": DEFAULT_MAXIMUM.memory_mb + 1}, "at most"),
+        ({"cpu": 4.5}, "at most"),
+        ({"pids": 100_000}, "at most"),
+        ({"memory_mb": 8}, "at least"),
+        ({"pids": 0}, "at least"),
+        ({"disk_mb": -1}, "at least"),
+        ({"memroy_mb": 64}, "Unknown limit 'memroy_mb'"),
+        ({"memory_mb": "512"}, "must be a number"),
+        ({"memory_mb": True}, "must be a number"),
+        ({"cpu": [1]}, "must be a number"),
+        ({"memory_mb": 64.5}, "whole number"),
+        ({"cpu": math.nan}, "finite"),
+        ({"cpu": math.inf}, "finite"),
+    ],
+)
+def test_resolve_limits_refuses(requested: dict[str, Any], words: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        resolve_limits(requested)
+    assert words in info.value.message
+    assert info.value.status == 400
+
+
+def test_resolve_limits_refuses_non_mappings_and_respects_a_lower_maximum() -> None:
+    with pytest.raises(InvalidRequest):
+        resolve_limits([("memory_mb", 64)])  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest):
+        resolve_limits({"memory_mb": 101}, maximum=Limits(memory_mb=100))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# UidPool
+
+
+def test_two_pools_on_one_lock_dir_never_share_a_uid(tmp_path: Path) -> None:
+    a, b = UidPool(300_000, 6, tmp_path), UidPool(300_000, 6, tmp_path)
+    got_a, got_b = [], []
+    for _ in range(3):
+        got_a.append(a.acquire())
+        got_b.append(b.acquire())
+    assert len(set(got_a) | set(got_b)) == 6 and set(got_a) == a.held() and set(got_b) == b.held()
+    with pytest.raises(SandboxError) as info:
+        b.acquire()
+    assert info.value.error == "capacity"
+    a.release(got_a[0])
+    assert b.acquire() == got_a[0]
+    assert not a.try_hold(got_a[0]) and not a.try_hold(got_a[1])  # B's, and A's own
+    for uid in list(a.held()):
+        a.release(uid)
+    assert a.held() == set() and a.try_hold(got_a[1])
+
+
+def test_a_uid_held_by_another_process_is_skipped(tmp_path: Path) -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import fcntl, os, sys
+            fd = os.open("{tmp_path}/300100.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            print("held", flush=True)
+            sys.stdin.read()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    ) as holder:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        pool = UidPool(300_100, 2, tmp_path)
+        assert pool.acquire() == 300_101
+        with pytest.raises(SandboxError):
+            pool.acquire()
+        holder.kill()
+    assert pool.acquire() == 300_100  # the lock went with the process
+
+
+def test_uid_pool_refuses_low_ranges(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        UidPool(0, 10, tmp_path)
+    with pytest.raises(ValueError):
+        UidPool(200_000, 0, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reaping after a crash
+
+CRASHER = """
+import asyncio, os, sys
+from kernelhub.sandbox.sandbox import SandboxFactory
+async def main():
+    sb = await SandboxFactory(state_dir=sys.argv[1]).create()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    # A process that ignores its parent's death, as a real workload might.
+    await sb.spawn(["/bin/sh", "-c", "trap '' HUP TERM; sleep 1000"], stdin=devnull, stdout=devnull,
+                   stderr=devnull)
+    print(sb.id, sb.uid, flush=True)
+    await asyncio.sleep(1000)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.root
+@pytest.mark.bwrap
+@pytest.mark.cgroups
+def test_reap_stale_removes_a_sandbox_left_by_a_sigkilled_process(
+    factory: Any, runner: asyncio.Runner, leftovers_of: Any
+) -> None:
+    state = factory.state_dir
+    with subprocess.Popen([sys.executable, "-c", CRASHER, state], stdout=subprocess.PIPE, text=True) as crasher:
+        assert crasher.stdout is not None
+        line = crasher.stdout.readline()
+        crasher.send_signal(signal.SIGKILL)
+    sandbox_id, uid_text = line.split()
+    uid = int(uid_text)
+    # What the dead process left: its directory, cgroups, the mounted workspace.
+    left = leftovers_of(sandbox_id, uid, state)
+    assert any(x.startswith("cgroup") for x in left) and any(x.startswith("mount") for x in left), left
+
+    # A live sandbox of this process in the same state dir must survive the reaping.
+    live = runner.run(factory.create())
+    reaped = runner.run(factory.reap_stale())
+    assert reaped == [sandbox_id]
+    assert leftovers_of(sandbox_id, uid, state) == []
+    assert uid not in factory.uids.held()
+    assert live.state == "running" and (Path(state) / "sandboxes" / live.id).is_dir()
+    # Reaping twice finds nothing more.
+    assert runner.run(factory.reap_stale()) == []
+    runner.run(live.stop())
+    assert leftovers_of(live.id, live.uid, state) == []
+
+
+@pytest.mark.root
+def test_state_dir_under_an_untraversable_parent_is_refused(runner: asyncio.Runner) -> None:
+    with tempfile.TemporaryDirectory(dir="/tmp") as closed:
+        os.chmod(closed, 0o700)
+        with pytest.raises(IsolationUnavailable):
+            runner.run(SandboxFactory(state_dir=f"{closed}/state").create())
