@@ -97,6 +97,7 @@ class SandboxSpec:
     node_modules: str | None = None
     tmp_size_bytes: int = 256 * 1024 * 1024
     shm_size_bytes: int = 64 * 1024 * 1024
+    home_size_bytes: int = 64 * 1024 * 1024
     network: str = "none"
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
@@ -158,9 +159,10 @@ def bwrap_argv(spec: SandboxSpec, command: Sequence[str], *, bwrap: str = "bwrap
         "--size", str(spec.shm_size_bytes), "--tmpfs", "/dev/shm",
         "--size", str(spec.tmp_size_bytes), "--tmpfs", "/tmp",
         "--dir", "/run",
-        # A home of its own on the sandbox's root tmpfs, so dotfiles (~/.ipython, ~/.cache) do not
-        # clutter the workspace; tmpfs pages are charged to the sandbox's memory cgroup.
-        "--dir", INNER_HOME,
+        # A home of its own, so dotfiles (~/.ipython, ~/.cache) do not clutter the workspace. Every tmpfs is
+        # sized: their pages are charged to the sandbox's memory cgroup, and filling them all must still leave
+        # room for the kernel to run (the root itself is made read-only below).
+        "--size", str(spec.home_size_bytes), "--tmpfs", INNER_HOME,
     ]
     if spec.runtime_dir:
         argv += ["--ro-bind", spec.runtime_dir, INNER_RUNTIME]
@@ -171,6 +173,8 @@ def bwrap_argv(spec: SandboxSpec, command: Sequence[str], *, bwrap: str = "bwrap
     # Bound after the tmpfs mounts so that none of them hides it (KERNELS.md).
     argv += ["--bind", spec.run_dir, INNER_RUN]
     argv += ["--bind", spec.workspace, INNER_WORKSPACE]
+    # Nothing is writable outside /workspace, /tmp, /dev/shm and the home: not even bwrap's root tmpfs.
+    argv += ["--remount-ro", "/"]
     argv += ["--chdir", INNER_WORKSPACE]
     for key, value in sandbox_env(spec).items():
         argv += ["--setenv", key, value]

@@ -267,8 +267,10 @@ class Sandbox:
             agent_dir=str(f.agent_dir()),
             runtime_dir=f.runtime_dir if Path(f.runtime_dir).is_dir() else None,
             node_modules=str(node_modules) if node_modules.is_dir() else None,
-            tmp_size_bytes=self.limits.memory_bytes,
-            shm_size_bytes=max(self.limits.memory_bytes // 4, 16 * 1024 * 1024),
+            # Together at most half the memory limit: a sandbox that fills them all can still run its kernel.
+            tmp_size_bytes=max(self.limits.memory_bytes // 4, 8 * 1024 * 1024),
+            shm_size_bytes=max(self.limits.memory_bytes // 8, 4 * 1024 * 1024),
+            home_size_bytes=max(self.limits.memory_bytes // 8, 4 * 1024 * 1024),
             env=self.env,
         )
         for name, text in bwrap.passwd_files(self.spec).items():
