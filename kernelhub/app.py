@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import signal
@@ -173,7 +174,7 @@ class KernelHubApp(Application):
         hub = Hub(factory, parent=self)
         await hub.start()
         config = GatewayConfig(allow_origin=self.allow_origin, allowed_ws_origins=tuple(self.allowed_ws_origins),
-                               debug=self.log_level <= 10)
+                               debug=self.log.isEnabledFor(logging.DEBUG))
         app = make_app(hub, tenants, config)
         server = httpserver.HTTPServer(app, max_body_size=20 * 1024 * 1024 * 1024, idle_connection_timeout=3600)
         sockets = __import__("tornado.netutil", fromlist=["bind_sockets"]).bind_sockets(self.port, self.ip)

@@ -94,7 +94,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """Called by ``KernelManager.pre_start_kernel``: finds or creates the sandbox, writes the two
         connection files (host paths for the gateway, sandbox paths for the kernel) and builds the command."""
-        km = self.parent
+        km: Any = self.parent
         given = kwargs.pop("sandbox", None)
         kwargs.pop("transport_encryption", None)
         if given is not None:
@@ -119,7 +119,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         # The host-side file, for the gateway (and anything else on the host that connects).
         km.write_connection_file()
         self.connection_info = km.get_connection_info()
-        inner = dict(self.connection_info)
+        inner: dict[str, Any] = dict(self.connection_info)
         inner["ip"] = sandbox.inner_run_path(f"{base}/s")
         if isinstance(inner.get("key"), bytes):
             inner["key"] = inner["key"].decode()

@@ -68,7 +68,12 @@ async def _feed(fd: int, data: bytes) -> None:
                 view = view[n:]
             except BlockingIOError:
                 ready: asyncio.Future[None] = loop.create_future()
-                loop.add_writer(fd, lambda r=ready: r.done() or r.set_result(None))
+
+                def on_writable(r: asyncio.Future[None] = ready) -> None:
+                    if not r.done():
+                        r.set_result(None)
+
+                loop.add_writer(fd, on_writable)
                 try:
                     await ready
                 finally:

@@ -290,7 +290,7 @@ class JupyterSession:
         await ex.emit({"type": "start"})
         ex.msg_id = self.kc.execute(ex.code, allow_stdin=ex.input_handler is not None, stop_on_error=False)
         self._current = ex
-        process = self.km.provisioner.process if self.km.provisioner is not None else None
+        process = getattr(self.km.provisioner, "process", None)
         died = asyncio.ensure_future(process.wait()) if process is not None else loop.create_future()
         done = asyncio.ensure_future(self._wait_done())
         try:
@@ -322,7 +322,8 @@ class JupyterSession:
         assert self._idle is not None and self._reply is not None
         idle_task = asyncio.ensure_future(self._idle.wait())
         try:
-            await asyncio.wait({idle_task, self._reply}, return_when=asyncio.FIRST_COMPLETED)
+            waiters: set[asyncio.Future[Any]] = {idle_task, self._reply}
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             if not self._reply.done():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(self._reply), DONE_GRACE_S)
