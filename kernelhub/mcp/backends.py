@@ -1,0 +1,292 @@
+"""Where the MCP tools' work is done: the in-process service layer, or a running gateway's REST API.
+
+Both backends answer the REST shapes of API.md, so the tool layer (:mod:`kernelhub.mcp.tools`) shapes one kind
+of answer whichever runs underneath, and both raise :class:`kernelhub.errors.KernelHubError` subclasses (the
+client's errors derive from it) for everything a caller may see.
+
+- :class:`HubBackend` calls one :class:`~kernelhub.services.hub.Hub` method per tool, as a tenant. Used by
+  ``kernelhub mcp`` (embedded, tenant ``default``) and by the gateway's ``/mcp`` route (the caller's tenant).
+- :class:`RemoteBackend` calls the REST API with :class:`~kernelhub.client.AsyncApiClient` (``kernelhub mcp
+  --url URL --token KEY``); executions stream as NDJSON so they can report progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..client import _api
+from ..client._async import AsyncApiClient
+from ..client.errors import SandboxError, error_class
+from ..errors import PayloadTooLarge
+
+if TYPE_CHECKING:
+    from ..services.hub import Hub
+    from ..services.tenants import Tenant
+
+#: Receives an execution's events (API.md "Streaming" shapes) as they happen; must not block.
+EventSink = Callable[[dict[str, Any]], None]
+
+
+class Backend(Protocol):
+    """The seventeen operations behind the seventeen tools, answering API.md's REST shapes."""
+
+    async def sandbox_create(self, template: str | None, limits: dict[str, Any] | None,
+                             env: dict[str, str] | None, metadata: dict[str, Any] | None,
+                             network: str | None) -> dict[str, Any]: ...
+    async def sandbox_list(self) -> dict[str, Any]: ...
+    async def sandbox_info(self, sandbox_id: str) -> dict[str, Any]: ...
+    async def sandbox_delete(self, sandbox_id: str) -> None: ...
+    async def code_execute(self, sandbox_id: str, code: str, language: str | None, session_id: str | None,
+                           timeout_s: float | None, env: dict[str, str] | None,
+                           on_event: EventSink | None) -> dict[str, Any]: ...
+    async def code_execute_async(self, sandbox_id: str, code: str, language: str | None,
+                                 session_id: str | None, timeout_s: float | None,
+                                 env: dict[str, str] | None) -> dict[str, Any]: ...
+    async def execution_status(self, execution_id: str) -> dict[str, Any]: ...
+    async def command_execute(self, sandbox_id: str, command: str, cwd: str | None, env: dict[str, str] | None,
+                              timeout_s: float | None, stdin: str | None) -> dict[str, Any]: ...
+    async def file_upload(self, sandbox_id: str, path: str, data: bytes) -> dict[str, Any]: ...
+    async def file_download(self, sandbox_id: str, path: str, max_bytes: int) -> bytes: ...
+    async def file_list(self, sandbox_id: str, path: str) -> dict[str, Any]: ...
+    async def file_delete(self, sandbox_id: str, path: str) -> None: ...
+    async def session_create(self, sandbox_id: str, type: str, language: str | None) -> dict[str, Any]: ...
+    async def session_execute(self, session_id: str, input: str, timeout_s: float | None,
+                              on_event: EventSink | None) -> dict[str, Any]: ...
+    async def session_close(self, session_id: str) -> None: ...
+    async def sandbox_logs(self, sandbox_id: str, lines: int) -> dict[str, Any]: ...
+    async def sandbox_metrics(self, sandbox_id: str) -> dict[str, Any]: ...
+
+
+def _too_large(path: str, size: int, max_bytes: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"{path} is {size} bytes; file_download answers at most {max_bytes} bytes over MCP. Read part of it "
+        "with command_execute (head, tail, split) or fetch it from the REST API.")
+
+
+class HubBackend:
+    """The tools run on an in-process :class:`~kernelhub.services.hub.Hub` as ``tenant``."""
+
+    def __init__(self, hub: Hub, tenant: Tenant) -> None:
+        self.hub = hub
+        self.tenant = tenant
+
+    async def sandbox_create(self, template: str | None, limits: dict[str, Any] | None,
+                             env: dict[str, str] | None, metadata: dict[str, Any] | None,
+                             network: str | None) -> dict[str, Any]:
+        record = await self.hub.create_sandbox(self.tenant, template, limits, env, metadata, network)
+        return record.to_dict()
+
+    async def sandbox_list(self) -> dict[str, Any]:
+        return {"sandboxes": [r.to_dict() for r in self.hub.list_sandboxes(self.tenant)]}
+
+    async def sandbox_info(self, sandbox_id: str) -> dict[str, Any]:
+        return self.hub.get_sandbox(self.tenant, sandbox_id).to_dict()
+
+    async def sandbox_delete(self, sandbox_id: str) -> None:
+        await self.hub.delete_sandbox(self.tenant, sandbox_id)
+
+    async def code_execute(self, sandbox_id: str, code: str, language: str | None, session_id: str | None,
+                           timeout_s: float | None, env: dict[str, str] | None,
+                           on_event: EventSink | None) -> dict[str, Any]:
+        ex = await self.hub.execute(self.tenant, sandbox_id, code, language=language, session_id=session_id,
+                                    timeout_s=timeout_s, env=env, listener=on_event, wait=True)
+        return ex.to_dict()
+
+    async def code_execute_async(self, sandbox_id: str, code: str, language: str | None,
+                                 session_id: str | None, timeout_s: float | None,
+                                 env: dict[str, str] | None) -> dict[str, Any]:
+        ex = await self.hub.execute(self.tenant, sandbox_id, code, language=language, session_id=session_id,
+                                    timeout_s=timeout_s, env=env, wait=False)
+        return {"id": ex.id, "status": ex.status}
+
+    async def execution_status(self, execution_id: str) -> dict[str, Any]:
+        return self.hub.get_execution(self.tenant, execution_id).to_dict()
+
+    async def command_execute(self, sandbox_id: str, command: str, cwd: str | None, env: dict[str, str] | None,
+                              timeout_s: float | None, stdin: str | None) -> dict[str, Any]:
+        return await self.hub.run_command(self.tenant, sandbox_id, command, cwd=cwd, env=env, timeout_s=timeout_s,
+                                          stdin=stdin)
+
+    async def file_upload(self, sandbox_id: str, path: str, data: bytes) -> dict[str, Any]:
+        writer = self.hub.open_upload(self.tenant, sandbox_id, path)
+        try:
+            # In a thread, as the REST route does: a write may block on the disk.
+            await asyncio.to_thread(writer.write, data)
+            size = await asyncio.to_thread(writer.finish)
+        except BaseException:
+            writer.abort()
+            raise
+        return {"path": writer.path, "size": size}
+
+    async def file_download(self, sandbox_id: str, path: str, max_bytes: int) -> bytes:
+        fd, size = self.hub.open_download(self.tenant, sandbox_id, path)
+        try:
+            if size > max_bytes:
+                raise _too_large(path, size, max_bytes)
+            return await asyncio.to_thread(_read_fd, fd, size)
+        finally:
+            os.close(fd)
+
+    async def file_list(self, sandbox_id: str, path: str) -> dict[str, Any]:
+        return {"entries": self.hub.list_files(self.tenant, sandbox_id, path)}
+
+    async def file_delete(self, sandbox_id: str, path: str) -> None:
+        self.hub.delete_file(self.tenant, sandbox_id, path)
+
+    async def session_create(self, sandbox_id: str, type: str, language: str | None) -> dict[str, Any]:
+        session = await self.hub.create_session(self.tenant, sandbox_id, type, language)
+        return session.to_dict()  # type: ignore[no-any-return]
+
+    async def session_execute(self, session_id: str, input: str, timeout_s: float | None,
+                              on_event: EventSink | None) -> dict[str, Any]:
+        result = await self.hub.session_execute(self.tenant, session_id, input, timeout_s=timeout_s,
+                                                listener=on_event)
+        if hasattr(result, "to_dict"):
+            return result.to_dict()  # type: ignore[no-any-return]
+        return result if isinstance(result, dict) else {"output": result}
+
+    async def session_close(self, session_id: str) -> None:
+        await self.hub.close_session(self.tenant, session_id)
+
+    async def sandbox_logs(self, sandbox_id: str, lines: int) -> dict[str, Any]:
+        return {"lines": self.hub.sandbox_logs(self.tenant, sandbox_id, lines)}
+
+    async def sandbox_metrics(self, sandbox_id: str) -> dict[str, Any]:
+        return self.hub.sandbox_metrics(self.tenant, sandbox_id)
+
+
+def _read_fd(fd: int, size: int) -> bytes:
+    chunks = []
+    remaining = size
+    while remaining > 0:
+        chunk = os.read(fd, min(remaining, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+class _NDJSONReader:
+    """Splits a streamed NDJSON body into events for ``on_event``; keeps the ``end`` event."""
+
+    def __init__(self, on_event: EventSink | None) -> None:
+        self.on_event = on_event
+        self.end: dict[str, Any] | None = None
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(event, dict) or "type" not in event:
+                continue  # an error answer's body; the caller raises it from the status
+            if event["type"] == "end":
+                self.end = event
+            elif self.on_event is not None:
+                self.on_event(event)
+
+
+class RemoteBackend:
+    """The tools run on a gateway over its REST API (``kernelhub mcp --url URL --token KEY``)."""
+
+    def __init__(self, api: AsyncApiClient) -> None:
+        self.api = api
+
+    async def _stream(self, call: _api.Call, on_event: EventSink | None) -> dict[str, Any]:
+        reader = _NDJSONReader(on_event)
+        await self.api.call(call, streaming_callback=reader.feed, headers={"Accept": "application/x-ndjson"})
+        reader.feed(b"\n")
+        end = reader.end
+        if end is None:
+            raise SandboxError("The gateway ended the stream without an end event.", status=502)
+        if end.get("execution") is None and "message" in end:
+            code = end.get("error") if isinstance(end.get("error"), str) else None
+            cls = error_class(code, 0)
+            raise cls(str(end["message"]), error=code or cls.error, status=cls.status, body=end)
+        if isinstance(end.get("execution"), dict):
+            return end["execution"]  # type: ignore[no-any-return]
+        output = end.get("output")
+        return output if isinstance(output, dict) else {"output": output}
+
+    async def sandbox_create(self, template: str | None, limits: dict[str, Any] | None,
+                             env: dict[str, str] | None, metadata: dict[str, Any] | None,
+                             network: str | None) -> dict[str, Any]:
+        return await self.api.call(_api.create_sandbox(template, limits, env, metadata, network))  # type: ignore[no-any-return]
+
+    async def sandbox_list(self) -> dict[str, Any]:
+        return await self.api.call(_api.list_sandboxes())  # type: ignore[no-any-return]
+
+    async def sandbox_info(self, sandbox_id: str) -> dict[str, Any]:
+        return await self.api.call(_api.get_sandbox(sandbox_id))  # type: ignore[no-any-return]
+
+    async def sandbox_delete(self, sandbox_id: str) -> None:
+        await self.api.call(_api.delete_sandbox(sandbox_id))
+
+    async def code_execute(self, sandbox_id: str, code: str, language: str | None, session_id: str | None,
+                           timeout_s: float | None, env: dict[str, str] | None,
+                           on_event: EventSink | None) -> dict[str, Any]:
+        call = _api.execute(sandbox_id, code, language=language, session_id=session_id, timeout_s=timeout_s,
+                            env=env)
+        return await self._stream(call, on_event)
+
+    async def code_execute_async(self, sandbox_id: str, code: str, language: str | None,
+                                 session_id: str | None, timeout_s: float | None,
+                                 env: dict[str, str] | None) -> dict[str, Any]:
+        call = _api.execute(sandbox_id, code, language=language, session_id=session_id, timeout_s=timeout_s,
+                            env=env, wait=False)
+        return await self.api.call(call)  # type: ignore[no-any-return]
+
+    async def execution_status(self, execution_id: str) -> dict[str, Any]:
+        return await self.api.call(_api.get_execution(execution_id))  # type: ignore[no-any-return]
+
+    async def command_execute(self, sandbox_id: str, command: str, cwd: str | None, env: dict[str, str] | None,
+                              timeout_s: float | None, stdin: str | None) -> dict[str, Any]:
+        call = _api.run_command(sandbox_id, command, cwd=cwd, env=env, timeout_s=timeout_s, stdin=stdin)
+        return await self.api.call(call)  # type: ignore[no-any-return]
+
+    async def file_upload(self, sandbox_id: str, path: str, data: bytes) -> dict[str, Any]:
+        return await self.api.call(_api.write_file(sandbox_id, path, data))  # type: ignore[no-any-return]
+
+    async def file_download(self, sandbox_id: str, path: str, max_bytes: int) -> bytes:
+        parent, _, name = path.strip("/").rpartition("/")
+        listing = await self.api.call(_api.list_files(sandbox_id, parent))
+        entry = next((e for e in listing.get("entries", []) if e.get("name") == name), None)
+        if entry is not None and isinstance(entry.get("size"), int) and entry["size"] > max_bytes:
+            raise _too_large(path, entry["size"], max_bytes)
+        data = await self.api.call(_api.read_file(sandbox_id, path))
+        if len(data) > max_bytes:
+            raise _too_large(path, len(data), max_bytes)
+        return data  # type: ignore[no-any-return]
+
+    async def file_list(self, sandbox_id: str, path: str) -> dict[str, Any]:
+        return await self.api.call(_api.list_files(sandbox_id, path))  # type: ignore[no-any-return]
+
+    async def file_delete(self, sandbox_id: str, path: str) -> None:
+        await self.api.call(_api.delete_file(sandbox_id, path))
+
+    async def session_create(self, sandbox_id: str, type: str, language: str | None) -> dict[str, Any]:
+        return await self.api.call(_api.create_session(sandbox_id, type, language))  # type: ignore[no-any-return]
+
+    async def session_execute(self, session_id: str, input: str, timeout_s: float | None,
+                              on_event: EventSink | None) -> dict[str, Any]:
+        return await self._stream(_api.session_execute(session_id, input, timeout_s), on_event)
+
+    async def session_close(self, session_id: str) -> None:
+        await self.api.call(_api.close_session(session_id))
+
+    async def sandbox_logs(self, sandbox_id: str, lines: int) -> dict[str, Any]:
+        return await self.api.call(_api.sandbox_logs(sandbox_id, lines))  # type: ignore[no-any-return]
+
+    async def sandbox_metrics(self, sandbox_id: str) -> dict[str, Any]:
+        return await self.api.call(_api.sandbox_metrics(sandbox_id))  # type: ignore[no-any-return]

@@ -1,0 +1,601 @@
+"""The seventeen MCP tools (API.md): names, JSON schemas, descriptions, and how answers become tool results.
+
+A tool is a :class:`ToolSpec`: its schema and description for ``tools/list`` and a coroutine that validates the
+arguments, calls one :class:`~kernelhub.mcp.backends.Backend` operation and shapes the REST-shaped answer into a
+:class:`ToolOutput` (structured content, readable text, images). :func:`call_tool` turns every
+:class:`~kernelhub.errors.KernelHubError` into a tool error carrying the gateway's message, so a failing tool
+never takes the server down.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ..errors import InvalidRequest, KernelHubError
+from .backends import Backend, EventSink
+
+log = logging.getLogger("kernelhub.mcp")
+
+#: Largest file file_download hands back over MCP (the content travels inside a JSON-RPC message).
+MAX_DOWNLOAD_BYTES = 16 * 1024 * 1024
+#: Largest decoded upload file_upload accepts over MCP.
+MAX_UPLOAD_BYTES = 64 * 1024 * 1024
+#: How much of stdout/stderr/text the readable text of a result shows; structured content has all of it.
+MAX_TEXT_CHARS = 40_000
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+@dataclasses.dataclass
+class ToolOutput:
+    """A tool's answer: ``structured`` (the REST shape), ``text`` for people and models, ``images`` as
+    ``(mime type, base64)``, and ``is_error``."""
+
+    structured: dict[str, Any]
+    text: str
+    images: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    is_error: bool = False
+
+
+Progress = EventSink
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolSpec:
+    """One tool: what ``tools/list`` shows and the coroutine ``tools/call`` runs."""
+
+    name: str
+    title: str
+    description: str
+    schema: dict[str, Any]
+    run: Callable[[Backend, dict[str, Any], Progress | None], Awaitable[ToolOutput]]
+    read_only: bool = False
+    destructive: bool = False
+    idempotent: bool = False
+    streams: bool = False
+
+    def annotations(self) -> dict[str, Any]:
+        return {"title": self.title, "readOnlyHint": self.read_only, "destructiveHint": self.destructive,
+                "idempotentHint": self.idempotent, "openWorldHint": False}
+
+
+# -- schemas ----------------------------------------------------------------------------------------------
+
+SANDBOX_ID = {"type": "string", "minLength": 1,
+              "description": "The sandbox's id (starts with 'sb'), as sandbox_create or sandbox_list answered it."}
+SESSION_ID = {"type": "string", "minLength": 1,
+              "description": "A session's id (starts with 'se'), as session_create or sandbox_info answered it."}
+ENV = {"type": "object", "additionalProperties": {"type": "string"},
+       "description": "Environment variables to set, as {NAME: value}."}
+TIMEOUT = {"type": "number", "exclusiveMinimum": 0, "maximum": 3600,
+           "description": "Seconds before it is stopped (status 'timeout'); default and maximum are the sandbox's "
+                          "execution_timeout_s (300 unless the sandbox was created with another)."}
+PATH = {"type": "string", "minLength": 1, "description": "A path relative to /workspace, e.g. 'data/input.csv'. "
+        "Absolute paths and '..' are refused."}
+LANGUAGE = {"type": "string", "enum": ["python", "node", "javascript", "typescript", "bash"],
+            "description": "Language of the code. Omitted: the sandbox's first kernel (its template's language). "
+                           "Another language starts a kernel of it in the same sandbox on first use."}
+LIMITS = {
+    "type": "object",
+    "description": "Resource limits for this sandbox; each may lower the gateway's default or raise it up to "
+                   "the configured maximum. Omitted limits take the defaults.",
+    "properties": {
+        "memory_mb": {"type": "integer", "minimum": 1, "description": "Memory in MiB (default 512)."},
+        "cpu": {"type": "number", "exclusiveMinimum": 0, "description": "CPU cores (default 1.0)."},
+        "pids": {"type": "integer", "minimum": 1, "description": "Processes and threads (default 128)."},
+        "disk_mb": {"type": "integer", "minimum": 1, "description": "Workspace quota in MiB (default 1024)."},
+        "files": {"type": "integer", "minimum": 1, "description": "Files in the workspace (default 10000)."},
+        "max_file_mb": {"type": "integer", "minimum": 1, "description": "Largest file in MiB (default 100)."},
+        "execution_timeout_s": {"type": "number", "exclusiveMinimum": 0,
+                                "description": "Longest execution or command, seconds (default 300, max 3600)."},
+        "idle_timeout_s": {"type": "number", "exclusiveMinimum": 0,
+                           "description": "Stopped after this long without API activity (default 300)."},
+        "max_lifetime_s": {"type": "number", "exclusiveMinimum": 0,
+                           "description": "Stopped after this long whatever happens (default 86400)."},
+        "output_mb": {"type": "number", "exclusiveMinimum": 0,
+                      "description": "Output kept per execution in MiB (default 10); more is truncated."},
+    },
+    "additionalProperties": False,
+}
+
+
+def _schema(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": list(required), "additionalProperties": False}
+
+
+# -- argument checks ----------------------------------------------------------------------------------------
+
+_JSON_TYPES: dict[str, Callable[[Any], bool]] = {
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+}
+
+
+def check_arguments(spec: ToolSpec, arguments: dict[str, Any] | None) -> dict[str, Any]:
+    """The arguments checked against the tool's schema (top-level names, types, enums, required); nested
+    values (limits, env) are judged by the service, which says precisely what is wrong."""
+    args = dict(arguments or {})
+    props: dict[str, Any] = spec.schema["properties"]
+    for name in args:
+        if name not in props:
+            raise InvalidRequest(f"{spec.name} has no argument {name!r}; it takes {', '.join(props) or 'none'}.")
+    for name in spec.schema.get("required", []):
+        if args.get(name) is None:
+            raise InvalidRequest(f"{spec.name} needs the argument {name!r}.")
+    for name, value in list(args.items()):
+        if value is None:
+            del args[name]
+            continue
+        prop = props[name]
+        kind = prop.get("type")
+        if kind and not _JSON_TYPES[kind](value):
+            raise InvalidRequest(f"{name} must be a{'n' if kind[0] in 'aeiou' else ''} {kind}.")
+        if "enum" in prop and value not in prop["enum"]:
+            raise InvalidRequest(f"{name} must be one of {', '.join(map(str, prop['enum']))}.")
+        if kind == "string" and prop.get("minLength") and not value:
+            raise InvalidRequest(f"{name} must not be empty.")
+    return args
+
+
+# -- readable text ------------------------------------------------------------------------------------------
+
+def _clip(text: str, limit: int = MAX_TEXT_CHARS) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n… ({len(text) - limit} more characters in the structured result)"
+
+
+def _json(data: Any) -> str:
+    return _clip(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def _plain(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def execution_text(ex: dict[str, Any]) -> str:
+    """An execution as a model reads it best: status, then outputs, then the error."""
+    status = ex.get("status")
+    head = f"Execution {ex.get('id')} in sandbox {ex.get('sandbox_id')}: {status}"
+    if ex.get("reason"):
+        head += f" (reason: {ex['reason']})"
+    if ex.get("duration_ms") is not None:
+        head += f", {ex['duration_ms']} ms"
+    parts = [head]
+    if status in ("queued", "running"):
+        parts.append("Still running: call execution_status with this execution_id to read it again.")
+    if ex.get("stdout"):
+        parts.append("stdout:\n" + _clip(ex["stdout"].rstrip("\n")))
+    if ex.get("stderr"):
+        parts.append("stderr:\n" + _clip(_plain(ex["stderr"]).rstrip("\n")))
+    for result in ex.get("results") or []:
+        data = result.get("data") or {}
+        label = "result" if result.get("is_main_result") else "display"
+        images = [m for m in data if m in IMAGE_TYPES]
+        if images:
+            caption = f" ({data['text/plain']})" if "text/plain" in data else ""
+            parts.append(f"{label}: {', '.join(images)} image, attached{_clip(caption, 200)}")
+        elif "text/markdown" in data:
+            parts.append(f"{label} (markdown):\n" + _clip(str(data["text/markdown"])))
+        elif "text/plain" in data:
+            parts.append(f"{label}:\n" + _clip(str(data["text/plain"])))
+        elif "text/html" in data:
+            parts.append(f"{label} (html):\n" + _clip(str(data["text/html"]), 4000))
+        elif data:
+            parts.append(f"{label}: {', '.join(data)} (in the structured result)")
+    error = ex.get("error")
+    if error:
+        trace = _plain("\n".join(error.get("traceback") or [])) or f"{error.get('name')}: {error.get('value')}"
+        parts.append(f"error: {error.get('name')}: {error.get('value')}\n" + _clip(trace, 8000))
+    if ex.get("truncated"):
+        parts.append("Output was truncated at the sandbox's output_mb limit.")
+    return "\n\n".join(parts)
+
+
+def execution_images(ex: dict[str, Any]) -> list[tuple[str, str]]:
+    images = []
+    for result in ex.get("results") or []:
+        for mime, value in (result.get("data") or {}).items():
+            if mime in IMAGE_TYPES and isinstance(value, str):
+                images.append((mime, value.replace("\n", "")))
+    return images
+
+
+#: Execution statuses a running tool reports as a tool error (the structured result still has everything).
+FAILED = ("error", "timeout", "killed")
+
+
+def _execution_output(ex: dict[str, Any], *, failures_are_errors: bool = True) -> ToolOutput:
+    """An execution as a tool result. The code raising, a timeout or a kill is a tool error (``isError``) for
+    the tools that ran it, so a model sees at once that it has something to correct."""
+    if "output" in ex and "status" not in ex:  # a terminal session's answer
+        return ToolOutput(ex, "Terminal output:\n" + _clip(_plain(str(ex.get("output") or ""))))
+    failed = failures_are_errors and ex.get("status") in FAILED
+    return ToolOutput(ex, execution_text(ex), execution_images(ex), is_error=failed)
+
+
+def _sandbox_text(sb: dict[str, Any]) -> str:
+    sessions = ", ".join(f"{s.get('id')} ({s.get('type')}{'/' + s['language'] if s.get('language') else ''}, "
+                         f"{s.get('state')})" for s in sb.get("sessions") or []) or "none"
+    text = (f"Sandbox {sb.get('id')}: template {sb.get('template')}, state {sb.get('state')}"
+            f"{' (reason: ' + sb['reason'] + ')' if sb.get('reason') else ''}, expires {sb.get('expires_at')}.\n"
+            f"Sessions: {sessions}.")
+    return text + "\n\n" + _json(sb)
+
+
+# -- the tools ----------------------------------------------------------------------------------------------
+
+async def _sandbox_create(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    sb = await b.sandbox_create(a.get("template"), a.get("limits"), a.get("env"), a.get("metadata"),
+                                a.get("network"))
+    text = (f"Created sandbox {sb.get('id')} (template {sb.get('template')}, {sb.get('state')}). Run code in it "
+            f"with code_execute(sandbox_id={sb.get('id')!r}, code=...); delete it with sandbox_delete when done.\n\n"
+            + _json(sb))
+    return ToolOutput(sb, text)
+
+
+async def _sandbox_list(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    answer = await b.sandbox_list()
+    rows = [f"- {s.get('id')}: {s.get('template')}, {s.get('state')}, created {s.get('created_at')}"
+            for s in answer.get("sandboxes", [])]
+    text = (f"{len(rows)} sandbox(es):\n" + "\n".join(rows)) if rows else "No sandboxes."
+    return ToolOutput(answer, text)
+
+
+async def _sandbox_info(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    sb = await b.sandbox_info(a["sandbox_id"])
+    return ToolOutput(sb, _sandbox_text(sb))
+
+
+async def _sandbox_delete(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    await b.sandbox_delete(a["sandbox_id"])
+    return ToolOutput({"sandbox_id": a["sandbox_id"], "deleted": True},
+                      f"Deleted sandbox {a['sandbox_id']}: its processes, kernels and workspace are gone.")
+
+
+async def _code_execute(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    ex = await b.code_execute(a["sandbox_id"], a["code"], a.get("language"), a.get("session_id"),
+                              a.get("timeout_s"), a.get("env"), p)
+    return _execution_output(ex)
+
+
+async def _code_execute_async(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    answer = await b.code_execute_async(a["sandbox_id"], a["code"], a.get("language"), a.get("session_id"),
+                                        a.get("timeout_s"), a.get("env"))
+    return ToolOutput(answer, f"Started execution {answer.get('id')} ({answer.get('status')}). Read its "
+                              f"progress and outputs with execution_status(execution_id={answer.get('id')!r}).")
+
+
+async def _execution_status(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    # Reading a status succeeded even when the run failed: not a tool error.
+    return _execution_output(await b.execution_status(a["execution_id"]), failures_are_errors=False)
+
+
+async def _command_execute(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    r = await b.command_execute(a["sandbox_id"], a["command"], a.get("cwd"), a.get("env"), a.get("timeout_s"),
+                                a.get("stdin"))
+    head = f"exit code {r.get('exit_code')}"
+    # A non-zero exit is an ordinary answer (grep finding nothing); a limit ending the command is a failure.
+    stopped = bool(r.get("reason")) and r.get("reason") != "output_truncated"
+    if r.get("reason"):
+        head += f" (reason: {r['reason']})"
+    if r.get("duration_ms") is not None:
+        head += f", {r['duration_ms']} ms"
+    parts = [head]
+    if r.get("stdout"):
+        parts.append("stdout:\n" + _clip(r["stdout"].rstrip("\n")))
+    if r.get("stderr"):
+        parts.append("stderr:\n" + _clip(r["stderr"].rstrip("\n")))
+    return ToolOutput(r, "\n\n".join(parts), is_error=stopped)
+
+
+async def _file_upload(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    has_text, has_b64 = "content" in a, "content_base64" in a
+    if has_text == has_b64:
+        raise InvalidRequest("Give exactly one of content (text) or content_base64 (binary).")
+    if has_text:
+        data = a["content"].encode()
+    else:
+        try:
+            data = base64.b64decode(a["content_base64"], validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidRequest("content_base64 is not valid base64.") from None
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise InvalidRequest(f"file_upload takes at most {MAX_UPLOAD_BYTES} bytes over MCP.")
+    answer = await b.file_upload(a["sandbox_id"], a["path"], data)
+    return ToolOutput(answer, f"Wrote {answer.get('size')} bytes to /workspace/{answer.get('path')}.")
+
+
+_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"))
+
+
+async def _file_download(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    path, fmt = a["path"], a.get("format", "auto")
+    data = await b.file_download(a["sandbox_id"], path, MAX_DOWNLOAD_BYTES)
+    text: str | None = None
+    if fmt != "base64":
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            if fmt == "text":
+                raise InvalidRequest(f"{path} is not UTF-8 text; ask for format 'base64'.") from None
+    out: dict[str, Any] = {"path": path, "size": len(data)}
+    images: list[tuple[str, str]] = []
+    if text is not None:
+        out["content"] = text
+        return ToolOutput(out, f"{path} ({len(data)} bytes):\n" + _clip(text))
+    encoded = base64.b64encode(data).decode()
+    out["content_base64"] = encoded
+    mime = next((m for magic, m in _IMAGE_MAGIC if data.startswith(magic)), None)
+    if mime:
+        images.append((mime, encoded))
+    note = f"; it is a {mime} image (attached)" if mime else ""
+    return ToolOutput(out, f"{path} is binary ({len(data)} bytes){note}; content_base64 in the structured result "
+                           "holds it.", images)
+
+
+async def _file_list(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    path = a.get("path", "")
+    answer = await b.file_list(a["sandbox_id"], path)
+    rows = [f"- {e.get('path')}{'/' if e.get('type') == 'dir' else ''} ({e.get('type')}, {e.get('size')} bytes)"
+            for e in answer.get("entries", [])]
+    where = f"/workspace/{path.strip('/')}".rstrip("/")
+    return ToolOutput(answer, f"{where}: " + (f"{len(rows)} entries\n" + "\n".join(rows) if rows else "empty"))
+
+
+async def _file_delete(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    await b.file_delete(a["sandbox_id"], a["path"])
+    return ToolOutput({"path": a["path"], "deleted": True}, f"Deleted /workspace/{a['path'].strip('/')}.")
+
+
+async def _session_create(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    s = await b.session_create(a["sandbox_id"], a.get("type", "jupyter"), a.get("language"))
+    use = ("session_execute(session_id=..., input='<code>')" if s.get("type") == "jupyter"
+           else "session_execute(session_id=..., input='<keystrokes, e.g. ls\\n>')")
+    return ToolOutput(s, f"Started {s.get('type')} session {s.get('id')}"
+                         f"{' (' + s['language'] + ')' if s.get('language') else ''} in sandbox "
+                         f"{s.get('sandbox_id')}. Use {use}.\n\n" + _json(s))
+
+
+async def _session_execute(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    answer = await b.session_execute(a["session_id"], a["input"], a.get("timeout_s"), p)
+    return _execution_output(answer)
+
+
+async def _session_close(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    await b.session_close(a["session_id"])
+    return ToolOutput({"session_id": a["session_id"], "closed": True}, f"Closed session {a['session_id']}.")
+
+
+async def _sandbox_logs(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    answer = await b.sandbox_logs(a["sandbox_id"], a.get("lines", 100))
+    lines = answer.get("lines", [])
+    return ToolOutput(answer, _clip("\n".join(lines)) if lines else "The log is empty.")
+
+
+async def _sandbox_metrics(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    m = await b.sandbox_metrics(a["sandbox_id"])
+    mib = 1024 * 1024
+
+    def part(used: str, limit: str, scale: int = 1, unit: str = "") -> str:
+        u, lim = m.get(used), m.get(limit)
+        if not isinstance(u, (int, float)):
+            return "?"
+        text = f"{u / scale:.1f}{unit}" if scale > 1 else f"{u}{unit}"
+        if isinstance(lim, (int, float)) and lim:
+            text += f" of {lim / scale:.0f}{unit}" if scale > 1 else f" of {lim}{unit}"
+        return text
+
+    text = (f"cpu {m.get('cpu_seconds')} s ({m.get('cpu_percent')}%), "
+            f"memory {part('memory_bytes', 'memory_limit_bytes', mib, ' MiB')} "
+            f"(peak {(m.get('memory_peak_bytes') or 0) / mib:.1f} MiB), pids {part('pids', 'pids_limit')}, "
+            f"disk {part('disk_bytes', 'disk_limit_bytes', mib, ' MiB')}, oom kills {m.get('oom_kills')}.")
+    return ToolOutput(m, text)
+
+
+_CODE_ARGS = {
+    "sandbox_id": SANDBOX_ID,
+    "code": {"type": "string", "description": "The code to run, as in a notebook cell: the value of the last "
+                                              "expression is returned as the result."},
+    "language": LANGUAGE,
+    "session_id": {**SESSION_ID, "description": "Run in this jupyter session (to keep a separate kernel's "
+                                                "state); omitted: the sandbox's kernel for the language."},
+    "timeout_s": TIMEOUT,
+    "env": {**ENV, "description": "Environment variables set in the kernel before this code runs."},
+}
+
+TOOLS: list[ToolSpec] = [
+    ToolSpec(
+        "sandbox_create", "Create a sandbox",
+        "Create an isolated sandbox (its own processes, network namespace without internet access, memory/cpu "
+        "limits and a persistent /workspace) with one running kernel. Use this first, before running any code; "
+        "reuse the same sandbox for related steps, as variables, files and installed state persist in it. "
+        "Templates: 'python' (numpy, pandas, matplotlib), 'node' (JavaScript/TypeScript), 'bash'. Returns the "
+        "sandbox: {id, template, state, created_at, expires_at, limits, sessions, metadata}. Delete it with "
+        "sandbox_delete when done.",
+        _schema({
+            "template": {"type": "string", "default": "python",
+                         "description": "Template name: python (default), node or bash, or one the gateway "
+                                        "configures."},
+            "limits": LIMITS,
+            "env": {**ENV, "description": "Environment variables for everything that runs in the sandbox."},
+            "metadata": {"type": "object", "description": "Free-form labels kept with the sandbox (max 16 KiB)."},
+            "network": {"type": "string", "enum": ["none"],
+                        "description": "Network mode; only 'none' (loopback only) is offered."},
+        }),
+        _sandbox_create),
+    ToolSpec(
+        "sandbox_list", "List sandboxes",
+        "List the sandboxes of this account, with their state (running, stopped with a reason such as idle or "
+        "oom). Use it to find a sandbox created earlier instead of making a new one. Returns {sandboxes: "
+        "[sandbox…]}.",
+        _schema({}), _sandbox_list, read_only=True, idempotent=True),
+    ToolSpec(
+        "sandbox_info", "Describe a sandbox",
+        "Describe one sandbox: its state (and the reason it stopped, if it did), limits, expiry and sessions "
+        "(kernels and terminals with their ids). Returns the sandbox object.",
+        _schema({"sandbox_id": SANDBOX_ID}, ("sandbox_id",)), _sandbox_info, read_only=True, idempotent=True),
+    ToolSpec(
+        "sandbox_delete", "Delete a sandbox",
+        "Delete a sandbox: stops every kernel, command and terminal in it and removes its /workspace for good. "
+        "Use it when the work is finished. Returns {sandbox_id, deleted: true}.",
+        _schema({"sandbox_id": SANDBOX_ID}, ("sandbox_id",)), _sandbox_delete, destructive=True,
+        idempotent=True),
+    ToolSpec(
+        "code_execute", "Run code",
+        "Run code in a sandbox's kernel and wait until it ends. State persists between calls (variables, "
+        "imports, files), like notebook cells. Use it for computation, data analysis and plots (matplotlib "
+        "figures come back as images). Long runs report progress (stdout as it is printed). Returns the "
+        "execution: {id, status: ok|error|timeout|killed, stdout, stderr, results: [{is_main_result, data: "
+        "{mime: value}}], error: {name, value, traceback} | null, reason, duration_ms}; when the code raises, "
+        "times out or is killed the result is flagged as an error and still carries all of this. For runs "
+        "longer than a few minutes use code_execute_async.",
+        _schema(_CODE_ARGS, ("sandbox_id", "code")), _code_execute, streams=True),
+    ToolSpec(
+        "code_execute_async", "Start code without waiting",
+        "Start code in a sandbox's kernel and return at once, without waiting for it to end. Use it for long "
+        "jobs (training, downloads within the sandbox, big computations); poll execution_status with the "
+        "returned id to read its output so far and whether it ended. Returns {id, status}.",
+        _schema(_CODE_ARGS, ("sandbox_id", "code")), _code_execute_async),
+    ToolSpec(
+        "execution_status", "Read an execution",
+        "Read an execution by id, running or ended: its status, stdout and stderr so far, results and error. "
+        "Use it to follow code_execute_async runs. Returns the execution object, as code_execute does.",
+        _schema({"execution_id": {"type": "string", "minLength": 1,
+                                  "description": "The execution's id (starts with 'ex')."}}, ("execution_id",)),
+        _execution_status, read_only=True, idempotent=True),
+    ToolSpec(
+        "command_execute", "Run a shell command",
+        "Run a bash command line in the sandbox (in /workspace unless cwd says otherwise) and wait until it "
+        "exits. Use it for shell work: listing or moving files, running scripts and CLIs, inspecting the "
+        "system. Returns {exit_code, stdout, stderr, duration_ms, reason?} (reason is 'timeout' or "
+        "'output_truncated' when a limit ended it).",
+        _schema({
+            "sandbox_id": SANDBOX_ID,
+            "command": {"type": "string", "description": "A bash command line, e.g. 'ls -la && wc -l *.csv'."},
+            "cwd": {"type": "string", "description": "Working directory, default /workspace."},
+            "env": ENV,
+            "timeout_s": TIMEOUT,
+            "stdin": {"type": "string", "description": "Text fed to the command's standard input."},
+        }, ("sandbox_id", "command")), _command_execute),
+    ToolSpec(
+        "file_upload", "Write a file",
+        "Write a file into the sandbox's /workspace (parent directories are made; an existing file is "
+        "replaced). Give text as content, or binary data as content_base64. Use it to provide data or "
+        "scripts to the code. Returns {path, size}.",
+        _schema({
+            "sandbox_id": SANDBOX_ID,
+            "path": PATH,
+            "content": {"type": "string", "description": "The file's text (written as UTF-8)."},
+            "content_base64": {"type": "string", "description": "The file's bytes, base64-encoded (for binary "
+                                                                "files such as images)."},
+        }, ("sandbox_id", "path")), _file_upload, idempotent=True),
+    ToolSpec(
+        "file_download", "Read a file",
+        "Read a file from the sandbox's /workspace, e.g. a result the code wrote. Returns {path, size, content} "
+        "for UTF-8 text, or {path, size, content_base64} for binary files (images also come back as image "
+        f"content). At most {MAX_DOWNLOAD_BYTES // (1024 * 1024)} MiB.",
+        _schema({
+            "sandbox_id": SANDBOX_ID,
+            "path": PATH,
+            "format": {"type": "string", "enum": ["auto", "text", "base64"], "default": "auto",
+                       "description": "auto (text if the file is UTF-8, else base64), text, or base64."},
+        }, ("sandbox_id", "path")), _file_download, read_only=True, idempotent=True),
+    ToolSpec(
+        "file_list", "List a directory",
+        "List a directory of the sandbox's /workspace (the workspace itself when path is empty). Returns "
+        "{entries: [{name, path, type: file|dir|symlink, size, modified}]}.",
+        _schema({"sandbox_id": SANDBOX_ID,
+                 "path": {"type": "string", "default": "",
+                          "description": "Directory relative to /workspace; empty for the workspace itself."}},
+                ("sandbox_id",)),
+        _file_list, read_only=True, idempotent=True),
+    ToolSpec(
+        "file_delete", "Delete a file",
+        "Delete a file or a directory (with its contents) from the sandbox's /workspace. Returns {path, "
+        "deleted: true}.",
+        _schema({"sandbox_id": SANDBOX_ID, "path": PATH}, ("sandbox_id", "path")), _file_delete,
+        destructive=True, idempotent=True),
+    ToolSpec(
+        "session_create", "Start a kernel or terminal",
+        "Start another long-lived session in a sandbox: a jupyter kernel (language python, node, typescript or "
+        "bash) with state of its own, or a terminal (a bash shell on a PTY, for interactive programs). "
+        "Returns the session {id, sandbox_id, type, language?, state}; use its id with session_execute.",
+        _schema({
+            "sandbox_id": SANDBOX_ID,
+            "type": {"type": "string", "enum": ["jupyter", "terminal"], "default": "jupyter",
+                     "description": "jupyter (a kernel) or terminal (a shell)."},
+            "language": {"type": "string", "enum": ["python", "node", "typescript", "bash"],
+                         "description": "For jupyter sessions: the kernel's language (default: the template's)."},
+        }, ("sandbox_id",)), _session_create),
+    ToolSpec(
+        "session_execute", "Run in a session",
+        "Send input to a session: code for a jupyter session (answers an execution, as code_execute does, "
+        "with progress while it runs) or keystrokes for a terminal (end commands with a newline; answers "
+        "{output}, what the terminal printed within timeout_s, default 1 s).",
+        _schema({
+            "session_id": SESSION_ID,
+            "input": {"type": "string", "description": "Code (jupyter) or keystrokes (terminal)."},
+            "timeout_s": TIMEOUT,
+        }, ("session_id", "input")), _session_execute, streams=True),
+    ToolSpec(
+        "session_close", "Close a session",
+        "Close a session: stops its kernel or terminal (the sandbox and its files stay). Returns {session_id, "
+        "closed: true}.",
+        _schema({"session_id": SESSION_ID}, ("session_id",)), _session_close, destructive=True,
+        idempotent=True),
+    ToolSpec(
+        "sandbox_logs", "Read a sandbox's log",
+        "Read the last lines of a sandbox's log (kernel stderr and launcher messages). Use it when a kernel "
+        "died or a sandbox stopped unexpectedly. Returns {lines: [str]}.",
+        _schema({"sandbox_id": SANDBOX_ID,
+                 "lines": {"type": "integer", "minimum": 0, "maximum": 10000, "default": 100,
+                           "description": "How many of the last lines (default 100)."}}, ("sandbox_id",)),
+        _sandbox_logs, read_only=True, idempotent=True),
+    ToolSpec(
+        "sandbox_metrics", "Read a sandbox's usage",
+        "Read a sandbox's resource usage against its limits: CPU, memory (and peak), processes, disk and OOM "
+        "kills. Use it to see why code is slow or was killed. Returns {cpu_seconds, cpu_percent, memory_bytes, "
+        "memory_peak_bytes, memory_limit_bytes, pids, pids_limit, disk_bytes, disk_limit_bytes, oom_kills}.",
+        _schema({"sandbox_id": SANDBOX_ID}, ("sandbox_id",)), _sandbox_metrics, read_only=True,
+        idempotent=True),
+]
+
+TOOLS_BY_NAME = {tool.name: tool for tool in TOOLS}
+
+
+def error_output(exc: KernelHubError) -> ToolOutput:
+    return ToolOutput({"error": exc.error, "message": exc.message}, f"{exc.error}: {exc.message}", is_error=True)
+
+
+async def call_tool(backend: Backend, name: str, arguments: dict[str, Any] | None,
+                    progress: Progress | None = None) -> ToolOutput:
+    """Run one tool; every failure is a tool error with the gateway's message, never an exception."""
+    spec = TOOLS_BY_NAME.get(name)
+    if spec is None:
+        return error_output(InvalidRequest(f"No tool {name!r}; the tools are {', '.join(TOOLS_BY_NAME)}."))
+    log.debug("tool %s called", name)
+    try:
+        args = check_arguments(spec, arguments)
+        out = await spec.run(backend, args, progress if spec.streams else None)
+        log.debug("tool %s answered%s", name, " an error" if out.is_error else "")
+        return out
+    except KernelHubError as exc:
+        log.debug("tool %s failed: %s", name, exc.message)
+        return error_output(exc)
+    except Exception:
+        log.exception("tool %s failed", name)
+        return error_output(KernelHubError("The tool hit an internal error; the sandbox and its data are "
+                                           "unaffected. The server's log has the details."))
