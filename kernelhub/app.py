@@ -64,7 +64,19 @@ class KernelHubApp(Application):
 
     name = "kernelhub"
     version = __version__
-    description = "A self-hosted, secure code-execution service built on Jupyter kernels."
+    description = (
+        "Start the kernelhub gateway: the REST API (/v1), its NDJSON and websocket streams, the Jupyter API "
+        "(/api, a drop-in for the Jupyter Kernel Gateway) and MCP over streamable HTTP (/mcp). Every sandbox "
+        "runs in bubblewrap namespaces under a cgroup and a host uid of its own; run as root for that. Every "
+        "option can also come from a config file (--config) or a KERNELHUB_* variable (named in --help-all)."
+    )
+    examples = """
+kernelhub serve                                   # 127.0.0.1:8888, prints a generated token
+kernelhub serve --ip 0.0.0.0 --port 9000 --token KEY
+kernelhub serve --api-keys keys.json              # {"<key>": "<tenant name>", ...}
+kernelhub serve --Hub.default_limits='{"memory_mb": 1024}' --Hub.max_sandboxes_per_tenant=50
+KERNELHUB_TOKEN=KEY KERNELHUB_STATE_DIR=/srv/kernelhub kernelhub serve
+"""
 
     aliases = {
         "ip": "KernelHubApp.ip",
