@@ -87,7 +87,9 @@ class SandboxRecord:
 
     @property
     def running_anything(self) -> bool:
-        return self.busy > 0 or any(getattr(s, "busy", False) for s in self.sessions.values())
+        # A kernel busy with code a Jupyter client sent straight over its websocket counts as running too.
+        return self.busy > 0 or any(getattr(s, "busy", False) or getattr(s, "execution_state", None) == "busy"
+                                    for s in self.sessions.values())
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -579,13 +581,20 @@ class Hub(LoggingConfigurable):
                 return language
         raise NotFound(f"No kernelspec {str(name)[:64]!r}.")
 
-    async def start_kernel(self, tenant: Tenant, kernel_name: Any) -> tuple[SandboxRecord, JupyterSession]:
-        """``POST /api/kernels``: a new sandbox whose first session runs that kernelspec."""
+    async def start_kernel(self, tenant: Tenant, kernel_name: Any,
+                           env: Any = None) -> tuple[SandboxRecord, JupyterSession]:
+        """``POST /api/kernels``: a new sandbox whose first session runs that kernelspec. Of ``env``, only
+        ``KERNEL_*`` variables reach the kernel, as with the Jupyter Kernel Gateway (Jupyter Server in gateway
+        mode sends its own environment's ``KERNEL_*`` variables, e.g. ``KERNEL_USERNAME``)."""
+        if env is not None and not isinstance(env, dict):
+            raise InvalidRequest("env must be a JSON object of strings.")
+        kernel_env = _check_env({k: v for k, v in (env or {}).items()
+                                 if isinstance(k, str) and k.startswith("KERNEL_")})
         language = self.template_for_kernelspec(kernel_name or "kernelhub-python")
         template = language if language in self.templates else "python"
         if language == "typescript":
             template = "node"
-        record = await self.create_sandbox(tenant, template, kernel_language=language)
+        record = await self.create_sandbox(tenant, template, env=kernel_env, kernel_language=language)
         record.jupyter_api = True
         session = next(iter(record.sessions.values()))
         return record, session
@@ -605,3 +614,24 @@ class Hub(LoggingConfigurable):
                 record.touch()
                 return record, session
         raise NotFound(f"No kernel {str(kernel_id)[:64]!r}.")
+
+    async def interrupt_kernel(self, tenant: Tenant, kernel_id: Any) -> None:
+        """``POST /api/kernels/{id}/interrupt``: SIGINT to the kernel; it keeps its state."""
+        _, session = self.get_kernel(tenant, kernel_id)
+        await session.interrupt()
+
+    async def restart_kernel(self, tenant: Tenant, kernel_id: Any) -> tuple[SandboxRecord, JupyterSession]:
+        """``POST /api/kernels/{id}/restart``: a fresh kernel process in the same sandbox, same id and sockets."""
+        record, session = self.get_kernel(tenant, kernel_id)
+        record.busy += 1
+        try:
+            await session.restart()
+        finally:
+            record.busy -= 1
+            record.touch()
+        return record, session
+
+    async def shutdown_kernel(self, tenant: Tenant, kernel_id: Any) -> None:
+        """``DELETE /api/kernels/{id}``: the kernel's sandbox goes with it (one sandbox per kernel)."""
+        record, _ = self.get_kernel(tenant, kernel_id)
+        await self.delete_sandbox(tenant, record.id)
