@@ -27,6 +27,15 @@ TOKEN = "test-token-alice-0123456789"
 OTHER_TOKEN = "test-token-bob-9876543210"
 
 
+def _die_with_parent() -> None:
+    """In the gateway's child before exec: SIGTERM it when the test process dies (a killed pytest run must not
+    leave a gateway, with its sandboxes, behind). SIGTERM lets it stop its sandboxes cleanly."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,7 +66,8 @@ class Gateway:
                 "--api-keys", keys, "--state-dir", self.state_dir, *(extra_args or [])]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
+                                     env={**os.environ, **(env or {})}, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
