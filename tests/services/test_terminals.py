@@ -281,6 +281,9 @@ def test_websocket_terminal(runner: asyncio.Runner, terminal: TerminalSession) -
             other.write_message(json.dumps(["stdin", "stty size\r"]))
             await _stdout_until(conn, "20 90")
             other.close()
+            # Finish the closing handshake, so that the client's socket is closed too, not left to the GC.
+            while await _read(other) is not None:
+                pass
             assert await until(lambda: len(terminal.terminal.clients) == 1)  # type: ignore[union-attr]
             assert terminal.terminal.ptyproc.getwinsize() == (30, 90)  # type: ignore[union-attr]
 
