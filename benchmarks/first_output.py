@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import queue
 import statistics
 import sys
 import time
@@ -50,12 +51,13 @@ async def plain_once() -> float:
     kc = km.client()
     kc.start_channels()
     try:
-        # Like the gateway: the first kernel_info_reply is when the kernel is usable (KERNELS.md).
+        # Like the gateway: usable at the first kernel_info_reply once iopub has joined (KERNELS.md).
         while True:
             try:
                 await kc.kernel_info(reply=True, timeout=0.5)
+                await kc.get_iopub_msg(timeout=0.2)
                 break
-            except TimeoutError:
+            except (TimeoutError, queue.Empty):
                 continue
         kc.execute("print(1)")
         while True:

@@ -103,6 +103,7 @@ class JupyterSession:
         self._shell_waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._readers: list[asyncio.Task[None]] = []
         self.restarts = 0
+        self._iopub_seen = asyncio.Event()
 
     @property
     def kernel_id(self) -> str | None:
@@ -142,13 +143,20 @@ class JupyterSession:
         ]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        self._iopub_seen = asyncio.Event()
         while True:
             msg_id = self.kc.kernel_info()
             fut = loop.create_future()
             self._shell_waiters[msg_id] = fut
             try:
                 await asyncio.wait_for(fut, 0.5)
-                return
+                # The reply came on shell; iopub is a separate subscription that may join later (ZeroMQ's slow
+                # joiner), and output published before it joins is lost. The kernel publishes a status for
+                # every request, so once one has arrived, iopub is live.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._iopub_seen.wait(), 0.2)
+                if self._iopub_seen.is_set():
+                    return
             except TimeoutError:
                 self._shell_waiters.pop(msg_id, None)
             if not await self.km.is_alive():
@@ -185,6 +193,7 @@ class JupyterSession:
                 log.exception("error handling a kernel message")
 
     async def _on_iopub(self, msg: dict[str, Any]) -> None:
+        self._iopub_seen.set()
         parent = msg.get("parent_header", {}).get("msg_id")
         ex = self._current
         if msg.get("msg_type") == "status":
