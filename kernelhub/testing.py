@@ -7,9 +7,9 @@ with two tenants (``alice`` with :data:`TOKEN`, ``bob`` with :data:`OTHER_TOKEN`
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -116,9 +116,12 @@ class Gateway:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self._log.close()
-        with contextlib.suppress(OSError):
-            for name in ("keys.json", "gateway.log"):
-                os.unlink(os.path.join(self.state_dir, name))
+        # The gateway stopped its sandboxes; remove its state dir unless something is still mounted there (then
+        # it is left for `kernelhub serve` to reap at its next start, never deleted from under a mount).
+        with open("/proc/self/mountinfo") as f:
+            mounted = any(line.split()[4].startswith(self.state_dir + "/") for line in f)
+        if not mounted:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
