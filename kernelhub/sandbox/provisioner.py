@@ -58,6 +58,9 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     sandbox: Sandbox | None = None
     owns_sandbox = False
+    _generation = 0
+    _base_dir: Any = None
+    _stage_dir: Any = None
     process: SandboxProcess | None = None
     _inner_connection_file: str | None = None
 
@@ -107,37 +110,43 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         assert sandbox is not None
         extra_arguments = kwargs.pop("extra_arguments", [])
         base = f"k-{(km.kernel_id or uuid.uuid4().hex).replace('-', '')[:12]}"
-        # Each kernel binds its sockets in a directory of its own under the run directory, which is root's:
-        # the sandbox uid owns this one only until its kernel has bound (see _seal), so code in the sandbox
-        # can never swap a socket for a symlink to a host socket that the gateway would then connect to.
-        sock_dir = sandbox.run_dir / base
-        dir_fd = self._open_socket_dir(sock_dir, sandbox)
+        # Each start of the kernel binds its sockets in a fresh staging directory that the sandbox uid owns
+        # until the sockets exist; then it becomes root's and is renamed to the kernel's fixed directory, where
+        # the gateway's sockets connect (and reconnect after a restart). Both live in the root-owned run
+        # directory, so code in the sandbox can never put a symlink where the gateway connects (pitfall 8).
+        self._generation += 1
+        stage = f"{base}.{self._generation}"
+        self._base_dir = sandbox.run_dir / base
+        self._stage_dir = sandbox.run_dir / stage
+        dir_fd = self._open_socket_dir(self._stage_dir, sandbox)
         km.transport = "ipc"
-        km.ip = str(sock_dir / "s")
+        km.ip = str(self._base_dir / "s")
         km.shell_port, km.iopub_port, km.stdin_port, km.control_port, km.hb_port = 1, 2, 3, 4, 5
         km.cache_ports = False
         # The host-side file, for the gateway (and anything else on the host that connects).
         km.write_connection_file()
         self.connection_info = km.get_connection_info()
         inner: dict[str, Any] = dict(self.connection_info)
-        inner["ip"] = sandbox.inner_run_path(f"{base}/s")
+        inner["ip"] = sandbox.inner_run_path(f"{stage}/s")
         if isinstance(inner.get("key"), bytes):
             inner["key"] = inner["key"].decode()
-        # The directory is the sandbox's until the kernel has bound. Remove whatever it put at this name and
-        # create afresh (O_EXCL): never open its FIFO (that would block the event loop) nor follow its link.
-        # Give the file away by descriptor: a chown by path would follow a symlink swapped in after the open.
+        os.close(dir_fd)
+        # The kernel's connection file sits in the root-owned run directory (the sandbox cannot plant or swap
+        # anything there), owned by the sandbox uid so that the kernel may rewrite it, as ipykernel does after
+        # binding. Written by descriptor, created afresh (O_EXCL), never through a link.
+        run_fd = os.open(sandbox.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink("connection.json", dir_fd=dir_fd)
-            fd = os.open("connection.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600, dir_fd=dir_fd)
+                os.unlink(f"{base}.json", dir_fd=run_fd)
+            fd = os.open(f"{base}.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=run_fd)
             with os.fdopen(fd, "w") as f:
                 if sandbox.factory.as_root:
                     os.fchown(fd, sandbox.uid, sandbox.gid)
                 json.dump(inner, f)
         finally:
-            os.close(dir_fd)
-        self._inner_connection_file = sandbox.inner_run_path(f"{base}/connection.json")
+            os.close(run_fd)
+        self._inner_connection_file = sandbox.inner_run_path(f"{base}.json")
         cmd = [
             arg.replace(km.connection_file, self._inner_connection_file)
             for arg in km.format_kernel_cmd(extra_arguments=extra_arguments)
@@ -186,8 +195,8 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def _open_socket_dir(path: Any, sandbox: Sandbox) -> int:
         """Make (or, on restart, reopen) a kernel's socket directory and hand it to the sandbox uid for the
         kernel to bind in. Its parent is root's, so nothing in the sandbox can have replaced it."""
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(path, 0o700)
+        shutil.rmtree(path, ignore_errors=True)  # a leftover of a start that failed halfway
+        os.mkdir(path, 0o700)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         if sandbox.factory.as_root:
             os.fchown(fd, sandbox.uid, sandbox.gid)
@@ -201,18 +210,27 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         assert sandbox is not None
         if not sandbox.factory.as_root:
             return
-        fd = os.open(os.path.dirname(str(self.connection_info["ip"])),
-                     os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(self._stage_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             os.fchown(fd, 0, 0)
             os.fchmod(fd, 0o755)
         finally:
             os.close(fd)
 
+    def _publish(self) -> None:
+        """Move the sealed staging directory to the kernel's fixed directory, where the gateway connects.
+        Bound unix sockets keep working when their directory is renamed."""
+        old = self._base_dir.with_name(self._base_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self._base_dir, old)
+        os.rename(self._stage_dir, self._base_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
     async def _wait_for_sockets(self) -> None:
         sandbox, process = self.sandbox, self.process
         assert sandbox is not None and process is not None
-        paths = [f"{self.connection_info['ip']}-{port}" for port in range(1, 6)]
+        paths = [f"{self._stage_dir}/s-{port}" for port in range(1, 6)]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.socket_timeout
         while True:
@@ -234,6 +252,7 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                     if not stat.S_ISSOCK(st.st_mode) or (sandbox.factory.as_root and st.st_uid != sandbox.uid):
                         await process.kill()
                         raise SandboxError("The kernel's socket directory was tampered with; refusing to connect.")
+                self._publish()
                 return
             if process.poll() is not None:
                 raise SandboxError(
@@ -249,15 +268,14 @@ class SandboxProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """Called by the kernel manager after the kernel ended: removes the kernel's files and, if this
         provisioner made the sandbox, stops it (no process, cgroup or uid is left)."""
         sandbox = self.sandbox
-        if sandbox is not None and self.connection_info:
-            sock_dir = os.path.dirname(str(self.connection_info.get("ip", "")))
-            if restart:
-                for name in [f"s-{p}" for p in range(1, 6)]:
-                    with contextlib.suppress(OSError):
-                        os.unlink(os.path.join(sock_dir, name))
-            else:
-                # unlink never follows a link: whatever the sandbox left here, only the entries go.
-                shutil.rmtree(sock_dir, ignore_errors=True)
+        if sandbox is not None and self._base_dir is not None:
+            # A staging directory of a start that never finished; unlink never follows the sandbox's links.
+            shutil.rmtree(self._stage_dir, ignore_errors=True)
+            if not restart:
+                # On restart the old (dead) sockets stay until the new kernel's directory replaces them.
+                shutil.rmtree(self._base_dir, ignore_errors=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._base_dir.with_name(self._base_dir.name + ".json"))
         if not restart and self.owns_sandbox and sandbox is not None:
             await sandbox.stop()
             self.sandbox = None

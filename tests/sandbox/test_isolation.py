@@ -339,7 +339,7 @@ def test_kernel_channel_needs_the_key_and_is_the_sandbox_own(sb: Sandbox, other:
 
         # The sandbox-side connection file: the sandbox uid's alone, in a directory that is root's once the
         # kernel has bound, inside a run directory that is root's.
-        files = list(sb.run_dir.glob("k-*/connection.json"))
+        files = list(sb.run_dir.glob("k-*.json"))
         assert len(files) == 1
         st = files[0].stat()
         assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == sb.uid
@@ -353,7 +353,7 @@ def test_kernel_channel_needs_the_key_and_is_the_sandbox_own(sb: Sandbox, other:
         denied = as_uid(other.uid, "/usr/bin/python3", "-c",
                         f"import socket; socket.socket(socket.AF_UNIX).connect({shell_path!r})")
         assert denied.returncode != 0 and "PermissionError" in denied.stderr
-        inner_file = f"/run/kernelhub/{files[0].parent.name}/connection.json"
+        inner_file = f"/run/kernelhub/{files[0].name}"
         code, out = runner.run(sh(other, f"ls /run/kernelhub; cat {inner_file}"))
         assert code != 0 and key.decode() not in out
 
@@ -450,6 +450,68 @@ def test_the_sandbox_cannot_plant_or_swap_what_the_gateway_connects_to(sb: Sandb
     assert sb.state == "running"
 
 
+def test_restarts_give_the_sandbox_no_window_to_steer_the_gateway(sb: Sandbox, kernels: Any,
+                                                                   runner: asyncio.Runner) -> None:
+    # During a restart the new kernel binds in a staging directory the sandbox owns; a process already in the
+    # sandbox plants symlinks to a host socket in every directory it can write, as fast as it can. The gateway
+    # connects only to the kernel's fixed, root-owned directory, so nothing reaches the host socket.
+    host_sock = str(sb.dir / "host-service-2.sock")
+    racer = (
+        "import os, time\n"
+        "end = time.time() + 30\n"
+        "while time.time() < end:\n"
+        "    for d in os.listdir('/run/kernelhub'):\n"
+        "        for p in range(1, 6):\n"
+        "            try:\n"
+        f"                os.symlink({host_sock!r}, f'/run/kernelhub/{{d}}/s-{{p}}')\n"
+        "            except OSError:\n"
+        "                pass\n"
+    )
+    with socket.socket(socket.AF_UNIX) as host_service:
+        host_service.bind(host_sock)
+        host_service.listen()
+        host_service.setblocking(False)
+        km, kc = runner.run(kernels.start("kernelhub-python", sandbox=sb))
+
+        async def restarts() -> list[str]:
+            devnull = os.open(os.devnull, os.O_RDWR)
+            try:
+                proc = await sb.spawn(["python3", "-c", racer], stdin=devnull, stdout=devnull, stderr=devnull)
+            finally:
+                os.close(devnull)
+            outcomes = []
+            try:
+                await asyncio.sleep(0.2)
+                for _ in range(3):
+                    try:
+                        await km.restart_kernel(now=True)
+                        outcomes.append("restarted")
+                    except SandboxError as exc:  # the racer won before the seal: refused, also safe
+                        assert "tampered" in exc.message, exc.message
+                        outcomes.append("refused")
+                        break
+            finally:
+                await proc.kill()
+                await proc.wait()
+            return outcomes
+
+        try:
+            outcomes = runner.run(restarts())
+            assert outcomes
+            time.sleep(1)
+            with pytest.raises(BlockingIOError):
+                host_service.accept()  # nobody connected
+            if outcomes[-1] == "restarted":
+                kc.stop_channels()
+                kc = km.client()
+                kc.start_channels()
+                reply, out = runner.run(kernels.execute(kc, "print('after restarts')"))
+                assert reply["status"] == "ok" and out == "after restarts\n"
+        finally:
+            runner.run(kernels.stop(km, kc, now=True))
+    assert sb.state == "running"
+
+
 def test_the_connection_file_is_never_chowned_through_a_swapped_symlink(sb: Sandbox, runner: asyncio.Runner,
                                                                         kernels: Any, tmp_path: Path) -> None:
     # The gateway (root) writes each kernel's sandbox-side connection file into the sandbox's run dir and
@@ -462,11 +524,11 @@ def test_the_connection_file_is_never_chowned_through_a_swapped_symlink(sb: Sand
         "end = time.time() + 60\n"
         "while time.time() < end:\n"
         "    for name in os.listdir('/run/kernelhub'):\n"
-        "        p = '/run/kernelhub/' + name + '/connection.json'\n"
-        "        try:\n"
-        f"            os.symlink({str(victim)!r}, p + '.lnk'); os.rename(p + '.lnk', p)\n"
-        "        except OSError:\n"
-        "            pass\n"
+        "        for p in ('/run/kernelhub/' + name, '/run/kernelhub/' + name + '/connection.json'):\n"
+        "            try:\n"
+        f"                os.symlink({str(victim)!r}, p + '.lnk'); os.rename(p + '.lnk', p)\n"
+        "            except OSError:\n"
+        "                pass\n"
     )
 
     async def scenario() -> int:
