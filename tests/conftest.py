@@ -28,6 +28,13 @@ from jupyter_client.manager import AsyncKernelManager
 from kernelhub.sandbox.sandbox import Sandbox, SandboxFactory
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Every test is real (uids of their own, cgroups, loop devices, bubblewrap): the suite needs root and says
+    # so once, rather than skipping what it cannot do.
+    if os.geteuid() != 0:
+        pytest.exit("kernelhub's tests need root: run `make test` as root.", returncode=2)
+
+
 class RecordingFactory(SandboxFactory):
     """A real SandboxFactory that remembers (id, uid) of every sandbox it made, for :func:`leftovers`."""
 
