@@ -9,9 +9,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
-
-KERNELSPECS_DIR = Path(__file__).with_name("kernelspecs")
 
 
 def _doctor(argv: list[str]) -> int:
@@ -49,6 +46,8 @@ def install_kernelspecs(prefix: str | None = None, user: bool = False) -> list[s
     """Install our kernelspecs with jupyter_client's KernelSpecManager; returns the installed paths."""
     from jupyter_client.kernelspec import KernelSpecManager
 
+    from .sandbox.provisioner import KERNELSPECS_DIR
+
     ksm = KernelSpecManager()
     installed = []
     for spec_dir in sorted(KERNELSPECS_DIR.iterdir()):
@@ -68,6 +67,8 @@ def _kernelspecs(argv: list[str]) -> int:
     sub.add_parser("list", help="list the kernelspecs kernelhub ships")
     args = parser.parse_args(argv)
     if args.action == "list":
+        from .sandbox.provisioner import KERNELSPECS_DIR
+
         for spec_dir in sorted(KERNELSPECS_DIR.iterdir()):
             print(spec_dir.name)
         return 0

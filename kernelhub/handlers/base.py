@@ -161,9 +161,15 @@ class NotFoundHandler(BaseHandler):
 class WebSocketBase(AuthMixin, websocket.WebSocketHandler):
     """Websocket handler: authenticated before the upgrade, origin checked, Nagle off (KERNELS.md)."""
 
+    def before_upgrade(self, *args: Any, **kwargs: Any) -> None:
+        """Called after auth and before the upgrade with the URL's arguments: look up what the socket is for,
+        so that an unknown (or another tenant's) id is a plain JSON 404 rather than an opened-then-closed socket.
+        Gets the URL's groups as tornado passes them (positional, or by name for named groups)."""
+
     async def get(self, *args: Any, **kwargs: Any) -> None:
         try:
             self.authenticate()
+            self.before_upgrade(*args, **kwargs)
         except KernelHubError as exc:
             self.set_status(exc.status)
             self.set_header("Content-Type", "application/json; charset=UTF-8")

@@ -33,7 +33,7 @@ from jupyter_client.jsonutil import extract_dates, json_default
 from jupyter_client.session import Session
 from tornado.websocket import WebSocketClosedError
 
-from ..errors import InvalidRequest, KernelHubError, NotFound
+from ..errors import InvalidRequest, NotFound
 from ..models import iso_micro
 from ..services.hub import SandboxRecord
 from ..services.sessions import JupyterSession
@@ -382,17 +382,10 @@ class KernelChannelsHandler(WebSocketBase):
         self._nudge_ids: set[str] = set()
         self._held: list[str | bytes] | None = None
 
-    async def get(self, kernel_id: str) -> None:  # type: ignore[override]
-        # The kernel is looked up before the upgrade so that an unknown (or another tenant's) id is a plain 404.
-        try:
-            self.record, self.session = self.hub.get_kernel(self.authenticate(), kernel_id)
-        except KernelHubError as exc:
-            self.set_status(exc.status)
-            self.set_header("Content-Type", "application/json; charset=UTF-8")
-            self.finish(json.dumps(exc.to_dict()))
-            return
+    def before_upgrade(self, *args: Any, **kwargs: Any) -> None:
+        kernel_id = kwargs.get("kernel_id") or (args[0] if args else "")
+        self.record, self.session = self.hub.get_kernel(self.tenant, kernel_id)
         self.kernel_id = kernel_id
-        await super().get(kernel_id)
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
         """v1 when the client offers it; otherwise None, the legacy JSON framing."""

@@ -63,17 +63,8 @@ class SandboxStreamHandler(WebSocketBase):
         self._live: dict[str, Execution] = {}
         self._inputs: dict[str, asyncio.Future[str]] = {}
 
-    async def get(self, *args: Any, **kwargs: Any) -> None:
-        # Refuse an unknown (or another tenant's) sandbox with a plain 404 before the upgrade.
-        try:
-            self.authenticate()
-            self.hub.get_sandbox(self.tenant, args[0] if args else None)
-        except KernelHubError as exc:
-            self.set_status(exc.status)
-            self.set_header("Content-Type", "application/json; charset=UTF-8")
-            self.finish(json.dumps(exc.to_dict()))
-            return
-        await super().get(*args, **kwargs)
+    def before_upgrade(self, *args: Any, **kwargs: Any) -> None:
+        self.hub.get_sandbox(self.tenant, args[0] if args else None)
 
     def open(self, *args: Any, **kwargs: Any) -> None:
         super().open(*args, **kwargs)

@@ -25,6 +25,7 @@ import shutil
 import signal
 import stat
 import uuid
+from pathlib import Path
 from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
@@ -34,6 +35,10 @@ from traitlets import Dict, Float
 from ..errors import SandboxError
 from .limits import Limits, resolve_limits
 from .sandbox import Sandbox, SandboxFactory, SandboxProcess
+
+#: The kernelspecs that name this provisioner (installed by ``kernelhub kernelspecs install``; served by the
+#: gateway from here).
+KERNELSPECS_DIR = Path(__file__).resolve().parent.parent / "kernelspecs"
 
 _default_factory: SandboxFactory | None = None
 

@@ -31,11 +31,10 @@ from traitlets import Bool, Enum, Integer, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from ..errors import IsolationUnavailable, SandboxError
-from . import bwrap
+from . import bwrap, pty
 from .cgroups import Cgroup, create_cgroup, open_cgroup
 from .limits import Limits
-from .workspace import Workspace
-from .workspace import _run as _run_command
+from .workspace import Workspace, run_tool
 
 log = logging.getLogger("kernelhub.sandbox")
 
@@ -55,7 +54,7 @@ async def _mount_run_dir(path: Path, uid: int, gid: int) -> None:
     # Root's, 0755: the sandbox reads its kernels' connection files and connects to their sockets here but
     # creates nothing itself (each kernel's own directory is handed to it only while that kernel binds).
     options = f"size={_RUN_DIR_BYTES},nr_inodes=4096,mode=0755,uid=0,gid=0,nosuid,nodev,noexec"
-    code, out = await _run_command("mount", "-t", "tmpfs", "-o", options, "kernelhub-run", str(path))
+    code, out = await run_tool("mount", "-t", "tmpfs", "-o", options, "kernelhub-run", str(path))
     if code != 0:
         raise SandboxError(f"Could not mount the sandbox's run directory: {out or f'mount exit {code}'}.")
 
@@ -63,9 +62,9 @@ async def _mount_run_dir(path: Path, uid: int, gid: int) -> None:
 async def _unmount_run_dir(path: Path) -> None:
     if not os.path.ismount(path):
         return
-    code, out = await _run_command("umount", str(path))
+    code, out = await run_tool("umount", str(path))
     if code != 0:
-        code, out = await _run_command("umount", "-l", str(path))  # busy: detach, freed with the last user
+        code, out = await run_tool("umount", "-l", str(path))  # busy: detach, freed with the last user
     if code != 0:
         raise SandboxError(f"Could not unmount {path}: {out}")
 
@@ -441,6 +440,13 @@ class Sandbox:
         return proc
 
     # -- state ------------------------------------------------------------------------------------------
+
+    def open_pty(self) -> tuple[int, int]:
+        """A (master, slave) PTY of the sandbox's own devpts for a terminal; the caller closes both and passes
+        the slave to :meth:`spawn` with ``pty=True``. Called by the terminal sessions."""
+        launcher = self._launcher
+        pid = launcher.pid if launcher is not None and launcher.returncode is None else None
+        return pty.open_pty(pid, self.id, self.uid, self.gid)
 
     def inner_run_path(self, name: str) -> str:
         return f"{bwrap.INNER_RUN}/{name}"

@@ -395,7 +395,7 @@ def _remove_below(parent_fd: int, name: str, *, budget: int, attempts: int = 5) 
 # External commands
 
 
-async def _run(*argv: str, time_limit: float = _COMMAND_TIMEOUT_S) -> tuple[int, str]:
+async def run_tool(*argv: str, time_limit: float = _COMMAND_TIMEOUT_S) -> tuple[int, str]:
     """Run a system command (mkfs, mount, ...) without a shell; answer its exit status and combined output."""
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -437,7 +437,7 @@ async def loop_available() -> bool:
             for cmd in ("mkfs.ext4", "mount", "umount", "losetup")
         )
         if ok:
-            rc, _ = await _run("losetup", "--find")
+            rc, _ = await run_tool("losetup", "--find")
             ok = rc == 0
         _loop_available = ok
     return _loop_available
@@ -600,7 +600,7 @@ class Workspace:
             os.ftruncate(fd, self.limits.disk_mb * MiB)
         finally:
             os.close(fd)
-        rc, out = await _run(
+        rc, out = await run_tool(
             "mkfs.ext4",
             "-q",
             "-F",
@@ -625,7 +625,7 @@ class Workspace:
             os.close(root)
 
     async def _mount(self) -> None:
-        rc, out = await _run(
+        rc, out = await run_tool(
             "mount", "-t", "ext4", "-o", "loop,nosuid,nodev", str(self.image), str(self.path)
         )
         if rc != 0:
@@ -699,13 +699,13 @@ class Workspace:
                 return
             out = ""
             for attempt in range(_UMOUNT_ATTEMPTS):
-                rc, out = await _run("umount", str(self.path))
+                rc, out = await run_tool("umount", str(self.path))
                 if rc == 0 or not _is_mounted(self.path):
                     break
                 if attempt < _UMOUNT_ATTEMPTS - 1:
                     await asyncio.sleep(0.05 * 2**attempt)  # a kernel that is just exiting lets go soon
             else:
-                rc, out = await _run("umount", "-l", str(self.path))
+                rc, out = await run_tool("umount", "-l", str(self.path))
                 if rc != 0 and _is_mounted(self.path):
                     raise SandboxError(f"Could not unmount the workspace {self.path}: {out}.")
         if _is_mounted(self.path):

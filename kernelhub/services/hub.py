@@ -26,6 +26,7 @@ from ..errors import Conflict, InvalidRequest, NotFound, QuotaExceeded
 from ..models import iso
 from ..sandbox import bwrap
 from ..sandbox.limits import DEFAULT_MAXIMUM, Limits, resolve_limits
+from ..sandbox.provisioner import KERNELSPECS_DIR
 from ..sandbox.sandbox import Sandbox, SandboxFactory
 from ..sandbox.workspace import UploadWriter
 from .commands import run_command
@@ -156,8 +157,6 @@ class Hub(LoggingConfigurable):
     def __init__(self, factory: SandboxFactory, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.factory = factory
-        from ..cli import KERNELSPECS_DIR
-
         self.kernel_spec_manager = KernelSpecManager(kernel_dirs=[str(KERNELSPECS_DIR)],
                                                      ensure_native_kernel=False)
         self.templates: dict[str, Template] = dict(BUILTIN_TEMPLATES)

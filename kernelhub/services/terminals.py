@@ -55,7 +55,6 @@ import logging
 import os
 import shlex
 import signal
-import stat
 import struct
 import termios
 import time
@@ -89,9 +88,6 @@ READ_SIZE = 65536
 #: ``drain`` returns once at most this much input waits for the PTY.
 DRAIN_LIMIT = 64 * 1024
 
-_TIOCSPTLCK = 0x40045431  # unlockpt()
-_TIOCGPTPEER = 0x5441  # open the slave of a master without a path lookup (Linux 4.13+)
-_PTMX_RDEV = os.makedev(5, 2)
 
 # Run inside the sandbox on close: kill every process of the shell's session (argv[1]) until none is left.
 # Zombies are skipped: they are dead and their parent (bwrap's pid 1 for orphans) reaps them.
@@ -117,68 +113,6 @@ for _ in range(100):
 
 
 # -- the PTY ------------------------------------------------------------------------------------------------
-
-
-def _open_sandbox_ptmx(sandbox: Sandbox) -> int | None:
-    """Open ``/dev/pts/ptmx`` of the sandbox's own devpts instance, or None where it cannot be reached.
-
-    The path is walked from ``/proc/<pid>/root`` of bubblewrap's pid 1 (the launcher's only child, checked by
-    its parent pid through the same ``/proc`` entry) without following symlinks, and the node must be the
-    ptmx device before it is opened: the sandbox user owns its ``/dev`` tmpfs and could plant anything else.
-    """
-    launcher = getattr(sandbox, "_launcher", None)
-    launcher_pid = getattr(launcher, "pid", None)
-    if launcher_pid is None or getattr(launcher, "returncode", 0) is not None:
-        return None
-    fds: list[int] = []
-
-    def opened(fd: int) -> int:
-        fds.append(fd)
-        return fd
-
-    try:
-        with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as f:
-            children = f.read().split()
-        if len(children) != 1:
-            return None
-        proc = opened(os.open(f"/proc/{int(children[0])}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-        stat_fd = opened(os.open("stat", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc))
-        fields = os.read(stat_fd, 4096).rsplit(b")", 1)[1].split()
-        if int(fields[1]) != launcher_pid:
-            return None
-        d = opened(os.open("root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=proc))
-        for name in ("dev", "pts"):
-            d = opened(os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d))
-        node = opened(os.open("ptmx", os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d))
-        st = os.fstat(node)
-        if not stat.S_ISCHR(st.st_mode) or st.st_rdev != _PTMX_RDEV:
-            return None
-        # Reopening the O_PATH fd opens exactly the inode checked above.
-        return os.open(f"/proc/self/fd/{node}", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-    except (OSError, ValueError, IndexError) as exc:
-        log.debug("sandbox %s: no PTY from its devpts (%s); using a host PTY", sandbox.id, exc)
-        return None
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
-def open_pty(sandbox: Sandbox) -> tuple[int, int]:
-    """A (master, slave) PTY pair for a shell in ``sandbox``; both close-on-exec, the caller closes them."""
-    master = _open_sandbox_ptmx(sandbox)
-    if master is None:
-        return os.openpty()
-    try:
-        fcntl.ioctl(master, _TIOCSPTLCK, struct.pack("i", 0))
-        slave = fcntl.ioctl(master, _TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError:
-        os.close(master)
-        return os.openpty()
-    if os.geteuid() == 0:
-        # Owned by the sandbox user (as on a login), not by a root it cannot map.
-        with contextlib.suppress(OSError):
-            os.fchown(slave, sandbox.uid, sandbox.gid)
-    return master, slave
 
 
 class SandboxPty:
@@ -509,7 +443,7 @@ class TerminalSession:
 
     async def start(self) -> None:
         """Start the shell and wait for its first prompt (at most :data:`PROMPT_WAIT_S`)."""
-        master, slave = open_pty(self.sandbox)
+        master, slave = self.sandbox.open_pty()
         try:
             fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", DEFAULT_ROWS, DEFAULT_COLS, 0, 0))
             self.process = await self.sandbox.spawn(self.argv, stdin=slave, stdout=slave, stderr=slave,

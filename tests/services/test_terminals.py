@@ -20,9 +20,9 @@ from tornado.testing import bind_unused_port
 
 from kernelhub.errors import Conflict, InvalidRequest, NotFound
 from kernelhub.handlers.terminal import TerminalWebSocket
+from kernelhub.sandbox import pty as sandbox_pty
 from kernelhub.sandbox.limits import Limits
 from kernelhub.sandbox.sandbox import Sandbox
-from kernelhub.services import terminals
 from kernelhub.services.hub import Hub
 from kernelhub.services.tenants import Tenant
 from kernelhub.services.terminals import TerminalSession
@@ -123,7 +123,7 @@ def test_pause_and_resume_reading(runner: asyncio.Runner, terminal: TerminalSess
 
 def test_host_pty_fallback(runner: asyncio.Runner, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the sandbox's devpts cannot be reached, a host PTY serves; only ``tty`` tells the difference."""
-    monkeypatch.setattr(terminals, "_open_sandbox_ptmx", lambda sandbox: None)
+    monkeypatch.setattr(sandbox_pty, "_open_sandbox_ptmx", lambda launcher_pid, sandbox_id: None)
 
     async def body() -> None:
         session = TerminalSession(sandbox)
