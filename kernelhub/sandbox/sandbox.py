@@ -647,6 +647,9 @@ class SandboxFactory(LoggingConfigurable):
         super().__init__(**kwargs)
         self.uids = UidPool(self.uid_base, self.uid_count, Path(self.uid_lock_dir))
         self._live: dict[str, Sandbox] = {}
+        # Done once per factory, not on every create (the hot path of sandbox_create).
+        self._agent_dir: Path | None = None
+        self._state_ready = False
 
     @property
     def sandboxes_dir(self) -> Path:
@@ -657,6 +660,8 @@ class SandboxFactory(LoggingConfigurable):
 
     def agent_dir(self) -> Path:
         """A root-owned copy of the agent where sandbox uids can read it (the package may live under /root)."""
+        if self._agent_dir is not None:
+            return self._agent_dir
         target = Path(self.state_dir) / "agent"
         target.mkdir(parents=True, exist_ok=True)
         os.chmod(target, 0o755)
@@ -668,9 +673,12 @@ class SandboxFactory(LoggingConfigurable):
                 tmp.write_bytes(source)
                 os.chmod(tmp, 0o644)
                 os.replace(tmp, path)
+        self._agent_dir = target
         return target
 
     def _prepare_state_dir(self) -> None:
+        if self._state_ready:
+            return
         state = Path(self.state_dir)
         state.mkdir(parents=True, exist_ok=True)
         os.chmod(state, 0o711)
@@ -684,6 +692,7 @@ class SandboxFactory(LoggingConfigurable):
                         f"The state directory {state} sits under {parent}, which sandbox users cannot "
                         "traverse; choose another --state-dir."
                     )
+        self._state_ready = True
 
     async def create(self, limits: Limits | None = None, env: Mapping[str, str] | None = None,
                      sandbox_id: str | None = None) -> Sandbox:
