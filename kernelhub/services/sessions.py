@@ -16,7 +16,7 @@ import re
 import shlex
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
@@ -81,7 +81,7 @@ def kernelspec_for(language: str) -> str:
 class JupyterSession:
     """A kernel in a sandbox. Created and started by the hub; closed by the hub or with its sandbox."""
 
-    type = "jupyter"
+    type: Literal["jupyter"] = "jupyter"
 
     def __init__(self, sandbox: Sandbox, language: str, kernel_spec_manager: KernelSpecManager) -> None:
         self.id = new_id("se")

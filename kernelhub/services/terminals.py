@@ -59,7 +59,7 @@ import struct
 import termios
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from terminado.management import PtyWithClients, TermManagerBase
 from tornado.ioloop import IOLoop
@@ -410,7 +410,7 @@ class TerminalSession:
     ``terminal``); driven by ``session_execute`` and by websocket clients attached through :attr:`manager`;
     closed by the hub (``session_close``, sandbox stop) or when the shell exits."""
 
-    type = "terminal"
+    type: Literal["terminal"] = "terminal"
     language = None
 
     def __init__(self, sandbox: Sandbox, *, argv: Sequence[str] = SHELL_ARGV,
