@@ -35,7 +35,7 @@ from tornado.websocket import WebSocketClosedError
 
 from ..errors import InvalidRequest, NotFound
 from ..models import iso_micro
-from ..services.hub import SandboxRecord
+from ..services.sandboxes import SandboxRecord
 from ..services.sessions import JupyterSession
 from .base import BaseHandler, WebSocketBase, log
 

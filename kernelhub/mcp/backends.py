@@ -139,14 +139,14 @@ class HubBackend:
 
     async def session_create(self, sandbox_id: str, type: str, language: str | None) -> dict[str, Any]:
         session = await self.hub.create_session(self.tenant, sandbox_id, type, language)
-        return session.to_dict()  # type: ignore[no-any-return]
+        return session.to_dict()
 
     async def session_execute(self, session_id: str, input: str, timeout_s: float | None,
                               on_event: EventSink | None) -> dict[str, Any]:
         result = await self.hub.session_execute(self.tenant, session_id, input, timeout_s=timeout_s,
                                                 listener=on_event)
         if hasattr(result, "to_dict"):
-            return result.to_dict()  # type: ignore[no-any-return]
+            return result.to_dict()
         return result if isinstance(result, dict) else {"output": result}
 
     async def session_close(self, session_id: str) -> None:

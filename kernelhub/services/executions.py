@@ -2,7 +2,9 @@
 
 :class:`Execution` collects what the kernel's iopub stream says about one ``execute_request`` and fans it
 out as events (the NDJSON/websocket event shapes of API.md) to listeners. The session
-(:mod:`kernelhub.services.sessions`) drives it; the hub keeps finished ones in :class:`ExecutionHistory`.
+(:mod:`kernelhub.services.sessions`) drives it. :class:`~kernelhub.services.executor.Executor` creates
+executions and keeps them in :class:`ExecutionHistory` (``execution_status``); ``Sandboxes`` ends a stopped
+sandbox's unfinished ones from there.
 """
 
 from __future__ import annotations

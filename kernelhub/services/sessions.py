@@ -4,6 +4,11 @@ A :class:`JupyterSession` owns a jupyter_client ``AsyncKernelManager`` whose pro
 the sandbox (``start_kernel(sandbox=...)``), a client on the kernel's ipc sockets, and readers that route
 iopub/shell/stdin messages to the running :class:`~kernelhub.services.executions.Execution`. Executions are
 queued one at a time per kernel (tslab loses replies when requests are pipelined, KERNELS.md).
+
+Created, started and closed by :class:`~kernelhub.services.sandboxes.Sandboxes` (``sandbox_create``,
+``session_create``, ``session_close``, sandbox stop); executions are run and interrupted by
+:class:`~kernelhub.services.executor.Executor`, kernels interrupted and restarted by
+:class:`~kernelhub.services.kernels.Kernels`; the Jupyter API's websocket talks to the kernel's sockets itself.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Tenants and their API keys. Keys are compared in constant time; a tenant is just a name."""
+"""Tenants and their API keys. Keys are compared in constant time; a tenant is just a name.
+
+The app builds the :class:`TenantRegistry` from ``--token`` and ``--api-keys``; every surface authenticates a
+request with it, then passes the :class:`Tenant` to each service method, which scopes every id to it.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,181 @@
+"""What runs in a sandbox: code in its kernels, keystrokes in its terminals, shell commands.
+
+:class:`Executor` serves ``code_execute`` and ``code_execute_async`` (:meth:`Executor.execute`: picks or
+starts the jupyter session of the language, queues an :class:`~kernelhub.services.executions.Execution` on
+it, keeps it in the :class:`~kernelhub.services.executions.ExecutionHistory`), ``session_execute``,
+``execution_status``, the interrupt of an execution, and ``command_execute`` (the mechanics of which live in
+:mod:`kernelhub.services.commands`). Whatever runs holds its sandbox busy (the reaper does not stop it as idle)
+and counts as activity when it ends; each is bounded by the sandbox's ``execution_timeout_s`` and
+``output_mb``.
+
+Built by :class:`~kernelhub.services.hub.Hub` on :class:`~kernelhub.services.sandboxes.Sandboxes`; the
+surfaces call it through the hub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from ..errors import Conflict, InvalidRequest, NotFound
+from .commands import run_command
+from .executions import Execution, ExecutionHistory, InputHandler, Listener
+from .sandboxes import Sandboxes, SandboxRecord
+from .sessions import KERNELSPECS, LANGUAGES, JupyterSession
+from .tenants import Tenant
+from .validation import check_env, check_timeout
+
+MAX_CODE_BYTES = 2 * 1024 * 1024
+
+
+class Executor:
+    """Runs code, keystrokes and commands in the sandboxes of :class:`~kernelhub.services.sandboxes.Sandboxes`
+    and keeps executions in ``executions`` for ``execution_status``."""
+
+    def __init__(self, sandboxes: Sandboxes, executions: ExecutionHistory) -> None:
+        self.sandboxes = sandboxes
+        self.executions = executions
+
+    # -- sessions ---------------------------------------------------------------------------------------
+
+    async def session_execute(self, tenant: Tenant, session_id: object, input: object, timeout_s: object = None,
+                              listener: Listener | None = None) -> Execution | dict[str, Any]:
+        """``session_execute``: code in a jupyter session (an execution) or keystrokes to a terminal."""
+        record, session = self.sandboxes.get_session(tenant, session_id)
+        if not isinstance(input, str):
+            raise InvalidRequest("input must be a string.")
+        if session.type == "terminal":
+            timeout = check_timeout(timeout_s, record.limits.execution_timeout_s) if timeout_s else 1.0
+            record.busy += 1
+            try:
+                return await session.execute(input, timeout)
+            finally:
+                record.busy -= 1
+                record.touch()
+        return await self.execute(tenant, record.id, input, session_id=session.id, timeout_s=timeout_s,
+                                  listener=listener)
+
+    # -- executions -------------------------------------------------------------------------------------
+
+    async def _pick_session(self, record: SandboxRecord, language: str | None,
+                            session_id: object) -> JupyterSession:
+        if session_id is not None:
+            found = self.sandboxes.find_session(session_id) if isinstance(session_id, str) else None
+            if found is None or found[0] is not record:
+                raise NotFound(f"No session {str(session_id)[:64]!r} in sandbox {record.id}.")
+            session = found[1]
+            if session.type != "jupyter":
+                raise InvalidRequest("Code runs in jupyter sessions; use session_execute for terminals.")
+            if language is not None and language not in (session.language,) and \
+                    not (language == "javascript" and session.language == "node"):
+                raise InvalidRequest(f"Session {session.id} runs {session.language}, not {language}.")
+            return session
+        jupyter = [s for s in record.sessions.values() if s.type == "jupyter" and s.state != "closed"]
+        if language is None:
+            if not jupyter:
+                raise Conflict(f"Sandbox {record.id} has no jupyter session; create one first.")
+            return jupyter[0]
+        if language not in KERNELSPECS:
+            raise InvalidRequest(f"Unknown language {language!r}; use one of {', '.join(LANGUAGES)}.")
+        lang = "node" if language == "javascript" else language
+        for s in jupyter:
+            if s.language == lang:
+                return s
+        # First code in another language: start a kernel of it in the same sandbox.
+        session = await self.sandboxes.create_session(record.tenant, record.id, "jupyter", lang)
+        assert isinstance(session, JupyterSession)
+        return session
+
+    async def execute(self, tenant: Tenant, sandbox_id: object, code: object, language: str | None = None,
+                      session_id: object = None, timeout_s: object = None, env: object = None,
+                      *, listener: Listener | None = None, input_handler: InputHandler | None = None,
+                      wait: bool = True) -> Execution:
+        """``code_execute`` (``wait=True``: answers when it ended) and ``code_execute_async``."""
+        record, sandbox = self.sandboxes.running(tenant, sandbox_id)
+        if not isinstance(code, str):
+            raise InvalidRequest("code must be a string.")
+        if len(code.encode()) > MAX_CODE_BYTES:
+            raise InvalidRequest(f"code may be at most {MAX_CODE_BYTES} bytes.")
+        timeout = check_timeout(timeout_s, record.limits.execution_timeout_s)
+        env_vars = check_env(env)
+        record.busy += 1
+        try:
+            session = await self._pick_session(record, language, session_id)
+        except BaseException:
+            record.busy -= 1
+            raise
+        ex = Execution(tenant=tenant.name, sandbox_id=record.id, session_id=session.id, code=code,
+                       timeout_s=timeout, output_limit=record.limits.output_bytes)
+        ex.input_handler = input_handler
+        if listener is not None:
+            ex.add_listener(listener)
+        self.executions.add(ex)
+
+        async def run() -> None:
+            try:
+                await session.execute(ex, env_vars)
+            finally:
+                record.busy -= 1
+                record.touch()
+                self.executions._trim()
+
+        if not wait:
+            self.sandboxes.spawn(run())
+            return ex
+        task = self.sandboxes.spawn(run())
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The caller went away (a disconnected stream): interrupt what it started.
+            if not ex.ended:
+                self.sandboxes.spawn(self._interrupt(session, ex))
+            raise
+        return ex
+
+    async def _interrupt(self, session: JupyterSession, ex: Execution) -> None:
+        if ex.status == "queued":
+            await ex.finish("killed", "cancelled")
+        elif ex.status == "running":
+            with contextlib.suppress(Exception):
+                await session.interrupt()
+
+    def get_execution(self, tenant: Tenant, execution_id: object) -> Execution:
+        """``execution_status``: the tenant's execution, running or among the last ``execution_history``
+        finished; raises :class:`~kernelhub.errors.NotFound` otherwise."""
+        if not isinstance(execution_id, str):
+            raise NotFound("No such execution.")
+        ex = self.executions.get(tenant.name, execution_id)
+        record = self.sandboxes.find(ex.sandbox_id)
+        if record is not None:
+            record.touch()
+        return ex
+
+    async def interrupt_execution(self, tenant: Tenant, execution_id: object) -> Execution:
+        """Stop a queued (ends ``killed``, reason ``cancelled``) or running (SIGINT to its kernel) execution."""
+        ex = self.get_execution(tenant, execution_id)
+        found = self.sandboxes.find_session(ex.session_id)
+        if found is not None and found[1].type == "jupyter" and not ex.ended:
+            await self._interrupt(found[1], ex)
+        return ex
+
+    # -- commands ---------------------------------------------------------------------------------------
+
+    async def run_command(self, tenant: Tenant, sandbox_id: object, command: object, cwd: object = None,
+                          env: object = None, timeout_s: object = None, stdin: object = None) -> dict[str, Any]:
+        """``command_execute``: bash in the sandbox as its uid, in /workspace unless ``cwd`` says otherwise."""
+        record, sandbox = self.sandboxes.running(tenant, sandbox_id)
+        if not isinstance(command, str):
+            raise InvalidRequest("command must be a string.")
+        if cwd is not None and (not isinstance(cwd, str) or "\x00" in cwd or len(cwd) > 4096):
+            raise InvalidRequest("cwd must be a path string.")
+        if stdin is not None and not isinstance(stdin, str):
+            raise InvalidRequest("stdin must be a string.")
+        timeout = check_timeout(timeout_s, record.limits.execution_timeout_s)
+        record.busy += 1
+        try:
+            return await run_command(sandbox, command, cwd=cwd, env=check_env(env), timeout_s=timeout,
+                                     stdin=stdin, output_limit=record.limits.output_bytes)
+        finally:
+            record.busy -= 1
+            record.touch()

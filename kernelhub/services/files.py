@@ -1,0 +1,60 @@
+"""Files in a sandbox's ``/workspace``: ``file_upload``, ``file_download``, ``file_list``, ``file_delete``.
+
+:class:`Files` decides who may touch which sandbox's workspace (the tenant's own, running) and what a path
+argument must be; the sandbox layer's :class:`~kernelhub.sandbox.workspace.Workspace` resolves paths inside the
+workspace and does the I/O, refusing escapes (``..``, symlinks) and sizes over ``max_file_mb``. Built by
+:class:`~kernelhub.services.hub.Hub` on :class:`~kernelhub.services.sandboxes.Sandboxes`; the REST file routes
+and the MCP file tools call it through the hub.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import InvalidRequest
+from ..sandbox.workspace import UploadWriter, Workspace
+from .sandboxes import Sandboxes
+from .tenants import Tenant
+
+
+class Files:
+    """The workspace of each running sandbox in :class:`~kernelhub.services.sandboxes.Sandboxes`, by tenant."""
+
+    def __init__(self, sandboxes: Sandboxes) -> None:
+        self.sandboxes = sandboxes
+
+    def _workspace(self, tenant: Tenant, sandbox_id: object) -> Workspace:
+        record, sandbox = self.sandboxes.running(tenant, sandbox_id)
+        assert sandbox.workspace is not None
+        return sandbox.workspace
+
+    def open_upload(self, tenant: Tenant, sandbox_id: object, path: object) -> UploadWriter:
+        """``file_upload``: a writer the surface feeds chunk by chunk, then ``finish()``es."""
+        if not isinstance(path, str):
+            raise InvalidRequest("path must be a string.")
+        return UploadWriter(self._workspace(tenant, sandbox_id), path)
+
+    def open_download(self, tenant: Tenant, sandbox_id: object, path: object) -> tuple[int, int]:
+        """``file_download``: an open fd (the caller closes it) and the file's size."""
+        if not isinstance(path, str):
+            raise InvalidRequest("path must be a string.")
+        fd, st = self._workspace(tenant, sandbox_id).open_read(path)
+        return fd, st.st_size
+
+    def list_files(self, tenant: Tenant, sandbox_id: object, path: object = "") -> list[dict[str, Any]]:
+        """``file_list``: the entries of the directory ``path`` (``""``: ``/workspace``), shaped by
+        :meth:`~kernelhub.sandbox.workspace.Workspace.list_dir`."""
+        if not isinstance(path, str):
+            raise InvalidRequest("path must be a string.")
+        return self._workspace(tenant, sandbox_id).list_dir(path)
+
+    def delete_file(self, tenant: Tenant, sandbox_id: object, path: object) -> None:
+        """``file_delete``: a file, or a directory with what is in it; never ``/workspace`` itself."""
+        if not isinstance(path, str) or not path.strip("/"):
+            raise InvalidRequest("path must name a file or directory inside the workspace.")
+        self._workspace(tenant, sandbox_id).delete(path)
+
+    def max_file_bytes(self, tenant: Tenant, sandbox_id: object) -> int:
+        """The sandbox's ``max_file_mb`` in bytes: the REST upload route refuses a larger body before reading it."""
+        record = self.sandboxes.get_sandbox(tenant, sandbox_id)
+        return record.limits.max_file_mb * 1024 * 1024

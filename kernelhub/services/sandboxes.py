@@ -1,0 +1,381 @@
+"""Sandboxes and the sessions in them: the registry by tenant, lifecycle, the per-tenant cap, reaping.
+
+:class:`Sandboxes` owns every :class:`SandboxRecord` of every tenant and indexes their sessions by id. It
+creates a sandbox (checking the template, limits, env, metadata and the tenant's cap, then starting the first
+jupyter session), opens and closes more sessions in it, and stops it on ``sandbox_delete``, on gateway
+shutdown, when its sandbox dies, and from the reaper (``idle_timeout_s`` without activity, ``max_lifetime_s``).
+Lookups take the calling :class:`~kernelhub.services.tenants.Tenant` and answer
+:class:`~kernelhub.errors.NotFound` for ids of other tenants.
+
+Built and configured by :class:`~kernelhub.services.hub.Hub` (its traitlets: default and maximum limits,
+``max_sandboxes_per_tenant``, ``reap_interval``, ``stopped_retention_s``); used by the surfaces through the hub
+and by :class:`~kernelhub.services.executor.Executor`, :class:`~kernelhub.services.files.Files` and
+:class:`~kernelhub.services.kernels.Kernels`.
+
+Room for later work: :meth:`Sandboxes._provision` is the one place a sandbox comes from (a warm pool overrides
+it); a :class:`SandboxRecord`'s plain fields are what a durable store would persist, its live fields
+(``sandbox``, ``sessions``, ``busy``) are rebuilt, never stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+
+from jupyter_client.kernelspec import KernelSpecManager
+
+from ..errors import Conflict, InvalidRequest, NotFound, QuotaExceeded
+from ..models import iso
+from ..sandbox.limits import Limits, resolve_limits
+from ..sandbox.sandbox import Sandbox, SandboxFactory
+from .executions import ExecutionHistory
+from .sessions import KERNELSPECS, LANGUAGES, JupyterSession
+from .templates import Template
+from .tenants import Tenant
+from .validation import check_env
+
+if TYPE_CHECKING:
+    from .terminals import TerminalSession
+
+#: A session of either kind, told apart by ``type`` ("jupyter" or "terminal"; mypy narrows on it). Both have
+#: ``id``, ``sandbox_id``, ``type``, ``language``, ``state``, ``busy``, ``last_activity``, ``to_dict()``,
+#: ``start()`` and ``close()``; what ``execute`` takes and answers differs (an Execution for a kernel,
+#: keystrokes and ``{"output"}`` for a terminal).
+Session: TypeAlias = "JupyterSession | TerminalSession"
+
+#: Session types (API.md).
+SESSION_TYPES = ("jupyter", "terminal")
+MAX_METADATA_BYTES = 16 * 1024
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(eq=False)
+class SandboxRecord:
+    """The registry's entry for one sandbox: who owns it, its state, sessions and activity.
+
+    The fields up to ``jupyter_api`` are plain data: what the API shows and what a store would keep (times
+    are Unix seconds). ``sandbox``, ``sessions`` and ``busy`` are live: the OS objects and what runs in them
+    now, set by :class:`Sandboxes`."""
+
+    id: str
+    tenant: Tenant
+    template: Template
+    limits: Limits
+    metadata: dict[str, Any]
+    state: str = "starting"
+    reason: str | None = None
+    created_at: float = dataclasses.field(default_factory=time.time)
+    expires_at: float = dataclasses.field(init=False)
+    last_activity: float = dataclasses.field(init=False)
+    jupyter_api: bool = False
+    sandbox: Sandbox | None = dataclasses.field(default=None, init=False, repr=False)
+    sessions: dict[str, Session] = dataclasses.field(default_factory=dict, init=False, repr=False)
+    #: Calls running in the sandbox now (executions, commands, session starts): the reaper leaves it alone.
+    busy: int = dataclasses.field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.expires_at = self.created_at + self.limits.max_lifetime_s
+        self.last_activity = self.created_at
+
+    def touch(self) -> None:
+        self.last_activity = time.time()
+
+    @property
+    def running_anything(self) -> bool:
+        # A kernel busy with code a Jupyter client sent straight over its websocket counts as running too.
+        return self.busy > 0 or any(s.busy or (s.type == "jupyter" and s.execution_state == "busy")
+                                    for s in self.sessions.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "template": self.template.name,
+            "state": self.state,
+            "created_at": iso(self.created_at),
+            "expires_at": iso(self.expires_at),
+            "limits": self.limits.to_dict(),
+            "sessions": [s.to_dict() for s in self.sessions.values()],
+            "metadata": self.metadata,
+        }
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class Sandboxes:
+    """Every sandbox of every tenant, and the sessions in them. Created by :class:`~kernelhub.services.hub.Hub`
+    from its configuration (the fields); :meth:`start` and :meth:`shutdown` are called through the hub by the
+    app."""
+
+    factory: SandboxFactory
+    kernel_spec_manager: KernelSpecManager
+    #: Templates by name (:mod:`kernelhub.services.templates`).
+    templates: dict[str, Template]
+    #: Limits of a sandbox whose request and template name none, and the most a request may ask for.
+    defaults: Limits
+    maximum: Limits
+    max_sandboxes_per_tenant: int
+    #: Seconds between the reaper's rounds, and how long a stopped sandbox stays listed.
+    reap_interval: float
+    stopped_retention_s: float
+    #: Read on stop, to end the sandbox's unfinished executions.
+    executions: ExecutionHistory
+    log: logging.Logger
+    _records: dict[str, SandboxRecord] = dataclasses.field(default_factory=dict, init=False, repr=False)
+    _sessions: dict[str, tuple[SandboxRecord, Session]] = dataclasses.field(default_factory=dict, init=False,
+                                                                             repr=False)
+    _pending: dict[str, int] = dataclasses.field(default_factory=dict, init=False, repr=False)
+    _reaper: asyncio.Task[None] | None = dataclasses.field(default=None, init=False, repr=False)
+    _background: set[asyncio.Task[Any]] = dataclasses.field(default_factory=set, init=False, repr=False)
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Called by the app once the loop runs: reaps what a crash left, starts the idle/lifetime reaper."""
+        await self.factory.reap_stale()
+        self._reaper = asyncio.ensure_future(self._reap_loop())
+
+    async def shutdown(self) -> None:
+        """Called by the app on exit: stops every sandbox (no process, cgroup, mount or uid is left)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+        await asyncio.gather(*(self._stop_record(r, "shutdown") for r in list(self._records.values())),
+                             return_exceptions=True)
+        await self.factory.stop_all()
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run ``coro`` as a task held until it ends (the loop keeps only weak references to tasks)."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.reap_interval)
+            now = time.time()
+            for record in list(self._records.values()):
+                try:
+                    if record.state == "running":
+                        if now >= record.expires_at:
+                            await self._stop_record(record, "lifetime")
+                        elif (not record.running_anything
+                              and now - record.last_activity >= record.limits.idle_timeout_s):
+                            await self._stop_record(record, "idle")
+                    elif record.state in ("stopped", "failed") and record.sandbox is None and \
+                            now - record.last_activity > self.stopped_retention_s:
+                        self._records.pop(record.id, None)
+                except Exception:
+                    self.log.exception("reaping %s failed", record.id)
+
+    # -- sandboxes --------------------------------------------------------------------------------------
+
+    def _live_count(self, tenant: Tenant) -> int:
+        return sum(1 for r in self._records.values()
+                   if r.tenant == tenant and r.state in ("starting", "running"))
+
+    async def _provision(self, limits: Limits, env: dict[str, str]) -> Sandbox:
+        """Where every sandbox comes from; a warm pool would hand out a pre-started one here."""
+        return await self.factory.create(limits=limits, env=env)
+
+    async def create_sandbox(self, tenant: Tenant, template: object = "python",
+                             limits: Mapping[str, Any] | None = None, env: object = None, metadata: object = None,
+                             network: object = None, *, kernel_language: str | None = None) -> SandboxRecord:
+        """``sandbox_create``: a running sandbox with one jupyter session of its template's language.
+
+        ``limits`` (API.md names) lower or raise the template's up to the maximum; ``env`` is added to the
+        template's; ``metadata`` is kept as given (at most :data:`MAX_METADATA_BYTES` of JSON);
+        ``kernel_language`` (the Jupyter API's kernelspec) overrides the template's language. Raises
+        :class:`~kernelhub.errors.InvalidRequest` for any of them out of bounds,
+        :class:`~kernelhub.errors.QuotaExceeded` past ``max_sandboxes_per_tenant`` live (starting included),
+        and what the sandbox or kernel start raises."""
+        if template is None:
+            template = "python"
+        if not isinstance(template, str) or template not in self.templates:
+            raise InvalidRequest(f"Unknown template {template!r}; known templates are "
+                                 f"{', '.join(sorted(self.templates))}.")
+        tmpl = self.templates[template]
+        base = resolve_limits(tmpl.limits, self.defaults, self.maximum) if tmpl.limits else self.defaults
+        resolved = resolve_limits(limits, base, self.maximum)
+        env_vars = {**tmpl.env, **check_env(env)}
+        if metadata is None:
+            metadata = {}
+        if not isinstance(metadata, dict):
+            raise InvalidRequest("metadata must be a JSON object.")
+        if len(json.dumps(metadata)) > MAX_METADATA_BYTES:
+            raise InvalidRequest(f"metadata may be at most {MAX_METADATA_BYTES} bytes of JSON.")
+        network = tmpl.network if network is None else network
+        if network != "none":
+            raise InvalidRequest(f"Network mode {network!r} is not available on this gateway; sandboxes reach "
+                                 "only their own loopback (network: \"none\").")
+        language = kernel_language or tmpl.language
+        if language not in KERNELSPECS:
+            raise InvalidRequest(f"Unknown language {language!r}.")
+        name = tenant.name
+        if self._live_count(tenant) + self._pending.get(name, 0) >= self.max_sandboxes_per_tenant:
+            raise QuotaExceeded(f"Tenant {name!r} already has {self.max_sandboxes_per_tenant} live sandboxes; "
+                                "delete one first.")
+        self._pending[name] = self._pending.get(name, 0) + 1
+        sandbox: Sandbox | None = None
+        try:
+            sandbox = await self._provision(resolved, env_vars)
+            record = SandboxRecord(sandbox.id, tenant, tmpl, resolved, metadata)
+            record.sandbox = sandbox
+            sandbox.on_exit.append(lambda sb: self._on_sandbox_exit(record))
+            self._records[record.id] = record
+            session = JupyterSession(sandbox, language, self.kernel_spec_manager)
+            record.sessions[session.id] = session
+            self._sessions[session.id] = (record, session)
+            await session.start()
+            record.state = "running"
+            record.touch()
+            return record
+        except BaseException:
+            if sandbox is not None:
+                record_ = self._records.get(sandbox.id)
+                if record_ is not None:
+                    await self._stop_record(record_, "failed")
+                    self._records.pop(sandbox.id, None)
+                else:
+                    await sandbox.stop("failed")
+            raise
+        finally:
+            self._pending[name] -= 1
+
+    def _on_sandbox_exit(self, record: SandboxRecord) -> None:
+        sb = record.sandbox
+        if record.state in ("starting", "running"):
+            record.state = "failed"
+            record.reason = (sb.reason if sb else None) or "failed"
+            self.spawn(self._stop_record(record, record.reason))
+
+    def list_sandboxes(self, tenant: Tenant) -> list[SandboxRecord]:
+        """``sandbox_list``: the tenant's sandboxes, stopped ones included until ``stopped_retention_s``."""
+        return [r for r in self._records.values() if r.tenant == tenant]
+
+    def get_sandbox(self, tenant: Tenant, sandbox_id: object) -> SandboxRecord:
+        """``sandbox_info``: the tenant's sandbox ``sandbox_id`` in any state; raises
+        :class:`~kernelhub.errors.NotFound` for unknown ids and other tenants' ids."""
+        record = self._records.get(sandbox_id) if isinstance(sandbox_id, str) else None
+        if record is None or record.tenant != tenant:
+            raise NotFound(f"No sandbox {str(sandbox_id)[:64]!r}.")
+        return record
+
+    def find(self, sandbox_id: str) -> SandboxRecord | None:
+        """The record of ``sandbox_id`` whoever owns it, or None; for services that hold an id they checked."""
+        return self._records.get(sandbox_id)
+
+    def running(self, tenant: Tenant, sandbox_id: object) -> tuple[SandboxRecord, Sandbox]:
+        """The tenant's sandbox, which must be running, and counts this call as activity. Raises
+        :class:`~kernelhub.errors.NotFound`, or :class:`~kernelhub.errors.Conflict`
+        (``sandbox_not_running``) for a stopped or failed one."""
+        record = self.get_sandbox(tenant, sandbox_id)
+        if record.state != "running" or record.sandbox is None:
+            reason = f" ({record.reason})" if record.reason else ""
+            raise Conflict(f"Sandbox {record.id} is {record.state}{reason}.", error="sandbox_not_running")
+        record.touch()
+        return record, record.sandbox
+
+    async def _stop_record(self, record: SandboxRecord, reason: str | None) -> None:
+        if record.state in ("starting", "running"):
+            record.state = "stopped"
+        if reason and not record.reason and reason not in ("deleted", "shutdown"):
+            record.reason = reason
+        for session in list(record.sessions.values()):
+            self._sessions.pop(session.id, None)
+            with contextlib.suppress(Exception):
+                await session.close()
+        for ex in self.executions.for_sandbox(record.id):
+            if not ex.ended:
+                await ex.finish("killed", reason or "stopped")
+        sandbox, record.sandbox = record.sandbox, None
+        if sandbox is not None:
+            await sandbox.stop(reason)
+        record.touch()
+
+    async def delete_sandbox(self, tenant: Tenant, sandbox_id: object) -> None:
+        """``sandbox_delete``: kill everything, free every resource, forget the sandbox."""
+        record = self.get_sandbox(tenant, sandbox_id)
+        await self._stop_record(record, "deleted")
+        self._records.pop(record.id, None)
+
+    def sandbox_logs(self, tenant: Tenant, sandbox_id: object, lines: int | str = 100) -> list[str]:
+        """``sandbox_logs``: the last ``lines`` (0 to 10000; a query string's text is accepted) of the
+        sandbox's log, oldest first."""
+        record = self.get_sandbox(tenant, sandbox_id)
+        try:
+            n = int(lines)
+        except (TypeError, ValueError):
+            raise InvalidRequest("lines must be a whole number.") from None
+        if not 0 <= n <= 10000:
+            raise InvalidRequest("lines must be between 0 and 10000.")
+        record.touch()
+        return record.sandbox.logs(n) if record.sandbox is not None else []
+
+    def sandbox_metrics(self, tenant: Tenant, sandbox_id: object) -> dict[str, Any]:
+        """``sandbox_metrics``: the running sandbox's cgroup counters (:meth:`Sandbox.metrics` gives shapes)."""
+        record = self.get_sandbox(tenant, sandbox_id)
+        record.touch()
+        if record.sandbox is None:
+            raise Conflict(f"Sandbox {record.id} is {record.state}.", error="sandbox_not_running")
+        return record.sandbox.metrics()
+
+    # -- sessions ---------------------------------------------------------------------------------------
+
+    async def create_session(self, tenant: Tenant, sandbox_id: object, type: object = "jupyter",
+                             language: str | None = None) -> Session:
+        """``session_create``: another kernel (any language) or a terminal in the same sandbox."""
+        record, sandbox = self.running(tenant, sandbox_id)
+        if type not in SESSION_TYPES:
+            raise InvalidRequest(f"type must be one of {', '.join(SESSION_TYPES)}.")
+        if len(record.sessions) >= 16:
+            raise QuotaExceeded("A sandbox may hold at most 16 sessions.")
+        session: Session
+        if type == "jupyter":
+            lang = language or record.template.language
+            if lang not in KERNELSPECS:
+                raise InvalidRequest(f"Unknown language {lang!r}; use one of {', '.join(LANGUAGES)}.")
+            session = JupyterSession(sandbox, lang, self.kernel_spec_manager)
+        else:
+            if language is not None:
+                raise InvalidRequest("language applies only to jupyter sessions.")
+            from .terminals import TerminalSession
+
+            session = TerminalSession(sandbox)
+        record.busy += 1
+        try:
+            await session.start()
+        finally:
+            record.busy -= 1
+        record.sessions[session.id] = session
+        self._sessions[session.id] = (record, session)
+        record.touch()
+        return session
+
+    def get_session(self, tenant: Tenant, session_id: object) -> tuple[SandboxRecord, Session]:
+        """The tenant's session ``session_id`` and its sandbox's record; counts as activity. Raises
+        :class:`~kernelhub.errors.NotFound` for unknown, closed and other tenants' ids."""
+        found = self._sessions.get(session_id) if isinstance(session_id, str) else None
+        if found is None or found[0].tenant != tenant:
+            raise NotFound(f"No session {str(session_id)[:64]!r}.")
+        found[0].touch()
+        return found
+
+    def find_session(self, session_id: str) -> tuple[SandboxRecord, Session] | None:
+        """The open session ``session_id`` and its sandbox's record whoever owns them, or None."""
+        return self._sessions.get(session_id)
+
+    async def close_session(self, tenant: Tenant, session_id: object) -> None:
+        """``session_close``: stop the kernel or shell; the sandbox carries on."""
+        record, session = self.get_session(tenant, session_id)
+        self._sessions.pop(session.id, None)
+        record.sessions.pop(session.id, None)
+        await session.close()
