@@ -1,20 +1,18 @@
-"""The MCP server: the seventeen tools on the official SDK's low-level :class:`mcp.server.Server`, and
-``kernelhub mcp``, which serves them over stdio.
+"""The MCP server: the seventeen tools on the official SDK's low-level :class:`mcp.server.Server`, and their
+stdio transport for ``kernelhub mcp``.
 
 :func:`build_server` makes the SDK server for any way of choosing a backend per call (the gateway's ``/mcp``
-route picks the caller's tenant, see :mod:`kernelhub.mcp.http`); :func:`main` is ``kernelhub mcp``, in-process
-by default (a :class:`~kernelhub.services.hub.Hub` of its own, tenant ``default``) or, with ``--url``, driving a
-running gateway through its REST API.
+route picks the caller's tenant, see :mod:`kernelhub.mcp.http`). :func:`stdio_embedded` serves the tools over
+stdio on a hub in this process (started by ``kernelhub mcp``'s app, which owns the command line and the start-up,
+see :class:`kernelhub.cli.MCPApp`); :func:`stdio_remote` drives a running gateway through its REST API.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,7 +23,11 @@ from mcp.server import Server, ServerRequestContext
 from mcp.server.stdio import stdio_server
 
 from .. import __version__
+from ..client import _api
+from ..client._async import AsyncApiClient
 from ..errors import KernelHubError
+from ..services.hub import Hub
+from ..services.tenants import Tenant
 from . import tools
 from .backends import Backend, HubBackend, RemoteBackend
 
@@ -148,69 +150,10 @@ def build_server(backend_for: BackendFor) -> Server[Any]:
                   on_list_tools=list_tools, on_call_tool=call_tool)
 
 
-# -- kernelhub mcp ------------------------------------------------------------------------------------------
-
-HELP = """\
-Serve kernelhub's seventeen MCP tools (sandbox_create, code_execute, file_upload, ...) over stdio, for an
-MCP host such as Claude Desktop or an IDE agent.
-
-Two modes:
-  embedded (default)   kernelhub runs in this process: sandboxes are started here (bubblewrap + cgroups, as
-                       `kernelhub serve` does; usually needs root) for the tenant 'default', and all of them
-                       are stopped when the host closes the server.
-  remote (--url)       the tools drive a running gateway (`kernelhub serve`) through its REST API with
-                       --token; sandboxes belong to that key's tenant and outlive this process.
-
-The MCP host starts this command itself; stdout carries the protocol, logs go to stderr. The gateway also
-serves the same tools over streamable HTTP at http://HOST:PORT/mcp (Authorization: Bearer KEY).
-"""
-
-EPILOG = """\
-environment variables:
-  KERNELHUB_URL         default for --url (setting it selects the remote mode)
-  KERNELHUB_TOKEN       default for --token
-  KERNELHUB_STATE_DIR   default for --state-dir
-  KERNELHUB_CONFIG      default for --config
-  KERNELHUB_ISOLATION   default for --isolation
-  (every other KERNELHUB_* variable of `kernelhub serve` applies to the embedded mode too)
-
-Claude Desktop (claude_desktop_config.json), embedded:
-  {"mcpServers": {"kernelhub": {"command": "/path/to/.venv/bin/kernelhub", "args": ["mcp"]}}}
-remote:
-  {"mcpServers": {"kernelhub": {"command": "/path/to/.venv/bin/kernelhub",
-                                "args": ["mcp", "--url", "http://127.0.0.1:8888"],
-                                "env": {"KERNELHUB_TOKEN": "<key>"}}}}
-"""
+# -- kernelhub mcp: stdio -----------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kernelhub mcp", description=HELP, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    remote = parser.add_argument_group("remote mode")
-    remote.add_argument("--url", default=os.environ.get("KERNELHUB_URL") or None,
-                        help="the gateway to drive, e.g. http://127.0.0.1:8888 (KERNELHUB_URL); without it the "
-                             "service runs in this process")
-    remote.add_argument("--token", default=os.environ.get("KERNELHUB_TOKEN") or None,
-                        help="the API key for --url (KERNELHUB_TOKEN); prefer the variable, as arguments are "
-                             "visible to other users of the machine")
-    embedded = parser.add_argument_group("embedded mode")
-    embedded.add_argument("--embedded", action="store_true",
-                          help="run in this process even if KERNELHUB_URL is set")
-    embedded.add_argument("--state-dir", default=None,
-                          help="where sandboxes keep their workspaces (KERNELHUB_STATE_DIR; default "
-                               "/var/lib/kernelhub as root, else ~/.local/share/kernelhub)")
-    embedded.add_argument("--config", default=None,
-                          help="a traitlets config file (.py or .json), as for `kernelhub serve` (KERNELHUB_CONFIG)")
-    embedded.add_argument("--isolation", choices=["strict", "relaxed"], default=None,
-                          help="strict (default): refuse to start unless `kernelhub doctor` finds the isolation "
-                               "enforceable; relaxed: run with what this machine allows (KERNELHUB_ISOLATION)")
-    parser.add_argument("--log-level", default=os.environ.get("KERNELHUB_LOG_LEVEL", "WARNING"),
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper,
-                        help="what goes to stderr (KERNELHUB_LOG_LEVEL; default WARNING)")
-    return parser
-
-
-async def _serve_stdio(server: Server[Any], cleanup: Callable[[], Awaitable[None]]) -> None:
+async def serve_stdio(server: Server[Any], cleanup: Callable[[], Awaitable[None]]) -> None:
     """Serve until the host closes stdin, then ``cleanup()``. SIGTERM/SIGINT run the same clean-up and end
     the process: the SDK reads stdin in a thread that a cancellation cannot interrupt."""
     loop = asyncio.get_running_loop()
@@ -242,65 +185,21 @@ async def _serve_stdio(server: Server[Any], cleanup: Callable[[], Awaitable[None
         await clean()
 
 
-async def _embedded(args: argparse.Namespace) -> int:
-    from ..app import KernelHubApp
-    from ..sandbox import doctor
-    from ..sandbox.sandbox import SandboxFactory
-    from ..services.hub import Hub
-    from ..services.tenants import Tenant
-
-    argv = []
-    for option, value in (("--state-dir", args.state_dir), ("--config", args.config),
-                          ("--isolation", args.isolation)):
-        if value:
-            argv += [option, value]
-    app = KernelHubApp()
-    app.initialize(argv)
-    app.log.setLevel(args.log_level)
-    factory = SandboxFactory(parent=app)
-    if factory.isolation == "strict" and not app.skip_doctor:
-        results = await doctor.checks_async(bwrap=factory.bwrap_path, cgroup_root=factory.cgroup_root,
-                                            runtime_dir=factory.runtime_dir)
-        if not doctor.enforceable(results):
-            failed = "; ".join(f"{c.name}: {c.detail}" for c in results if c.required and not c.ok)
-            print(f"kernelhub mcp: this machine cannot enforce strict isolation ({failed}). Fix it, or run "
-                  "with --isolation relaxed, or drive a gateway with --url.", file=sys.stderr)
-            return 1
-    hub = Hub(factory, parent=app)
-    await hub.start()
-    backend = HubBackend(hub, Tenant("default"))
-    # Every sandbox this process started is stopped when the host goes away.
-    await _serve_stdio(build_server(lambda ctx: backend), hub.shutdown)
-    return 0
+async def stdio_embedded(hub: Hub, tenant: Tenant) -> None:
+    """``kernelhub mcp`` in-process: the tools act as ``tenant`` on ``hub`` (started by the caller) until the
+    host closes the server; then, or on SIGTERM/SIGINT, every sandbox this process started is stopped."""
+    backend = HubBackend(hub, tenant)
+    await serve_stdio(build_server(lambda ctx: backend), hub.shutdown)
 
 
-async def _remote(args: argparse.Namespace) -> int:
-    from ..client import _api
-    from ..client._async import AsyncApiClient
-
-    api = AsyncApiClient(args.url, args.token)
+async def stdio_remote(url: str, token: str | None) -> None:
+    """``kernelhub mcp --url``: the tools drive the gateway at ``url`` with the API key ``token``. A gateway
+    that does not answer is logged, not fatal: the host shows the server as connected and every tool answers
+    that error until it is fixed. The gateway's sandboxes outlive this process (they idle out there)."""
+    api = AsyncApiClient(url, token)
     try:
         await api.call(_api.list_sandboxes())
     except KernelHubError as exc:
-        # Not fatal: the host shows the server as connected and every tool answers this error until fixed.
         log.warning("the gateway at %s did not answer as expected: %s", api.url, exc)
     backend = RemoteBackend(api)
-    # The gateway's sandboxes outlive this process (they idle out there); only the HTTP client is closed.
-    await _serve_stdio(build_server(lambda ctx: backend), api.aclose)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry of ``kernelhub mcp``."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s kernelhub-mcp %(levelname)s %(name)s: %(message)s")
-    try:
-        if args.url and not args.embedded:
-            return asyncio.run(_remote(args))
-        return asyncio.run(_embedded(args))
-    except KernelHubError as exc:
-        print(f"kernelhub mcp: {exc.message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    await serve_stdio(build_server(lambda ctx: backend), api.aclose)

@@ -33,6 +33,7 @@ from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Dict, Float
 
 from ..errors import SandboxError
+from ..settings import env_config
 from .limits import Limits, resolve_limits
 from .sandbox import Sandbox, SandboxFactory, SandboxProcess
 
@@ -50,7 +51,7 @@ def default_factory() -> SandboxFactory:
     """The factory used when no gateway hands in a sandbox (configured from ``KERNELHUB_*`` variables)."""
     global _default_factory
     if _default_factory is None:
-        _default_factory = SandboxFactory()
+        _default_factory = SandboxFactory(config=env_config([SandboxFactory]))
     return _default_factory
 
 

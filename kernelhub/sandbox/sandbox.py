@@ -46,10 +46,6 @@ _LAUNCH_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
 _RUN_DIR_BYTES = 2 * 1024 * 1024
 
 
-def _env_default(name: str, fallback: str) -> str:
-    return os.environ.get(name, fallback)
-
-
 async def _mount_run_dir(path: Path, uid: int, gid: int) -> None:
     # Root's, 0755: the sandbox reads its kernels' connection files and connects to their sockets here but
     # creates nothing itself (each kernel's own directory is handed to it only while that kernel binds).
@@ -551,93 +547,48 @@ class SandboxFactory(LoggingConfigurable):
     """Creates sandboxes. Configured by the gateway app (or, for plain jupyter_client, from ``KERNELHUB_*``
     variables); one per process."""
 
-    state_dir = Unicode(help="Where sandboxes keep their workspaces and sockets (KERNELHUB_STATE_DIR env var).",
-                        config=True)
+    # Each option's KERNELHUB_* variable is its ``env`` tag, read by kernelhub.settings (the command line, and
+    # the provisioner's own factory under plain jupyter_client).
+    state_dir = Unicode(help="Where sandboxes keep their workspaces and sockets.", config=True).tag(
+        env="KERNELHUB_STATE_DIR", default_help="/var/lib/kernelhub as root, else ~/.local/share/kernelhub")
 
     @default("state_dir")
     def _state_dir_default(self) -> str:
-        fallback = "/var/lib/kernelhub" if os.geteuid() == 0 else os.path.expanduser("~/.local/share/kernelhub")
-        return _env_default("KERNELHUB_STATE_DIR", fallback)
+        return "/var/lib/kernelhub" if os.geteuid() == 0 else os.path.expanduser("~/.local/share/kernelhub")
 
-    runtime_dir = Unicode(help="The kernels' runtime (python venv, node_modules), bound read-only into every "
-                               "sandbox (KERNELHUB_RUNTIME_DIR env var).", config=True)
-
-    @default("runtime_dir")
-    def _runtime_dir_default(self) -> str:
-        return _env_default("KERNELHUB_RUNTIME_DIR", "/opt/kernelhub/runtime")
-
-    agent_python = Unicode("/usr/bin/python3", help="Python that runs the in-sandbox agent "
-                           "(KERNELHUB_AGENT_PYTHON env var).", config=True)
-
-    @default("agent_python")
-    def _agent_python_default(self) -> str:
-        return _env_default("KERNELHUB_AGENT_PYTHON", "/usr/bin/python3")
-
-    bwrap_path = Unicode(help="The bubblewrap binary (KERNELHUB_BWRAP env var).", config=True)
+    runtime_dir = Unicode("/opt/kernelhub/runtime", help="The kernels' runtime (python venv, node_modules), bound "
+                          "read-only into every sandbox.", config=True).tag(env="KERNELHUB_RUNTIME_DIR")
+    agent_python = Unicode("/usr/bin/python3", help="Python that runs the in-sandbox agent.",
+                           config=True).tag(env="KERNELHUB_AGENT_PYTHON")
+    bwrap_path = Unicode(help="The bubblewrap binary.", config=True).tag(
+        env="KERNELHUB_BWRAP", default_help="bwrap on PATH")
 
     @default("bwrap_path")
     def _bwrap_default(self) -> str:
-        return _env_default("KERNELHUB_BWRAP", shutil.which("bwrap") or "bwrap")
+        return shutil.which("bwrap") or "bwrap"
 
-    uid_base = Integer(help="First host uid handed to sandboxes (KERNELHUB_UID_BASE env var).", config=True)
-
-    @default("uid_base")
-    def _uid_base_default(self) -> int:
-        return int(_env_default("KERNELHUB_UID_BASE", "200000"))
-
-    uid_count = Integer(help="How many host uids sandboxes may use (KERNELHUB_UID_COUNT env var).", config=True)
-
-    @default("uid_count")
-    def _uid_count_default(self) -> int:
-        return int(_env_default("KERNELHUB_UID_COUNT", "65536"))
-
-    uid_lock_dir = Unicode(help="Machine-wide directory of uid locks, shared by every kernelhub process "
-                                "(KERNELHUB_UID_LOCK_DIR env var).", config=True)
-
-    @default("uid_lock_dir")
-    def _uid_lock_dir_default(self) -> str:
-        return _env_default("KERNELHUB_UID_LOCK_DIR", "/run/kernelhub-uids")
-
-    cgroup_root = Unicode(help="Mount point of the cgroup hierarchies (KERNELHUB_CGROUP_ROOT env var).",
-                          config=True)
-
-    @default("cgroup_root")
-    def _cgroup_root_default(self) -> str:
-        return _env_default("KERNELHUB_CGROUP_ROOT", "/sys/fs/cgroup")
-
-    cgroup_parent = Unicode(help="The folder of kernelhub's own cgroups in each hierarchy "
-                                 "(KERNELHUB_CGROUP_PARENT env var).", config=True)
-
-    @default("cgroup_parent")
-    def _cgroup_parent_default(self) -> str:
-        return _env_default("KERNELHUB_CGROUP_PARENT", "kernelhub")
-
-    isolation = Enum(["strict", "relaxed"], help="strict: refuse to start sandboxes unless memory, cpu and "
-                     "pids limits, a uid of their own and the workspace quota can all be enforced; relaxed: "
-                     "run with whatever this machine allows, as `kernelhub doctor` reports "
-                     "(KERNELHUB_ISOLATION env var).", config=True)
-
-    @default("isolation")
-    def _isolation_default(self) -> str:
-        return _env_default("KERNELHUB_ISOLATION", "strict")
-
-    workspace_mode = Enum(["auto", "loop", "dir"], help="How workspaces get their disk quota: loop (an ext4 "
-                          "image per sandbox), dir (no quota) or auto (KERNELHUB_WORKSPACE_MODE env var).",
-                          config=True)
-
-    @default("workspace_mode")
-    def _workspace_mode_default(self) -> str:
-        return _env_default("KERNELHUB_WORKSPACE_MODE", "auto")
-
+    uid_base = Integer(200000, help="First host uid handed to sandboxes.", config=True).tag(env="KERNELHUB_UID_BASE")
+    uid_count = Integer(65536, help="How many host uids sandboxes may use.", config=True).tag(
+        env="KERNELHUB_UID_COUNT")
+    uid_lock_dir = Unicode("/run/kernelhub-uids", help="Machine-wide directory of uid locks, shared by every "
+                           "kernelhub process.", config=True).tag(env="KERNELHUB_UID_LOCK_DIR")
+    cgroup_root = Unicode("/sys/fs/cgroup", help="Mount point of the cgroup hierarchies.", config=True).tag(
+        env="KERNELHUB_CGROUP_ROOT")
+    cgroup_parent = Unicode("kernelhub", help="The folder of kernelhub's own cgroups in each hierarchy.",
+                            config=True).tag(env="KERNELHUB_CGROUP_PARENT")
+    isolation = Enum(["strict", "relaxed"], "strict", help="strict: refuse to start sandboxes unless memory, cpu "
+                     "and pids limits, a uid of their own and the workspace quota can all be enforced; relaxed: "
+                     "run with whatever this machine allows, as `kernelhub doctor` reports.",
+                     config=True).tag(env="KERNELHUB_ISOLATION")
+    workspace_mode = Enum(["auto", "loop", "dir"], "auto", help="How workspaces get their disk quota: loop (an "
+                          "ext4 image per sandbox), dir (no quota) or auto.", config=True).tag(
+        env="KERNELHUB_WORKSPACE_MODE")
     min_host_free_mb = Integer(1024, help="Refuse new workspaces that could leave less than this much free "
-                               "space on the host (KERNELHUB_MIN_HOST_FREE_MB env var).", config=True)
-
-    @default("min_host_free_mb")
-    def _min_free_default(self) -> int:
-        return int(_env_default("KERNELHUB_MIN_HOST_FREE_MB", "1024"))
-
-    start_timeout = Integer(30, help="Seconds a sandbox may take to start.", config=True)
-    as_root = Bool(help="Whether sandboxes get uids of their own (needs root).", config=True)
+                               "space on the host.", config=True).tag(env="KERNELHUB_MIN_HOST_FREE_MB")
+    start_timeout = Integer(30, help="Seconds a sandbox may take to start.", config=True).tag(
+        env="KERNELHUB_START_TIMEOUT")
+    as_root = Bool(help="Whether sandboxes get uids of their own (needs root).", config=True).tag(
+        env="KERNELHUB_AS_ROOT", default_help="true when run as root")
 
     @default("as_root")
     def _as_root_default(self) -> bool:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager
-from traitlets import Dict, Float, Integer, Unicode
+from traitlets import Dict, Float, Integer
 from traitlets.config import LoggingConfigurable
 
 from ..sandbox.limits import DEFAULT_MAXIMUM, Limits, resolve_limits
@@ -46,17 +46,21 @@ class Hub(LoggingConfigurable):
     service's own bound method, assigned in ``__init__``: one definition, one signature, one docstring, in the
     module of its concern."""
 
-    default_limits = Dict(help="Limits a sandbox gets when the request names none (API.md names).",
-                          config=True)
-    max_limits = Dict(help="The most a request may ask for, per limit (API.md names).", config=True)
+    # Each option's KERNELHUB_* variable is its ``env`` tag, read by kernelhub.settings.
+    default_limits = Dict(help="Limits a sandbox gets when the request names none (API.md names), e.g. "
+                          '{"memory_mb": 1024}.', config=True).tag(env="KERNELHUB_DEFAULT_LIMITS")
+    max_limits = Dict(help="The most a request may ask for, per limit (API.md names).", config=True).tag(
+        env="KERNELHUB_MAX_LIMITS")
     max_sandboxes_per_tenant = Integer(20, help="Live sandboxes a tenant may have at once, starting ones "
-                                       "included (KERNELHUB_MAX_SANDBOXES_PER_TENANT env var).", config=True)
-    execution_history = Integer(1000, help="Finished executions kept for execution_status.", config=True)
-    reap_interval = Float(1.0, help="Seconds between idle/lifetime checks.", config=True)
-    templates_json = Unicode("", help="Extra templates as a JSON object {name: {language, limits, network, "
-                             "env, description}} (KERNELHUB_TEMPLATES env var).", config=True)
+                                       "included.", config=True).tag(env="KERNELHUB_MAX_SANDBOXES_PER_TENANT")
+    execution_history = Integer(1000, help="Finished executions kept for execution_status.", config=True).tag(
+        env="KERNELHUB_EXECUTION_HISTORY")
+    reap_interval = Float(1.0, help="Seconds between idle/lifetime checks.", config=True).tag(
+        env="KERNELHUB_REAP_INTERVAL")
+    extra_templates = Dict(help="Templates besides the built-in ones: {name: {language, limits, network, env, "
+                           "description}}.", config=True).tag(env="KERNELHUB_TEMPLATES")
     stopped_retention_s = Float(3600.0, help="How long a stopped sandbox stays visible with its reason.",
-                                config=True)
+                                config=True).tag(env="KERNELHUB_STOPPED_RETENTION_S")
 
     def __init__(self, factory: SandboxFactory, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -64,8 +68,8 @@ class Hub(LoggingConfigurable):
         self.kernel_spec_manager = KernelSpecManager(kernel_dirs=[str(KERNELSPECS_DIR)],
                                                      ensure_native_kernel=False)
         self.templates: dict[str, Template] = dict(BUILTIN_TEMPLATES)
-        if self.templates_json:
-            self.templates.update(parse_templates(self.templates_json))
+        if self.extra_templates:
+            self.templates.update(parse_templates(self.extra_templates))
         self.defaults = resolve_limits(self.default_limits, Limits(), DEFAULT_MAXIMUM)
         self.maximum = resolve_limits(self.max_limits, DEFAULT_MAXIMUM, DEFAULT_MAXIMUM) \
             if self.max_limits else DEFAULT_MAXIMUM

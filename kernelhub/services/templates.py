@@ -2,7 +2,7 @@
 
 A :class:`Template` names the language of a sandbox's first kernel, limits over the gateway's defaults, the
 network mode and extra environment variables. :data:`BUILTIN_TEMPLATES` are always there; the operator adds
-more with ``--Hub.templates_json`` (``KERNELHUB_TEMPLATES``), read by :func:`parse_templates`. The
+more with ``--Hub.extra_templates`` (``KERNELHUB_TEMPLATES``), read by :func:`parse_templates`. The
 :class:`~kernelhub.services.hub.Hub` builds the table once; :class:`~kernelhub.services.sandboxes.Sandboxes`
 and :class:`~kernelhub.services.kernels.Kernels` read it, and ``GET /v1/templates`` lists it.
 """
@@ -10,7 +10,6 @@ and :class:`~kernelhub.services.kernels.Kernels` read it, and ``GET /v1/template
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,16 +40,16 @@ BUILTIN_TEMPLATES = {
 }
 
 
-def parse_templates(text: str) -> dict[str, Template]:
-    """The templates of ``--Hub.templates_json``: ``{name: {language, limits, network, env, description}}``
-    as JSON text. Raises :class:`~kernelhub.errors.InvalidRequest` for text that is not JSON or names an
-    unknown language; the limits are checked when a sandbox is created from the template."""
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise InvalidRequest(f"templates are not valid JSON: {exc}") from None
+def parse_templates(data: Mapping[str, Any]) -> dict[str, Template]:
+    """The templates of ``--Hub.extra_templates`` (``KERNELHUB_TEMPLATES``): ``{name: {language, limits,
+    network, env, description}}``, already parsed from JSON by :mod:`kernelhub.settings`. Raises
+    :class:`~kernelhub.errors.InvalidRequest` for a template that is not an object or names an unknown language;
+    the limits are checked when a sandbox is created from the template."""
     out = {}
     for name, spec in data.items():
+        if not isinstance(spec, dict):
+            raise InvalidRequest(f"template {name!r}: expected an object {{language, limits, network, env, "
+                                 f"description}}, not {spec!r}")
         language = spec.get("language", "python")
         if language not in LANGUAGES:
             raise InvalidRequest(f"template {name!r}: unknown language {language!r}")

@@ -1,6 +1,8 @@
-"""The templates config (``--Hub.templates_json``): parsed into templates, bad text refused with a sentence."""
+"""The templates config (``--Hub.extra_templates``): parsed into templates, bad entries refused with a sentence."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 
@@ -9,21 +11,20 @@ from kernelhub.services.templates import Template, parse_templates
 
 
 def test_parse_templates_reads_every_field() -> None:
-    text = ('{"data": {"language": "python", "limits": {"memory_mb": 256}, "env": {"MODE": "x"}, '
-            '"description": "Data work"}, "shell": {"language": "bash"}}')
-    parsed = parse_templates(text)
+    parsed = parse_templates({"data": {"language": "python", "limits": {"memory_mb": 256}, "env": {"MODE": "x"},
+                                       "description": "Data work"}, "shell": {"language": "bash"}})
     assert parsed["data"] == Template("data", "python", {"memory_mb": 256}, "none", {"MODE": "x"}, "Data work")
     assert parsed["shell"] == Template("shell", "bash")
     assert parsed["data"].to_dict() == {"name": "data", "language": "python", "limits": {"memory_mb": 256},
                                         "network": "none", "description": "Data work"}
 
 
-@pytest.mark.parametrize(("text", "words"), [
-    ("{not json", "not valid JSON"),
-    ('{"x": {"language": "cobol"}}', "unknown language 'cobol'"),
+@pytest.mark.parametrize(("data", "words"), [
+    ({"x": [1, 2]}, "template 'x': expected an object"),
+    ({"x": {"language": "cobol"}}, "unknown language 'cobol'"),
 ])
-def test_parse_templates_refuses_bad_text(text: str, words: str) -> None:
+def test_parse_templates_refuses_bad_entries(data: dict[str, Any], words: str) -> None:
     with pytest.raises(InvalidRequest) as info:
-        parse_templates(text)
+        parse_templates(data)
     assert words in info.value.message
 
