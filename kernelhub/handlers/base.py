@@ -9,30 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from typing import Any
 from urllib.parse import urlparse
 
 from tornado import httputil, web, websocket
 
-from ..errors import InvalidRequest, KernelHubError, Unauthorized
+from ..errors import InvalidRequest, KernelHubError, PayloadTooLarge, Unauthorized, error_code
 from ..services.hub import Hub
 from ..services.tenants import Tenant, TenantRegistry
 
 log = logging.getLogger("kernelhub.handlers")
 
 MAX_JSON_BODY = 8 * 1024 * 1024
-
-_STATUS_CODES = {
-    400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    409: "conflict", 411: "length_required", 413: "payload_too_large", 415: "unsupported_media_type",
-    429: "quota_exceeded", 500: "internal_error", 503: "unavailable",
-}
-
-
-def error_code(status: int) -> str:
-    return _STATUS_CODES.get(status, re.sub(r"\W+", "_", httputil.responses.get(status, "error").lower()))
-
 
 class GatewayConfig:
     """Settings the surfaces read (from the app's traitlets); plain attributes so tests can build one."""
@@ -112,7 +100,7 @@ class BaseHandler(AuthMixin, web.RequestHandler):
                 raise InvalidRequest("The request needs a JSON object body.")
             return {}
         if len(body) > MAX_JSON_BODY:
-            raise KernelHubError("The JSON body is too large.", error="payload_too_large", status=413)
+            raise PayloadTooLarge("The JSON body is too large.")
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -140,6 +128,8 @@ class BaseHandler(AuthMixin, web.RequestHandler):
         super()._handle_request_exception(e)  # type: ignore[misc]
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # tornado's own errors (no route, a bad method, a malformed request) carry only a status: the code is the
+        # registry's for it (kernelhub.errors.error_code), as a client reading the answer expects.
         message = self._reason
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, web.HTTPError) and exc.log_message and status_code < 500:

@@ -22,7 +22,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from traitlets import Dict, Float, Integer, Unicode
 from traitlets.config import LoggingConfigurable
 
-from ..errors import Conflict, InvalidRequest, NotFound, QuotaExceeded
+from ..errors import Conflict, InvalidRequest, NotFound, QuotaExceeded, SandboxNotRunning
 from ..models import iso
 from ..sandbox import bwrap
 from ..sandbox.limits import DEFAULT_MAXIMUM, Limits, resolve_limits
@@ -313,7 +313,7 @@ class Hub(LoggingConfigurable):
         record = self.get_sandbox(tenant, sandbox_id)
         if record.state != "running" or record.sandbox is None:
             reason = f" ({record.reason})" if record.reason else ""
-            raise Conflict(f"Sandbox {record.id} is {record.state}{reason}.", error="sandbox_not_running")
+            raise SandboxNotRunning(f"Sandbox {record.id} is {record.state}{reason}.")
         record.touch()
         return record, record.sandbox
 
@@ -355,7 +355,7 @@ class Hub(LoggingConfigurable):
         record = self.get_sandbox(tenant, sandbox_id)
         record.touch()
         if record.sandbox is None:
-            raise Conflict(f"Sandbox {record.id} is {record.state}.", error="sandbox_not_running")
+            raise SandboxNotRunning(f"Sandbox {record.id} is {record.state}.")
         return record.sandbox.metrics()
 
     # -- sessions ---------------------------------------------------------------------------------------
