@@ -123,9 +123,19 @@ class BaseHandler(AuthMixin, web.RequestHandler):
             if isinstance(e, Unauthorized):
                 self.set_header("WWW-Authenticate", 'Bearer realm="kernelhub"')
             self.clear_header("Content-Disposition")
+            self._close_if_body_unread()
             self.send_json(e.to_dict(), e.status)
             return
         super()._handle_request_exception(e)  # type: ignore[misc]
+
+    def _close_if_body_unread(self) -> None:
+        """An error answered before the request was read whole (refused in ``prepare`` of a streamed-body handler:
+        an oversized upload, a bad key, an unknown sandbox) says ``Connection: close``. tornado ends such a
+        connection after the answer (reading the rest would be the only other way) without telling the client,
+        which would then send its next request down a dying connection (RFC 9112, 9.6)."""
+        body = getattr(self.request, "_body_future", None)  # tornado's own, set for @stream_request_body
+        if body is not None and not body.done():
+            self.set_header("Connection", "close")
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         # tornado's own errors (no route, a bad method, a malformed request) carry only a status: the code is the
@@ -137,6 +147,7 @@ class BaseHandler(AuthMixin, web.RequestHandler):
         if status_code >= 500:
             message = "The gateway hit an internal error; the sandbox and your data are unaffected."
         self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self._close_if_body_unread()
         self.finish(json.dumps({"error": error_code(status_code), "message": str(message)}))
 
 

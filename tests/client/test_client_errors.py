@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -331,3 +332,31 @@ def test_sync_client_after_fork(gateway: Gateway) -> None:  # noqa: F811
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
 
+
+def test_refusals_before_the_body_say_connection_close(gateway: Gateway, small: Sandbox) -> None:  # noqa: F811
+    """The gateway ends a connection whose request it refused before reading it whole, and says so, so that no
+    client sends its next request down it; a refusal after the request was read keeps the connection."""
+
+    def answer(head: str) -> tuple[int, dict[str, str]]:
+        with socket.create_connection(("127.0.0.1", gateway.port)) as sock:
+            sock.sendall(head.encode() + b"\r\n")  # the headers only: no body follows
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(65536)
+                assert chunk, data
+                data += chunk
+        status_line, *lines = data.split(b"\r\n\r\n")[0].decode().split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+        return int(status_line.split()[1]), headers
+
+    upload = f"PUT /v1/sandboxes/{small.id}/files/big.bin HTTP/1.1\r\nHost: gw\r\nContent-Length: {10 * MiB}\r\n"
+    status, headers = answer(upload + f"Authorization: Bearer {gateway.token}\r\n")
+    assert status == 413 and headers.get("connection") == "close"
+    status, headers = answer(upload + "Authorization: Bearer not-a-key\r\n")
+    assert status == 401 and headers.get("connection") == "close"
+    status, headers = answer("GET /v1/sandboxes HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer not-a-key\r\n")
+    assert status == 401 and headers.get("connection") == "close"
+    # Refused by the route itself, after the (empty) body: the connection stays.
+    status, headers = answer(f"GET /v1/executions/exnosuch HTTP/1.1\r\nHost: gw\r\n"
+                             f"Authorization: Bearer {gateway.token}\r\n")
+    assert status == 404 and "connection" not in headers
