@@ -12,7 +12,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -84,46 +84,33 @@ def sync_and_async(sandbox_id: str, url: str, token: str) -> tuple[Sandbox, Call
     return sync, make
 
 
+#: One request of each shape, for a sync or an async sandbox (the latter's answer is awaited); ``f`` is an open
+#: binary file. The sync client takes an async iterable too: it is consumed on its loop thread.
+SHAPES: list[tuple[str, Callable[[Any, IO[bytes]], Any]]] = [
+    ("json", lambda sb, f: sb.info()),
+    ("upload bytes", lambda sb, f: sb.files.write("x.txt", "x")),
+    ("upload file", lambda sb, f: sb.files.write("x.bin", f)),
+    ("upload unsized", lambda sb, f: sb.files.write("x.bin", Unsized(b"abc" * 1000))),
+    ("upload async iterable", lambda sb, f: sb.files.write("x.bin", chunks(b"abc" * 1000))),
+    ("download", lambda sb, f: sb.files.read("x.txt")),
+    ("websocket", lambda sb, f: sb.run_code("1")),
+    ("ndjson", lambda sb, f: sb._api.stream(_api.execute(sb.id, "1"), on_event=lambda event: None)),
+]
+
+
 def every_shape_sync(sb: Sandbox, raises: type[BaseException], big_file: str) -> None:
-    """Each kind of request raises ``raises`` from the sync client."""
-
-    def upload_file() -> None:
-        with open(big_file, "rb") as f:
-            sb.files.write("x.bin", f)
-
-    attempts: list[tuple[str, Callable[[], Any]]] = [
-        ("json", sb.info),
-        ("upload bytes", lambda: sb.files.write("x.txt", "x")),
-        ("upload file", upload_file),
-        ("upload chunked", lambda: sb.files.write("x.bin", Unsized(b"abc" * 1000))),
-        ("download", lambda: sb.files.read("x.txt")),
-        ("websocket", lambda: sb.run_code("1")),
-        ("ndjson", lambda: sb._api.stream(_api.execute(sb.id, "1"), on_event=lambda event: None)),
-    ]
-    for shape, attempt in attempts:
-        with pytest.raises(raises) as raised:
-            attempt()
+    """Each shape of request raises ``raises`` from the sync client."""
+    for shape, attempt in SHAPES:
+        with open(big_file, "rb") as f, pytest.raises(raises) as raised:
+            attempt(sb, f)
         assert isinstance(raised.value, KernelHubError), shape
 
 
 async def every_shape_async(sb: AsyncSandbox, raises: type[BaseException], big_file: str) -> None:
-    async def upload_file() -> None:
-        with open(big_file, "rb") as f:  # noqa: ASYNC230 - opening is instant; the client reads in a thread
-            await sb.files.write("x.bin", f)
-
-    attempts: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
-        ("json", sb.info),
-        ("upload bytes", lambda: sb.files.write("x.txt", "x")),
-        ("upload file", upload_file),
-        ("upload chunked", lambda: sb.files.write("x.bin", chunks(b"abc" * 1000))),
-        ("download", lambda: sb.files.read("x.txt")),
-        ("websocket", lambda: sb.run_code("1")),
-        ("ndjson", lambda: sb._api.stream(_api.execute(sb.id, "1"))),
-    ]
     try:
-        for shape, attempt in attempts:
-            with pytest.raises(raises) as raised:
-                await attempt()
+        for shape, attempt in SHAPES:
+            with open(big_file, "rb") as f, pytest.raises(raises) as raised:  # noqa: ASYNC230 - opening is instant
+                await attempt(sb, f)
             assert isinstance(raised.value, KernelHubError), shape
     finally:
         await sb.close()
