@@ -157,11 +157,14 @@ class AsyncApiClient:
         If the caller is cancelled, or a callback raises, the execution is interrupted on the way out."""
         request_id = uuid.uuid4().hex
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        limit = _api.execution_timeout(timeout_s)
+        opened = False
         try:
-            async with asyncio.timeout(_api.execution_timeout(timeout_s)):
+            async with asyncio.timeout(limit):
                 async with ws_connect(_api.ws_url(self.url, _api.stream_path(sandbox_id)),
                                       additional_headers=headers, open_timeout=self.request_timeout,
                                       max_size=None, close_timeout=2) as ws:
+                    opened = True
                     await ws.send(json.dumps({**message, "type": "execute", "request_id": request_id}))
                     try:
                         async for raw in ws:
@@ -188,8 +191,11 @@ class AsyncApiClient:
                 raise GatewayConnectionError(
                     f"The gateway at {self.url} closed the stream before the execution ended ({err}).") from None
         except TimeoutError:
-            raise ResponseTimeoutError(f"The execution did not end within {_api.execution_timeout(timeout_s):g} s "
-                                       "of waiting; it may still be running.") from None
+            if not opened:
+                raise ResponseTimeoutError(f"No answer from the gateway at {self.url} within "
+                                           f"{self.request_timeout:g} s.") from None
+            raise ResponseTimeoutError(f"The execution did not end within {limit:g} s of waiting; it may still be "
+                                       "running.") from None
         except (InvalidHandshake, OSError) as err:
             raise GatewayConnectionError(f"Cannot reach the gateway at {self.url}: {err}.") from None
         if not stream.done:

@@ -11,6 +11,7 @@ import socket
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import IO, Any
 
@@ -28,6 +29,7 @@ from kernelhub.client import (
     NotFoundError,
     PayloadTooLargeError,
     QuotaExceededError,
+    ResponseTimeoutError,
     Sandbox,
     UnauthorizedError,
     _api,
@@ -264,6 +266,41 @@ def test_connection_refused_is_not_a_gateway_answer(big_file: str) -> None:
     asyncio.run(main())
 
 
+def test_no_answer_in_time_is_a_response_timeout(big_file: str) -> None:
+    """A server that takes connections and never answers: each shape of request ends after ``request_timeout``
+    in a ResponseTimeoutError, a connection error (no answer) and a timeout both."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # connections complete in the backlog; nothing is ever read or answered
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        shapes = [shape for shape in SHAPES if shape[0] in ("json", "upload file", "download", "websocket")]
+
+        def check(exc: BaseException, shape: str) -> None:
+            assert isinstance(exc, ResponseTimeoutError) and isinstance(exc, GatewayConnectionError), shape
+            assert isinstance(exc, TimeoutError) and isinstance(exc, errors.Timeout) and exc.status == 0, shape
+            assert url in exc.message, shape
+
+        sync = Sandbox({"id": "sbsilent"}, ApiClient(url, "x", request_timeout=0.5))
+        for shape, attempt in shapes:
+            began = time.monotonic()
+            with open(big_file, "rb") as f, pytest.raises(ResponseTimeoutError) as raised:
+                attempt(sync, f)
+            check(raised.value, shape)
+            assert time.monotonic() - began < 10, shape
+
+        async def main() -> None:
+            sb = AsyncSandbox({"id": "sbsilent"}, AsyncApiClient(url, "x", request_timeout=0.5))
+            try:
+                for shape, attempt in shapes:
+                    with open(big_file, "rb") as f, pytest.raises(ResponseTimeoutError) as raised:  # noqa: ASYNC230
+                        await attempt(sb, f)
+                    check(raised.value, shape)
+            finally:
+                await sb.close()
+
+        asyncio.run(main())
+
+
 def test_sync_client_inside_a_running_event_loop(gateway: Gateway) -> None:  # noqa: F811
     """As in a Jupyter cell: the calling thread runs an event loop; the sync client still works, and its
     callbacks run in the calling thread."""
@@ -309,7 +346,10 @@ def test_sync_callback_error_interrupts_the_execution(gateway: Gateway) -> None:
 def test_sync_client_after_fork(gateway: Gateway) -> None:  # noqa: F811
     """A forked child has no loop thread of its parent's: the sync client starts its own there."""
     Sandbox.list(url=gateway.url, token=gateway.token)  # the parent's loop thread is running
-    pid = os.fork()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns of fork() in a process with threads: that is the case under test.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:  # pragma: no cover - the child reports through its exit code
         code = 1
         try:
