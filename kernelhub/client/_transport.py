@@ -24,7 +24,6 @@ from typing import Any
 import anyio.abc
 import httpcore2
 import httpx2
-from httpcore2._backends.anyio import AnyIOStream  # the TLS half: httpcore's own, not re-exported
 
 _SocketOption = tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
 
@@ -61,6 +60,10 @@ class SocketStream(httpcore2.AsyncNetworkStream):
 
     async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
                         timeout: float | None = None) -> httpcore2.AsyncNetworkStream:
+        # httpcore's own anyio stream, which it does not re-export: imported here, so that a move of it in a later
+        # httpcore2 could break only TLS connections.
+        from httpcore2._backends.anyio import AnyIOStream
+
         stream = await anyio.abc.SocketStream.from_socket(self._sock)
         return await AnyIOStream(stream).start_tls(ssl_context, server_hostname, timeout)
 
