@@ -335,8 +335,10 @@ class HubApp(KernelHubApp):
 
 
 class CannotListen(KernelHubError):
-    """The gateway's address is taken or not this machine's; the message says which and how to choose another."""
+    """The gateway's address is taken or not this machine's; the message says which and how to choose another.
+    Never an HTTP answer (``status`` 0)."""
 
+    status = 0
     error = "cannot_listen"
 
 

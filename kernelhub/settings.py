@@ -49,9 +49,10 @@ _FALSE = ("0", "false", "no", "off")
 
 class ConfigError(KernelHubError):
     """A setting that cannot be used: an unknown option or command, a value of the wrong type, a missing or
-    broken config file. ``message`` names where it came from. The command line exits 2 on it."""
+    broken config file. ``message`` names where it came from. The command line exits 2 on it. Never an HTTP
+    answer (``status`` 0), so it is outside the code registry that answers are read with."""
 
-    status = 400
+    status = 0
     error = "bad_config"
 
 

@@ -10,9 +10,14 @@ Sync::
         sandbox.files.write("data.csv", "a,b\\n1,2\\n")
         sandbox.commands.run("wc -l data.csv").stdout
 
-Async: :class:`AsyncSandbox`, the same methods awaited (``async with AsyncSandbox.create() as sandbox:``).
-Errors are typed after the gateway's error codes (:class:`NotFoundError`, :class:`InvalidRequestError`, …, all
-:class:`KernelHubError`).
+Async: :class:`AsyncSandbox`, the same methods awaited (``async with AsyncSandbox.create() as sandbox:``); the
+sync :class:`Sandbox` runs that same code on a private loop thread, so it also works inside a running event loop
+(Jupyter). Errors are the gateway's own classes (:mod:`kernelhub.errors`) under the client's names
+(:class:`NotFoundError` is ``kernelhub.errors.NotFound``, :class:`InvalidRequestError` is ``InvalidRequest``,
+…), all :class:`KernelHubError`; :class:`GatewayConnectionError` alone means that no answer came.
+
+This package needs none of the server's dependencies (tornado, zmq, jupyter_client, traitlets): only httpx2,
+websockets and :mod:`kernelhub.errors`.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from .errors import (
     PayloadTooLargeError,
     QuotaExceededError,
     RequestTimeoutError,
+    ResponseTimeoutError,
     SandboxError,
     UnauthorizedError,
 )
@@ -53,6 +59,7 @@ __all__ = [
     "PayloadTooLargeError",
     "QuotaExceededError",
     "RequestTimeoutError",
+    "ResponseTimeoutError",
     "Result",
     "Sandbox",
     "SandboxError",

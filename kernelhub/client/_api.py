@@ -1,7 +1,8 @@
 """The REST routes of API.md as transport-free request descriptions.
 
-Each function answers a :class:`Call`; the sync transport (:mod:`._sync`, urllib) and the async one
-(:mod:`._async`, tornado) perform it. Keeping the routes here means the two clients cannot drift apart.
+Each function answers a :class:`Call`, which :class:`~kernelhub.client.AsyncApiClient` performs (the sync
+client runs the same one on its loop thread). Keeping the routes here, apart from the transport, lets the MCP
+server's remote backend name them too.
 """
 
 from __future__ import annotations
@@ -9,16 +10,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import AsyncIterable
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
-#: How long a plain request may take before the client gives up, seconds.
+#: How long the client waits for each step of a plain request (connect, each read, each write), seconds.
 DEFAULT_REQUEST_TIMEOUT = 60.0
 #: Extra time over an execution's own limit before the client gives up waiting for its answer.
 EXECUTION_GRACE_S = 30.0
 #: The gateway's own ceiling for execution_timeout_s (API.md); used when the caller names no timeout.
 MAX_EXECUTION_TIMEOUT_S = 3600.0
 DEFAULT_URL = "http://127.0.0.1:8888"
+
+#: An upload body: whole bytes, or chunks read as they are sent.
+Content = bytes | AsyncIterable[bytes]
 
 
 def resolve_url(url: str | None) -> str:
@@ -51,17 +56,19 @@ def execution_timeout(timeout_s: float | None) -> float:
 
 @dataclasses.dataclass
 class Call:
-    """One HTTP request: method, path under the gateway's URL, query, a JSON or raw body, and how long the
-    client waits. ``raw`` asks for the answer's bytes instead of parsed JSON."""
+    """One HTTP request: method, path under the gateway's URL, query, a JSON body or raw ``content`` (with its
+    ``content_length`` when known, so that the gateway can refuse an oversized upload before reading it), and
+    how long the client waits for each step (``None``: the client's ``request_timeout``). ``raw`` asks for the
+    answer's bytes instead of parsed JSON."""
 
     method: str
     path: str
     json_body: Any = None
-    body: bytes | None = None
+    content: Content | None = None
+    content_length: int | None = None
     query: dict[str, Any] | None = None
     raw: bool = False
     timeout: float | None = None
-    content_type: str = "application/json"
 
     def url(self, base: str) -> str:
         url = base + self.path
@@ -69,21 +76,21 @@ class Call:
             url += "?" + urlencode({k: v for k, v in self.query.items() if v is not None})
         return url
 
-    def payload(self) -> bytes | None:
-        if self.body is not None:
-            return self.body
+    def body(self) -> Content | None:
+        if self.content is not None:
+            return self.content
         if self.json_body is not None:
             return json.dumps(self.json_body).encode()
-        if self.method in ("POST", "PUT", "PATCH"):
-            return b""
         return None
 
-    def headers(self, token: str | None) -> dict[str, str]:
-        headers = {"Accept": "application/json" if not self.raw else "*/*"}
-        if self.body is not None:
+    def headers(self, token: str | None, accept: str) -> dict[str, str]:
+        headers = {"Accept": accept}
+        if self.content is not None:
             headers["Content-Type"] = "application/octet-stream"
+            if self.content_length is not None:
+                headers["Content-Length"] = str(self.content_length)
         elif self.json_body is not None:
-            headers["Content-Type"] = self.content_type
+            headers["Content-Type"] = "application/json"
         if token:
             headers["Authorization"] = f"Bearer {token}"
         return headers
@@ -132,7 +139,7 @@ def execute(sandbox_id: str, code: str, *, language: str | None = None, session_
     body = _drop_none(code=code, language=language, session_id=session_id, timeout_s=timeout_s, env=env)
     route = "execute" if wait else "executions"
     return Call("POST", f"/v1/sandboxes/{_sid(sandbox_id)}/{route}", json_body=body,
-                timeout=execution_timeout(timeout_s) if wait else DEFAULT_REQUEST_TIMEOUT)
+                timeout=execution_timeout(timeout_s) if wait else None)
 
 
 def get_execution(execution_id: str) -> Call:
@@ -148,14 +155,14 @@ def run_command(sandbox_id: str, command: str, *, cwd: str | None = None, env: d
 
 # -- files ----------------------------------------------------------------------------------------------
 
-def write_file(sandbox_id: str, path: str, data: bytes) -> Call:
-    return Call("PUT", f"/v1/sandboxes/{_sid(sandbox_id)}/files/{file_path(path)}", body=data,
-                timeout=max(DEFAULT_REQUEST_TIMEOUT, len(data) / 1e6))
+def write_file(sandbox_id: str, path: str, content: Content, size: int | None) -> Call:
+    """``size`` is the body's length in bytes when known (``None`` sends it chunked)."""
+    return Call("PUT", f"/v1/sandboxes/{_sid(sandbox_id)}/files/{file_path(path)}", content=content,
+                content_length=size)
 
 
 def read_file(sandbox_id: str, path: str) -> Call:
-    return Call("GET", f"/v1/sandboxes/{_sid(sandbox_id)}/files/{file_path(path)}", raw=True,
-                timeout=600.0)
+    return Call("GET", f"/v1/sandboxes/{_sid(sandbox_id)}/files/{file_path(path)}", raw=True)
 
 
 def list_files(sandbox_id: str, path: str) -> Call:

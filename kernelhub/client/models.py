@@ -2,7 +2,7 @@
 
 Shapes follow API.md; each object keeps the gateway's dict in ``raw`` for anything not surfaced as an
 attribute. :class:`ExecutionStream` folds the streamed events of one execution (``start``, ``stdout``,
-``stderr``, ``result``, ``error``, ``end``) into an :class:`Execution`; the sync and async sandboxes share it.
+``stderr``, ``result``, ``update``, ``error``, ``end``) into an :class:`Execution`.
 """
 
 from __future__ import annotations
@@ -23,16 +23,20 @@ def strip_ansi(text: str) -> str:
 @dataclasses.dataclass
 class Result:
     """One rich output of an execution: ``data`` maps MIME types to values (binary ones base64, as in
-    Jupyter). ``is_main_result`` is true for the value of the cell's last expression."""
+    Jupyter). ``is_main_result`` is true for the value of the cell's last expression; ``display_id`` is set for
+    a display the code may update later (IPython's ``display(..., display_id=True)``)."""
 
     data: dict[str, Any]
     is_main_result: bool = False
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    display_id: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Result:
+        display_id = d.get("display_id")
         return cls(data=dict(d.get("data") or {}), is_main_result=bool(d.get("is_main_result")),
-                   metadata=dict(d.get("metadata") or {}))
+                   metadata=dict(d.get("metadata") or {}),
+                   display_id=display_id if isinstance(display_id, str) else None)
 
     def formats(self) -> list[str]:
         """The MIME types this result has."""
@@ -186,10 +190,14 @@ Callback = Callable[[Any], Any]
 
 
 class ExecutionStream:
-    """Folds one execution's streamed events into an :class:`Execution` and says which callback to call.
+    """Folds one execution's streamed events (API.md "Streaming") into an :class:`Execution` and says which
+    callback to call.
 
-    The transport (websocket or NDJSON, sync or async) feeds events in order with :meth:`feed`; it answers
-    ``(callback, argument)`` pairs to invoke, so the sync client calls them and the async one awaits them.
+    The transport feeds events in order with :meth:`feed`; it answers ``(callback, argument)`` pairs for the
+    transport to invoke (and await, for coroutine callbacks). An ``update`` event (``{"type": "update",
+    display_id, data, metadata?}``) replaces the data (and metadata, when given) of this execution's results
+    with that ``display_id`` in place: an update is never a new result, and one for a display this execution
+    did not make changes nothing here.
     """
 
     def __init__(self, *, on_stdout: Callback | None = None, on_stderr: Callback | None = None,
@@ -215,6 +223,8 @@ class ExecutionStream:
             result = Result.from_dict(event)
             ex.results.append(result)
             arg = result
+        elif kind == "update":
+            self._update(event)
         elif kind == "error":
             ex.error = ExecutionError.from_dict(event)
             arg = ex.error
@@ -227,3 +237,14 @@ class ExecutionStream:
         if callback is not None and arg is not None:
             calls.append((callback, arg))
         return calls
+
+    def _update(self, event: dict[str, Any]) -> None:
+        display_id = event.get("display_id")
+        data = event.get("data")
+        if not isinstance(display_id, str) or not isinstance(data, dict):
+            return
+        metadata = event.get("metadata")
+        for i, result in enumerate(self.execution.results):
+            if result.display_id == display_id:
+                self.execution.results[i] = dataclasses.replace(
+                    result, data=dict(data), metadata=dict(metadata) if isinstance(metadata, dict) else result.metadata)

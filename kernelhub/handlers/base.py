@@ -9,30 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from typing import Any
 from urllib.parse import urlparse
 
 from tornado import httputil, web, websocket
 
-from ..errors import InvalidRequest, KernelHubError, Unauthorized
+from ..errors import InvalidRequest, KernelHubError, PayloadTooLarge, Unauthorized, error_code
 from ..services.hub import Hub
 from ..services.tenants import Tenant, TenantRegistry
 
 log = logging.getLogger("kernelhub.handlers")
 
 MAX_JSON_BODY = 8 * 1024 * 1024
-
-_STATUS_CODES = {
-    400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    409: "conflict", 411: "length_required", 413: "payload_too_large", 415: "unsupported_media_type",
-    429: "quota_exceeded", 500: "internal_error", 503: "unavailable",
-}
-
-
-def error_code(status: int) -> str:
-    return _STATUS_CODES.get(status, re.sub(r"\W+", "_", httputil.responses.get(status, "error").lower()))
-
 
 class GatewayConfig:
     """Settings the surfaces read (from the app's traitlets); plain attributes so tests can build one."""
@@ -112,7 +100,7 @@ class BaseHandler(AuthMixin, web.RequestHandler):
                 raise InvalidRequest("The request needs a JSON object body.")
             return {}
         if len(body) > MAX_JSON_BODY:
-            raise KernelHubError("The JSON body is too large.", error="payload_too_large", status=413)
+            raise PayloadTooLarge("The JSON body is too large.")
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -135,11 +123,23 @@ class BaseHandler(AuthMixin, web.RequestHandler):
             if isinstance(e, Unauthorized):
                 self.set_header("WWW-Authenticate", 'Bearer realm="kernelhub"')
             self.clear_header("Content-Disposition")
+            self._close_if_body_unread()
             self.send_json(e.to_dict(), e.status)
             return
         super()._handle_request_exception(e)  # type: ignore[misc]
 
+    def _close_if_body_unread(self) -> None:
+        """An error answered before the request was read whole (refused in ``prepare`` of a streamed-body handler:
+        an oversized upload, a bad key, an unknown sandbox) says ``Connection: close``. tornado ends such a
+        connection after the answer (reading the rest would be the only other way) without telling the client,
+        which would then send its next request down a dying connection (RFC 9112, 9.6)."""
+        body = getattr(self.request, "_body_future", None)  # tornado's own, set for @stream_request_body
+        if body is not None and not body.done():
+            self.set_header("Connection", "close")
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # tornado's own errors (no route, a bad method, a malformed request) carry only a status: the code is the
+        # registry's for it (kernelhub.errors.error_code), as a client reading the answer expects.
         message = self._reason
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, web.HTTPError) and exc.log_message and status_code < 500:
@@ -147,6 +147,7 @@ class BaseHandler(AuthMixin, web.RequestHandler):
         if status_code >= 500:
             message = "The gateway hit an internal error; the sandbox and your data are unaffected."
         self.set_header("Content-Type", "application/json; charset=UTF-8")
+        self._close_if_body_unread()
         self.finish(json.dumps({"error": error_code(status_code), "message": str(message)}))
 
 

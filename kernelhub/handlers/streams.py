@@ -23,7 +23,7 @@ from typing import Any
 
 from tornado import websocket
 
-from ..errors import Conflict, InvalidRequest, KernelHubError, NotFound
+from ..errors import ExecutionEnded, InvalidRequest, KernelHubError, NoInputRequested, NotFound
 from ..services.executions import Execution
 from ..services.hub import Hub
 from ..services.tenants import TenantRegistry
@@ -187,7 +187,7 @@ class SandboxStreamHandler(WebSocketBase):
     def _interrupt(self, msg: dict[str, Any]) -> None:
         ex = self._owned(msg)
         if ex.ended:
-            raise Conflict(f"Execution {ex.id} already ended ({ex.status}).", error="execution_ended")
+            raise ExecutionEnded(f"Execution {ex.id} already ended ({ex.status}).")
         # In a task: the interrupt may wait for the kernel to begin the code, and messages keep flowing.
         self._background(self._interrupt_quietly(ex.id))
 
@@ -198,7 +198,7 @@ class SandboxStreamHandler(WebSocketBase):
             raise InvalidRequest("value must be a string.")
         fut = self._inputs.get(ex.id)
         if fut is None or fut.done():
-            raise Conflict(f"Execution {ex.id} is not waiting for input.", error="no_input_requested")
+            raise NoInputRequested(f"Execution {ex.id} is not waiting for input.")
         fut.set_result(value)
 
     # -- closing ------------------------------------------------------------------------------------------

@@ -1,26 +1,25 @@
 """Where the MCP tools' work is done: the in-process service layer, or a running gateway's REST API.
 
 Both backends answer the REST shapes of API.md, so the tool layer (:mod:`kernelhub.mcp.tools`) shapes one kind
-of answer whichever runs underneath, and both raise :class:`kernelhub.errors.KernelHubError` subclasses (the
-client's errors derive from it) for everything a caller may see.
+of answer whichever runs underneath, and both raise the same :class:`kernelhub.errors.KernelHubError` classes
+for everything a caller may see (the client builds the gateway's answers back into them).
 
 - :class:`HubBackend` calls one :class:`~kernelhub.services.hub.Hub` method per tool, as a tenant. Used by
   ``kernelhub mcp`` (embedded, tenant ``default``) and by the gateway's ``/mcp`` route (the caller's tenant).
 - :class:`RemoteBackend` calls the REST API with :class:`~kernelhub.client.AsyncApiClient` (``kernelhub mcp
-  --url URL --token KEY``); executions stream as NDJSON so they can report progress.
+  --url URL --token KEY``); executions stream as NDJSON (:meth:`AsyncApiClient.stream`) so they can report
+  progress.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..client import _api
 from ..client._async import AsyncApiClient
-from ..client.errors import SandboxError, error_class
 from ..errors import PayloadTooLarge
 
 if TYPE_CHECKING:
@@ -171,32 +170,6 @@ def _read_fd(fd: int, size: int) -> bytes:
     return b"".join(chunks)
 
 
-class _NDJSONReader:
-    """Splits a streamed NDJSON body into events for ``on_event``; keeps the ``end`` event."""
-
-    def __init__(self, on_event: EventSink | None) -> None:
-        self.on_event = on_event
-        self.end: dict[str, Any] | None = None
-        self._buffer = b""
-
-    def feed(self, chunk: bytes) -> None:
-        self._buffer += chunk
-        *lines, self._buffer = self._buffer.split(b"\n")
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(event, dict) or "type" not in event:
-                continue  # an error answer's body; the caller raises it from the status
-            if event["type"] == "end":
-                self.end = event
-            elif self.on_event is not None:
-                self.on_event(event)
-
-
 class RemoteBackend:
     """The tools run on a gateway over its REST API (``kernelhub mcp --url URL --token KEY``)."""
 
@@ -204,16 +177,9 @@ class RemoteBackend:
         self.api = api
 
     async def _stream(self, call: _api.Call, on_event: EventSink | None) -> dict[str, Any]:
-        reader = _NDJSONReader(on_event)
-        await self.api.call(call, streaming_callback=reader.feed, headers={"Accept": "application/x-ndjson"})
-        reader.feed(b"\n")
-        end = reader.end
-        if end is None:
-            raise SandboxError("The gateway ended the stream without an end event.", status=502)
-        if end.get("execution") is None and "message" in end:
-            code = end.get("error") if isinstance(end.get("error"), str) else None
-            cls = error_class(code, 0)
-            raise cls(str(end["message"]), error=code or cls.error, status=cls.status, body=end)
+        """The execution (or a terminal's ``{output}``) an NDJSON stream ends with; its events before go to
+        ``on_event``. An error the gateway answers, before or in the stream, is raised typed by the client."""
+        end = await self.api.stream(call, on_event)
         if isinstance(end.get("execution"), dict):
             return end["execution"]  # type: ignore[no-any-return]
         output = end.get("output")
@@ -256,7 +222,7 @@ class RemoteBackend:
         return await self.api.call(call)  # type: ignore[no-any-return]
 
     async def file_upload(self, sandbox_id: str, path: str, data: bytes) -> dict[str, Any]:
-        return await self.api.call(_api.write_file(sandbox_id, path, data))  # type: ignore[no-any-return]
+        return await self.api.call(_api.write_file(sandbox_id, path, data, len(data)))  # type: ignore[no-any-return]
 
     async def file_download(self, sandbox_id: str, path: str, max_bytes: int) -> bytes:
         parent, _, name = path.strip("/").rpartition("/")

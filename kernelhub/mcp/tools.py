@@ -577,7 +577,10 @@ TOOLS_BY_NAME = {tool.name: tool for tool in TOOLS}
 
 
 def error_output(exc: KernelHubError) -> ToolOutput:
-    return ToolOutput({"error": exc.error, "message": exc.message}, f"{exc.error}: {exc.message}", is_error=True)
+    """A failure as a tool error: the REST error body (``exc.to_dict()``, the code from :mod:`kernelhub.errors`'
+    registry) as structured content, and ``code: message`` as text. The same for the hub's errors and, under
+    :class:`~kernelhub.mcp.backends.RemoteBackend`, the client's, which are the same classes."""
+    return ToolOutput(exc.to_dict(), f"{exc.error}: {exc.message}", is_error=True)
 
 
 async def call_tool(backend: Backend, name: str, arguments: dict[str, Any] | None,

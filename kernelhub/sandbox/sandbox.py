@@ -30,7 +30,7 @@ from typing import Any
 from traitlets import Bool, Enum, Integer, Unicode, default
 from traitlets.config import LoggingConfigurable
 
-from ..errors import IsolationUnavailable, SandboxError
+from ..errors import CapacityExhausted, IsolationUnavailable, PidsExhausted, SandboxError, SandboxNotRunning
 from . import bwrap, pty
 from .cgroups import Cgroup, create_cgroup, open_cgroup
 from .limits import Limits
@@ -93,7 +93,7 @@ class UidPool:
                 continue
             self._held[uid] = fd
             return uid
-        raise SandboxError("No free sandbox uid is left in the configured range.", error="capacity")
+        raise CapacityExhausted("No free sandbox uid is left in the configured range.")
 
     def try_hold(self, uid: int) -> bool:
         """Take ``uid``'s lock if nobody holds it (used to reap sandboxes of dead processes)."""
@@ -377,7 +377,7 @@ class Sandbox:
 
     async def _agent_send(self, msg: dict[str, Any], fds: Sequence[int] = ()) -> None:
         if self._ctl is None:
-            raise SandboxError("The sandbox is not running.", error="conflict", status=409)
+            raise SandboxNotRunning("The sandbox is not running.")
         data = json.dumps(msg).encode()
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         for _ in range(1000):
@@ -387,7 +387,7 @@ class Sandbox:
             except BlockingIOError:
                 await asyncio.sleep(0.005)
             except OSError as exc:
-                raise SandboxError("The sandbox is not running.", error="conflict", status=409) from exc
+                raise SandboxNotRunning("The sandbox is not running.") from exc
         raise SandboxError("The sandbox's agent does not answer.")
 
     async def spawn(
@@ -405,7 +405,7 @@ class Sandbox:
         as all three). The caller keeps ownership of the fds. Called by the provisioner, the command
         runner and the terminal manager."""
         if self.state != "running":
-            raise SandboxError(f"The sandbox is {self.state}.", error="conflict", status=409)
+            raise SandboxNotRunning(f"The sandbox is {self.state}.")
         self._next_id += 1
         req = self._next_id
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -428,8 +428,8 @@ class Sandbox:
             self._procs.pop(req, None)
             message = str(reply.get("message"))[:500]
             if reply.get("errno") == errno.EAGAIN:
-                raise SandboxError(f"Could not start {argv[0]!r}: the sandbox is at its process limit "
-                                   f"({self.limits.pids} pids).", error="pids", status=429)
+                raise PidsExhausted(f"Could not start {argv[0]!r}: the sandbox is at its process limit "
+                                    f"({self.limits.pids} pids).")
             raise SandboxError(f"Could not start {argv[0]!r} in the sandbox: {message}")
         pid = reply.get("pid")
         proc.pid = pid if isinstance(pid, int) else None

@@ -36,12 +36,14 @@ from typing import Any
 from ..errors import (
     Conflict,
     DiskQuotaExceeded,
+    HostDiskFull,
     InvalidRequest,
     IsolationUnavailable,
     KernelHubError,
     NotFound,
     PayloadTooLarge,
     SandboxError,
+    WorkspaceUnavailable,
 )
 from .limits import Limits
 
@@ -572,11 +574,9 @@ class Workspace:
         st = os.statvfs(self.sandbox_dir)
         free = st.f_bavail * st.f_frsize
         if free - self.limits.disk_mb * MiB < self.min_host_free_mb * MiB:
-            raise SandboxError(
+            raise HostDiskFull(
                 f"The host disk has {free // MiB} MiB free; a {self.limits.disk_mb} MiB workspace would "
-                f"leave less than the {self.min_host_free_mb} MiB the gateway keeps free.",
-                error="host_disk_full",
-                status=507,
+                f"leave less than the {self.min_host_free_mb} MiB the gateway keeps free."
             )
 
     def _make_mount_point(self) -> None:
@@ -784,14 +784,12 @@ class Workspace:
         try:
             fd = os.open(self.path, _DIR_FLAGS)
         except FileNotFoundError:
-            raise SandboxError(
-                "The workspace is not available.", error="workspace_unavailable", status=503
-            ) from None
+            raise WorkspaceUnavailable("The workspace is not available.") from None
         if _exists(self.image):
             # An image without its mount would send writes to the host disk under the mount point.
             if os.fstat(fd).st_dev == os.stat(self.sandbox_dir).st_dev:
                 os.close(fd)
-                raise SandboxError("The workspace is not mounted.", error="workspace_unavailable", status=503)
+                raise WorkspaceUnavailable("The workspace is not mounted.")
         return fd
 
     def _open_dirs(self, parts: list[str], *, create: bool = False) -> int:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from jupyter_client.kernelspec import KernelSpecManager
 
-from ..errors import Conflict, InvalidRequest, NotFound, QuotaExceeded
+from ..errors import InvalidRequest, NotFound, QuotaExceeded, SandboxNotRunning
 from ..models import iso
 from ..sandbox.limits import Limits, resolve_limits
 from ..sandbox.sandbox import Sandbox, SandboxFactory
@@ -280,7 +280,7 @@ class Sandboxes:
         record = self.get_sandbox(tenant, sandbox_id)
         if record.state != "running" or record.sandbox is None:
             reason = f" ({record.reason})" if record.reason else ""
-            raise Conflict(f"Sandbox {record.id} is {record.state}{reason}.", error="sandbox_not_running")
+            raise SandboxNotRunning(f"Sandbox {record.id} is {record.state}{reason}.")
         record.touch()
         return record, record.sandbox
 
@@ -325,7 +325,7 @@ class Sandboxes:
         record = self.get_sandbox(tenant, sandbox_id)
         record.touch()
         if record.sandbox is None:
-            raise Conflict(f"Sandbox {record.id} is {record.state}.", error="sandbox_not_running")
+            raise SandboxNotRunning(f"Sandbox {record.id} is {record.state}.")
         return record.sandbox.metrics()
 
     # -- sessions ---------------------------------------------------------------------------------------
