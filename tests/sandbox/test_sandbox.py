@@ -4,6 +4,7 @@ and reaping what a SIGKILLed process left behind (real sandboxes, real cgroups, 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import os
 import signal
@@ -139,6 +140,28 @@ def test_spec_refuses_unsafe_values(change: dict[str, Any]) -> None:
     fields = {f: getattr(SPEC, f) for f in SPEC.__dataclass_fields__}
     with pytest.raises(ValueError):
         bwrap.SandboxSpec(**{**fields, **change})
+
+
+def test_runtime_appears_at_its_own_path_with_the_inner_names_as_links() -> None:
+    # Its installers wrote host paths into it (script shebangs): they must hold inside.
+    argv = bwrap.bwrap_argv(SPEC, COMMAND)
+    assert index_of(argv, "--ro-bind", "/opt/kernelhub/runtime", "/opt/kernelhub/runtime") >= 0
+    assert index_of(argv, "--symlink", "/opt/kernelhub/runtime/python", "/opt/kernelhub/python") >= 0
+    assert index_of(argv, "--symlink", "/opt/kernelhub/runtime/node", "/opt/kernelhub/node") >= 0
+    # A runtime installed at /opt/kernelhub itself needs no links; elsewhere, the links point there.
+    at_inner = bwrap.bwrap_argv(dataclasses.replace(SPEC, runtime_dir=bwrap.INNER_RUNTIME), COMMAND)
+    assert index_of(at_inner, "--ro-bind", bwrap.INNER_RUNTIME, bwrap.INNER_RUNTIME) >= 0
+    link_targets = [at_inner[i + 2] for i, a in enumerate(at_inner) if a == "--symlink"]
+    assert not any(t.startswith(bwrap.INNER_RUNTIME) for t in link_targets), link_targets
+    elsewhere = bwrap.bwrap_argv(dataclasses.replace(SPEC, runtime_dir="/srv/rt"), COMMAND)
+    assert index_of(elsewhere, "--symlink", "/srv/rt/python", "/opt/kernelhub/python") >= 0
+
+
+@pytest.mark.parametrize("runtime_dir", ["opt/rt", "/srv/rt/", "/srv/../rt", "/", "/opt",
+                                         "/opt/kernelhub/python", "/opt/kernelhub/node/x"])
+def test_spec_refuses_runtime_paths_that_cannot_appear_at_their_own_path(runtime_dir: str) -> None:
+    with pytest.raises(ValueError):
+        dataclasses.replace(SPEC, runtime_dir=runtime_dir)
 
 
 def test_generated_etc_has_no_host_accounts() -> None:
