@@ -23,7 +23,7 @@ from . import __version__
 from .errors import KernelHubError
 from .handlers.base import GatewayConfig, NotFoundHandler
 from .sandbox import doctor
-from .sandbox.sandbox import SandboxFactory
+from .sandbox.factory import SandboxFactory
 from .services.hub import Hub
 from .services.tenants import TenantRegistry
 

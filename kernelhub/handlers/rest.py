@@ -28,7 +28,7 @@ from ..services.executions import Execution, Listener
 from .base import MAX_JSON_BODY, BaseHandler
 
 if TYPE_CHECKING:
-    from ..sandbox.workspace import UploadWriter
+    from ..sandbox.files import UploadWriter
 
 #: The OpenAPI document kept in the repository and served at ``/v1/openapi.json``.
 OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.json"

@@ -245,7 +245,7 @@ async def _serve_stdio(server: Server[Any], cleanup: Callable[[], Awaitable[None
 async def _embedded(args: argparse.Namespace) -> int:
     from ..app import KernelHubApp
     from ..sandbox import doctor
-    from ..sandbox.sandbox import SandboxFactory
+    from ..sandbox.factory import SandboxFactory
     from ..services.hub import Hub
     from ..services.tenants import Tenant
 

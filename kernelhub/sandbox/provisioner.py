@@ -33,8 +33,9 @@ from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Dict, Float
 
 from ..errors import SandboxError
+from .factory import SandboxFactory
 from .limits import Limits, resolve_limits
-from .sandbox import Sandbox, SandboxFactory, SandboxProcess
+from .sandbox import Sandbox, SandboxProcess
 
 #: The kernelspecs that name this provisioner (installed by ``kernelhub kernelspecs install``; served by the
 #: gateway from here).

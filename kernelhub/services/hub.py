@@ -25,10 +25,11 @@ from traitlets.config import LoggingConfigurable
 from ..errors import Conflict, InvalidRequest, NotFound, QuotaExceeded
 from ..models import iso
 from ..sandbox import bwrap
+from ..sandbox.factory import SandboxFactory
+from ..sandbox.files import UploadWriter
 from ..sandbox.limits import DEFAULT_MAXIMUM, Limits, resolve_limits
 from ..sandbox.provisioner import KERNELSPECS_DIR
-from ..sandbox.sandbox import Sandbox, SandboxFactory
-from ..sandbox.workspace import UploadWriter
+from ..sandbox.sandbox import Sandbox
 from .commands import run_command
 from .executions import Execution, ExecutionHistory, InputHandler, Listener
 from .sessions import KERNELSPECS, LANGUAGES, JupyterSession

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from kernelhub.sandbox import bwrap
-from kernelhub.sandbox.sandbox import SandboxFactory
+from kernelhub.sandbox.factory import SandboxFactory
 from kernelhub.services.hub import Hub
 from kernelhub.services.tenants import Tenant
 

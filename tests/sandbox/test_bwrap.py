@@ -1,26 +1,16 @@
-"""The sandbox launch as pure functions (bubblewrap argv, limit validation), the uid allocator across pools,
-and reaping what a SIGKILLed process left behind (real sandboxes, real cgroups, real mounts)."""
+"""The sandbox launch as pure functions of a spec (kernelhub.sandbox.bwrap): the bubblewrap argv, the cgroup
+join, the generated /etc files."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import math
-import os
-import signal
 import subprocess
-import sys
-import tempfile
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kernelhub.errors import InvalidRequest, IsolationUnavailable, SandboxError
 from kernelhub.sandbox import bwrap
-from kernelhub.sandbox.limits import DEFAULT_MAXIMUM, Limits, resolve_limits
-from kernelhub.sandbox.sandbox import SandboxFactory, UidPool
 
 SPEC = bwrap.SandboxSpec(
     sandbox_id="sbtest",
@@ -35,7 +25,11 @@ SPEC = bwrap.SandboxSpec(
     node_modules="/opt/kernelhub/runtime/node/node_modules",
     env={"MY_VAR": "1"},
 )
+
+
 PROCS = ["/sys/fs/cgroup/memory/kernelhub/sbtest/cgroup.procs", "/sys/fs/cgroup/pids/kernelhub/sbtest/cgroup.procs"]
+
+
 COMMAND = ["/usr/bin/python3", "-I", "/opt/kernelhub-agent/agent.py"]
 
 
@@ -49,10 +43,6 @@ def index_of(argv: list[str], *seq: str) -> int:
         if argv[i : i + len(seq)] == list(seq):
             return i
     raise AssertionError(f"{seq} not in {argv}")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# bubblewrap argv
 
 
 def test_bwrap_argv_isolates_everything() -> None:
@@ -169,156 +159,3 @@ def test_generated_etc_has_no_host_accounts() -> None:
     assert set(files) == set(bwrap.GENERATED_ETC)
     assert [line.split(":")[0] for line in files["passwd"].splitlines()] == ["root", "user", "nobody"]
     assert "shadow" not in bwrap.ETC_RO_ENTRIES and "sudoers" not in bwrap.ETC_RO_ENTRIES
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Limits
-
-
-def test_resolve_limits_defaults_lowering_and_raising() -> None:
-    assert resolve_limits(None) == Limits() == resolve_limits({})
-    assert resolve_limits({"memory_mb": None}) == Limits()
-    lowered = resolve_limits({"memory_mb": 64, "cpu": 0.25, "pids": 16})
-    assert (lowered.memory_mb, lowered.cpu, lowered.pids, lowered.disk_mb) == (64, 0.25, 16, Limits().disk_mb)
-    raised = resolve_limits({"memory_mb": DEFAULT_MAXIMUM.memory_mb, "cpu": 4})
-    assert raised.memory_mb == DEFAULT_MAXIMUM.memory_mb and raised.cpu == 4.0 and isinstance(raised.cpu, float)
-    assert resolve_limits({"pids": 32.0}).pids == 32 and isinstance(resolve_limits({"pids": 32.0}).pids, int)
-    assert resolve_limits({"memory_mb": 100}, maximum=Limits(memory_mb=100)).memory_mb == 100
-    assert resolve_limits({}, defaults=Limits(memory_mb=64)).memory_mb == 64
-
-
-@pytest.mark.parametrize(
-    ("requested", "words"),
-    [
-        ({"memory_mb": DEFAULT_MAXIMUM.memory_mb + 1}, "at most"),
-        ({"cpu": 4.5}, "at most"),
-        ({"pids": 100_000}, "at most"),
-        ({"memory_mb": 8}, "at least"),
-        ({"pids": 0}, "at least"),
-        ({"disk_mb": -1}, "at least"),
-        ({"memroy_mb": 64}, "Unknown limit 'memroy_mb'"),
-        ({"memory_mb": "512"}, "must be a number"),
-        ({"memory_mb": True}, "must be a number"),
-        ({"cpu": [1]}, "must be a number"),
-        ({"memory_mb": 64.5}, "whole number"),
-        ({"cpu": math.nan}, "finite"),
-        ({"cpu": math.inf}, "finite"),
-    ],
-)
-def test_resolve_limits_refuses(requested: dict[str, Any], words: str) -> None:
-    with pytest.raises(InvalidRequest) as info:
-        resolve_limits(requested)
-    assert words in info.value.message
-    assert info.value.status == 400
-
-
-def test_resolve_limits_refuses_non_mappings_and_respects_a_lower_maximum() -> None:
-    with pytest.raises(InvalidRequest):
-        resolve_limits([("memory_mb", 64)])  # type: ignore[arg-type]
-    with pytest.raises(InvalidRequest):
-        resolve_limits({"memory_mb": 101}, maximum=Limits(memory_mb=100))
-
-
-# ------------------------------------------------------------------------------------------------------------
-# UidPool
-
-
-def test_two_pools_on_one_lock_dir_never_share_a_uid(tmp_path: Path) -> None:
-    a, b = UidPool(300_000, 6, tmp_path), UidPool(300_000, 6, tmp_path)
-    got_a, got_b = [], []
-    for _ in range(3):
-        got_a.append(a.acquire())
-        got_b.append(b.acquire())
-    assert len(set(got_a) | set(got_b)) == 6 and set(got_a) == a.held() and set(got_b) == b.held()
-    with pytest.raises(SandboxError) as info:
-        b.acquire()
-    assert info.value.error == "capacity"
-    a.release(got_a[0])
-    assert b.acquire() == got_a[0]
-    assert not a.try_hold(got_a[0]) and not a.try_hold(got_a[1])  # B's, and A's own
-    for uid in list(a.held()):
-        a.release(uid)
-    assert a.held() == set() and a.try_hold(got_a[1])
-
-
-def test_a_uid_held_by_another_process_is_skipped(tmp_path: Path) -> None:
-    with subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            import fcntl, os, sys
-            fd = os.open("{tmp_path}/300100.lock", os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            print("held", flush=True)
-            sys.stdin.read()
-        """)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    ) as holder:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        pool = UidPool(300_100, 2, tmp_path)
-        assert pool.acquire() == 300_101
-        with pytest.raises(SandboxError):
-            pool.acquire()
-        holder.kill()
-    assert pool.acquire() == 300_100  # the lock went with the process
-
-
-def test_uid_pool_refuses_low_ranges(tmp_path: Path) -> None:
-    with pytest.raises(ValueError):
-        UidPool(0, 10, tmp_path)
-    with pytest.raises(ValueError):
-        UidPool(200_000, 0, tmp_path)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Reaping after a crash
-
-CRASHER = """
-import asyncio, os, sys
-from kernelhub.sandbox.sandbox import SandboxFactory
-async def main():
-    sb = await SandboxFactory(state_dir=sys.argv[1]).create()
-    devnull = os.open(os.devnull, os.O_RDWR)
-    # A process that ignores its parent's death, as a real workload might.
-    await sb.spawn(["/bin/sh", "-c", "trap '' HUP TERM; sleep 1000"], stdin=devnull, stdout=devnull,
-                   stderr=devnull)
-    print(sb.id, sb.uid, flush=True)
-    await asyncio.sleep(1000)
-asyncio.run(main())
-"""
-
-
-@pytest.mark.root
-@pytest.mark.bwrap
-@pytest.mark.cgroups
-def test_reap_stale_removes_a_sandbox_left_by_a_sigkilled_process(
-    factory: Any, runner: asyncio.Runner, leftovers_of: Any
-) -> None:
-    state = factory.state_dir
-    with subprocess.Popen([sys.executable, "-c", CRASHER, state], stdout=subprocess.PIPE, text=True) as crasher:
-        assert crasher.stdout is not None
-        line = crasher.stdout.readline()
-        crasher.send_signal(signal.SIGKILL)
-    sandbox_id, uid_text = line.split()
-    uid = int(uid_text)
-    # What the dead process left: its directory, cgroups, the mounted workspace.
-    left = leftovers_of(sandbox_id, uid, state)
-    assert any(x.startswith("cgroup") for x in left) and any(x.startswith("mount") for x in left), left
-
-    # A live sandbox of this process in the same state dir must survive the reaping.
-    live = runner.run(factory.create())
-    reaped = runner.run(factory.reap_stale())
-    assert reaped == [sandbox_id]
-    assert leftovers_of(sandbox_id, uid, state) == []
-    assert uid not in factory.uids.held()
-    assert live.state == "running" and (Path(state) / "sandboxes" / live.id).is_dir()
-    # Reaping twice finds nothing more.
-    assert runner.run(factory.reap_stale()) == []
-    runner.run(live.stop())
-    assert leftovers_of(live.id, live.uid, state) == []
-
-
-@pytest.mark.root
-def test_state_dir_under_an_untraversable_parent_is_refused(runner: asyncio.Runner) -> None:
-    with tempfile.TemporaryDirectory(dir="/tmp") as closed:
-        os.chmod(closed, 0o700)
-        with pytest.raises(IsolationUnavailable):
-            runner.run(SandboxFactory(state_dir=f"{closed}/state").create())
