@@ -3,10 +3,10 @@
 :class:`~kernelhub.sandbox.factory.SandboxFactory` creates :class:`Sandbox` objects (the service layer asks it
 for every new sandbox, the kernel provisioner when plain jupyter_client starts a kernelspec of ours) and
 :meth:`Sandbox.stop` ends them. :meth:`Sandbox.spawn` starts any further process (a kernel, a command, a
-shell on a PTY) inside the same namespaces, cgroup, uid and workspace through
+shell on a PTY with :meth:`Sandbox.start_pty`) inside the same namespaces, cgroup, uid and workspace through
 the agent (:mod:`kernelhub.sandbox.agent`), over an :class:`~kernelhub.sandbox.agent_channel.AgentChannel`.
 The rooms it uses: :mod:`~kernelhub.sandbox.bwrap` (the command line), :mod:`~kernelhub.sandbox.cgroups`,
-:mod:`~kernelhub.sandbox.workspace` and :mod:`~kernelhub.sandbox.pty`.
+:mod:`~kernelhub.sandbox.workspace`, :mod:`~kernelhub.sandbox.pty` and :mod:`~kernelhub.sandbox.pipes`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from . import bwrap, pty
 from .agent_channel import AgentChannel
 from .cgroups import Cgroup, create_cgroup
 from .limits import Limits
+from .pipes import pump_lines
 from .tools import run_tool
 from .workspace import Workspace
 
@@ -67,6 +68,30 @@ async def unmount_run_dir(path: Path) -> None:
         raise SandboxError(f"Could not unmount {path}: {out}")
 
 
+# Run inside the sandbox by SandboxProcess.kill_session: kill every process of the session argv[1] until none is
+# left. Zombies are skipped: they are dead and their parent (bwrap's pid 1 for orphans) reaps them.
+_KILL_SESSION = """\
+import os, sys
+sid = int(sys.argv[1])
+for _ in range(100):
+    found = False
+    for name in os.listdir('/proc'):
+        if not name.isdigit():
+            continue
+        try:
+            with open('/proc/%s/stat' % name) as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+            if fields[0] != 'Z' and int(fields[3]) == sid:
+                os.kill(int(name), 9)
+                found = True
+        except (OSError, ValueError, IndexError):
+            pass
+    if not found:
+        break
+"""
+_KILL_SESSION_TIMEOUT_S = 10
+
+
 class SandboxProcess:
     """A process inside a sandbox, started by :meth:`Sandbox.spawn`; shaped like ``asyncio.subprocess``."""
 
@@ -93,6 +118,25 @@ class SandboxProcess:
 
     async def kill(self) -> None:
         await self.send_signal(signal.SIGKILL)
+
+    async def kill_session(self) -> None:
+        """Kill every process left in this process's session (its sid is its pid: the agent setsid()s every
+        process it starts), background jobs and ``nohup`` included; one that made a session of its own lives
+        on. Only call it right after this process died, so the sid cannot have been reused. Called by the
+        terminal sessions when they close."""
+        if self.pid is None:
+            return
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            killer = await self.sandbox.spawn(
+                [self.sandbox.factory.agent_python, "-I", "-S", "-c", _KILL_SESSION, str(self.pid)],
+                stdin=devnull, stdout=devnull, stderr=devnull)
+        finally:
+            os.close(devnull)
+        try:
+            await asyncio.wait_for(killer.wait(), _KILL_SESSION_TIMEOUT_S)
+        except TimeoutError:
+            await killer.kill()
 
     def _set_exit(self, status: int) -> None:
         if self.returncode is None:
@@ -140,40 +184,11 @@ class Sandbox:
             return []
         return list(self._log)[-lines:]
 
-    def _pump_lines(self, fd: int, prefix: str) -> None:
-        """Copy a host-side pipe's lines into the sandbox log (kernel stderr, bwrap errors)."""
-        loop = asyncio.get_running_loop()
-        buf = bytearray()
-
-        def on_readable() -> None:
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
-                loop.remove_reader(fd)
-                os.close(fd)
-                if buf:
-                    self.log(prefix + buf.decode(errors="replace"))
-                return
-            buf.extend(data)
-            # Bound what one unterminated line may hold.
-            while b"\n" in buf or len(buf) > 8192:
-                cut = buf.find(b"\n")
-                cut = cut if 0 <= cut < 8192 else 8192
-                self.log(prefix + bytes(buf[:cut]).decode(errors="replace"))
-                del buf[: cut + 1]
-
-        os.set_blocking(fd, False)
-        loop.add_reader(fd, on_readable)
-
     def log_pipe(self, prefix: str) -> int:
         """A pipe whose write end a process may use as stdout/stderr; its lines go to the sandbox log.
         Returns the write end; the caller passes it to :meth:`spawn` and then closes it."""
         r, w = os.pipe2(os.O_CLOEXEC)
-        self._pump_lines(r, prefix)
+        pump_lines(r, lambda line: self.log(prefix + line))
         return w
 
     # -- start ------------------------------------------------------------------------------------------
@@ -336,11 +351,27 @@ class Sandbox:
         proc.pid = pid if isinstance(pid, int) else None
         return proc
 
+    async def start_pty(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+                        rows: int = pty.DEFAULT_ROWS, cols: int = pty.DEFAULT_COLS) -> pty.SandboxPty:
+        """Start ``argv`` on a new PTY of ``rows`` x ``cols`` and answer the gateway's side of it. The gateway
+        keeps no slave, so reading the master ends (EOF) once the shell and everything it left holding the
+        terminal are gone. Called by the terminal sessions; raises what :meth:`spawn` raises."""
+        master, slave = self.open_pty()
+        try:
+            pty.set_window_size(master, rows, cols)
+            process = await self.spawn(argv, stdin=slave, stdout=slave, stderr=slave, env=env, pty=True)
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        return pty.SandboxPty(master, process)
+
     # -- state ------------------------------------------------------------------------------------------
 
     def open_pty(self) -> tuple[int, int]:
         """A (master, slave) PTY of the sandbox's own devpts for a terminal; the caller closes both and passes
-        the slave to :meth:`spawn` with ``pty=True``. Called by the terminal sessions."""
+        the slave to :meth:`spawn` with ``pty=True``. Called by :meth:`start_pty`."""
         launcher = self._launcher
         pid = launcher.pid if launcher is not None and launcher.returncode is None else None
         return pty.open_pty(pid, self.id, self.uid, self.gid)
