@@ -9,13 +9,16 @@ that keeps changing.
 
 Who calls what: the hub's file methods (:mod:`kernelhub.services.hub`) call the methods of
 :class:`WorkspaceFiles` on a sandbox's :class:`~kernelhub.sandbox.workspace.Workspace` (the one subclass,
-which supplies the root) and hand surfaces an :class:`UploadWriter` to feed an upload into. The methods are
-synchronous (a handful of syscalls each); callers run them between awaits or in a thread.
+which supplies the root), hand surfaces an :class:`UploadWriter` to feed an upload into and a
+:class:`FileChunks` to stream a download from. The methods are synchronous (a handful of syscalls each);
+callers run them between awaits or in a thread, and :class:`FileChunks` reads in a thread itself.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -41,6 +44,7 @@ __all__ = [
     "DIR_FLAGS",
     "MAX_NAME_BYTES",
     "MAX_PATH_BYTES",
+    "FileChunks",
     "TreeChanged",
     "UploadWriter",
     "WorkspaceFiles",
@@ -62,6 +66,8 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 # A tree walk keeps at most this many directory descriptors open, however deep the sandbox nests.
 _FD_WINDOW = 64
+#: Bytes a download reads from disk at a time (and a surface sends before it waits for the client).
+DOWNLOAD_CHUNK_BYTES = 256 * 1024
 
 # ------------------------------------------------------------------------------------------------------------
 # Paths
@@ -451,7 +457,8 @@ class WorkspaceFiles(abc.ABC):
         return fd
 
     def open_read(self, rel: str) -> tuple[int, os.stat_result]:
-        """Open a regular file for reading; the file download route streams from the fd and closes it.
+        """Open a regular file for reading; answer the fd (the caller closes it) and its ``fstat``. The hub
+        hands it on as a :class:`FileChunks`, which closes it.
 
         Refused: a symlink anywhere on the path (InvalidRequest), a directory ("is a directory"), a FIFO,
         socket or device (InvalidRequest), a missing file (NotFound)."""
@@ -476,6 +483,12 @@ class WorkspaceFiles(abc.ABC):
                 os.close(fd)
                 raise
         return fd, st
+
+    def open_download(self, rel: str) -> FileChunks:
+        """:meth:`open_read` for a download: the file as a :class:`FileChunks` stream, which owns (and closes)
+        the descriptor. Called by the hub for ``file_download``; raises what :meth:`open_read` raises."""
+        fd, st = self.open_read(rel)
+        return FileChunks(fd, st.st_size, _join(split_workspace_path(rel)))
 
     @staticmethod
     def _require_regular(st: os.stat_result, shown: str) -> None:
@@ -740,3 +753,87 @@ class UploadWriter:
         if getattr(self, "_fd", None) is not None or getattr(self, "_dirfd", None) is not None:
             self.abort()
 
+
+# Reads for downloads. Their own threads (not the loop's default executor) because closing a stream must be
+# able to wait for the read that holds its descriptor: only a concurrent.futures.Future says when that ended.
+_DOWNLOAD_READS = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="kernelhub-download")
+
+
+class FileChunks:
+    """A workspace file opened for download, as an async iterator of chunks: what the hub hands the download
+    surfaces (REST ``GET /v1/sandboxes/{id}/files/{path}``, MCP ``file_download``). Made by
+    :meth:`WorkspaceFiles.open_download`.
+
+    ``size`` is the file's size in bytes when it was opened. Iterating yields ``bytes`` chunks of at most
+    ``chunk_bytes`` and stops after ``size`` bytes, or earlier when the sandbox truncated the file meanwhile
+    (``sent`` then stays below ``size``; a consumer that promised ``size`` bytes must not pretend). Each read
+    runs in a worker thread, so a slow disk never stalls the event loop; an OS error while reading raises
+    :class:`SandboxError`. The descriptor is closed when iteration ends, by :meth:`close`/:meth:`aclose`
+    (``async with`` does it however the block ends, a client that went away mid-download included) and at
+    garbage collection at the latest. A read still running when the stream is closed keeps the descriptor
+    until it returns, so its number is never reused under that read.
+    """
+
+    def __init__(self, fd: int, size: int, path: str, *, chunk_bytes: int = DOWNLOAD_CHUNK_BYTES) -> None:
+        self.size = size
+        self.path = path
+        self.sent = 0
+        self._fd: int | None = fd
+        self._chunk_bytes = chunk_bytes
+        self._reading: concurrent.futures.Future[bytes] | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def __aiter__(self) -> FileChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        fd = self._fd
+        if fd is None or self.sent >= self.size:
+            self.close()
+            raise StopAsyncIteration
+        if self._reading is not None:
+            raise SandboxError("A download is read by one consumer at a time.")
+        reading = _DOWNLOAD_READS.submit(os.read, fd, min(self._chunk_bytes, self.size - self.sent))
+        self._reading = reading
+        try:
+            # Cancelled here, the read may still run in its thread: _reading stays set, so close() waits for it.
+            chunk = await asyncio.wrap_future(reading)
+        except OSError as exc:
+            self._reading = None
+            self.close()
+            raise _api_error(exc, self.path) from None
+        self._reading = None
+        if not chunk:  # the sandbox truncated the file meanwhile
+            self.close()
+            raise StopAsyncIteration
+        self.sent += len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        """Close the descriptor, at once or, if a read holds it, as soon as that read returns. Idempotent."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        reading, self._reading = self._reading, None
+        if reading is None:
+            _close_quietly(fd)
+        else:
+            reading.cancel()  # not started yet: it never will
+            reading.add_done_callback(lambda _done: _close_quietly(fd))
+
+    async def aclose(self) -> None:
+        self.close()
+
+    async def __aenter__(self) -> FileChunks:
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A download a surface dropped without closing must not leak its descriptor.
+        if getattr(self, "_fd", None) is not None:
+            self.close()

@@ -58,7 +58,7 @@ class Workspace(WorkspaceFiles):
     Created by the sandbox service before the sandbox starts (:meth:`create`), remounted by the registry after
     a gateway restart (:meth:`reattach`) and removed with the sandbox (:meth:`destroy`). ``sandbox_dir`` is
     made by the caller, root-owned with mode 0711, so the sandbox uid can reach its workspace but nothing else
-    in it. The hub's file methods use :meth:`open_read`, :meth:`open_write`,
+    in it. The hub's file methods use :meth:`open_read`, :meth:`open_download`, :meth:`open_write`,
     :class:`~kernelhub.sandbox.files.UploadWriter`, :meth:`list_dir`, :meth:`stat` and :meth:`delete` (all
     from :class:`~kernelhub.sandbox.files.WorkspaceFiles`); the metrics use :meth:`usage` and
     :meth:`capacity`.

@@ -26,7 +26,7 @@ from ..errors import Conflict, InvalidRequest, NotFound, QuotaExceeded
 from ..models import iso
 from ..sandbox import bwrap
 from ..sandbox.factory import SandboxFactory
-from ..sandbox.files import UploadWriter
+from ..sandbox.files import FileChunks, UploadWriter
 from ..sandbox.limits import DEFAULT_MAXIMUM, Limits, resolve_limits
 from ..sandbox.provisioner import KERNELSPECS_DIR
 from ..sandbox.sandbox import Sandbox
@@ -552,12 +552,12 @@ class Hub(LoggingConfigurable):
             raise InvalidRequest("path must be a string.")
         return UploadWriter(self._workspace(tenant, sandbox_id), path)
 
-    def open_download(self, tenant: Tenant, sandbox_id: Any, path: Any) -> tuple[int, int]:
-        """``file_download``: an open fd (the caller closes it) and the file's size."""
+    def open_download(self, tenant: Tenant, sandbox_id: Any, path: Any) -> FileChunks:
+        """``file_download``: the file as an async stream of chunks with its ``size``; the caller iterates it
+        inside ``async with`` so that the file is closed however the download ends."""
         if not isinstance(path, str):
             raise InvalidRequest("path must be a string.")
-        fd, st = self._workspace(tenant, sandbox_id).open_read(path)
-        return fd, st.st_size
+        return self._workspace(tenant, sandbox_id).open_download(path)
 
     def list_files(self, tenant: Tenant, sandbox_id: Any, path: Any = "") -> list[dict[str, Any]]:
         if not isinstance(path, str):

@@ -10,6 +10,8 @@ import datetime
 import os
 import stat
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -488,3 +490,118 @@ def test_delete_gives_up_on_a_tree_that_keeps_growing(ws: Workspace, monkeypatch
     with pytest.raises(Conflict):
         ws.delete("grow")
 
+
+# ------------------------------------------------------------------------------------------------------------
+# Downloads: FileChunks closes its descriptor however the download ends
+
+
+def _until(condition: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.001)
+
+
+def _holds(path: Path) -> bool:
+    """Whether this process has a descriptor open on ``path``."""
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                return True
+    return False
+
+
+def test_download_streams_in_chunks_and_closes_at_the_end(ws: Workspace) -> None:
+    content = os.urandom(files_mod.DOWNLOAD_CHUNK_BYTES * 2 + 123)
+    _write(ws, "dl/data.bin", content)
+
+    async def download() -> list[bytes]:
+        async with ws.open_download("dl//data.bin") as chunks:
+            assert chunks.size == len(content) and chunks.path == "dl/data.bin"
+            assert _holds(ws.path / "dl" / "data.bin")
+            return [chunk async for chunk in chunks]
+
+    got = asyncio.run(download())
+    assert b"".join(got) == content
+    assert [len(c) for c in got] == [files_mod.DOWNLOAD_CHUNK_BYTES] * 2 + [123]
+    assert not _holds(ws.path / "dl" / "data.bin")
+    with pytest.raises(InvalidRequest):
+        ws.open_download("dl")
+    with pytest.raises(NotFound):
+        ws.open_download("dl/missing.bin")
+
+
+def test_download_closes_when_the_consumer_stops_early_fails_or_drops_it(ws: Workspace) -> None:
+    _write(ws, "big.bin", b"\1" * (files_mod.DOWNLOAD_CHUNK_BYTES * 4))
+    target = ws.path / "big.bin"
+
+    async def stop_after_one() -> None:
+        async with ws.open_download("big.bin") as chunks:
+            async for _chunk in chunks:
+                break  # a client that went away after the first chunk
+            assert _holds(target)
+
+    async def fail_midway() -> None:
+        async with ws.open_download("big.bin") as chunks:
+            await anext(chunks)
+            raise ConnectionResetError("client gone")
+
+    async def drop() -> None:
+        chunks = ws.open_download("big.bin")
+        await anext(chunks)
+        assert _holds(target)
+        del chunks  # never closed by its consumer: collected, and closed then
+
+    asyncio.run(stop_after_one())
+    assert not _holds(target)
+    with pytest.raises(ConnectionResetError):
+        asyncio.run(fail_midway())
+    assert not _holds(target)
+    asyncio.run(drop())
+    assert not _holds(target)
+
+
+def test_download_ends_early_when_the_sandbox_truncates_the_file(ws: Workspace) -> None:
+    _write(ws, "shrinks.bin", b"\2" * (files_mod.DOWNLOAD_CHUNK_BYTES * 3))
+
+    async def download() -> int:
+        async with ws.open_download("shrinks.bin") as chunks:
+            await anext(chunks)
+            os.truncate(ws.path / "shrinks.bin", 10)  # the sandbox, meanwhile
+            rest = [chunk async for chunk in chunks]
+            assert rest == [] and chunks.closed
+            return chunks.sent
+
+    assert asyncio.run(download()) == files_mod.DOWNLOAD_CHUNK_BYTES
+
+
+def test_a_download_cancelled_mid_read_keeps_its_descriptor_until_the_read_returns() -> None:
+    # A pipe stands in for a disk that stalls: the read blocks in its thread until data comes.
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        chunks = files_mod.FileChunks(r, 100, "stalled.bin")
+        returned = threading.Event()
+
+        async def cancel_mid_read() -> None:
+            task = asyncio.ensure_future(anext(chunks))
+            # Until the read is in its thread (a concurrent future says when it runs, not by an event).
+            await asyncio.to_thread(_until, lambda: chunks._reading is not None and chunks._reading.running())
+            reading = chunks._reading
+            assert reading is not None
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await chunks.aclose()
+            # Closing now would let the number be reused under the blocked read: it must wait for it.
+            assert chunks.closed and os.fstat(r)
+            reading.add_done_callback(lambda _done: returned.set())  # runs after the close callback
+            os.write(w, b"x")
+
+        asyncio.run(cancel_mid_read())
+        assert returned.wait(10)
+        with pytest.raises(OSError):
+            os.fstat(r)
+    finally:
+        os.close(w)
+        with contextlib.suppress(OSError):
+            os.close(r)
