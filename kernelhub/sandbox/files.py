@@ -81,7 +81,7 @@ def _shorten(text: str, limit: int = 80) -> str:
 def split_workspace_path(path: str) -> list[str]:
     """Split a path relative to ``/workspace`` (as a file route gives it) into safe single components.
 
-    Called by the file service for every file route and by the :class:`WorkspaceFiles` methods. ``""`` and
+    Called by the :class:`WorkspaceFiles` methods (so by every file route) and by :class:`UploadWriter`. ``""`` and
     ``"/"`` are the workspace root (``[]``); duplicate and trailing slashes are ignored and ``.`` components
     dropped. Refused with :class:`InvalidRequest`: absolute paths, ``..`` anywhere (even where it would stay
     inside), NUL bytes, text that is not valid UTF-8 on disk, names over 255 bytes and paths over 4096 bytes.
@@ -659,8 +659,8 @@ class UploadWriter:
     ``write`` raises :class:`PayloadTooLarge` past ``max_bytes`` (default ``limits.max_file_mb``) and
     :class:`DiskQuotaExceeded` (reason ``disk``) when the workspace is full (ENOSPC/EDQUOT); either way, and
     on :meth:`abort`, the partial file is removed. :meth:`finish` closes and answers the size. As a context
-    manager it finishes on success and aborts on an exception. Synchronous: the handler calls it from
-    ``data_received``.
+    manager it finishes on success and aborts on an exception. Synchronous: the upload surfaces (REST
+    ``data_received``, MCP ``file_upload``) call it in a worker thread, since a write may wait on the disk.
     """
 
     def __init__(

@@ -406,18 +406,19 @@ class Sandbox:
         return out
 
     def oom_kills(self) -> int:
-        if self.cgroup is None:
-            return 0
-        try:
-            return self.cgroup.oom_kills()
-        except OSError:
-            return 0
+        """How many processes the OOM killer ended in the sandbox so far (0 without a cgroup); the services ask
+        it to tell an OOM kill from another SIGKILL."""
+        return self._cgroup_count(lambda cgroup: cgroup.oom_kills())
 
     def pids_max_hits(self) -> int:
+        """How many forks failed at the sandbox's pids limit so far (0 without a cgroup)."""
+        return self._cgroup_count(lambda cgroup: cgroup.pids_max_hits())
+
+    def _cgroup_count(self, read: Callable[[Cgroup], int]) -> int:
         if self.cgroup is None:
             return 0
         try:
-            return self.cgroup.pids_max_hits()
+            return read(self.cgroup)
         except OSError:
             return 0
 

@@ -55,8 +55,9 @@ def _is_regular_file(path: Path) -> bool:
 class Workspace(WorkspaceFiles):
     """The ``/workspace`` of one sandbox, at ``sandbox_dir/"workspace"`` on the host.
 
-    Created by the sandbox service before the sandbox starts (:meth:`create`), remounted by the registry after
-    a gateway restart (:meth:`reattach`) and removed with the sandbox (:meth:`destroy`). ``sandbox_dir`` is
+    Created by :class:`~kernelhub.sandbox.sandbox.Sandbox` before its processes start (:meth:`create`), removed
+    when it stops or by the factory's reaping (:meth:`destroy`); :meth:`reattach` remounts one that outlived a
+    gateway restart. ``sandbox_dir`` is
     made by the caller, root-owned with mode 0711, so the sandbox uid can reach its workspace but nothing else
     in it. The hub's file methods use :meth:`open_read`, :meth:`open_download`, :meth:`open_write`,
     :class:`~kernelhub.sandbox.files.UploadWriter`, :meth:`list_dir`, :meth:`stat` and :meth:`delete` (all
@@ -126,7 +127,7 @@ class Workspace(WorkspaceFiles):
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     async def create(self) -> None:
-        """Make a new, empty workspace. Called by the sandbox service before the sandbox starts.
+        """Make a new, empty workspace. Called by the sandbox before its processes start.
 
         Loop mode: a sparse image of ``disk_mb`` (no host space used until written), ext4 with ``files``
         inodes and no root-reserved blocks, mounted ``nosuid,nodev`` (not ``noexec``: users run programs they
@@ -193,7 +194,8 @@ class Workspace(WorkspaceFiles):
     async def reattach(self) -> None:
         """Bring back an existing workspace, e.g. after a gateway restart: mount its image if not mounted.
 
-        Called by the sandbox registry when it reloads sandboxes it knew. Nothing is formatted or emptied; a
+        For a gateway that takes back the sandboxes it knew (this one reaps them instead, so only the tests call
+        it today). Nothing is formatted or emptied; a
         missing workspace raises :class:`SandboxError`. In auto mode an existing image means loop mode.
         """
         async with self._lock:

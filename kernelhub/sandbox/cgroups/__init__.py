@@ -2,16 +2,18 @@
 
 Who calls what:
 
-- the sandbox service calls :func:`create_cgroup` when a sandbox is created and hands
+- :class:`~kernelhub.sandbox.sandbox.Sandbox` calls :func:`create_cgroup` when it starts and hands
   :attr:`Cgroup.procs_files` to the launcher (:func:`kernelhub.sandbox.bwrap.launch_argv`), whose
   ``/bin/sh`` writes its own pid into each file before it execs bubblewrap, so nothing the sandbox runs ever
   starts outside the group (SECURITY.md pitfall 2);
-- when something in the sandbox dies, the service reads :meth:`Cgroup.oom_kills` and
+- when something in the sandbox dies, the services ask the sandbox, which reads :meth:`Cgroup.oom_kills` and
   :meth:`Cgroup.pids_max_hits` to tell an OOM kill from a timeout kill (exit 137 alone cannot: pitfall 4), and
   :meth:`Cgroup.metrics` for usage reports;
-- when the sandbox ends, the service awaits :meth:`Cgroup.remove` (pitfall 5);
-- after a gateway restart the registry reattaches with :func:`open_cgroup` and removes groups that no sandbox
-  owns any more with :func:`cleanup_stale`;
+- when the sandbox stops, it awaits :meth:`Cgroup.remove` (pitfall 5);
+- at start-up :meth:`SandboxFactory.reap_stale <kernelhub.sandbox.factory.SandboxFactory.reap_stale>` reopens
+  the groups of sandboxes a dead process left with :func:`open_cgroup` and removes them;
+  :func:`cleanup_stale` does the same for every group of a parent folder that is not named alive (for a
+  gateway that keeps no sandbox directories; the gateway itself does not call it);
 - ``kernelhub doctor`` shows :func:`probe`.
 
 Both layouts are supported, told apart by ``statfs`` (pitfall 3): v1 has one hierarchy per controller (or

@@ -183,7 +183,7 @@ class Cgroup(abc.ABC):
     def apply(self, limits: Limits) -> None:
         """Write ``limits`` (memory without swap, CPU cores, pids) into the enforced controllers.
 
-        Called by :func:`create_cgroup`, and by the service when a sandbox's limits change. Raises
+        Called by :func:`create_cgroup` (limits do not change after that today). Raises
         SandboxError if the kernel refuses a value (e.g. a memory limit below what v1 can reclaim).
         """
 
@@ -205,7 +205,7 @@ class Cgroup(abc.ABC):
     async def kill_all(self) -> None:
         """SIGKILL every process in the group, orphaned background ones included; return once none is left.
 
-        Called by :meth:`remove` and by the service to end a sandbox. Raises SandboxError if processes are
+        Called by :meth:`remove`. Raises SandboxError if processes are
         still there after :data:`KILL_TIMEOUT_S` (a task stuck in uninterruptible sleep, say).
         """
         await self._kill_all(asyncio.get_running_loop().time() + KILL_TIMEOUT_S)
@@ -225,8 +225,8 @@ class Cgroup(abc.ABC):
 
         ``rmdir`` right after the last task died can still fail with EBUSY while the kernel finishes the
         exit (pitfall 5), so it is retried with short sleeps until ``timeout`` seconds have passed.
-        Idempotent: a group that is already gone is fine. Called by the service when a sandbox ends and by
-        :func:`cleanup_stale`.
+        Idempotent: a group that is already gone is fine. Called by the sandbox when it stops, by the
+        factory's reaping and by :func:`cleanup_stale`.
         """
         deadline = asyncio.get_running_loop().time() + timeout
         if not self.exists():

@@ -30,8 +30,8 @@ def create_cgroup(
     version: int | None = None,
     require: Iterable[str] = LIMIT_CONTROLLERS,
 ) -> Cgroup:
-    """Create the cgroup ``parent/name`` in every hierarchy and apply ``limits``. Called by the service when a
-    sandbox is created, before its first process starts.
+    """Create the cgroup ``parent/name`` in every hierarchy and apply ``limits``. Called by
+    :class:`~kernelhub.sandbox.sandbox.Sandbox` when it starts, before its first process exists.
 
     ``version`` None detects the layout at ``root``. Every controller in ``require`` must be enforceable or
     IsolationUnavailable names the missing ones and nothing is created; with ``require=()`` the group gets
@@ -66,7 +66,9 @@ def open_cgroup(
 ) -> Cgroup:
     """Reattach to an existing cgroup ``parent/name`` without changing it.
 
-    Called by the registry after a gateway restart. Raises SandboxError if it exists in no hierarchy.
+    Called by :meth:`SandboxFactory.reap_stale <kernelhub.sandbox.factory.SandboxFactory.reap_stale>` to remove
+    the group of a sandbox a dead process left, and by :func:`cleanup_stale`. Raises SandboxError if it exists
+    in no hierarchy.
     """
     check_name(name)
     parts = check_parent(parent)
@@ -96,7 +98,8 @@ async def cleanup_stale(
 ) -> list[str]:
     """Kill and remove every group under ``parent`` whose name is not in ``names_alive``; return their names.
 
-    Called by the registry at start-up, after a crash left groups behind. A group that cannot be removed is
+    For clearing away what a crash left when no sandbox directories say which groups are whose (the gateway
+    reaps per sandbox directory instead). A group that cannot be removed is
     logged and skipped so one stuck group does not keep the gateway from starting.
     """
     parts = check_parent(parent)
