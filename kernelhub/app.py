@@ -43,7 +43,7 @@ from .handlers import jupyter, rest, streams, terminal
 from .handlers.base import GatewayConfig, NotFoundHandler
 from .mcp import http as mcp_http
 from .sandbox import doctor
-from .sandbox.sandbox import SandboxFactory
+from .sandbox.factory import SandboxFactory
 from .services.hub import Hub
 from .services.tenants import TenantRegistry
 from .settings import ConfigError, check_config, env_config, env_var, parse_cli, trait_help

@@ -25,7 +25,7 @@ from .errors import KernelHubError
 from .mcp.server import stdio_embedded, stdio_remote
 from .sandbox import doctor
 from .sandbox.provisioner import KERNELSPECS_DIR
-from .sandbox.sandbox import SandboxFactory
+from .sandbox.factory import SandboxFactory
 from .services.tenants import Tenant
 from .settings import ConfigError
 

@@ -16,7 +16,10 @@ command -v mkfs.ext4 >/dev/null || need_apt+=(e2fsprogs)
 command -v losetup >/dev/null || need_apt+=(mount)
 [ -x /usr/bin/python3 ] || need_apt+=(python3)
 /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
-command -v node >/dev/null || need_apt+=(nodejs npm)
+# Sandboxes see /usr but not /usr/local (the host admin's): node and npm must be the ones in /usr/bin, whatever
+# else the host's PATH finds first.
+[ -x /usr/bin/node ] || need_apt+=(nodejs)
+[ -x /usr/bin/npm ] || need_apt+=(npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then echo "install: need root to apt-get install ${need_apt[*]}" >&2; exit 1; fi
   echo "install: apt-get install ${need_apt[*]}"
@@ -34,6 +37,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 
 # The kernels' runtime: Debian's python (readable by unprivileged sandbox uids, unlike a python under /root).
+# Sandboxes see it at this same path, so the absolute paths pip writes into its scripts' shebangs hold there.
 mkdir -p "$RUNTIME"
 chmod 755 "$RUNTIME"
 rstamp="$RUNTIME/.python-installed"
@@ -47,7 +51,8 @@ nstamp="$RUNTIME/.node-installed"
 if [ ! -f "$nstamp" ] || [ scripts/runtime-package.json -nt "$nstamp" ]; then
   mkdir -p "$RUNTIME/node"
   cp scripts/runtime-package.json "$RUNTIME/node/package.json"
-  (cd "$RUNTIME/node" && npm install --no-audit --no-fund --loglevel=error >/dev/null)
+  # With the node sandboxes run (/usr/bin), so that native add-ons are built for it.
+  (cd "$RUNTIME/node" && PATH=/usr/bin:/bin npm install --no-audit --no-fund --loglevel=error >/dev/null)
   touch "$nstamp"
 fi
 chmod -R a+rX "$RUNTIME"

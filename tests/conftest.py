@@ -25,7 +25,8 @@ import pytest
 from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.manager import AsyncKernelManager
 
-from kernelhub.sandbox.sandbox import Sandbox, SandboxFactory
+from kernelhub.sandbox.factory import SandboxFactory
+from kernelhub.sandbox.sandbox import Sandbox
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -28,15 +27,13 @@ from ..services.executions import Execution, Listener
 from .base import MAX_JSON_BODY, BaseHandler
 
 if TYPE_CHECKING:
-    from ..sandbox.workspace import UploadWriter
+    from ..sandbox.files import UploadWriter
 
 #: The OpenAPI document kept in the repository and served at ``/v1/openapi.json``.
 OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.json"
 NDJSON = "application/x-ndjson"
 #: Seconds of silence after which an NDJSON stream gets a ``{"type": "keepalive"}`` line.
 KEEPALIVE_S = 10.0
-#: Bytes read from the workspace per chunk of a download.
-DOWNLOAD_CHUNK = 256 * 1024
 #: Content-Length over this many times the JSON limit is refused before a byte of the body is read.
 _EARLY_REFUSAL_FACTOR = 4
 
@@ -446,30 +443,23 @@ class FilesHandler(BaseHandler):
         if self.get_query_argument("list", "") not in ("", "0", "false") or not path.strip("/"):
             self.send_json({"entries": self.hub.list_files(self.tenant, sandbox_id, path)})
             return
-        fd, size = self.hub.open_download(self.tenant, sandbox_id, path)
-        loop = asyncio.get_running_loop()
-        try:
+        # The file is closed when this block ends, however it ends (the client going away included).
+        async with self.hub.open_download(self.tenant, sandbox_id, path) as download:
             self.set_header("Content-Type", "application/octet-stream")
-            self.set_header("Content-Length", str(size))
+            self.set_header("Content-Length", str(download.size))
             name = path.rstrip("/").rsplit("/", 1)[-1]
             self.set_header("Content-Disposition", "attachment; filename*=UTF-8''" + urllib.parse.quote(name))
-            sent = 0
-            while sent < size:
-                chunk = await loop.run_in_executor(None, os.read, fd, min(DOWNLOAD_CHUNK, size - sent))
-                if not chunk:
-                    break  # the sandbox truncated the file meanwhile
+            async for chunk in download:
                 self.write(chunk)
-                sent += len(chunk)
                 try:
                     await self.flush()
                 except iostream.StreamClosedError:
                     return
-            if sent < size and isinstance(self.request.connection, HTTP1Connection):
-                # Content-Length promised more than there is: end the connection rather than lie.
+            if download.sent < download.size and isinstance(self.request.connection, HTTP1Connection):
+                # The sandbox truncated the file meanwhile, and Content-Length promised more than there is:
+                # end the connection rather than lie.
                 self.request.connection.stream.close()
                 return
-        finally:
-            os.close(fd)
         self.finish()
 
     async def delete(self, sandbox_id: str, path: str) -> None:

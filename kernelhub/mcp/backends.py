@@ -14,7 +14,6 @@ for everything a caller may see (the client builds the gateway's answers back in
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -122,13 +121,10 @@ class HubBackend:
         return {"path": writer.path, "size": size}
 
     async def file_download(self, sandbox_id: str, path: str, max_bytes: int) -> bytes:
-        fd, size = self.hub.open_download(self.tenant, sandbox_id, path)
-        try:
-            if size > max_bytes:
-                raise _too_large(path, size, max_bytes)
-            return await asyncio.to_thread(_read_fd, fd, size)
-        finally:
-            os.close(fd)
+        async with self.hub.open_download(self.tenant, sandbox_id, path) as download:
+            if download.size > max_bytes:
+                raise _too_large(path, download.size, max_bytes)
+            return b"".join([chunk async for chunk in download])
 
     async def file_list(self, sandbox_id: str, path: str) -> dict[str, Any]:
         return {"entries": self.hub.list_files(self.tenant, sandbox_id, path)}
@@ -158,16 +154,6 @@ class HubBackend:
         return self.hub.sandbox_metrics(self.tenant, sandbox_id)
 
 
-def _read_fd(fd: int, size: int) -> bytes:
-    chunks = []
-    remaining = size
-    while remaining > 0:
-        chunk = os.read(fd, min(remaining, 1 << 20))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
 
 
 class RemoteBackend:

@@ -16,13 +16,17 @@ How the pieces fit (SECURITY.md pitfalls 1, 2, 9):
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
 #: Where things appear inside every sandbox.
 INNER_WORKSPACE = "/workspace"
 INNER_RUN = "/run/kernelhub"
+#: Where kernelspecs and ``PATH`` find the runtime's python and node inside (aliases of the runtime's own path).
 INNER_RUNTIME = "/opt/kernelhub"
+#: The runtime's parts reachable under :data:`INNER_RUNTIME`.
+RUNTIME_PARTS = ("python", "node")
 INNER_AGENT = "/opt/kernelhub-agent/agent.py"
 INNER_HOME = "/home/user"
 INNER_USER = "user"
@@ -102,6 +106,8 @@ class SandboxSpec:
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.runtime_dir is not None:
+            _check_runtime_dir(self.runtime_dir)
         if self.uid <= 0 or self.gid <= 0:
             raise ValueError("a sandbox never runs as host uid/gid 0")
         if not _HOSTNAME.match(self.hostname):
@@ -111,6 +117,18 @@ class SandboxSpec:
         for name in self.env:
             if not valid_env_name(name):
                 raise ValueError(f"bad environment variable name {name!r}")
+
+
+def _check_runtime_dir(path: str) -> None:
+    """Refuse a runtime path that cannot appear inside at its own path next to the :data:`INNER_RUNTIME`
+    aliases: it must be absolute and normalised, and neither hold ``/opt/kernelhub`` nor sit in an alias."""
+    if not path.startswith("/") or posixpath.normpath(path) != path or path == "/":
+        raise ValueError(f"the runtime directory must be an absolute, normalised path, not {path!r}")
+    if path == INNER_RUNTIME:
+        return
+    aliases = [f"{INNER_RUNTIME}/{part}" for part in RUNTIME_PARTS]
+    if INNER_RUNTIME.startswith(path + "/") or any(path == a or path.startswith(a + "/") for a in aliases):
+        raise ValueError(f"the runtime directory {path!r} overlaps the aliases under {INNER_RUNTIME}")
 
 
 def sandbox_env(spec: SandboxSpec, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -165,7 +183,13 @@ def bwrap_argv(spec: SandboxSpec, command: Sequence[str], *, bwrap: str = "bwrap
         "--size", str(spec.home_size_bytes), "--tmpfs", INNER_HOME,
     ]
     if spec.runtime_dir:
-        argv += ["--ro-bind", spec.runtime_dir, INNER_RUNTIME]
+        # At its host path, so that every absolute path its installers wrote holds inside as outside: pip's and
+        # jupyter's scripts start with ``#!<runtime>/python/bin/python3``. /opt/kernelhub/{python,node} stay
+        # the names kernelspecs and PATH use, as symlinks into it.
+        argv += ["--ro-bind", spec.runtime_dir, spec.runtime_dir]
+        if spec.runtime_dir != INNER_RUNTIME:
+            for part in RUNTIME_PARTS:
+                argv += ["--symlink", f"{spec.runtime_dir}/{part}", f"{INNER_RUNTIME}/{part}"]
     if spec.node_modules:
         # Bound at /node_modules so that Node's resolution from /workspace finds tslab's @types/node.
         argv += ["--ro-bind", spec.node_modules, "/node_modules"]

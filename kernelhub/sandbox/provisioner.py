@@ -34,8 +34,9 @@ from traitlets import Dict, Float
 
 from ..errors import SandboxError
 from ..settings import env_config
+from .factory import SandboxFactory
 from .limits import Limits, resolve_limits
-from .sandbox import Sandbox, SandboxFactory, SandboxProcess
+from .sandbox import Sandbox, SandboxProcess
 
 #: The kernelspecs that name this provisioner (installed by ``kernelhub kernelspecs install``; served by the
 #: gateway from here).

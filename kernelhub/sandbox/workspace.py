@@ -1,452 +1,44 @@
 """A sandbox's ``/workspace``: kept on disk, owned by the sandbox uid, held to its disk and file quota.
 
-Two halves live here:
+:class:`Workspace` ties three rooms together:
 
-* :class:`Workspace` creates, remounts and destroys the host directory that another module bind-mounts
-  read-write into the bubblewrap sandbox. As root it is an ext4 image on a loop device (``mode="loop"``), so
-  ``disk_mb`` and ``files`` are enforced by the kernel for everyone, the gateway's own root writes included
-  (``-m 0``: no blocks reserved for root). Without root it is a plain directory (``mode="dir"``) and nothing
-  is enforced; the sandbox service creates and destroys workspaces, ``kernelhub doctor`` asks
-  :func:`loop_available`.
-* The gateway's file API (upload, download, list, delete) reaches workspace files only through the methods of
-  :class:`Workspace` below, which never leave the workspace: sandbox code is hostile and may plant symlinks
-  anywhere at any time, so every path is walked component by component with ``openat(dirfd, name,
-  O_NOFOLLOW)`` from a descriptor of the workspace root, and a symlink anywhere on the way is refused, never
-  followed - not even one that points back inside (SECURITY.md, pitfall 10). ``..`` never reaches the kernel:
-  :func:`split_workspace_path` refuses it first.
+* where the files live: as root an ext4 image on a loop device (``mode="loop"``, :mod:`kernelhub.sandbox.image`),
+  so ``disk_mb`` and ``files`` are enforced by the kernel for everyone, the gateway's own root writes
+  included; without root a plain directory (``mode="dir"``) where nothing is enforced;
+* the gateway's file API on them (upload, download, list, delete), which never leaves the workspace however
+  sandbox code plants symlinks (:mod:`kernelhub.sandbox.files`, whose :class:`WorkspaceFiles` it extends);
+* its lifecycle: :meth:`Workspace.create` before the sandbox starts, :meth:`Workspace.reattach` after a
+  gateway restart, :meth:`Workspace.destroy` with the sandbox. :class:`~kernelhub.sandbox.sandbox.Sandbox`
+  bind-mounts :attr:`Workspace.path` read-write at ``/workspace``.
 
-The file methods are synchronous (a handful of syscalls each); the file service calls them in a thread or
-between awaits. Lifecycle methods are coroutines because they run ``mkfs``, ``mount`` and ``umount``.
+Lifecycle methods are coroutines because they run ``mkfs``, ``mount`` and ``umount``; the file methods are
+synchronous (a handful of syscalls each).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import datetime
-import errno
 import os
-import shutil
 import stat as stat_mod
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-from ..errors import (
-    Conflict,
-    DiskQuotaExceeded,
-    HostDiskFull,
-    InvalidRequest,
-    IsolationUnavailable,
-    KernelHubError,
-    NotFound,
-    PayloadTooLarge,
-    SandboxError,
-    WorkspaceUnavailable,
+from ..errors import IsolationUnavailable, SandboxError, WorkspaceUnavailable
+from .files import DIR_FLAGS, TreeChanged, WorkspaceFiles, remove_tree
+from .image import (
+    MiB,
+    check_host_space,
+    image_capacity,
+    image_usage,
+    is_mounted,
+    loop_available,
+    make_image,
+    mount_image,
+    unmount,
 )
 from .limits import Limits
 
-__all__ = [
-    "MAX_NAME_BYTES",
-    "MAX_PATH_BYTES",
-    "UploadWriter",
-    "Workspace",
-    "loop_available",
-    "split_workspace_path",
-]
-
-MiB = 1024 * 1024
-#: Linux's NAME_MAX and PATH_MAX; longer names could never be created, so they are refused up front.
-MAX_NAME_BYTES = 255
-MAX_PATH_BYTES = 4096
-
-# Directories are only ever entered through these flags: O_NOFOLLOW makes a planted symlink fail with ELOOP
-# instead of being followed, O_DIRECTORY makes a planted file fail with ENOTDIR.
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# O_NONBLOCK: opening a FIFO the sandbox planted must not hang the gateway; the fstat right after refuses it.
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-_WRITE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-
-# ext4 keeps inodes 1-10 for itself (EXT4_GOOD_OLD_FIRST_INO = 11); the root directory is one of them. mkfs is
-# asked for ``files`` more than that so the sandbox can really create ``files`` files and directories.
-_EXT4_RESERVED_INODES = 10
-# A tree walk keeps at most this many directory descriptors open, however deep the sandbox nests.
-_FD_WINDOW = 64
-_COMMAND_TIMEOUT_S = 60.0
-_UMOUNT_ATTEMPTS = 5
-_COMMAND_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Paths
-
-
-def _shorten(text: str, limit: int = 80) -> str:
-    """A path for an error message: a hostile path must not turn into a megabyte of error body."""
-    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
-
-
-def split_workspace_path(path: str) -> list[str]:
-    """Split a path relative to ``/workspace`` (as a file route gives it) into safe single components.
-
-    Called by the file service for every file route and by the :class:`Workspace` file methods. ``""`` and
-    ``"/"`` are the workspace root (``[]``); duplicate and trailing slashes are ignored and ``.`` components
-    dropped. Refused with :class:`InvalidRequest`: absolute paths, ``..`` anywhere (even where it would stay
-    inside), NUL bytes, text that is not valid UTF-8 on disk, names over 255 bytes and paths over 4096 bytes.
-    A backslash is an ordinary filename character on Linux and is kept.
-    """
-    if not isinstance(path, str):
-        raise InvalidRequest("A workspace path must be a string.")
-    if "\x00" in path:
-        raise InvalidRequest("A workspace path may not contain a NUL byte.")
-    try:
-        encoded = os.fsencode(path)
-    except UnicodeEncodeError:
-        raise InvalidRequest("A workspace path must be valid UTF-8.") from None
-    if len(encoded) > MAX_PATH_BYTES:
-        raise InvalidRequest(f"A workspace path may be at most {MAX_PATH_BYTES} bytes long.")
-    if path.startswith("/") and path.strip("/"):
-        raise InvalidRequest(
-            f"The path {_shorten(path)} is absolute; file paths are relative to /workspace "
-            "(write 'data/x.csv', not '/workspace/data/x.csv')."
-        )
-    parts: list[str] = []
-    for name in path.split("/"):
-        if name in ("", "."):
-            continue
-        if name == "..":
-            raise InvalidRequest(f"The path {_shorten(path)} contains '..'; paths may not leave /workspace.")
-        if len(os.fsencode(name)) > MAX_NAME_BYTES:
-            raise InvalidRequest(f"A file name in the workspace may be at most {MAX_NAME_BYTES} bytes long.")
-        parts.append(name)
-    return parts
-
-
-def _join(parts: list[str]) -> str:
-    return "/".join(parts)
-
-
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
-
-
-def _iso(mtime_ns: int) -> str:
-    """ISO 8601 UTC with ``Z`` (API.md). The sandbox sets mtimes at will, so out-of-range ones are clamped."""
-    try:
-        moment = _EPOCH + datetime.timedelta(microseconds=mtime_ns // 1000)
-    except OverflowError:
-        moment = datetime.datetime.min if mtime_ns < 0 else datetime.datetime.max
-        moment = moment.replace(tzinfo=datetime.UTC)
-    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def _kind(mode: int) -> str:
-    if stat_mod.S_ISREG(mode):
-        return "file"
-    if stat_mod.S_ISDIR(mode):
-        return "dir"
-    if stat_mod.S_ISLNK(mode):
-        return "symlink"
-    return "other"
-
-
-def _entry(parts: list[str], st: os.stat_result) -> dict[str, Any]:
-    kind = _kind(st.st_mode)
-    return {
-        "name": parts[-1] if parts else "",
-        "path": _join(parts),
-        "type": kind,
-        # A directory's st_size is a block count and a symlink's the length of its target: neither is a size a
-        # user means, so only regular files report one.
-        "size": st.st_size if kind == "file" else 0,
-        "modified": _iso(st.st_mtime_ns),
-    }
-
-
-# ------------------------------------------------------------------------------------------------------------
-# OS errors -> API errors
-
-
-def _api_error(exc: OSError, rel: str) -> KernelHubError:
-    shown = _shorten(rel or "/")
-    code = exc.errno
-    if code == errno.ENOENT:
-        return NotFound(f"There is no {shown} in the workspace.")
-    if code == errno.ELOOP:
-        return InvalidRequest(
-            f"The path {shown} goes through a symbolic link; the file API does not follow symbolic links."
-        )
-    if code == errno.ENOTDIR:
-        return InvalidRequest(f"A component of the path {shown} is not a directory.")
-    if code == errno.EISDIR:
-        return InvalidRequest(f"{shown} is a directory.")
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        return DiskQuotaExceeded("The workspace is full: its disk_mb or files limit is reached.")
-    if code == errno.ENAMETOOLONG:
-        return InvalidRequest(f"The path {shown} is too long.")
-    if code in (errno.EACCES, errno.EPERM, errno.ENXIO, errno.ENODEV):
-        return InvalidRequest(f"{shown} cannot be opened by the file API.")
-    if code == errno.ENOTEMPTY:
-        return Conflict(f"The directory {shown} is not empty.")
-    return SandboxError(f"A file operation on {shown} failed: {exc.strerror or exc}.")
-
-
-@contextlib.contextmanager
-def _fs_errors(rel: str) -> Iterator[None]:
-    """Turn OS errors into the API's errors; our own errors pass through untouched."""
-    try:
-        yield
-    except OSError as exc:
-        raise _api_error(exc, rel) from None
-
-
-def _close_quietly(fd: int | None) -> None:
-    if fd is not None:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# A descriptor-based tree walk that never follows symlinks
-
-
-class _TreeChanged(Exception):
-    """The sandbox changed a directory tree under a walk faster than the walk could finish."""
-
-
-@dataclasses.dataclass
-class _Frame:
-    name: str
-    fd: int | None
-    ident: tuple[int, int]
-    st: os.stat_result
-    pending: list[str] = dataclasses.field(default_factory=list)
-    scanned: bool = False
-
-
-def _ident(st: os.stat_result) -> tuple[int, int]:
-    return (st.st_dev, st.st_ino)
-
-
-def _frame_fd(frames: list[_Frame]) -> int:
-    """The descriptor of the deepest frame, reopening it (by name, O_NOFOLLOW, from the nearest open ancestor)
-    when the window closed it. A reopened directory must be the one walked before: otherwise the sandbox moved
-    things. Every descriptor opened here is stored in its frame at once, so the walk's ``finally`` closes it
-    on any error."""
-    last = len(frames) - 1
-    if frames[last].fd is not None:
-        return frames[last].fd  # type: ignore[return-value]
-    start = max(i for i, frame in enumerate(frames) if frame.fd is not None)
-    for i in range(start + 1, last + 1):
-        parent = frames[i - 1].fd
-        assert parent is not None
-        try:
-            child = os.open(frames[i].name, _DIR_FLAGS, dir_fd=parent)
-        except OSError:
-            raise _TreeChanged from None
-        frames[i].fd = child
-        if _ident(os.fstat(child)) != frames[i].ident:
-            raise _TreeChanged
-        if i - 1 > start and i - 1 <= last - _FD_WINDOW:
-            # Opened only as a stepping stone: keep the window small.
-            os.close(parent)
-            frames[i - 1].fd = None
-    return frames[last].fd  # type: ignore[return-value]
-
-
-def _walk_tree(
-    top_fd: int,
-    *,
-    on_entry: Callable[[int, str, os.stat_result], None],
-    on_dir_done: Callable[[int, str, os.stat_result], bool],
-    budget: int,
-) -> None:
-    """Walk everything below the directory ``top_fd`` (not closed here), children before their directory.
-
-    ``on_entry(dirfd, name, lstat)`` sees every entry that is not a directory being descended into (symlinks
-    are entries, never followed); ``on_dir_done(parent_fd, name, lstat)`` sees a subdirectory after its
-    contents and returns False to have it walked again (the sandbox added entries meanwhile). No recursion and
-    at most ``_FD_WINDOW`` descriptors, so a sandbox nesting directories 100 000 deep exhausts neither. More
-    than ``budget`` steps raises :class:`_TreeChanged`: a sandbox that keeps adding files cannot keep a
-    gateway thread busy forever.
-    """
-    top_st = os.fstat(top_fd)
-    frames = [_Frame(name="", fd=top_fd, ident=_ident(top_st), st=top_st)]
-    steps = 0
-    try:
-        while frames:
-            steps += 1
-            if steps > budget:
-                raise _TreeChanged
-            frame = frames[-1]
-            fd = _frame_fd(frames)
-            if not frame.scanned:
-                frame.scanned = True
-                with os.scandir(fd) as entries:
-                    for dirent in entries:
-                        steps += 1
-                        if steps > budget:
-                            raise _TreeChanged
-                        try:
-                            st = dirent.stat(follow_symlinks=False)
-                        except FileNotFoundError:
-                            continue
-                        if stat_mod.S_ISDIR(st.st_mode):
-                            frame.pending.append(dirent.name)
-                        else:
-                            on_entry(fd, dirent.name, st)
-            if frame.pending:
-                name = frame.pending.pop()
-                try:
-                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:
-                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                        raise
-                    # Swapped for a symlink or a file since the scan: an entry like any other.
-                    try:
-                        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    on_entry(fd, name, st)
-                    continue
-                child_st = os.fstat(child)
-                frames.append(_Frame(name=name, fd=child, ident=_ident(child_st), st=child_st))
-                spill = len(frames) - 1 - _FD_WINDOW
-                if spill >= 1 and frames[spill].fd is not None:
-                    _close_quietly(frames[spill].fd)
-                    frames[spill].fd = None
-                continue
-            frames.pop()
-            if not frames:
-                break  # the top itself: the caller owns it
-            _close_quietly(frame.fd)
-            frame.fd = None
-            parent_fd = _frame_fd(frames)
-            if not on_dir_done(parent_fd, frame.name, frame.st):
-                try:
-                    again = os.open(frame.name, _DIR_FLAGS, dir_fd=parent_fd)
-                except OSError:
-                    continue  # gone or no longer a directory: nothing left to walk
-                again_st = os.fstat(again)
-                frames.append(_Frame(name=frame.name, fd=again, ident=_ident(again_st), st=again_st))
-    finally:
-        for frame in frames[1:]:
-            _close_quietly(frame.fd)
-
-
-def _ignore_missing(func: Callable[[], None]) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        func()
-
-
-def _unlink_entry(dirfd: int, name: str, st: os.stat_result) -> None:
-    try:
-        os.unlink(name, dir_fd=dirfd)
-    except (FileNotFoundError, IsADirectoryError):
-        pass  # gone, or swapped for a directory: the rescan before rmdir finds it
-
-
-def _rmdir_entry(dirfd: int, name: str, st: os.stat_result) -> bool:
-    try:
-        os.rmdir(name, dir_fd=dirfd)
-    except FileNotFoundError:
-        return True
-    except OSError as exc:
-        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-            return False
-        if exc.errno == errno.ENOTDIR:  # swapped for a symlink or file
-            _ignore_missing(lambda: os.unlink(name, dir_fd=dirfd))
-            return True
-        raise
-    return True
-
-
-def _remove_below(parent_fd: int, name: str, *, budget: int, attempts: int = 5) -> None:
-    """Remove ``name`` in ``parent_fd`` and, if it is a directory, everything in it, never following symlinks.
-
-    Used by :meth:`Workspace.delete` and by :meth:`Workspace.destroy` in dir mode instead of ``shutil.rmtree``
-    on a path, so that a symlink the sandbox swaps in mid-delete is removed as a link, not followed."""
-    for _ in range(attempts):
-        try:
-            fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                raise
-            _ignore_missing(lambda: os.unlink(name, dir_fd=parent_fd))
-            return
-        try:
-            _walk_tree(fd, on_entry=_unlink_entry, on_dir_done=_rmdir_entry, budget=budget)
-        finally:
-            os.close(fd)
-        try:
-            os.rmdir(name, dir_fd=parent_fd)
-            return
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-    raise _TreeChanged
-
-
-# ------------------------------------------------------------------------------------------------------------
-# External commands
-
-
-async def run_tool(*argv: str, time_limit: float = _COMMAND_TIMEOUT_S) -> tuple[int, str]:
-    """Run a system command (mkfs, mount, ...) without a shell; answer its exit status and combined output."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=_COMMAND_ENV,
-        )
-    except OSError as exc:
-        return 127, f"{argv[0]}: {exc.strerror or exc}"
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), time_limit)
-    except TimeoutError:
-        proc.kill()
-        await proc.communicate()
-        return -1, f"{argv[0]} did not finish within {time_limit:g} s"
-    except asyncio.CancelledError:
-        # A cancelled create must not leave mkfs or mount running behind the caller's back.
-        if proc.returncode is None:
-            proc.kill()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode("utf-8", "replace").strip()
-
-
-_loop_available: bool | None = None
-
-
-async def loop_available() -> bool:
-    """Whether this machine can give workspaces a real quota: root, e2fsprogs and a free loop device.
-
-    ``mode="auto"`` asks this on create; ``kernelhub doctor`` reports it. The answer is cached for the
-    process."""
-    global _loop_available
-    if _loop_available is None:
-        ok = os.geteuid() == 0 and all(
-            shutil.which(cmd, path=_COMMAND_ENV["PATH"])
-            for cmd in ("mkfs.ext4", "mount", "umount", "losetup")
-        )
-        if ok:
-            rc, _ = await run_tool("losetup", "--find")
-            ok = rc == 0
-        _loop_available = ok
-    return _loop_available
-
-
-def _is_mounted(path: Path) -> bool:
-    return os.path.ismount(path)
+__all__ = ["Workspace"]
 
 
 def _exists(path: Path) -> bool:
@@ -460,22 +52,21 @@ def _is_regular_file(path: Path) -> bool:
         return False
 
 
-# ------------------------------------------------------------------------------------------------------------
-# The workspace
-
-
-class Workspace:
+class Workspace(WorkspaceFiles):
     """The ``/workspace`` of one sandbox, at ``sandbox_dir/"workspace"`` on the host.
 
-    Created by the sandbox service before the sandbox starts (:meth:`create`), remounted by the registry after
-    a gateway restart (:meth:`reattach`) and removed with the sandbox (:meth:`destroy`). ``sandbox_dir`` is
+    Created by :class:`~kernelhub.sandbox.sandbox.Sandbox` before its processes start (:meth:`create`), removed
+    when it stops or by the factory's reaping (:meth:`destroy`); :meth:`reattach` remounts one that outlived a
+    gateway restart. ``sandbox_dir`` is
     made by the caller, root-owned with mode 0711, so the sandbox uid can reach its workspace but nothing else
-    in it. The file service uses :meth:`open_read`, :meth:`open_write`, :class:`UploadWriter`,
-    :meth:`list_dir`, :meth:`stat` and :meth:`delete`; the metrics use :meth:`usage` and :meth:`capacity`.
+    in it. The hub's file methods use :meth:`open_read`, :meth:`open_download`, :meth:`open_write`,
+    :class:`~kernelhub.sandbox.files.UploadWriter`, :meth:`list_dir`, :meth:`stat` and :meth:`delete` (all
+    from :class:`~kernelhub.sandbox.files.WorkspaceFiles`); the metrics use :meth:`usage` and
+    :meth:`capacity`.
 
     ``mode``: ``"loop"`` an ext4 image on a loop device (needs root; enforces ``disk_mb`` and ``files``),
     ``"dir"`` a plain directory (enforces nothing; for a gateway without root), ``"auto"`` loop where
-    :func:`loop_available`. ``min_host_free_mb``: creating refuses (``host_disk_full``, 507) when the
+    :func:`~kernelhub.sandbox.loop_available`. ``min_host_free_mb``: creating refuses (``host_disk_full``, 507) when the
     workspace, once full, would leave the host filesystem holding ``sandbox_dir`` with less free space than
     this.
     """
@@ -536,7 +127,7 @@ class Workspace:
     # -- lifecycle -------------------------------------------------------------------------------------------
 
     async def create(self) -> None:
-        """Make a new, empty workspace. Called by the sandbox service before the sandbox starts.
+        """Make a new, empty workspace. Called by the sandbox before its processes start.
 
         Loop mode: a sparse image of ``disk_mb`` (no host space used until written), ext4 with ``files``
         inodes and no root-reserved blocks, mounted ``nosuid,nodev`` (not ``noexec``: users run programs they
@@ -546,10 +137,10 @@ class Workspace:
         async with self._lock:
             mode = await self._resolve_mode()
             # Refuse before touching anything: the clean-up below must only ever remove what this call made.
-            if _exists(self.image) or _is_mounted(self.path) or self._has_content():
+            if _exists(self.image) or is_mounted(self.path) or self._has_content():
                 raise SandboxError(f"A workspace already exists in {self.sandbox_dir}; reattach it instead.")
             if mode == "loop":
-                self._check_host_space()
+                check_host_space(self.sandbox_dir, self.limits.disk_mb, self.min_host_free_mb)
             try:
                 self._make_mount_point()
                 if mode == "loop":
@@ -569,16 +160,6 @@ class Workspace:
             return False
         return not stat_mod.S_ISDIR(st.st_mode) or bool(os.listdir(self.path))
 
-    def _check_host_space(self) -> None:
-        """Keep the host disk safe: a full workspace must leave ``min_host_free_mb`` on the state disk."""
-        st = os.statvfs(self.sandbox_dir)
-        free = st.f_bavail * st.f_frsize
-        if free - self.limits.disk_mb * MiB < self.min_host_free_mb * MiB:
-            raise HostDiskFull(
-                f"The host disk has {free // MiB} MiB free; a {self.limits.disk_mb} MiB workspace would "
-                f"leave less than the {self.min_host_free_mb} MiB the gateway keeps free."
-            )
-
     def _make_mount_point(self) -> None:
         try:
             os.mkdir(self.path, 0o755)
@@ -593,43 +174,15 @@ class Workspace:
                 ) from None
 
     async def _create_loop(self) -> None:
-        # O_EXCL|O_NOFOLLOW: never reuse or follow whatever is there. 0600: the raw image is the gateway's
-        # alone; a sandbox able to write it could feed the kernel a crafted filesystem.
-        fd = os.open(self.image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.ftruncate(fd, self.limits.disk_mb * MiB)
-        finally:
-            os.close(fd)
-        rc, out = await run_tool(
-            "mkfs.ext4",
-            "-q",
-            "-F",
-            # No blocks reserved for root: the gateway writes uploads as root and must hit the same quota.
-            "-m",
-            "0",
-            "-N",
-            str(self.limits.files + _EXT4_RESERVED_INODES),
-            # lazy_journal_init: the image is sparse, so the unwritten journal already reads as zeros; this
-            # keeps a fresh 1 GiB workspace at well under 1 MiB of host disk instead of 33 MiB.
-            "-E",
-            f"root_owner={self.uid}:{self.gid},lazy_journal_init=1",
-            str(self.image),
-        )
-        if rc != 0:
-            raise SandboxError(f"Could not make the workspace filesystem: {out or f'mkfs.ext4 exit {rc}'}.")
-        await self._mount()
+        await make_image(self.image, disk_mb=self.limits.disk_mb, files=self.limits.files,
+                               uid=self.uid, gid=self.gid)
+        await mount_image(self.image, self.path)
         root = self._open_root()
         try:
-            _ignore_missing(lambda: os.rmdir("lost+found", dir_fd=root))
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir("lost+found", dir_fd=root)
         finally:
             os.close(root)
-
-    async def _mount(self) -> None:
-        rc, out = await run_tool(
-            "mount", "-t", "ext4", "-o", "loop,nosuid,nodev", str(self.image), str(self.path)
-        )
-        if rc != 0:
-            raise SandboxError(f"Could not mount the workspace: {out or f'mount exit {rc}'}.")
 
     def _own_root(self) -> None:
         root = self._open_root()
@@ -641,7 +194,8 @@ class Workspace:
     async def reattach(self) -> None:
         """Bring back an existing workspace, e.g. after a gateway restart: mount its image if not mounted.
 
-        Called by the sandbox registry when it reloads sandboxes it knew. Nothing is formatted or emptied; a
+        For a gateway that takes back the sandboxes it knew (this one reaps them instead, so only the tests call
+        it today). Nothing is formatted or emptied; a
         missing workspace raises :class:`SandboxError`. In auto mode an existing image means loop mode.
         """
         async with self._lock:
@@ -650,9 +204,9 @@ class Workspace:
             if self._mode == "loop":
                 if not _is_regular_file(self.image):
                     raise SandboxError(f"The workspace image {self.image} is missing.")
-                if not _is_mounted(self.path):
+                if not is_mounted(self.path):
                     self._make_mount_point()
-                    await self._mount()
+                    await mount_image(self.image, self.path)
             else:
                 try:
                     st = os.lstat(self.path)
@@ -674,8 +228,9 @@ class Workspace:
                 raise SandboxError(f"Could not remove the workspace: {exc.strerror or exc}.") from exc
 
     async def _teardown(self) -> None:
-        await self._unmount()
-        _ignore_missing(lambda: os.unlink(self.image))
+        await unmount(self.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.image)
         try:
             st = os.lstat(self.path)
         except FileNotFoundError:
@@ -686,30 +241,11 @@ class Workspace:
         # sandbox_dir is the caller's own root-owned directory: no O_NOFOLLOW, it may be reached by a link.
         parent = os.open(self.sandbox_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            _remove_below(parent, self.MOUNT_NAME, budget=self._walk_budget(), attempts=10)
-        except _TreeChanged:
+            remove_tree(parent, self.MOUNT_NAME, budget=self._walk_budget(), attempts=10)
+        except TreeChanged:
             raise SandboxError(f"Could not remove {self.path}: its contents kept changing.") from None
         finally:
             os.close(parent)
-
-    async def _unmount(self) -> None:
-        # A workspace may be mounted twice (a reattach racing a restart): unmount until nothing is left.
-        for _ in range(4):
-            if not _is_mounted(self.path):
-                return
-            out = ""
-            for attempt in range(_UMOUNT_ATTEMPTS):
-                rc, out = await run_tool("umount", str(self.path))
-                if rc == 0 or not _is_mounted(self.path):
-                    break
-                if attempt < _UMOUNT_ATTEMPTS - 1:
-                    await asyncio.sleep(0.05 * 2**attempt)  # a kernel that is just exiting lets go soon
-            else:
-                rc, out = await run_tool("umount", "-l", str(self.path))
-                if rc != 0 and _is_mounted(self.path):
-                    raise SandboxError(f"Could not unmount the workspace {self.path}: {out}.")
-        if _is_mounted(self.path):
-            raise SandboxError(f"The workspace {self.path} is still mounted.")
 
     # -- accounting ------------------------------------------------------------------------------------------
 
@@ -721,41 +257,14 @@ class Workspace:
         counted once).
         """
         if self._image_present():
-            st = self._statvfs()
-            used_bytes = (st.f_blocks - st.f_bfree) * st.f_frsize
-            used_files = max(0, st.f_files - st.f_ffree - _EXT4_RESERVED_INODES)
-            return used_bytes, used_files
-        total = [0, 0]
-        seen: set[tuple[int, int]] = set()
-
-        def count(dirfd: int, name: str, st: os.stat_result) -> None:
-            if st.st_nlink > 1 and not stat_mod.S_ISDIR(st.st_mode):
-                if _ident(st) in seen:
-                    return
-                seen.add(_ident(st))
-            total[0] += st.st_blocks * 512
-            total[1] += 1
-
-        def count_dir(dirfd: int, name: str, st: os.stat_result) -> bool:
-            count(dirfd, name, st)
-            return True
-
-        root = self._open_root()
-        try:
-            _walk_tree(root, on_entry=count, on_dir_done=count_dir, budget=self._walk_budget())
-        except _TreeChanged:
-            pass  # an estimate is all metrics need
-        finally:
-            os.close(root)
-        return total[0], total[1]
+            return image_usage(self._statvfs())
+        return self._tree_usage()
 
     def capacity(self) -> int:
         """Bytes the sandbox can store when empty (``disk_limit_bytes``): what ext4 leaves of ``disk_mb``
         after its journal and inode tables. Dir mode has no quota and answers the nominal ``disk_mb``."""
         if self._image_present():
-            st = self._statvfs()
-            # f_bfree - f_bavail are ext4's reserved clusters, usable by nobody (not even root) for file data.
-            return (st.f_blocks - (st.f_bfree - st.f_bavail)) * st.f_frsize
+            return image_capacity(self._statvfs())
         return self.limits.disk_mb * MiB
 
     def _statvfs(self) -> os.statvfs_result:
@@ -768,21 +277,10 @@ class Workspace:
     def _image_present(self) -> bool:
         return self._mode == "loop" or (self._mode is None and _exists(self.image))
 
-    def _walk_budget(self) -> int:
-        return max(200_000, 8 * self.limits.files)
-
-    # -- safe file operations for the gateway ----------------------------------------------------------------
-
-    def _own(self, fd: int, mode: int) -> None:
-        """Give what the gateway (root) made to the sandbox uid, by descriptor: no swapped path is touched."""
-        if os.geteuid() == 0:
-            os.fchown(fd, self.uid, self.gid)
-        os.fchmod(fd, mode)
-
     def _open_root(self) -> int:
         """A descriptor of the workspace root. Every file operation starts here and only ever goes down."""
         try:
-            fd = os.open(self.path, _DIR_FLAGS)
+            fd = os.open(self.path, DIR_FLAGS)
         except FileNotFoundError:
             raise WorkspaceUnavailable("The workspace is not available.") from None
         if _exists(self.image):
@@ -792,302 +290,3 @@ class Workspace:
                 raise WorkspaceUnavailable("The workspace is not mounted.")
         return fd
 
-    def _open_dirs(self, parts: list[str], *, create: bool = False) -> int:
-        """Descend from the root through ``parts`` (all directories), O_NOFOLLOW at every step; answer the
-        last one.
-
-        ``create`` makes missing directories, owned by the sandbox uid, mode 0755. OSError escapes to the
-        caller."""
-        fd = self._open_root()
-        try:
-            for depth, name in enumerate(parts, 1):
-                try:
-                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                except NotADirectoryError:
-                    # O_NOFOLLOW|O_DIRECTORY answers a symlink with ENOTDIR; say which it was.
-                    if stat_mod.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
-                        raise InvalidRequest(
-                            f"{_shorten(_join(parts[:depth]))} is a symbolic link; the file API does not "
-                            "follow symbolic links."
-                        ) from None
-                    raise
-                except FileNotFoundError:
-                    if not create:
-                        raise
-                    made = True
-                    try:
-                        os.mkdir(name, 0o755, dir_fd=fd)
-                    except FileExistsError:
-                        made = False  # the sandbox made it meanwhile; the open below judges what it is
-                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                    if made:
-                        # By descriptor: if the sandbox swapped the new directory for another one, that one is
-                        # inside its own workspace anyway, and a symlink would have failed the open.
-                        self._own(child, 0o755)
-                os.close(fd)
-                fd = child
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    def open_read(self, rel: str) -> tuple[int, os.stat_result]:
-        """Open a regular file for reading; the file download route streams from the fd and closes it.
-
-        Refused: a symlink anywhere on the path (InvalidRequest), a directory ("is a directory"), a FIFO,
-        socket or device (InvalidRequest), a missing file (NotFound)."""
-        parts = split_workspace_path(rel)
-        shown = _join(parts)
-        if not parts:
-            raise InvalidRequest("The workspace root is a directory.")
-        with _fs_errors(shown):
-            dirfd = self._open_dirs(parts[:-1])
-            try:
-                # Look before opening, so that a device or FIFO is never even opened.
-                st = os.stat(parts[-1], dir_fd=dirfd, follow_symlinks=False)
-                self._require_regular(st, shown)
-                fd = os.open(parts[-1], _READ_FLAGS, dir_fd=dirfd)
-            finally:
-                os.close(dirfd)
-            try:
-                st = os.fstat(fd)  # what was opened, not what was looked at: the sandbox may have swapped it
-                self._require_regular(st, shown)
-                os.set_blocking(fd, True)
-            except BaseException:
-                os.close(fd)
-                raise
-        return fd, st
-
-    @staticmethod
-    def _require_regular(st: os.stat_result, shown: str) -> None:
-        if stat_mod.S_ISDIR(st.st_mode):
-            raise InvalidRequest(f"{_shorten(shown or '/')} is a directory.")
-        if stat_mod.S_ISLNK(st.st_mode):
-            raise InvalidRequest(
-                f"{_shorten(shown)} is a symbolic link; the file API does not follow symbolic links."
-            )
-        if not stat_mod.S_ISREG(st.st_mode):
-            raise InvalidRequest(f"{_shorten(shown)} is not a regular file.")
-
-    def open_write(self, rel: str, *, make_parents: bool = True) -> int:
-        """Create or truncate a regular file for writing and answer its fd (the caller closes it).
-
-        The file upload route prefers :class:`UploadWriter`, which also enforces quotas and cleans up. Parents
-        are made (uid-owned, 0755) unless ``make_parents`` is False; a new file is 0644 and owned by the
-        sandbox uid. A symlink anywhere, a directory, FIFO, socket or device, and a hard link to a file the
-        sandbox does not own are refused, and nothing is truncated before the checks pass."""
-        fd, dirfd, _name = self._open_for_write(rel, make_parents=make_parents)
-        os.close(dirfd)
-        return fd
-
-    def _open_for_write(self, rel: str, *, make_parents: bool) -> tuple[int, int, str]:
-        """Like :meth:`open_write`, also answering the parent's descriptor and the name (to remove a partial
-        upload by descriptor later)."""
-        parts = split_workspace_path(rel)
-        shown = _join(parts)
-        if not parts:
-            raise InvalidRequest("The workspace root is a directory.")
-        name = parts[-1]
-        with _fs_errors(shown):
-            dirfd = self._open_dirs(parts[:-1], create=make_parents)
-            try:
-                made = True
-                try:
-                    fd = os.open(name, _WRITE_FLAGS | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dirfd)
-                except FileExistsError:
-                    made = False
-                    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-                    self._require_regular(st, shown)
-                    # No O_TRUNC: nothing is cut short before the fstat below has judged the file.
-                    fd = os.open(name, _WRITE_FLAGS, dir_fd=dirfd)
-                try:
-                    st = os.fstat(fd)
-                    self._require_regular(st, shown)
-                    if not made and st.st_nlink > 1 and st.st_uid != self.uid and os.geteuid() == 0:
-                        # In dir mode the workspace shares a filesystem with the host, and a hard link to a
-                        # file the sandbox does not own must not let the gateway overwrite that file for it.
-                        raise InvalidRequest(
-                            f"{_shorten(shown)} is a hard link to a file the sandbox does not own."
-                        )
-                    if made:
-                        self._own(fd, 0o644)
-                    else:
-                        os.ftruncate(fd, 0)
-                    os.set_blocking(fd, True)
-                except BaseException:
-                    os.close(fd)
-                    if made:
-                        _ignore_missing(lambda: os.unlink(name, dir_fd=dirfd))
-                    raise
-            except BaseException:
-                os.close(dirfd)
-                raise
-        return fd, dirfd, name
-
-    def list_dir(self, rel: str = "") -> list[dict[str, Any]]:
-        """The entries of a directory, sorted by name, for the file list route.
-
-        Each is ``{name, path, type: "file"|"dir"|"symlink"|"other", size, modified}`` from ``lstat``: a
-        symlink is listed as one and never followed; listing *through* one is refused."""
-        parts = split_workspace_path(rel)
-        shown = _join(parts)
-        entries: list[dict[str, Any]] = []
-        with _fs_errors(shown):
-            fd = self._open_dirs(parts)
-            try:
-                with os.scandir(fd) as listing:
-                    for dirent in listing:
-                        try:
-                            st = dirent.stat(follow_symlinks=False)
-                        except FileNotFoundError:
-                            continue  # removed since readdir
-                        entries.append(_entry([*parts, dirent.name], st))
-            finally:
-                os.close(fd)
-        entries.sort(key=lambda entry: entry["name"])
-        return entries
-
-    def stat(self, rel: str) -> dict[str, Any]:
-        """One entry shaped as in :meth:`list_dir` (``lstat``: a symlink as the last component is reported as
-        one); for the file routes' existence and type checks. The root is ``{"name": "", "path": "", "type":
-        "dir"}``."""
-        parts = split_workspace_path(rel)
-        shown = _join(parts)
-        with _fs_errors(shown):
-            if not parts:
-                fd = self._open_root()
-                try:
-                    return _entry(parts, os.fstat(fd))
-                finally:
-                    os.close(fd)
-            dirfd = self._open_dirs(parts[:-1])
-            try:
-                return _entry(parts, os.stat(parts[-1], dir_fd=dirfd, follow_symlinks=False))
-            finally:
-                os.close(dirfd)
-
-    def delete(self, rel: str) -> None:
-        """Delete a file, a symlink (the link, never its target) or a directory with everything in it.
-
-        For the file delete route. The recursive delete is a descriptor walk that unlinks symlinks as entries,
-        so a link to a directory outside loses only the link. The workspace root itself cannot be deleted."""
-        parts = split_workspace_path(rel)
-        shown = _join(parts)
-        if not parts:
-            raise InvalidRequest("The workspace root cannot be deleted; delete the entries in it instead.")
-        with _fs_errors(shown):
-            dirfd = self._open_dirs(parts[:-1])
-            try:
-                st = os.stat(parts[-1], dir_fd=dirfd, follow_symlinks=False)
-                if stat_mod.S_ISDIR(st.st_mode):
-                    try:
-                        _remove_below(dirfd, parts[-1], budget=self._walk_budget())
-                    except _TreeChanged:
-                        raise Conflict(
-                            f"The directory {_shorten(shown)} kept changing while it was being deleted."
-                        ) from None
-                else:
-                    os.unlink(parts[-1], dir_fd=dirfd)
-            finally:
-                os.close(dirfd)
-
-
-class UploadWriter:
-    """Writes one uploaded file into a workspace chunk by chunk; for the file upload route.
-
-    ``write`` raises :class:`PayloadTooLarge` past ``max_bytes`` (default ``limits.max_file_mb``) and
-    :class:`DiskQuotaExceeded` (reason ``disk``) when the workspace is full (ENOSPC/EDQUOT); either way, and
-    on :meth:`abort`, the partial file is removed. :meth:`finish` closes and answers the size. As a context
-    manager it finishes on success and aborts on an exception. Synchronous: the handler calls it from
-    ``data_received``.
-    """
-
-    def __init__(
-        self,
-        workspace: Workspace,
-        rel: str,
-        *,
-        max_bytes: int | None = None,
-        make_parents: bool = True,
-    ) -> None:
-        self.path = _join(split_workspace_path(rel))
-        self.max_bytes = workspace.limits.max_file_mb * MiB if max_bytes is None else max_bytes
-        self.size = 0
-        self._fd: int | None
-        self._dirfd: int | None
-        self._fd, self._dirfd, self._name = workspace._open_for_write(rel, make_parents=make_parents)
-        self._ident = _ident(os.fstat(self._fd))
-
-    @property
-    def closed(self) -> bool:
-        return self._fd is None
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Append one chunk; raises and removes the partial file if a limit is hit."""
-        if self._fd is None:
-            raise SandboxError("This upload is already finished.")
-        view = memoryview(data).cast("B")
-        if self.size + len(view) > self.max_bytes:
-            self.abort()
-            raise PayloadTooLarge(
-                f"The file is larger than the {self.max_bytes // MiB} MiB a single file may have "
-                f"(limits.max_file_mb).",
-            )
-        try:
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-                self.size += written
-        except OSError as exc:
-            self.abort()
-            raise _api_error(exc, self.path) from None
-
-    def finish(self) -> int:
-        """Close the file and answer its size. An error the kernel reports on close removes the file too."""
-        if self._fd is None:
-            raise SandboxError("This upload is already finished.")
-        fd, self._fd = self._fd, None
-        try:
-            os.close(fd)
-        except OSError as exc:
-            self._remove()
-            raise _api_error(exc, self.path) from None
-        finally:
-            _close_quietly(self._dirfd)
-            self._dirfd = None
-        return self.size
-
-    def abort(self) -> None:
-        """Give up: free the space and remove the partial file. Idempotent."""
-        if self._fd is not None:
-            # Truncate by descriptor first: the space comes back even if the sandbox renamed the file away.
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
-            _close_quietly(self._fd)
-            self._fd = None
-            self._remove()
-        _close_quietly(self._dirfd)
-        self._dirfd = None
-
-    def _remove(self) -> None:
-        if self._dirfd is None:
-            return
-        # Only if the name still is our file: the sandbox may have put something of its own there meanwhile.
-        with contextlib.suppress(OSError):
-            st = os.stat(self._name, dir_fd=self._dirfd, follow_symlinks=False)
-            if _ident(st) == self._ident:
-                os.unlink(self._name, dir_fd=self._dirfd)
-
-    def __enter__(self) -> UploadWriter:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None and self._fd is not None:
-            self.finish()
-        else:
-            self.abort()
-
-    def __del__(self) -> None:
-        # An upload the handler forgot (client gone) must not leak descriptors or leave a partial file.
-        if getattr(self, "_fd", None) is not None or getattr(self, "_dirfd", None) is not None:
-            self.abort()

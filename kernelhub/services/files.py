@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import InvalidRequest
-from ..sandbox.workspace import UploadWriter, Workspace
+from ..sandbox.files import FileChunks, UploadWriter
+from ..sandbox.workspace import Workspace
 from .sandboxes import Sandboxes
 from .tenants import Tenant
 
@@ -34,12 +35,12 @@ class Files:
             raise InvalidRequest("path must be a string.")
         return UploadWriter(self._workspace(tenant, sandbox_id), path)
 
-    def open_download(self, tenant: Tenant, sandbox_id: object, path: object) -> tuple[int, int]:
-        """``file_download``: an open fd (the caller closes it) and the file's size."""
+    def open_download(self, tenant: Tenant, sandbox_id: object, path: object) -> FileChunks:
+        """``file_download``: the file as an async stream of chunks with its ``size``; the caller iterates it
+        inside ``async with`` so that the file is closed however the download ends."""
         if not isinstance(path, str):
             raise InvalidRequest("path must be a string.")
-        fd, st = self._workspace(tenant, sandbox_id).open_read(path)
-        return fd, st.st_size
+        return self._workspace(tenant, sandbox_id).open_download(path)
 
     def list_files(self, tenant: Tenant, sandbox_id: object, path: object = "") -> list[dict[str, Any]]:
         """``file_list``: the entries of the directory ``path`` (``""``: ``/workspace``), shaped by

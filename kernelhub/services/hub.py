@@ -28,7 +28,7 @@ from traitlets.config import LoggingConfigurable
 
 from ..sandbox.limits import DEFAULT_MAXIMUM, Limits, resolve_limits
 from ..sandbox.provisioner import KERNELSPECS_DIR
-from ..sandbox.sandbox import SandboxFactory
+from ..sandbox.factory import SandboxFactory
 from .executions import ExecutionHistory
 from .executor import Executor
 from .files import Files

@@ -3,20 +3,16 @@
 terminado supplies the terminal machinery (the read loop on the PTY master, broadcasting output to every
 client, the replay buffer for reconnecting clients, sizing the terminal to its smallest client, the websocket
 message shape). It normally spawns its shell on the host with ``ptyprocess``; here the shell is started by the
-sandbox's agent (:meth:`Sandbox.spawn` with ``pty=True``) and the gateway keeps only the PTY master. Three small
-classes make that fit:
+sandbox's agent (:meth:`Sandbox.start_pty <kernelhub.sandbox.sandbox.Sandbox.start_pty>`) and the gateway keeps
+only the PTY master, as a :class:`~kernelhub.sandbox.pty.SandboxPty`: it duck-types what terminado uses of
+``ptyprocess.PtyProcessUnicode`` (``fd``, ``pid``, ``read``, ``write``, ``close``, ``getwinsize``,
+``setwinsize``, ``isalive``, ``kill``, ``delayafterterminate``, ``decoder``). The OS side (the PTY in the
+sandbox's own devpts, so ``tty`` answers ``/dev/pts/N``; its I/O; signals through the agent) is
+:mod:`kernelhub.sandbox.pty`'s. What stays here is the session policy, in two small terminado classes:
 
-- :class:`SandboxPty` duck-types what terminado uses of ``ptyprocess.PtyProcessUnicode`` (``fd``, ``pid``,
-  ``read``, ``write``, ``close``, ``getwinsize``, ``setwinsize``, ``isalive``, ``kill``,
-  ``delayafterterminate``, ``decoder``) on the master fd and the :class:`SandboxProcess` of the shell;
-- :class:`SandboxTerminal` is a terminado ``PtyWithClients`` built around a :class:`SandboxPty` instead of
+- :class:`SandboxTerminal` is a terminado ``PtyWithClients`` built around a ``SandboxPty`` instead of
   spawning one;
 - :class:`SandboxTermManager` is a terminado ``TermManagerBase`` with exactly one terminal, the session's.
-
-The PTY is allocated in the sandbox's own devpts instance (bubblewrap's ``--dev`` mounts one), so ``tty`` in
-the shell answers ``/dev/pts/N`` and the device belongs to the sandbox user. It is reached from the host through
-``/proc/<pid>/root`` of bubblewrap's pid 1; where that fails (no such rights, or a sandbox without a launcher)
-a host PTY is used instead: the shell works the same but ``tty`` answers "not a tty".
 
 How a websocket handler attaches (:class:`kernelhub.handlers.terminal.TerminalWebSocket` does exactly this)::
 
@@ -32,7 +28,7 @@ How a websocket handler attaches (:class:`kernelhub.handlers.terminal.TerminalWe
     # on close            -> self.terminal.clients.remove(self); self.terminal.resize_to_smallest()
 
 A client is any object with ``size`` (``(rows, cols)``, ``None`` for unknown), ``on_pty_read(text)`` and
-``on_pty_died()``. Everything runs on the event loop thread: :meth:`SandboxPty.write` never blocks (it queues
+``on_pty_died()``. Everything runs on the event loop thread: ``SandboxPty.write`` never blocks (it queues
 what the PTY does not take yet), and the manager's ``blocking_io_executor`` runs calls inline so that stock
 ``TermSocket.stdin_to_ptyproc`` writes on the loop too. A client that cannot keep up may call
 :meth:`TerminalSession.pause_reading` / :meth:`TerminalSession.resume_reading`: while any client holds a pause
@@ -46,17 +42,12 @@ until the sandbox stops, as a daemon outlives an ssh login.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import collections
 import concurrent.futures
 import contextlib
-import fcntl
 import logging
-import os
 import shlex
 import signal
-import struct
-import termios
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -66,6 +57,7 @@ from tornado.ioloop import IOLoop
 
 from ..errors import Conflict, SandboxError
 from ..models import new_id
+from ..sandbox.pty import DEFAULT_COLS, DEFAULT_ROWS, READ_SIZE, SandboxPty
 
 if TYPE_CHECKING:
     from ..sandbox.sandbox import Sandbox, SandboxProcess
@@ -75,7 +67,6 @@ log = logging.getLogger("kernelhub.terminals")
 #: The shell of every terminal session.
 SHELL_ARGV = ("/bin/bash", "-l", "-i")
 TERM_TYPE = "xterm-256color"
-DEFAULT_ROWS, DEFAULT_COLS = 24, 80
 #: ``execute`` returns once the terminal has printed nothing for this long (or at its timeout).
 QUIET_S = 0.3
 #: How long ``start`` waits for the shell's first prompt: input typed before readline is ready echoes twice.
@@ -84,172 +75,9 @@ PROMPT_WAIT_S = 5.0
 HANGUP_GRACE_S = 0.5
 #: What a reconnecting client is replayed, at most (characters).
 REPLAY_CHARS = 256 * 1024
-READ_SIZE = 65536
-#: ``drain`` returns once at most this much input waits for the PTY.
-DRAIN_LIMIT = 64 * 1024
 
 
-# Run inside the sandbox on close: kill every process of the shell's session (argv[1]) until none is left.
-# Zombies are skipped: they are dead and their parent (bwrap's pid 1 for orphans) reaps them.
-_KILL_SESSION = """\
-import os, sys
-sid = int(sys.argv[1])
-for _ in range(100):
-    found = False
-    for name in os.listdir('/proc'):
-        if not name.isdigit():
-            continue
-        try:
-            with open('/proc/%s/stat' % name) as f:
-                fields = f.read().rsplit(')', 1)[1].split()
-            if fields[0] != 'Z' and int(fields[3]) == sid:
-                os.kill(int(name), 9)
-                found = True
-        except (OSError, ValueError, IndexError):
-            pass
-    if not found:
-        break
-"""
-
-
-# -- the PTY ------------------------------------------------------------------------------------------------
-
-
-class SandboxPty:
-    """What terminado uses of ``ptyprocess.PtyProcessUnicode``, for a shell started by the sandbox's agent.
-
-    Created by :meth:`TerminalSession.start`; terminado's manager reads it, clients write to it. ``pid`` is the
-    shell's pid inside the sandbox: signals go through the agent, never ``os.kill`` on the host.
-    """
-
-    #: terminado's ``PtyWithClients.terminate`` sleeps this long between signals.
-    delayafterterminate = 0.1
-
-    def __init__(self, fd: int, process: SandboxProcess) -> None:
-        self.fd = fd
-        self.process = process
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        os.set_blocking(fd, False)
-        self._loop = asyncio.get_running_loop()
-        self._out = bytearray()
-        self._writing = False
-        self._drained = asyncio.Event()
-        self._drained.set()
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid
-
-    @property
-    def closed(self) -> bool:
-        return self.fd < 0
-
-    def isalive(self) -> bool:
-        return self.process.returncode is None
-
-    # -- I/O: on the event loop thread only -------------------------------------------------------------
-
-    def read(self, size: int = READ_SIZE) -> str:
-        """What the terminal printed, decoded; ``""`` when nothing is waiting. Raises EOFError once every
-        holder of the slave is gone (or the PTY is closed)."""
-        if self.fd < 0:
-            raise EOFError("the PTY is closed")
-        try:
-            data = os.read(self.fd, size)
-        except BlockingIOError:
-            return ""
-        except OSError as exc:  # EIO: the slave side is gone
-            raise EOFError(str(exc)) from None
-        if not data:
-            raise EOFError("end of file")
-        return self.decoder.decode(data)
-
-    def write(self, text: str) -> int:
-        """Queue ``text`` for the shell and write what the PTY takes now; never blocks. Await :meth:`drain`
-        to wait for the queue to empty. Answers ``len(text)`` like ``ptyprocess``."""
-        if self.fd < 0:
-            return 0
-        self._out += text.encode("utf-8", errors="replace")  # JSON may carry lone surrogates
-        self._flush()
-        return len(text)
-
-    async def drain(self, limit: int = DRAIN_LIMIT) -> None:
-        """Wait until at most ``limit`` bytes of input wait for the PTY (or it closed). Callers that take input
-        from a network await this so that a shell not reading pushes back on the client."""
-        while len(self._out) > limit and self.fd >= 0:
-            self._drained.clear()
-            await self._drained.wait()
-
-    @property
-    def pending_input(self) -> int:
-        return len(self._out)
-
-    def _flush(self) -> None:
-        while self._out and self.fd >= 0:
-            try:
-                n = os.write(self.fd, self._out)
-            except BlockingIOError:
-                break
-            except OSError:
-                self._out.clear()  # the terminal is gone: nobody will read it
-                break
-            del self._out[:n]
-        if self._out and self.fd >= 0:
-            if not self._writing:
-                self._loop.add_writer(self.fd, self._flush)
-                self._writing = True
-        else:
-            if self._writing:
-                self._loop.remove_writer(self.fd)
-                self._writing = False
-        if len(self._out) <= DRAIN_LIMIT or self.fd < 0:
-            self._drained.set()
-
-    def close(self, force: bool = True) -> None:
-        """Close the master (idempotent). Called by terminado's manager on EOF and by the session's close."""
-        if self.fd < 0:
-            return
-        if self._writing:
-            self._loop.remove_writer(self.fd)
-            self._writing = False
-        os.close(self.fd)
-        self.fd = -1
-        self._out.clear()
-        self._drained.set()
-
-    # -- the window -------------------------------------------------------------------------------------
-
-    def getwinsize(self) -> tuple[int, int]:
-        """(rows, cols) of the terminal."""
-        if self.fd < 0:
-            return DEFAULT_ROWS, DEFAULT_COLS
-        rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(self.fd, termios.TIOCGWINSZ, b"\0" * 8))
-        return rows, cols
-
-    def setwinsize(self, rows: int, cols: int) -> None:
-        """Resize; the kernel sends SIGWINCH to the terminal's foreground process group."""
-        if self.fd >= 0:
-            fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-    # -- signals (through the agent; the call returns before the signal is delivered) -------------------
-
-    def kill(self, sig: int = signal.SIGTERM) -> None:
-        """Signal the shell alone, as ``ptyprocess`` does."""
-        self._signal(sig, group=False)
-
-    def killpg(self, sig: int = signal.SIGTERM) -> None:
-        """Signal the shell's process group (the shell and its foreground job)."""
-        self._signal(sig, group=True)
-
-    def _signal(self, sig: int, *, group: bool) -> None:
-        async def send() -> None:
-            with contextlib.suppress(SandboxError):
-                await self.process.send_signal(sig, group=group)
-
-        task = self._loop.create_task(send())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+# -- terminado's side ---------------------------------------------------------------------------------------
 
 
 class SandboxTerminal(PtyWithClients):
@@ -282,7 +110,7 @@ class SandboxTerminal(PtyWithClients):
 
 
 class _InlineExecutor(concurrent.futures.Executor):
-    """Runs each call at once on the calling (event loop) thread. :class:`SandboxPty` I/O never blocks and is
+    """Runs each call at once on the calling (event loop) thread. ``SandboxPty`` I/O never blocks and is
     not thread-safe, so terminado's ``run_on_executor`` writes must not go to a thread."""
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
@@ -443,19 +271,13 @@ class TerminalSession:
 
     async def start(self) -> None:
         """Start the shell and wait for its first prompt (at most :data:`PROMPT_WAIT_S`)."""
-        master, slave = self.sandbox.open_pty()
         try:
-            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", DEFAULT_ROWS, DEFAULT_COLS, 0, 0))
-            self.process = await self.sandbox.spawn(self.argv, stdin=slave, stdout=slave, stderr=slave,
-                                                    env=self.env, pty=True)
+            ptyproc = await self.sandbox.start_pty(self.argv, env=self.env, rows=DEFAULT_ROWS, cols=DEFAULT_COLS)
         except BaseException:
-            os.close(master)
             self.state = "closed"
             raise
-        finally:
-            # The shell holds the slave now; the gateway must not, or EOF would never come.
-            os.close(slave)
-        self.terminal = SandboxTerminal(SandboxPty(master, self.process), self.id)
+        self.process = ptyproc.process
+        self.terminal = SandboxTerminal(ptyproc, self.id)
         self.manager.start_reading(self.terminal)
         self.state = "running"
         self._watcher = asyncio.ensure_future(self._watch(self.process))
@@ -503,7 +325,7 @@ class TerminalSession:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(proc.wait(), HANGUP_GRACE_S)
                     await proc.send_signal(signal.SIGKILL)
-                await self._kill_session(proc)
+                await proc.kill_session()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(proc.wait(), 5)
             except SandboxError:
@@ -526,23 +348,6 @@ class TerminalSession:
         watcher = self._watcher
         if watcher is not None and watcher is not asyncio.current_task():
             watcher.cancel()
-
-    async def _kill_session(self, proc: SandboxProcess) -> None:
-        """Kill every process left in the shell's session (its sid is the shell's pid: the agent setsid()s).
-        Only run right after the shell died, so the sid cannot have been reused."""
-        if proc.pid is None:
-            return
-        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            killer = await self.sandbox.spawn(
-                [self.sandbox.factory.agent_python, "-I", "-S", "-c", _KILL_SESSION, str(proc.pid)],
-                stdin=devnull, stdout=devnull, stderr=devnull)
-        finally:
-            os.close(devnull)
-        try:
-            await asyncio.wait_for(killer.wait(), 10)
-        except TimeoutError:
-            await killer.kill()
 
     # -- use ------------------------------------------------------------------------------------------
 

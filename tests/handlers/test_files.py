@@ -3,10 +3,13 @@ deleting, paths that try to leave /workspace, symlinks planted by sandbox code, 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
 import os
+import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -103,6 +106,38 @@ def test_large_streamed_upload_and_download(gateway: Gateway, sandbox: dict[str,
     finally:
         conn.close()
     assert gateway.request("DELETE", files(sandbox, "big"))[0] == 204
+
+
+def test_a_download_the_client_leaves_midway_closes_the_file(gateway: Gateway, sandbox: dict[str, Any]) -> None:
+    size = 64 * MiB  # more than the socket buffers hold: the gateway waits on the client mid-file
+    assert command(gateway, sandbox, f"head -c {size} /dev/zero > gone.bin")["exit_code"] == 0
+    target = os.path.join(gateway.state_dir, "sandboxes", sandbox["id"], "workspace", "gone.bin")
+
+    def gateway_holds_it() -> bool:
+        for fd in os.listdir(f"/proc/{gateway.proc.pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{gateway.proc.pid}/fd/{fd}") == target:
+                    return True
+        return False
+
+    client = socket.create_connection(("127.0.0.1", gateway.port), timeout=60)
+    try:
+        client.sendall(f"GET {files(sandbox, 'gone.bin')} HTTP/1.1\r\nHost: x\r\n"
+                       f"Authorization: Bearer {gateway.token}\r\n\r\n".encode())
+        received = b""
+        while len(received) < MiB:
+            data = client.recv(256 * 1024)
+            assert data, received[:200]
+            received += data
+        assert received.startswith(b"HTTP/1.1 200") and f"Content-Length: {size}".encode() in received
+        assert gateway_holds_it()
+    finally:
+        client.close()  # gone, with most of the file unread
+    deadline = time.monotonic() + 30
+    while gateway_holds_it():
+        assert time.monotonic() < deadline, "the gateway still holds the file of a download nobody reads"
+        time.sleep(0.01)
+    assert gateway.request("GET", files(sandbox, "?list=1"))[0] == 200  # and it carries on
 
 
 def test_list_and_delete(gateway: Gateway, sandbox: dict[str, Any]) -> None:

@@ -1,10 +1,12 @@
-"""Every limit against code that tries to exhaust it, in real sandboxes: memory (a kernel OOM-killed, the cgroup
-says so), pids, CPU quota, workspace disk, the run directory, file size, open files and /tmp; and a stop that
-leaves nothing. Each test makes a sandbox with the limits it attacks and checks the cleanup itself."""
+"""Limits (kernelhub.sandbox.limits): requested limits resolved against defaults and maximums (pure), then every
+limit against code that tries to exhaust it, in real sandboxes: memory (a kernel OOM-killed, the cgroup says
+so), pids, CPU quota, workspace disk, the run directory, file size, open files and /tmp; and a stop that leaves
+nothing. Each of those tests makes a sandbox with the limits it attacks and checks the cleanup itself."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from collections.abc import AsyncIterator
@@ -14,11 +16,64 @@ from typing import Any
 
 import pytest
 
-from kernelhub.sandbox.limits import Limits
+from kernelhub.errors import InvalidRequest
+from kernelhub.sandbox.limits import DEFAULT_MAXIMUM, Limits, resolve_limits
 from kernelhub.sandbox.sandbox import Sandbox
 
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups]
 MiB = 1024 * 1024
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Resolving requested limits (pure)
+
+
+def test_resolve_limits_defaults_lowering_and_raising() -> None:
+    assert resolve_limits(None) == Limits() == resolve_limits({})
+    assert resolve_limits({"memory_mb": None}) == Limits()
+    lowered = resolve_limits({"memory_mb": 64, "cpu": 0.25, "pids": 16})
+    assert (lowered.memory_mb, lowered.cpu, lowered.pids, lowered.disk_mb) == (64, 0.25, 16, Limits().disk_mb)
+    raised = resolve_limits({"memory_mb": DEFAULT_MAXIMUM.memory_mb, "cpu": 4})
+    assert raised.memory_mb == DEFAULT_MAXIMUM.memory_mb and raised.cpu == 4.0 and isinstance(raised.cpu, float)
+    assert resolve_limits({"pids": 32.0}).pids == 32 and isinstance(resolve_limits({"pids": 32.0}).pids, int)
+    assert resolve_limits({"memory_mb": 100}, maximum=Limits(memory_mb=100)).memory_mb == 100
+    assert resolve_limits({}, defaults=Limits(memory_mb=64)).memory_mb == 64
+
+
+@pytest.mark.parametrize(
+    ("requested", "words"),
+    [
+        ({"memory_mb": DEFAULT_MAXIMUM.memory_mb + 1}, "at most"),
+        ({"cpu": 4.5}, "at most"),
+        ({"pids": 100_000}, "at most"),
+        ({"memory_mb": 8}, "at least"),
+        ({"pids": 0}, "at least"),
+        ({"disk_mb": -1}, "at least"),
+        ({"memroy_mb": 64}, "Unknown limit 'memroy_mb'"),
+        ({"memory_mb": "512"}, "must be a number"),
+        ({"memory_mb": True}, "must be a number"),
+        ({"cpu": [1]}, "must be a number"),
+        ({"memory_mb": 64.5}, "whole number"),
+        ({"cpu": math.nan}, "finite"),
+        ({"cpu": math.inf}, "finite"),
+    ],
+)
+def test_resolve_limits_refuses(requested: dict[str, Any], words: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        resolve_limits(requested)
+    assert words in info.value.message
+    assert info.value.status == 400
+
+
+def test_resolve_limits_refuses_non_mappings_and_respects_a_lower_maximum() -> None:
+    with pytest.raises(InvalidRequest):
+        resolve_limits([("memory_mb", 64)])  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest):
+        resolve_limits({"memory_mb": 101}, maximum=Limits(memory_mb=100))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Exhausting each limit in a real sandbox
 
 
 @pytest.fixture(scope="module")

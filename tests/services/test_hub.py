@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from kernelhub.errors import Conflict, InvalidRequest, KernelHubError, NotFound, QuotaExceeded
-from kernelhub.sandbox.sandbox import SandboxFactory
+from kernelhub.sandbox.factory import SandboxFactory
 from kernelhub.services.hub import Hub
 from kernelhub.services.tenants import Tenant, TenantRegistry
 

@@ -1,0 +1,204 @@
+"""Creating sandboxes: :class:`SandboxFactory`, configured with traitlets, one per process.
+
+The gateway app configures one (``--SandboxFactory.*`` options and ``KERNELHUB_*`` variables); plain
+jupyter_client gets one from the kernel provisioner, configured from the variables alone. The hub calls
+:meth:`SandboxFactory.create` for every new sandbox, :meth:`SandboxFactory.reap_stale` at start-up and
+:meth:`SandboxFactory.stop_all` at shutdown. The factory holds what its sandboxes share: the uid pool
+(:mod:`kernelhub.sandbox.uids`), the state directory and the copy of the agent they run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from traitlets import Bool, Enum, Integer, Unicode, default
+from traitlets.config import LoggingConfigurable
+
+from ..errors import IsolationUnavailable, SandboxError
+from .cgroups import open_cgroup
+from .limits import Limits
+from .sandbox import Sandbox, unmount_run_dir
+from .uids import UidPool
+from .workspace import Workspace
+
+__all__ = ["AGENT_FILES", "SandboxFactory"]
+
+#: Files bound read-only at /opt/kernelhub-agent in every sandbox.
+AGENT_FILES = (Path(__file__).with_name("agent.py"), Path(__file__).with_name("tslab_ipc.js"))
+
+
+class SandboxFactory(LoggingConfigurable):
+    """Creates sandboxes. Configured by the gateway app (or, for plain jupyter_client, from ``KERNELHUB_*``
+    variables); one per process."""
+
+    # Each option's KERNELHUB_* variable is its ``env`` tag, read by kernelhub.settings (the command line, and
+    # the provisioner's own factory under plain jupyter_client).
+    state_dir = Unicode(help="Where sandboxes keep their workspaces and sockets.", config=True).tag(
+        env="KERNELHUB_STATE_DIR", default_help="/var/lib/kernelhub as root, else ~/.local/share/kernelhub")
+
+    @default("state_dir")
+    def _state_dir_default(self) -> str:
+        return "/var/lib/kernelhub" if os.geteuid() == 0 else os.path.expanduser("~/.local/share/kernelhub")
+
+    runtime_dir = Unicode("/opt/kernelhub/runtime", help="The kernels' runtime (python venv, node_modules), bound "
+                          "read-only into every sandbox.", config=True).tag(env="KERNELHUB_RUNTIME_DIR")
+    agent_python = Unicode("/usr/bin/python3", help="Python that runs the in-sandbox agent.",
+                           config=True).tag(env="KERNELHUB_AGENT_PYTHON")
+    bwrap_path = Unicode(help="The bubblewrap binary.", config=True).tag(
+        env="KERNELHUB_BWRAP", default_help="bwrap on PATH")
+
+    @default("bwrap_path")
+    def _bwrap_default(self) -> str:
+        return shutil.which("bwrap") or "bwrap"
+
+    uid_base = Integer(200000, help="First host uid handed to sandboxes.", config=True).tag(env="KERNELHUB_UID_BASE")
+    uid_count = Integer(65536, help="How many host uids sandboxes may use.", config=True).tag(
+        env="KERNELHUB_UID_COUNT")
+    uid_lock_dir = Unicode("/run/kernelhub-uids", help="Machine-wide directory of uid locks, shared by every "
+                           "kernelhub process.", config=True).tag(env="KERNELHUB_UID_LOCK_DIR")
+    cgroup_root = Unicode("/sys/fs/cgroup", help="Mount point of the cgroup hierarchies.", config=True).tag(
+        env="KERNELHUB_CGROUP_ROOT")
+    cgroup_parent = Unicode("kernelhub", help="The folder of kernelhub's own cgroups in each hierarchy.",
+                            config=True).tag(env="KERNELHUB_CGROUP_PARENT")
+    isolation = Enum(["strict", "relaxed"], "strict", help="strict: refuse to start sandboxes unless memory, cpu "
+                     "and pids limits, a uid of their own and the workspace quota can all be enforced; relaxed: "
+                     "run with whatever this machine allows, as `kernelhub doctor` reports.",
+                     config=True).tag(env="KERNELHUB_ISOLATION")
+    workspace_mode = Enum(["auto", "loop", "dir"], "auto", help="How workspaces get their disk quota: loop (an "
+                          "ext4 image per sandbox), dir (no quota) or auto.", config=True).tag(
+        env="KERNELHUB_WORKSPACE_MODE")
+    min_host_free_mb = Integer(1024, help="Refuse new workspaces that could leave less than this much free "
+                               "space on the host.", config=True).tag(env="KERNELHUB_MIN_HOST_FREE_MB")
+    start_timeout = Integer(30, help="Seconds a sandbox may take to start.", config=True).tag(
+        env="KERNELHUB_START_TIMEOUT")
+    as_root = Bool(help="Whether sandboxes get uids of their own (needs root).", config=True).tag(
+        env="KERNELHUB_AS_ROOT", default_help="true when run as root")
+
+    @default("as_root")
+    def _as_root_default(self) -> bool:
+        return os.geteuid() == 0
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.uids = UidPool(self.uid_base, self.uid_count, Path(self.uid_lock_dir))
+        self._live: dict[str, Sandbox] = {}
+        # Done once per factory, not on every create (the hot path of sandbox_create).
+        self._agent_dir: Path | None = None
+        self._state_ready = False
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        return Path(self.state_dir) / "sandboxes"
+
+    def required_controllers(self) -> tuple[str, ...]:
+        return ("memory", "cpu", "pids") if self.isolation == "strict" else ()
+
+    def agent_dir(self) -> Path:
+        """A root-owned copy of the agent where sandbox uids can read it (the package may live under /root)."""
+        if self._agent_dir is not None:
+            return self._agent_dir
+        target = Path(self.state_dir) / "agent"
+        target.mkdir(parents=True, exist_ok=True)
+        os.chmod(target, 0o755)
+        for source_path in AGENT_FILES:
+            path = target / source_path.name
+            source = source_path.read_bytes()
+            if not path.exists() or path.read_bytes() != source:
+                tmp = target / f".{source_path.name}.{os.getpid()}.tmp"
+                tmp.write_bytes(source)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, path)
+        self._agent_dir = target
+        return target
+
+    def _prepare_state_dir(self) -> None:
+        if self._state_ready:
+            return
+        state = Path(self.state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        os.chmod(state, 0o711)
+        self.sandboxes_dir.mkdir(exist_ok=True)
+        os.chmod(self.sandboxes_dir, 0o711)
+        if self.as_root:
+            # Sandbox uids must be able to traverse every parent to reach their bind-mount sources.
+            for parent in state.resolve().parents:
+                if parent.stat().st_mode & 0o001 == 0:
+                    raise IsolationUnavailable(
+                        f"The state directory {state} sits under {parent}, which sandbox users cannot "
+                        "traverse; choose another --state-dir."
+                    )
+        self._state_ready = True
+
+    async def create(self, limits: Limits | None = None, env: Mapping[str, str] | None = None,
+                     sandbox_id: str | None = None) -> Sandbox:
+        """Start a new sandbox with its agent running. Called by the service layer and the provisioner."""
+        if self.isolation == "strict" and not self.as_root:
+            raise IsolationUnavailable(
+                "Strict isolation needs root (a host uid per sandbox, cgroups, workspace quotas); run as root "
+                "or set KERNELHUB_ISOLATION=relaxed."
+            )
+        self._prepare_state_dir()
+        limits = limits or Limits()
+        sandbox_id = sandbox_id or "sb" + secrets.token_hex(5)
+        uid = self.uids.acquire() if self.as_root else os.getuid()
+        sandbox = Sandbox(self, sandbox_id, uid, limits, env or {})
+        self._live[sandbox_id] = sandbox
+        try:
+            await sandbox._start()
+        except BaseException as exc:
+            sandbox.state = "failed"
+            await sandbox.stop("failed")
+            if isinstance(exc, SandboxError):
+                raise
+            if isinstance(exc, Exception):
+                raise SandboxError(f"The sandbox could not be set up: {exc}") from exc
+            raise
+        return sandbox
+
+    async def reap_stale(self) -> list[str]:
+        """Remove what crashed processes left behind: sandbox directories whose uid lock nobody holds, with
+        their cgroups and mounted workspaces. Called by the gateway at start-up; safe while other kernelhub
+        processes share the state directory (their sandboxes hold their uid locks)."""
+        reaped: list[str] = []
+        if not self.sandboxes_dir.is_dir():
+            return reaped
+        for entry in sorted(self.sandboxes_dir.iterdir()):
+            if entry.name in self._live or not entry.is_dir():
+                continue
+            try:
+                uid = int((entry / "uid").read_text())
+            except (OSError, ValueError):
+                uid = None
+            if uid is not None and self.as_root:
+                if not self.uids.try_hold(uid):
+                    continue  # a live sandbox of another process
+            try:
+                with contextlib.suppress(SandboxError, OSError):
+                    await open_cgroup(entry.name, root=self.cgroup_root, parent=self.cgroup_parent).remove()
+                workspace = Workspace(entry, uid or 0, uid or 0, Limits(), mode=self.workspace_mode)
+                with contextlib.suppress(Exception):
+                    await workspace.destroy()
+                with contextlib.suppress(SandboxError):
+                    await unmount_run_dir(entry / "run")
+                shutil.rmtree(entry, ignore_errors=True)
+                reaped.append(entry.name)
+            finally:
+                if uid is not None and self.as_root:
+                    self.uids.release(uid)
+        if reaped:
+            self.log.warning("removed %d sandboxes left by a process that died: %s", len(reaped), reaped)
+        return reaped
+
+    def live(self) -> list[Sandbox]:
+        return list(self._live.values())
+
+    async def stop_all(self) -> None:
+        await asyncio.gather(*(sb.stop("shutdown") for sb in self.live()), return_exceptions=True)
+

@@ -1,0 +1,84 @@
+"""Tests of kernelhub.sandbox.cgroups.v2 on this machine's controller-less cgroup2 mount."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from kernelhub.errors import IsolationUnavailable
+from kernelhub.sandbox.cgroups import (
+    UNLIMITED,
+    CgroupV2,
+    create_cgroup,
+    open_cgroup,
+)
+from kernelhub.sandbox.limits import Limits
+from tests.sandbox.cgroups.support import (
+    V2_ROOT,
+    Groups,
+    is_dead,
+    kill_in_rounds,
+    read,
+    real,
+    unique,
+    wait_until,
+)
+
+
+@real
+def test_v2_require_unavailable_controller_raises() -> None:
+    # /sys/fs/cgroup/unified can never have memory, cpu or pids: on a hybrid host they are bound to the v1
+    # hierarchies, and a controller lives in one hierarchy at a time.
+    name = unique()
+    with pytest.raises(IsolationUnavailable, match="memory"):
+        create_cgroup(name, Limits(), root=V2_ROOT, version=2, require=("memory",))
+    with pytest.raises(IsolationUnavailable, match="cpu, memory, pids"):
+        create_cgroup(name, Limits(), root=V2_ROOT)  # the default requires all three
+    assert not os.path.exists(os.path.join(V2_ROOT, "kernelhub", name))
+
+
+@real
+def test_v2_lifecycle_without_controllers(groups: Groups) -> None:
+    group = groups.create(Limits(memory_mb=64), root=V2_ROOT, version=2, require=())
+    assert isinstance(group, CgroupV2) and group.version == 2
+    assert group.controllers == set()
+    assert group.procs_files == [os.path.join(V2_ROOT, "kernelhub", group.name, "cgroup.procs")]
+
+    tree = "(sleep 1000 &); (setsid sleep 1000 &); sleep 1000 & exec sleep 1000"
+    proc = groups.spawn(group, ["/bin/sh", "-c", tree])
+    wait_until(lambda: len(group.pids()) >= 4)
+    members = group.pids()
+    assert proc.pid in members
+
+    metrics = group.metrics()
+    assert metrics.memory_limit_bytes == UNLIMITED and metrics.pids_limit == UNLIMITED
+    assert metrics.pids == 0  # no pids controller to count them
+    assert metrics.cpu_seconds >= 0.0  # core v2 accounting exists without the cpu controller
+
+    again = open_cgroup(group.name, root=V2_ROOT, version=2)
+    assert again.pids() == members
+
+    asyncio.run(group.kill_all())  # through cgroup.kill
+    assert group.pids() == set()
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    assert all(is_dead(pid) for pid in members)
+
+    asyncio.run(group.remove())
+    assert not os.path.exists(group.paths[0])
+    asyncio.run(group.remove())
+
+
+@real
+def test_v2_kill_by_freezing(groups: Groups) -> None:
+    # The path for kernels without cgroup.kill (5.2 to 5.13), run here with cgroup.freeze.
+    group = groups.create(root=V2_ROOT, version=2, require=())
+    assert isinstance(group, CgroupV2)
+    proc = groups.spawn(group, ["/bin/sh", "-c", "(sleep 1000 &); sleep 1000 & exec sleep 1000"])
+    wait_until(lambda: len(group.pids()) >= 3)
+    asyncio.run(kill_in_rounds(group, group._frozen_round))
+    assert group.pids() == set()
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    assert read(os.path.join(group.paths[0], "cgroup.freeze")) == "0"
