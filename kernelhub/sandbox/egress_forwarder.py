@@ -27,6 +27,7 @@ Programs that ignore the proxy variables get no network at all; UDP (and so DNS 
 
 import argparse
 import asyncio
+import socket
 import sys
 
 DEFAULT_LISTEN = "127.0.0.1:3128"
@@ -45,18 +46,30 @@ def proxy_env(listen=DEFAULT_LISTEN):
     return env
 
 
-async def _pump(src, dst):
-    try:
-        while True:
-            data = await src.read(_CHUNK)
-            if not data:
-                break
-            dst.write(data)
-            await dst.drain()
-        if dst.can_write_eof():
-            dst.write_eof()
-    except OSError:
-        dst.transport.abort()
+async def _pump(loop, src, dst):
+    """Copy ``src`` to ``dst`` (sockets) until EOF, then half-close ``dst``; ``dst`` ``None`` drops the data.
+
+    A reset while reading counts as EOF: the proxy closes at once after a refusal, and what it wrote before
+    must still reach the client (asyncio streams would drop it). Once ``dst`` is gone the rest of ``src`` is
+    read and dropped, so that closing the client's socket with unread data does not reset the connection
+    before the client has read the proxy's answer."""
+    while True:
+        try:
+            data = await loop.sock_recv(src, _CHUNK)
+        except OSError:
+            data = b""
+        if not data:
+            break
+        if dst is not None:
+            try:
+                await loop.sock_sendall(dst, data)
+            except OSError:
+                dst = None
+    if dst is not None:
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
 
 def _unavailable(reason):
@@ -69,27 +82,48 @@ def _unavailable(reason):
 class Forwarder:
     def __init__(self, socket_path):
         self.socket_path = socket_path
+        self.tasks = set()
 
-    async def handle(self, reader, writer):
+    async def handle(self, client):
+        loop = asyncio.get_running_loop()
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        upstream.setblocking(False)
         try:
-            up_reader, up_writer = await asyncio.open_unix_connection(self.socket_path)
-        except OSError as exc:
-            print(f"egress forwarder: cannot reach {self.socket_path}: {exc}", file=sys.stderr, flush=True)
-            writer.write(_unavailable(exc.strerror or str(exc)))
-            writer.close()
-            return
-        try:
-            await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+            try:
+                await loop.sock_connect(upstream, self.socket_path)
+            except OSError as exc:
+                print(f"egress forwarder: cannot reach {self.socket_path}: {exc}", file=sys.stderr, flush=True)
+                try:
+                    await loop.sock_sendall(client, _unavailable(exc.strerror or str(exc)))
+                    client.shutdown(socket.SHUT_WR)
+                except OSError:
+                    return
+                await _pump(loop, client, None)
+                return
+            await asyncio.gather(_pump(loop, client, upstream), _pump(loop, upstream, client))
         finally:
-            up_writer.close()
-            writer.close()
+            upstream.close()
+            client.close()
 
     async def serve(self, host, port):
-        server = await asyncio.start_server(self.handle, host, port, reuse_address=True)
-        bound = server.sockets[0].getsockname()
-        print(f"listening {bound[0]}:{bound[1]}", flush=True)
-        async with server:
-            await server.serve_forever()
+        loop = asyncio.get_running_loop()
+        listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(128)
+        listener.setblocking(False)
+        print(f"listening {host}:{listener.getsockname()[1]}", flush=True)
+        while True:
+            try:
+                client, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # out of file descriptors: wait for some to close
+                print(f"egress forwarder: accept failed: {exc}", file=sys.stderr, flush=True)
+                await asyncio.sleep(0.1)
+                continue
+            client.setblocking(False)
+            task = loop.create_task(self.handle(client))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
 
 
 def main(argv=None):

@@ -17,7 +17,7 @@ import socket
 import ssl
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -260,15 +260,23 @@ class Kit:
         self.refusals = []
         self.servers.hold.reset()
 
-    async def start(self, policy: Any, **config: Any) -> SandboxProxy:
-        """A proxy for a new sandbox id with ``policy``; ``config`` sets :class:`EgressService` traits
-        (``allow_private`` defaults to 127.0.0.1/32)."""
+    async def start(self, policy: Any, *, path: str | None = None, owner: tuple[int, int] | None = None,
+                    log: Callable[[str], Any] | None = None, **config: Any) -> SandboxProxy:
+        """A proxy for a new sandbox id with ``policy``, on ``path`` (default: a new socket in the kit's
+        directory) owned by ``owner``; refusals are kept in ``refusals`` and their lines passed to ``log``.
+        ``config`` sets :class:`EgressService` traits (``allow_private`` defaults to 127.0.0.1/32)."""
         config.setdefault("allow_private", "127.0.0.1/32")
         service = EgressService(resolver=self.dns, **config)
         self.services.append(service)
         self._n += 1
-        return await service.open(f"sb{self._n}", str(self.dir / f"p{self._n}.sock"), policy,
-                                  on_denied=self.refusals.append)
+
+        def on_denied(refusal: Refusal) -> None:
+            self.refusals.append(refusal)
+            if log is not None:
+                log(refusal.log_line())
+
+        return await service.open(f"sb{self._n}", path or str(self.dir / f"p{self._n}.sock"), policy,
+                                  owner=owner, on_denied=on_denied)
 
     read = staticmethod(read_response)
 

@@ -71,7 +71,7 @@ def test_proxy_env_names_both_spellings() -> None:
         "NO_PROXY": "localhost,127.0.0.1", "no_proxy": "localhost,127.0.0.1"}
     # Standard library only: it runs on the kernels' runtime with -I -S.
     imports = set(re.findall(r"^import (\w+)", FORWARDER.read_text(), re.M))
-    assert imports <= {"argparse", "asyncio", "sys"}, imports
+    assert imports <= {"argparse", "asyncio", "socket", "sys"}, imports
 
 
 def test_clients_reach_the_proxy_through_the_forwarder(egress: Any, runner: asyncio.Runner) -> None:
@@ -140,6 +140,35 @@ def test_half_closed_streams_are_relayed(egress: Any, runner: asyncio.Runner) ->
             data = await asyncio.wait_for(reader.read(), 30)
             writer.close()
         assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"\r\n\r\n" + b"x" * 300000)
+
+    runner.run(go())
+
+
+def test_a_refusal_reaches_a_client_still_sending(egress: Any, runner: asyncio.Runner) -> None:
+    # The proxy refuses on the request head and closes without reading the body; the forwarder must pass the
+    # answer on, and not reset the client's connection while the client is still sending.
+    s = egress.servers
+
+    async def go() -> None:
+        proxy = await egress.start({"allow": ["svc.test"]})
+        async with forwarder(proxy.socket_path) as listen:
+            host, port = listen.split(":")
+            for target in (f"http://other.test:{s.http_port}/echo", f"http://svc.test:{s.http_port}/echo"):
+                reader, writer = await asyncio.open_connection(host, int(port))
+                body = b"z" * 4_000_000
+                writer.write(f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+                             "Connection: close\r\n\r\n".encode())
+                sending = asyncio.ensure_future(writer.drain())
+                writer.write(body)
+                answer = await asyncio.wait_for(reader.read(), 60)
+                writer.close()
+                sending.cancel()
+                if "other.test" in target:
+                    assert answer.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+                    assert answer.endswith(b"egress denied: other.test:%d matches no allow entry of the "
+                                           b"sandbox's network policy.\n" % s.http_port)
+                else:
+                    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\n" + body)
 
     runner.run(go())
 

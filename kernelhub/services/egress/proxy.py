@@ -383,10 +383,13 @@ class SandboxProxy:
         conn.target, conn.addresses = target, addresses
         return addresses
 
-    async def _open(self, target: Target,
-                    addresses: Sequence[IPAddress]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A TCP connection to the first of ``addresses`` that answers (never a name: nothing is resolved
-        again), within the connect timeout; a :class:`_Reply` 502 or 504 otherwise."""
+    async def _open(self, target: Target, addresses: Sequence[IPAddress]) -> socket.socket:
+        """A non-blocking TCP socket connected to the first of ``addresses`` that answers (never a name:
+        nothing is resolved again), within the connect timeout; a :class:`_Reply` 502 or 504 otherwise.
+
+        Upstream sockets are used directly (``sock_recv``/``sock_sendall``), not through asyncio streams: a
+        stream that sees a reset drops the bytes it had buffered, and a server that answers and then resets
+        (as many do after an early error) would lose the end of its answer."""
         loop = asyncio.get_running_loop()
         errors: list[str] = []
         try:
@@ -404,11 +407,25 @@ class SandboxProxy:
                     except BaseException:
                         sock.close()
                         raise
-                    return await asyncio.open_connection(sock=sock, limit=_CHUNK)
+                    return sock
         except TimeoutError:
             raise _Reply(504, f"Connecting to {target} took longer than {self.limits.connect_timeout:g} s."
                          ) from None
         raise _Reply(502, f"Could not connect to {target}: {'; '.join(errors) or 'no address'}.")
+
+    async def _send_up(self, sock: socket.socket, data: bytes) -> None:
+        if data:
+            self.tx_bytes += len(data)
+            await asyncio.get_running_loop().sock_sendall(sock, data)
+
+    async def _recv_up(self, sock: socket.socket) -> bytes:
+        """The next bytes from the server; a reset reads as the end (what came before it is kept)."""
+        try:
+            data = await asyncio.get_running_loop().sock_recv(sock, _CHUNK)
+        except ConnectionError:
+            data = b""
+        self.rx_bytes += len(data)
+        return data
 
     async def _tunnel(self, conn: _Conn, client: h11.Connection, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:
@@ -421,7 +438,7 @@ class SandboxProxy:
         if not isinstance(end, h11.EndOfMessage):
             raise _Reply(400, "A CONNECT request carries no body.", refusal=True)
         addresses = await self._judge(conn, target)
-        up_reader, up_writer = await self._open(target, addresses)
+        sock = await self._open(target, addresses)
         try:
             writer.write(client.send(h11.Response(status_code=200, reason=b"Connection established",
                                                   headers=[])))
@@ -447,33 +464,33 @@ class SandboxProxy:
             if problem is not None:
                 self._report(conn, 403, problem[0].upper() + problem[1:])
                 return
-            self.tx_bytes += len(hello.data)
-            up_writer.write(bytes(hello.data))
-            await up_writer.drain()
-            await self._relay(conn, reader, writer, up_reader, up_writer)
+            await self._send_up(sock, bytes(hello.data))
+            await self._relay(conn, reader, writer, sock)
         finally:
-            up_writer.transport.abort()
+            sock.close()
 
     async def _relay(self, conn: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> None:
+                     sock: socket.socket) -> None:
         """Copy both ways (half-closes passed on) until both ends finish, one fails, or nothing moved for
         the idle timeout."""
 
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, outbound: bool) -> None:
-            while data := await src.read(_CHUNK):
+        async def upload() -> None:
+            while data := await reader.read(_CHUNK):
                 conn.last = time.monotonic()
-                if outbound:
-                    self.tx_bytes += len(data)
-                else:
-                    self.rx_bytes += len(data)
-                dst.write(data)
-                await dst.drain()
-            if dst.can_write_eof():
-                with contextlib.suppress(OSError):
-                    dst.write_eof()
+                await self._send_up(sock, data)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
 
-        pumps = {asyncio.ensure_future(pump(reader, up_writer, True)),
-                 asyncio.ensure_future(pump(up_reader, writer, False))}
+        async def download() -> None:
+            while data := await self._recv_up(sock):
+                conn.last = time.monotonic()
+                writer.write(data)
+                await writer.drain()
+            if writer.can_write_eof():
+                with contextlib.suppress(OSError):
+                    writer.write_eof()
+
+        pumps = {asyncio.ensure_future(upload()), asyncio.ensure_future(download())}
         try:
             while pending := {p for p in pumps if not p.done()}:
                 left = conn.last + self.limits.idle_timeout - time.monotonic()
@@ -510,39 +527,32 @@ class SandboxProxy:
             headers.append((b"transfer-encoding", b"chunked"))  # h11 decoded it; it re-encodes
         headers.append((b"connection", b"close"))
         path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-        up_reader, up_writer = await self._open(target, addresses)
+        sock = await self._open(target, addresses)
         server = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
         responded = False
-
-        def upstream(event: Any) -> None:
-            data = server.send(event)
-            if data:
-                self.tx_bytes += len(data)
-                up_writer.write(data)
-
         try:
-            upstream(h11.Request(method=request.method, target=path.encode(), headers=headers))
+            await self._send_up(sock, server.send(h11.Request(method=request.method, target=path.encode(),
+                                                              headers=headers)))
             if client.they_are_waiting_for_100_continue:
                 writer.write(client.send(h11.InformationalResponse(status_code=100, headers=[])))
-            while True:
-                event = await self._next_event(client, reader, self.limits.idle_timeout)
-                if isinstance(event, h11.Data):
-                    upstream(h11.Data(data=event.data))
-                    await up_writer.drain()
-                elif isinstance(event, h11.EndOfMessage):
-                    upstream(h11.EndOfMessage())
-                    await up_writer.drain()
-                    break
+            try:
+                while True:
+                    event = await self._next_event(client, reader, self.limits.idle_timeout)
+                    if isinstance(event, h11.Data):
+                        await self._send_up(sock, server.send(h11.Data(data=event.data)))
+                    elif isinstance(event, h11.EndOfMessage):
+                        await self._send_up(sock, server.send(h11.EndOfMessage()))
+                        break
+            except ConnectionError:
+                pass  # the server stopped reading; it may have answered early (the sandbox's body is left)
             while True:
                 try:
                     event = server.next_event()
                     if event is h11.NEED_DATA:
                         async with asyncio.timeout(self.limits.idle_timeout):
-                            data = await up_reader.read(_CHUNK)
-                        self.rx_bytes += len(data)
-                        server.receive_data(data)
+                            server.receive_data(await self._recv_up(sock))
                         continue
-                except (h11.RemoteProtocolError, ConnectionError, TimeoutError) as exc:
+                except (h11.RemoteProtocolError, OSError, TimeoutError) as exc:
                     if responded:
                         return False
                     status = 504 if isinstance(exc, TimeoutError) else 502
@@ -570,7 +580,7 @@ class SandboxProxy:
             raise _Reply(502, f"The server at {target} sent a response the proxy cannot pass on ({exc}).") \
                 from None
         finally:
-            up_writer.transport.abort()
+            sock.close()
 
 
 class EgressService(LoggingConfigurable):
