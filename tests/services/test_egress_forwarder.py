@@ -71,7 +71,7 @@ def test_proxy_env_names_both_spellings() -> None:
         "NO_PROXY": "localhost,127.0.0.1", "no_proxy": "localhost,127.0.0.1"}
     # Standard library only: it runs on the kernels' runtime with -I -S.
     imports = set(re.findall(r"^import (\w+)", FORWARDER.read_text(), re.M))
-    assert imports <= {"argparse", "asyncio", "socket", "sys"}, imports
+    assert imports <= {"argparse", "selectors", "socket", "sys", "time"}, imports
 
 
 def test_clients_reach_the_proxy_through_the_forwarder(egress: Any, runner: asyncio.Runner) -> None:

@@ -477,6 +477,36 @@ def test_http_framing(egress: Any, runner: asyncio.Runner) -> None:
     run(runner, go())
 
 
+def test_an_early_answer_reaches_the_sandbox(egress: Any, runner: asyncio.Runner) -> None:
+    # A server that answers before reading the body and then closes (resetting the proxy's connection, since
+    # the body is unread) must still have its answer passed on, not a 502.
+    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large")
+        await writer.drain()
+        writer.transport.abort()
+
+    async def go() -> None:
+        server = await asyncio.start_server(early, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            proxy = await egress.start({"allow": ["svc.test"]})
+            reader, writer = await asyncio.open_unix_connection(proxy.socket_path)
+            writer.write(f"POST http://svc.test:{port}/ HTTP/1.1\r\nHost: svc.test\r\nContent-Length: 8000000\r\n"
+                         "\r\n".encode())
+            writer.write(b"b" * 8_000_000)
+            sending = asyncio.ensure_future(writer.drain())
+            answer = await egress.read(reader)
+            sending.cancel()
+            writer.close()
+            assert (answer.status, answer.body) == (413, b"too large")
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(runner, go())
+
+
 @pytest.mark.parametrize("request_bytes, status, phrase", [
     (b"GET /hello HTTP/1.1\r\nHost: svc.test\r\n\r\n", 400, "send an absolute http:// URI or CONNECT"),
     (b"GET https://svc.test/hello HTTP/1.1\r\nHost: svc.test\r\n\r\n", 400, "through a CONNECT tunnel"),
