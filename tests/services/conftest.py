@@ -102,8 +102,9 @@ class Hold:
 
 
 class Handler(BaseHTTPRequestHandler):
-    """``/hello`` -> who was asked (Host); ``/headers`` -> the request headers as JSON; ``/bytes?n=N`` -> N
-    bytes; ``POST /echo`` -> the body back (Content-Length or chunked); ``/hold`` -> waits on :class:`Hold`."""
+    """``/hello`` -> who was asked (Host); ``/headers`` -> the request headers as JSON; ``/path`` -> the
+    request target; ``/bytes?n=N`` -> N bytes; ``POST /echo`` -> the body back (Content-Length or chunked);
+    ``/hold`` -> waits on :class:`Hold`."""
 
     protocol_version = "HTTP/1.1"
     server: Any
@@ -128,6 +129,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send(f"hello from {self.server.label} as {self.headers.get('Host')}".encode())
         elif url.path == "/headers":
             self._send(json.dumps([[k.lower(), v] for k, v in self.headers.items()]).encode(), "application/json")
+        elif url.path == "/path":
+            self._send(self.path.encode())
         elif url.path == "/bytes":
             self._send(b"x" * int(parse_qs(url.query)["n"][0]), "application/octet-stream")
         elif url.path == "/hold":

@@ -183,6 +183,8 @@ class SandboxProxy:
         self._refilled = time.monotonic()
         self._server: asyncio.AbstractServer | None = None
         self._closed = False
+        self._turned_reported: dict[int, float] = {}
+        self._turned_quiet: dict[int, int] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -248,13 +250,26 @@ class SandboxProxy:
     # -- connections -----------------------------------------------------------------------------------------
 
     def _report(self, conn: _Conn, status: int, reason: str) -> None:
-        refusal = Refusal(self.sandbox_id, conn.method, conn.asked, status, reason)
+        refusal = Refusal(self.sandbox_id, conn.method, conn.asked[:200], status, reason)
         log.info("sandbox %s: %s", self.sandbox_id, refusal.log_line())
         if self.on_denied is not None:
             try:
                 self.on_denied(refusal)
             except Exception:
                 log.exception("the egress refusal callback failed")
+
+    def _report_turned_away(self, conn: _Conn, status: int, reason: str) -> None:
+        """Report a connection turned away by a bound, at most once a second per status: a flood must not
+        become a flood of log and audit lines. The next report counts the ones left out."""
+        now = time.monotonic()
+        if now - self._turned_reported.get(status, -1e9) < 1.0:
+            self._turned_quiet[status] = self._turned_quiet.get(status, 0) + 1
+            return
+        self._turned_reported[status] = now
+        quiet = self._turned_quiet.pop(status, 0)
+        if quiet:
+            reason += f" ({quiet} more connections were turned away since the last report.)"
+        self._report(conn, status, reason)
 
     def _take_token(self) -> bool:
         now = time.monotonic()
@@ -277,7 +292,7 @@ class SandboxProxy:
             turned_away = (429, f"The sandbox opens egress connections faster than {self.limits.rate:g} per "
                                 "second; retry later.")
         if turned_away is not None:
-            self._report(conn, *turned_away)
+            self._report_turned_away(conn, *turned_away)
             writer.write(_canned(turned_away[0], f"egress denied: {turned_away[1]}\n"))
             writer.close()
             return
@@ -316,7 +331,7 @@ class SandboxProxy:
             if not isinstance(event, h11.Request):
                 return
             conn.method = event.method.decode("ascii", "replace")
-            conn.asked = event.target.decode("ascii", "replace")[:200]
+            conn.asked = event.target.decode("ascii", "replace")  # h11 refuses targets that are not ASCII
             try:
                 if event.method == b"CONNECT":
                     await self._tunnel(conn, client, reader, writer)
