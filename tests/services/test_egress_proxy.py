@@ -9,6 +9,7 @@ counters; live policy changes; HTTP framing and header hygiene; upstream failure
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import re
@@ -292,6 +293,32 @@ def test_a_silent_tunnel_is_closed(egress: Any, runner: asyncio.Runner) -> None:
         writer.close()
 
     run(runner, go())
+
+
+def test_an_idle_tunnel_is_closed(egress: Any, runner: asyncio.Runner) -> None:
+    s = egress.servers
+
+    async def go() -> None:
+        proxy = await egress.start({"allow": ["svc.test"]}, idle_timeout=0.5)
+        answer, reader, writer = await egress.connect(proxy, f"svc.test:{s.https_port}")
+        assert answer.status == 200
+        await writer.start_tls(s.client_context(), server_hostname="svc.test")
+        writer.write(b"GET /hello HTTP/1.1\r\nHost: svc.test\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"hello from https"), 30)
+        # Then nothing either way: the proxy closes the tunnel after the idle timeout.
+        assert await asyncio.wait_for(reader.read(), 30) == b" as svc.test"
+        writer.close()
+        assert proxy.active_connections == 0
+
+    run(runner, go())
+
+
+def test_the_system_resolver(runner: asyncio.Runner) -> None:
+    from kernelhub.services.egress.proxy import system_resolver
+
+    addresses = runner.run(system_resolver("localhost", 80))
+    assert ipaddress.ip_address("127.0.0.1") in addresses
+    assert len(addresses) == len(set(addresses))
 
 
 # -- bounds ------------------------------------------------------------------------------------------------------
