@@ -54,9 +54,11 @@ def proxy_env(listen=DEFAULT_LISTEN):
     return env
 
 
-def _unavailable(reason):
-    body = f"The sandbox's egress proxy is not reachable ({reason}).\n".encode()
-    head = (f"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain; charset=utf-8\r\n"
+def plain_response(status, phrase, text):
+    """A whole ``Connection: close`` HTTP/1.1 response with a text body, for answering without a parser:
+    here when the proxy cannot be reached, in the proxy when it turns a connection away unread."""
+    body = text.encode()
+    head = (f"HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain; charset=utf-8\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
     return head + body
 
@@ -197,7 +199,8 @@ class Forwarder:
             except OSError as exc:  # a unix connect does not wait: EAGAIN is a full backlog
                 upstream.close()
                 print(f"egress forwarder: cannot reach {self.socket_path}: {exc}", file=sys.stderr, flush=True)
-                _Pair(self.selector, client, None, _unavailable(exc.strerror or str(exc)))
+                reason = f"The sandbox's egress proxy is not reachable ({exc.strerror or exc}).\n"
+                _Pair(self.selector, client, None, plain_response(502, "Bad Gateway", reason))
                 continue
             _Pair(self.selector, client, upstream)
 

@@ -43,6 +43,7 @@ from traitlets import Float, Integer, TraitError, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
 from ...errors import Conflict, SandboxError
+from ...sandbox.egress_forwarder import plain_response
 from .addresses import IPAddress, IPNetwork, parse_host, parse_networks, unwrap
 from .policy import NetworkPolicy, Target, check_target, decide, parse_policy, parse_target
 from .tls import ClientHelloBuffer, NotClientHello
@@ -135,14 +136,6 @@ def _end_to_end(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, byt
              for token in value.split(b",")}
     return [(name, value) for name, value in headers
             if name not in _HOP_BY_HOP and name not in named and not name.startswith(b"proxy-")]
-
-
-def _canned(status: int, body: str) -> bytes:
-    """A whole ``Connection: close`` response, for turning a connection away before reading its request."""
-    data = body.encode()
-    phrase = http.HTTPStatus(status).phrase
-    return (f"HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain; charset=utf-8\r\n"
-            f"content-length: {len(data)}\r\nconnection: close\r\n\r\n").encode() + data
 
 
 def _sni_problem(target: Target, server_name: str | None) -> str | None:
@@ -293,7 +286,8 @@ class SandboxProxy:
                                 "second; retry later.")
         if turned_away is not None:
             self._report_turned_away(conn, *turned_away)
-            writer.write(_canned(turned_away[0], f"egress denied: {turned_away[1]}\n"))
+            status, reason = turned_away
+            writer.write(plain_response(status, http.HTTPStatus(status).phrase, f"egress denied: {reason}\n"))
             writer.close()
             return
         self._conns.add(conn)
