@@ -6,3 +6,9 @@
 - :mod:`.proxy`: the per-sandbox HTTP forward proxy on a unix socket, and :class:`EgressService` that owns one
   per sandbox.
 """
+
+from .policy import NONE, OPEN, Decision, NetworkPolicy, Target, decide, parse_policy, parse_target
+from .proxy import EgressService, ProxyLimits, Refusal, SandboxProxy, system_resolver
+
+__all__ = ["NONE", "OPEN", "Decision", "EgressService", "NetworkPolicy", "ProxyLimits", "Refusal", "SandboxProxy",
+           "Target", "decide", "parse_policy", "parse_target", "system_resolver"]
