@@ -1,0 +1,704 @@
+"""The egress proxy: one HTTP/1.1 forward proxy per sandbox, on a unix socket bound into the sandbox.
+
+A sandbox has no network of its own (only its loopback). Its one way out is this proxy's socket, which the
+sandbox layer binds into it and offers on a loopback port (:mod:`kernelhub.sandbox.egress_forwarder`), with
+``HTTP(S)_PROXY`` pointing there. The proxy, on the gateway's side, speaks:
+
+- ``CONNECT host:port`` (what clients do for ``https://``): the destination is judged, connected, answered
+  ``200``, and the tunnel's first bytes must be a TLS ClientHello whose SNI names the same host
+  (:mod:`.tls`); otherwise the tunnel is closed before a byte is forwarded;
+- absolute-URI requests (``GET http://host/path``): judged, forwarded over a fresh upstream connection with
+  hop-by-hop and ``Proxy-*`` headers removed and ``Host`` taken from the URL; the sandbox's side may keep its
+  connection alive for further requests, each judged anew.
+
+HTTP is parsed and written by ``h11`` (sans-IO, the parser under httpcore/httpx): its state machine handles
+framing (Content-Length, chunked, close-delimited, HEAD, 1xx, HTTP/1.0 peers, CONNECT's switch to a raw
+tunnel) and bounds header sizes, which hand-written parsing gets wrong in exactly the places an attacker
+probes (request smuggling through conflicting lengths, header folding, bare LF).
+
+The proxy resolves names itself (a :data:`Resolver`, replaceable by tests), judges every resolved address
+(:func:`~.policy.decide`) and connects only to those addresses: no second lookup, so no DNS rebinding window.
+Per sandbox it bounds concurrent connections and the rate of new ones, times out connects, slow request
+heads and idle tunnels, counts bytes to and from the network, reports every refusal to a callback, and takes
+a new policy at once (:meth:`SandboxProxy.set_policy`), cutting live connections the new policy refuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import http
+import ipaddress
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import h11
+from traitlets import Float, Integer, TraitError, Unicode, default, validate
+from traitlets.config import LoggingConfigurable
+
+from ...errors import Conflict, SandboxError
+from ...sandbox.egress_forwarder import plain_response
+from .addresses import IPAddress, IPNetwork, parse_host, parse_networks, unwrap
+from .policy import NetworkPolicy, Target, check_target, decide, parse_policy, parse_target
+from .tls import ClientHelloBuffer, NotClientHello
+
+log = logging.getLogger("kernelhub.egress")
+
+#: ``await resolver(host, port)`` -> the addresses ``host`` resolves to (raises ``OSError`` when it does not).
+Resolver = Callable[[str, int], Awaitable[Sequence[IPAddress]]]
+
+#: Largest request head from a sandbox and response head from a server (h11 refuses larger ones).
+MAX_REQUEST_HEAD = 16 * 1024
+MAX_RESPONSE_HEAD = 64 * 1024
+_CHUNK = 64 * 1024
+#: Unix socket paths are limited to 108 bytes with the NUL (sun_path).
+MAX_SOCKET_PATH = 107
+#: Headers for one hop only (RFC 9110 7.6.1), and ``Expect`` (the proxy answers ``100 Continue`` itself).
+_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                         b"transfer-encoding", b"upgrade", b"expect", b"host"})
+
+
+async def system_resolver(host: str, port: int) -> list[IPAddress]:
+    """The host's resolver (``getaddrinfo`` in a thread), every distinct address in its order."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         proto=socket.IPPROTO_TCP)
+    out: list[IPAddress] = []
+    for _family, _type, _proto, _name, sockaddr in infos:
+        ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+        if ip not in out:
+            out.append(ip)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """One refused request or tunnel, as the ``on_denied`` callback gets it.
+
+    ``status`` is what the sandbox was answered (403 policy, 400 malformed, 429 rate, 503 too many
+    connections; for a tunnel cut after its ``200``, 403), ``reason`` the sentence it was given."""
+
+    sandbox_id: str
+    method: str
+    target: str
+    status: int
+    reason: str
+
+    def log_line(self) -> str:
+        """The line for the sandbox log (contains ``egress denied``, as API.md promises)."""
+        asked = f"{self.method} {self.target}: " if self.method else ""
+        return f"egress denied: {asked}{self.reason}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyLimits:
+    """Per-sandbox bounds. Times in seconds; ``rate`` new connections per second after a ``burst``."""
+
+    max_connections: int = 64
+    rate: float = 20.0
+    burst: int = 100
+    connect_timeout: float = 10.0
+    handshake_timeout: float = 30.0
+    idle_timeout: float = 300.0
+
+
+class _Reply(Exception):
+    """An answer instead of a forwarded response: ``status`` and a sentence; ``refusal`` ones are reported."""
+
+    def __init__(self, status: int, reason: str, *, refusal: bool = False) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.refusal = refusal
+
+
+class _Conn:
+    """One connection from the sandbox: its task, and what it reaches once judged (for live policy cuts)."""
+
+    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+        self.task = task
+        self.method = ""
+        self.asked = ""
+        self.target: Target | None = None
+        self.addresses: Sequence[IPAddress] = ()
+        self.last = time.monotonic()
+        self.cut: str | None = None
+
+
+def _end_to_end(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` without hop-by-hop ones, those ``Connection`` names, ``Proxy-*`` and ``Host``."""
+    named = {token.strip().lower() for name, value in headers if name == b"connection"
+             for token in value.split(b",")}
+    return [(name, value) for name, value in headers
+            if name not in _HOP_BY_HOP and name not in named and not name.startswith(b"proxy-")]
+
+
+def _sni_problem(target: Target, server_name: str | None) -> str | None:
+    """Why a ClientHello naming ``server_name`` may not go to ``target`` (``None``: it may)."""
+    if server_name is None:
+        if target.ip is not None:
+            return None  # clients send no SNI for an address; the address itself was judged
+        return f"the TLS ClientHello names no server (SNI), so the tunnel to {target} cannot be checked."
+    try:
+        host, _ip = parse_host(server_name)
+    except ValueError:
+        return f"the TLS ClientHello names {server_name[:80]!r}, which is not a valid host name."
+    if host != target.host:
+        return f"the TLS ClientHello names {host}, not {target.host} that the CONNECT asked for."
+    return None
+
+
+class SandboxProxy:
+    """The egress proxy of one sandbox, listening on ``socket_path``. Created by :class:`EgressService`.
+
+    ``on_denied`` is called (synchronously, exceptions logged and dropped) with a :class:`Refusal` for every
+    refusal. ``rx_bytes``/``tx_bytes`` count bytes received from and sent to the network for this sandbox."""
+
+    def __init__(self, sandbox_id: str, socket_path: str, policy: NetworkPolicy, *,
+                 allow_private: Sequence[IPNetwork] = (), resolver: Resolver = system_resolver,
+                 limits: ProxyLimits | None = None, on_denied: Callable[[Refusal], Any] | None = None) -> None:
+        self.sandbox_id = sandbox_id
+        self.socket_path = socket_path
+        self.allow_private = tuple(allow_private)
+        self.resolver = resolver
+        self.limits = limits or ProxyLimits()
+        self.on_denied = on_denied
+        self.rx_bytes = 0
+        self.tx_bytes = 0
+        self._policy = policy
+        self._conns: set[_Conn] = set()
+        self._tokens = float(self.limits.burst)
+        self._refilled = time.monotonic()
+        self._server: asyncio.AbstractServer | None = None
+        self._closed = False
+        self._turned_reported: dict[int, float] = {}
+        self._turned_quiet: dict[int, int] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    async def start(self, owner: tuple[int, int] | None = None) -> None:
+        """Listen on ``socket_path`` (mode 0600, owned by ``owner`` ``(uid, gid)`` when given: the sandbox's
+        host uid, so that only it may connect). Raises :class:`~kernelhub.errors.SandboxError` if the path is
+        too long for a unix socket or cannot be bound."""
+        if len(os.fsencode(self.socket_path)) > MAX_SOCKET_PATH:
+            raise SandboxError(f"The egress socket path {self.socket_path} is longer than {MAX_SOCKET_PATH} "
+                               "bytes; choose a shorter state directory.")
+        try:
+            self._server = await asyncio.start_unix_server(self._accept, path=self.socket_path)
+            os.chmod(self.socket_path, 0o600)
+            if owner is not None:
+                os.chown(self.socket_path, *owner)
+        except OSError as exc:
+            await self.close()
+            raise SandboxError(f"Could not listen on the egress socket {self.socket_path}: {exc}") from exc
+
+    async def close(self) -> None:
+        """Stop listening, cut every connection and remove the socket. Idempotent."""
+        self._closed = True
+        if self._server is not None:
+            self._server.close()
+        tasks = [c.task for c in self._conns if c.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+
+    # -- policy and metrics ------------------------------------------------------------------------------------
+
+    @property
+    def policy(self) -> NetworkPolicy:
+        return self._policy
+
+    def set_policy(self, policy: NetworkPolicy) -> None:
+        """Judge every later request by ``policy``, and cut open tunnels and requests it refuses (reported
+        to ``on_denied`` like any refusal). Called by the service on ``PATCH`` of the sandbox's network."""
+        self._policy = policy
+        for conn in list(self._conns):
+            if conn.target is None or conn.task is None or conn.cut is not None:
+                continue
+            verdict = decide(policy, conn.target, conn.addresses, self.allow_private)
+            if not verdict.allowed:
+                conn.cut = verdict.reason
+                self._report(conn, 403, f"cut by a policy change: {verdict.reason}")
+                conn.task.cancel()
+
+    def metrics(self) -> dict[str, int]:
+        """``{"net_rx_bytes", "net_tx_bytes"}``: bytes from and to the network so far (payload and forwarded
+        HTTP heads, not the proxy's own answers)."""
+        return {"net_rx_bytes": self.rx_bytes, "net_tx_bytes": self.tx_bytes}
+
+    @property
+    def active_connections(self) -> int:
+        return len(self._conns)
+
+    # -- connections -----------------------------------------------------------------------------------------
+
+    def _report(self, conn: _Conn, status: int, reason: str) -> None:
+        refusal = Refusal(self.sandbox_id, conn.method, conn.asked[:200], status, reason)
+        log.info("sandbox %s: %s", self.sandbox_id, refusal.log_line())
+        if self.on_denied is not None:
+            try:
+                self.on_denied(refusal)
+            except Exception:
+                log.exception("the egress refusal callback failed")
+
+    def _report_turned_away(self, conn: _Conn, status: int, reason: str) -> None:
+        """Report a connection turned away by a bound, at most once a second per status: a flood must not
+        become a flood of log and audit lines. The next report counts the ones left out."""
+        now = time.monotonic()
+        if now - self._turned_reported.get(status, -1e9) < 1.0:
+            self._turned_quiet[status] = self._turned_quiet.get(status, 0) + 1
+            return
+        self._turned_reported[status] = now
+        quiet = self._turned_quiet.pop(status, 0)
+        if quiet:
+            reason += f" ({quiet} more connections were turned away since the last report.)"
+        self._report(conn, status, reason)
+
+    def _take_token(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(float(self.limits.burst), self._tokens + (now - self._refilled) * self.limits.rate)
+        self._refilled = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = _Conn(asyncio.current_task())
+        turned_away: tuple[int, str] | None = None
+        if self._closed:
+            turned_away = (503, "The sandbox's egress proxy is shutting down.")
+        elif len(self._conns) >= self.limits.max_connections:
+            turned_away = (503, f"The sandbox already has {self.limits.max_connections} egress connections "
+                                "open, its limit; close some and retry.")
+        elif not self._take_token():
+            turned_away = (429, f"The sandbox opens egress connections faster than {self.limits.rate:g} per "
+                                "second; retry later.")
+        if turned_away is not None:
+            self._report_turned_away(conn, *turned_away)
+            status, reason = turned_away
+            writer.write(plain_response(status, http.HTTPStatus(status).phrase, f"egress denied: {reason}\n"))
+            writer.close()
+            return
+        self._conns.add(conn)
+        try:
+            await self._serve(conn, reader, writer)
+        except asyncio.CancelledError:
+            if conn.cut is None:
+                raise
+        except (ConnectionError, TimeoutError, h11.ProtocolError):
+            pass  # the sandbox or the server went away mid-stream; nothing to answer
+        except Exception:
+            log.exception("egress proxy of sandbox %s: unexpected error", self.sandbox_id)
+        finally:
+            self._conns.discard(conn)
+            if conn.cut is not None:
+                writer.transport.abort()
+            else:
+                writer.close()
+
+    async def _serve(self, conn: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Requests of one connection from the sandbox, until it closes or a tunnel takes it over."""
+        client = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        timeout = self.limits.handshake_timeout
+        while True:
+            try:
+                event = await self._next_event(client, reader, timeout)
+            except h11.RemoteProtocolError as exc:
+                reply = _Reply(exc.error_status_hint, f"The request is malformed: {exc}.", refusal=True)
+                await self._answer(conn, client, writer, reply)
+                return
+            except TimeoutError:
+                return
+            if isinstance(event, h11.ConnectionClosed):
+                return
+            if not isinstance(event, h11.Request):
+                return
+            conn.method = event.method.decode("ascii", "replace")
+            conn.asked = event.target.decode("ascii", "replace")  # h11 refuses targets that are not ASCII
+            try:
+                if event.method == b"CONNECT":
+                    await self._tunnel(conn, client, reader, writer)
+                    return
+                if not await self._forward(conn, client, event, reader, writer):
+                    return
+            except _Reply as reply:
+                await self._answer(conn, client, writer, reply)
+                return
+            if client.our_state is not h11.DONE or client.their_state is not h11.DONE:
+                return
+            client.start_next_cycle()
+            conn.target, conn.addresses = None, ()
+            timeout = self.limits.idle_timeout
+
+    async def _next_event(self, parser: h11.Connection, reader: asyncio.StreamReader, timeout: float) -> Any:
+        """The next h11 event from ``reader``, each read bounded by ``timeout`` (raises ``TimeoutError``)."""
+        while True:
+            event = parser.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            async with asyncio.timeout(timeout):
+                data = await reader.read(_CHUNK)
+            parser.receive_data(data)
+
+    async def _answer(self, conn: _Conn, client: h11.Connection, writer: asyncio.StreamWriter,
+                      reply: _Reply) -> None:
+        """Send ``reply`` as the response (then the connection closes); report it if it is a refusal."""
+        if reply.refusal:
+            self._report(conn, reply.status, reply.reason)
+        if client.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return  # a response already began: nothing to do but close
+        body = (f"egress denied: {reply.reason}\n" if reply.refusal else f"{reply.reason}\n").encode()
+        phrase = http.HTTPStatus(reply.status).phrase.encode()
+        with contextlib.suppress(h11.LocalProtocolError, ConnectionError):
+            writer.write(client.send(h11.Response(status_code=reply.status, reason=phrase, headers=[
+                (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close")])))
+            writer.write(client.send(h11.Data(data=body)))
+            writer.write(client.send(h11.EndOfMessage()))
+            await writer.drain()
+
+    async def _judge(self, conn: _Conn, target: Target) -> Sequence[IPAddress]:
+        """The addresses a connection to ``target`` may use, or a :class:`_Reply` (403 refused, 502/504 when
+        the name does not resolve). The name is looked up only if the policy could allow it."""
+        verdict = check_target(self._policy, target, self.allow_private)
+        if not verdict.allowed:
+            raise _Reply(403, verdict.reason, refusal=True)
+        if target.ip is not None:
+            addresses: Sequence[IPAddress] = [target.ip]
+        else:
+            try:
+                async with asyncio.timeout(self.limits.connect_timeout):
+                    addresses = [unwrap(a) for a in await self.resolver(target.host, target.port)]
+            except TimeoutError:
+                raise _Reply(504, f"Resolving {target.host} took longer than {self.limits.connect_timeout:g} s."
+                             ) from None
+            except (OSError, UnicodeError) as exc:
+                raise _Reply(502, f"{target.host} could not be resolved ({exc}).") from None
+            # The policy now, not before the lookup: a change during it applies to this connection too.
+            verdict = decide(self._policy, target, addresses, self.allow_private)
+            if not verdict.allowed:
+                raise _Reply(403, verdict.reason, refusal=True)
+        conn.target, conn.addresses = target, addresses
+        return addresses
+
+    async def _open(self, target: Target, addresses: Sequence[IPAddress]) -> socket.socket:
+        """A non-blocking TCP socket connected to the first of ``addresses`` that answers (never a name:
+        nothing is resolved again), within the connect timeout; a :class:`_Reply` 502 or 504 otherwise.
+
+        Upstream sockets are used directly (``sock_recv``/``sock_sendall``), not through asyncio streams: a
+        stream that sees a reset drops the bytes it had buffered, and a server that answers and then resets
+        (as many do after an early error) would lose the end of its answer."""
+        loop = asyncio.get_running_loop()
+        errors: list[str] = []
+        try:
+            async with asyncio.timeout(self.limits.connect_timeout):
+                for ip in addresses:
+                    sock = socket.socket(socket.AF_INET if ip.version == 4 else socket.AF_INET6,
+                                         socket.SOCK_STREAM)
+                    try:
+                        sock.setblocking(False)
+                        await loop.sock_connect(sock, (str(ip), target.port))
+                    except OSError as exc:
+                        sock.close()
+                        errors.append(f"{ip}: {exc.strerror or exc}")
+                        continue
+                    except BaseException:
+                        sock.close()
+                        raise
+                    return sock
+        except TimeoutError:
+            raise _Reply(504, f"Connecting to {target} took longer than {self.limits.connect_timeout:g} s."
+                         ) from None
+        raise _Reply(502, f"Could not connect to {target}: {'; '.join(errors) or 'no address'}.")
+
+    async def _send_up(self, sock: socket.socket, data: bytes) -> None:
+        if data:
+            self.tx_bytes += len(data)
+            await asyncio.get_running_loop().sock_sendall(sock, data)
+
+    async def _recv_up(self, sock: socket.socket) -> bytes:
+        """The next bytes from the server; a reset reads as the end (what came before it is kept)."""
+        try:
+            data = await asyncio.get_running_loop().sock_recv(sock, _CHUNK)
+        except ConnectionError:
+            data = b""
+        self.rx_bytes += len(data)
+        return data
+
+    async def _tunnel(self, conn: _Conn, client: h11.Connection, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        """``CONNECT host:port``: judge, connect, answer 200, check the ClientHello's SNI, then relay."""
+        try:
+            target = parse_target(conn.asked, None)
+        except ValueError as exc:
+            raise _Reply(400, f"{str(exc).rstrip('.')}.", refusal=True) from None
+        end = await self._next_event(client, reader, self.limits.handshake_timeout)
+        if not isinstance(end, h11.EndOfMessage):
+            raise _Reply(400, "A CONNECT request carries no body.", refusal=True)
+        addresses = await self._judge(conn, target)
+        sock = await self._open(target, addresses)
+        try:
+            writer.write(client.send(h11.Response(status_code=200, reason=b"Connection established",
+                                                  headers=[])))
+            await writer.drain()
+            early, _closed = client.trailing_data
+            hello = ClientHelloBuffer()
+            try:
+                async with asyncio.timeout(self.limits.handshake_timeout):
+                    parsed = hello.feed(early)
+                    while parsed is None:
+                        chunk = await reader.read(_CHUNK)
+                        if not chunk:
+                            return
+                        parsed = hello.feed(chunk)
+            except TimeoutError:
+                self._report(conn, 403, f"no TLS ClientHello came within {self.limits.handshake_timeout:g} s; "
+                                        "CONNECT carries TLS only.")
+                return
+            except NotClientHello as exc:
+                self._report(conn, 403, str(exc))
+                return
+            problem = _sni_problem(target, parsed.server_name)
+            if problem is not None:
+                self._report(conn, 403, problem[0].upper() + problem[1:])
+                return
+            await self._send_up(sock, bytes(hello.data))
+            await self._relay(conn, reader, writer, sock)
+        finally:
+            sock.close()
+
+    async def _relay(self, conn: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     sock: socket.socket) -> None:
+        """Copy both ways (half-closes passed on) until both ends finish, one fails, or nothing moved for
+        the idle timeout."""
+
+        async def upload() -> None:
+            while data := await reader.read(_CHUNK):
+                conn.last = time.monotonic()
+                await self._send_up(sock, data)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+
+        async def download() -> None:
+            while data := await self._recv_up(sock):
+                conn.last = time.monotonic()
+                writer.write(data)
+                await writer.drain()
+            if writer.can_write_eof():
+                with contextlib.suppress(OSError):
+                    writer.write_eof()
+
+        pumps = {asyncio.ensure_future(upload()), asyncio.ensure_future(download())}
+        try:
+            while pending := {p for p in pumps if not p.done()}:
+                left = conn.last + self.limits.idle_timeout - time.monotonic()
+                if left <= 0:
+                    return
+                done, _ = await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                if any(not p.cancelled() and p.exception() is not None for p in done):
+                    return
+        finally:
+            for p in pumps:
+                p.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+
+    async def _forward(self, conn: _Conn, client: h11.Connection, request: h11.Request,
+                       reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """One absolute-URI request: judge, forward over a new upstream connection, relay the response.
+        Returns whether the sandbox's connection may carry another request."""
+        url = urlsplit(conn.asked)
+        if url.scheme == "https":
+            raise _Reply(400, "Send https:// requests through a CONNECT tunnel (HTTPS_PROXY), not as an "
+                              "absolute URI.", refusal=True)
+        if url.scheme != "http" or not url.netloc:
+            raise _Reply(400, "This is a forward proxy: send an absolute http:// URI or CONNECT host:port.",
+                         refusal=True)
+        try:
+            target = parse_target(url.netloc, 80)
+        except ValueError as exc:
+            raise _Reply(400, f"{str(exc).rstrip('.')}.", refusal=True) from None
+        addresses = await self._judge(conn, target)
+        host = f"[{target.host}]" if target.ip is not None and target.ip.version == 6 else target.host
+        headers = _end_to_end(request.headers)
+        headers.append((b"host", (host if target.port == 80 else f"{host}:{target.port}").encode()))
+        if any(name == b"transfer-encoding" for name, _ in request.headers):
+            headers.append((b"transfer-encoding", b"chunked"))  # h11 decoded it; it re-encodes
+        headers.append((b"connection", b"close"))
+        path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        sock = await self._open(target, addresses)
+        server = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        responded = False
+        try:
+            await self._send_up(sock, server.send(h11.Request(method=request.method, target=path.encode(),
+                                                              headers=headers)))
+            if client.they_are_waiting_for_100_continue:
+                writer.write(client.send(h11.InformationalResponse(status_code=100, headers=[])))
+            try:
+                while True:
+                    event = await self._next_event(client, reader, self.limits.idle_timeout)
+                    if isinstance(event, h11.Data):
+                        await self._send_up(sock, server.send(h11.Data(data=event.data)))
+                    elif isinstance(event, h11.EndOfMessage):
+                        await self._send_up(sock, server.send(h11.EndOfMessage()))
+                        break
+            except ConnectionError:
+                pass  # the server stopped reading; it may have answered early (the sandbox's body is left)
+            while True:
+                try:
+                    event = server.next_event()
+                    if event is h11.NEED_DATA:
+                        async with asyncio.timeout(self.limits.idle_timeout):
+                            server.receive_data(await self._recv_up(sock))
+                        continue
+                except (h11.RemoteProtocolError, OSError, TimeoutError) as exc:
+                    if responded:
+                        return False
+                    status = 504 if isinstance(exc, TimeoutError) else 502
+                    raise _Reply(status, f"The server at {target} sent no valid response ({exc or 'timeout'}).")\
+                        from None
+                if isinstance(event, h11.InformationalResponse):
+                    writer.write(client.send(h11.InformationalResponse(
+                        status_code=event.status_code, headers=_end_to_end(event.headers), reason=event.reason)))
+                elif isinstance(event, h11.Response):
+                    responded = True
+                    writer.write(client.send(h11.Response(status_code=event.status_code, reason=event.reason,
+                                                          headers=_end_to_end(event.headers))))
+                elif isinstance(event, h11.Data):
+                    writer.write(client.send(h11.Data(data=event.data)))
+                    await writer.drain()
+                elif isinstance(event, h11.EndOfMessage):
+                    writer.write(client.send(h11.EndOfMessage()))
+                    await writer.drain()
+                    return True
+                else:  # ConnectionClosed before a whole response: h11 raised above instead
+                    return False
+        except h11.LocalProtocolError as exc:
+            if responded:
+                return False
+            raise _Reply(502, f"The server at {target} sent a response the proxy cannot pass on ({exc}).") \
+                from None
+        finally:
+            sock.close()
+
+
+class EgressService(LoggingConfigurable):
+    """Owns the egress proxy of every sandbox. Created once by the app (next to the hub), configured here.
+
+    The hub calls :meth:`open` when a sandbox starts (before its kernel), :meth:`set_policy` on ``PATCH``,
+    :meth:`metrics` for ``sandbox_metrics`` and :meth:`close` when the sandbox stops."""
+
+    allow_private = Unicode(help="Comma-separated CIDRs that sandboxes may reach although they are loopback, "
+                            "private, link-local or otherwise never allowed, e.g. 10.20.0.0/16 for an internal "
+                            "package mirror (--egress-allow-private; KERNELHUB_EGRESS_ALLOW_PRIVATE env var).",
+                            config=True)
+    max_connections = Integer(help="Egress connections one sandbox may have open at once "
+                              "(KERNELHUB_EGRESS_MAX_CONNECTIONS env var).", config=True)
+    connection_rate = Float(help="New egress connections per second one sandbox may open, sustained "
+                            "(KERNELHUB_EGRESS_CONNECTION_RATE env var).", config=True)
+    connection_burst = Integer(help="New egress connections one sandbox may open at once before the rate "
+                               "applies (KERNELHUB_EGRESS_CONNECTION_BURST env var).", config=True)
+    connect_timeout = Float(10.0, help="Seconds to resolve and connect to a destination.", config=True)
+    handshake_timeout = Float(30.0, help="Seconds a sandbox has to send a request head or a TLS ClientHello.",
+                              config=True)
+    idle_timeout = Float(300.0, help="Seconds an egress connection may carry nothing before it is closed.",
+                         config=True)
+
+    @default("allow_private")
+    def _allow_private_default(self) -> str:
+        return os.environ.get("KERNELHUB_EGRESS_ALLOW_PRIVATE", "")
+
+    @default("max_connections")
+    def _max_connections_default(self) -> int:
+        return int(os.environ.get("KERNELHUB_EGRESS_MAX_CONNECTIONS", "64"))
+
+    @default("connection_rate")
+    def _connection_rate_default(self) -> float:
+        return float(os.environ.get("KERNELHUB_EGRESS_CONNECTION_RATE", "20"))
+
+    @default("connection_burst")
+    def _connection_burst_default(self) -> int:
+        return int(os.environ.get("KERNELHUB_EGRESS_CONNECTION_BURST", "100"))
+
+    @validate("allow_private")
+    def _check_allow_private(self, proposal: Any) -> str:
+        try:
+            parse_networks(proposal["value"])
+        except ValueError as exc:
+            raise TraitError(f"--egress-allow-private: {exc}") from None
+        return str(proposal["value"])
+
+    def __init__(self, resolver: Resolver = system_resolver, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.resolver = resolver
+        self._proxies: dict[str, SandboxProxy] = {}
+
+    @property
+    def allowed_private_networks(self) -> tuple[IPNetwork, ...]:
+        return parse_networks(self.allow_private)
+
+    def limits(self) -> ProxyLimits:
+        return ProxyLimits(max_connections=self.max_connections, rate=self.connection_rate,
+                           burst=self.connection_burst, connect_timeout=self.connect_timeout,
+                           handshake_timeout=self.handshake_timeout, idle_timeout=self.idle_timeout)
+
+    async def open(self, sandbox_id: str, socket_path: str, policy: Any, *,
+                   owner: tuple[int, int] | None = None,
+                   on_denied: Callable[[Refusal], Any] | None = None) -> SandboxProxy:
+        """Start the proxy of ``sandbox_id`` on ``socket_path`` (see :meth:`SandboxProxy.start` for
+        ``owner``) with ``policy`` (a :class:`NetworkPolicy` or its JSON). Raises
+        :class:`~kernelhub.errors.InvalidRequest` for a bad policy, :class:`~kernelhub.errors.Conflict` if
+        the sandbox has one already, :class:`~kernelhub.errors.SandboxError` if the socket cannot be made."""
+        parsed = parse_policy(policy)
+        if sandbox_id in self._proxies:
+            raise Conflict(f"Sandbox {sandbox_id} already has an egress proxy.")
+        proxy = SandboxProxy(sandbox_id, socket_path, parsed, allow_private=self.allowed_private_networks,
+                             resolver=self.resolver, limits=self.limits(), on_denied=on_denied)
+        self._proxies[sandbox_id] = proxy
+        try:
+            await proxy.start(owner)
+        except BaseException:
+            self._proxies.pop(sandbox_id, None)
+            raise
+        return proxy
+
+    def get(self, sandbox_id: str) -> SandboxProxy | None:
+        return self._proxies.get(sandbox_id)
+
+    def set_policy(self, sandbox_id: str, policy: Any) -> NetworkPolicy:
+        """Give a running sandbox a new policy (JSON or parsed); new connections follow it at once and open
+        ones it refuses are cut. Returns the parsed policy. Raises
+        :class:`~kernelhub.errors.InvalidRequest` for a bad one, :class:`~kernelhub.errors.Conflict` if the
+        sandbox has no proxy."""
+        parsed = parse_policy(policy)
+        proxy = self._proxies.get(sandbox_id)
+        if proxy is None:
+            raise Conflict(f"Sandbox {sandbox_id} has no egress proxy (it is not running).")
+        proxy.set_policy(parsed)
+        return parsed
+
+    def metrics(self, sandbox_id: str) -> dict[str, int]:
+        """``{"net_rx_bytes", "net_tx_bytes"}`` of a sandbox (zeros without a proxy)."""
+        proxy = self._proxies.get(sandbox_id)
+        return proxy.metrics() if proxy is not None else {"net_rx_bytes": 0, "net_tx_bytes": 0}
+
+    async def close(self, sandbox_id: str) -> None:
+        """Stop a sandbox's proxy and remove its socket. Idempotent."""
+        proxy = self._proxies.pop(sandbox_id, None)
+        if proxy is not None:
+            await proxy.close()
+
+    async def close_all(self) -> None:
+        """Stop every proxy (the app's shutdown)."""
+        for sandbox_id in list(self._proxies):
+            await self.close(sandbox_id)
