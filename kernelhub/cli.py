@@ -24,8 +24,8 @@ from .app import HubApp, KernelHubApp, ServeApp
 from .errors import KernelHubError
 from .mcp.server import stdio_embedded, stdio_remote
 from .sandbox import doctor
-from .sandbox.provisioner import KERNELSPECS_DIR
 from .sandbox.factory import SandboxFactory
+from .sandbox.provisioner import KERNELSPECS_DIR
 from .services.tenants import Tenant
 from .settings import ConfigError
 

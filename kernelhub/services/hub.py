@@ -26,9 +26,9 @@ from jupyter_client.kernelspec import KernelSpecManager
 from traitlets import Dict, Float, Integer
 from traitlets.config import LoggingConfigurable
 
+from ..sandbox.factory import SandboxFactory
 from ..sandbox.limits import DEFAULT_MAXIMUM, Limits, resolve_limits
 from ..sandbox.provisioner import KERNELSPECS_DIR
-from ..sandbox.factory import SandboxFactory
 from .executions import ExecutionHistory
 from .executor import Executor
 from .files import Files

@@ -32,8 +32,8 @@ from jupyter_client.kernelspec import KernelSpecManager
 
 from ..errors import InvalidRequest, NotFound, QuotaExceeded, SandboxNotRunning
 from ..models import iso
-from ..sandbox.limits import Limits, resolve_limits
 from ..sandbox.factory import SandboxFactory
+from ..sandbox.limits import Limits, resolve_limits
 from ..sandbox.sandbox import Sandbox
 from .executions import ExecutionHistory
 from .sessions import KERNELSPECS, LANGUAGES, JupyterSession
