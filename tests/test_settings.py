@@ -15,7 +15,7 @@ from traitlets.config import Configurable
 
 from kernelhub.app import KernelHubApp, ServeApp
 from kernelhub.cli import MainApp
-from kernelhub.sandbox.sandbox import SandboxFactory
+from kernelhub.sandbox.factory import SandboxFactory
 from kernelhub.services.hub import Hub
 from kernelhub.settings import ConfigError, env_config, env_var, parse_text, trait_help
 
