@@ -114,7 +114,9 @@ CHECKPOINT_INTERVAL_S = 1.0
 CHECKPOINT_COMMITS = 256
 #: Under a steady stream of commits a PASSIVE checkpoint never catches up with the writer and the WAL would only
 #: grow: past this size the checkpointer truncates it instead (TRUNCATE holds the writer off while it copies
-#: what is left and syncs: under sustained load only, one pause per this many bytes written).
+#: what is left and syncs: under sustained load only, one pause per this many bytes written). Past twice this
+#: size (a checkpointer starved of CPU) the writer truncates it itself, so the bound holds whatever the
+#: scheduling.
 WAL_MAX_BYTES = 16 * 1024 * 1024
 #: Bytes the ``-wal`` file is cut back to after a checkpoint.
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
@@ -498,6 +500,9 @@ class Store:
         self._checkpoint_wanted = threading.Event()
         self._checkpointer: threading.Thread | None = None
         self._checkpointer_stop = False
+        # One checkpoint at a time (the checkpointer's, or the writer's own when the WAL outgrew the bound).
+        self._checkpoint_lock = threading.Lock()
+        self._wal_path = path.with_name(path.name + "-wal")
 
     # -- opening and closing ------------------------------------------------------------------------------
 
@@ -724,6 +729,8 @@ class Store:
             self._commits_since_checkpoint += 1
             if self._commits_since_checkpoint >= CHECKPOINT_COMMITS:
                 self._checkpoint_wanted.set()
+            if self._wal_size() > 2 * WAL_MAX_BYTES:
+                self._checkpoint(conn, "TRUNCATE")
             # The waiters go on first: what follows (the audit mirror's write, a vacuum) is not theirs to wait for.
             self._resolve(results)
             results = []
@@ -768,7 +775,6 @@ class Store:
         """The checkpointer thread: copy the WAL into the database (and ``fsync`` both) when there were commits,
         every :data:`CHECKPOINT_INTERVAL_S` or sooner when the worker asks; ``PASSIVE`` (the writer carries on)
         unless the WAL outgrew :data:`WAL_MAX_BYTES`."""
-        wal = self.path.with_name(self.path.name + "-wal")
         try:
             conn = sqlite3.connect(self.path, isolation_level=None)
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -784,13 +790,22 @@ class Store:
                 if self._commits_since_checkpoint == 0:
                     continue
                 self._commits_since_checkpoint = 0
-                try:
-                    mode = "TRUNCATE" if wal.stat().st_size > WAL_MAX_BYTES else "PASSIVE"
-                    conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
-                except (OSError, sqlite3.Error) as exc:
-                    log.warning("could not checkpoint %s: %s", self.path, exc)
+                self._checkpoint(conn, "TRUNCATE" if self._wal_size() > WAL_MAX_BYTES else "PASSIVE")
         finally:
             conn.close()
+
+    def _wal_size(self) -> int:
+        try:
+            return self._wal_path.stat().st_size
+        except OSError:
+            return 0
+
+    def _checkpoint(self, conn: sqlite3.Connection, mode: str) -> None:
+        with self._checkpoint_lock:
+            try:
+                conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+            except sqlite3.Error as exc:
+                log.warning("could not checkpoint %s: %s", self.path, exc)
 
     def _shutdown_worker(self) -> None:
         conn, self._conn = self._conn, None
