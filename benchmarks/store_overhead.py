@@ -137,6 +137,39 @@ async def timed(bench: Bench, op: Callable[[], Awaitable[None]], count: int, cli
     return wall / done * 1e6, cpu / done * 1e6
 
 
+async def restart_cost(state: str, sandboxes: int = 20, history: int = 1000) -> tuple[float, float]:
+    """The store's share of a restart: (ms to open the file and read every running sandbox with its sessions,
+    ms to end the executions the crash cut), on a file holding ``sandboxes`` sandboxes, each of its own tenant
+    with ``history`` finished executions."""
+    store = await Store.open(state)
+    audit = await AuditLog.open(store, state)
+    now = time.time()
+    for n in range(sandboxes):
+        await store.put_sandbox(SandboxRow(f"sb{n}", f"t{n}", "python", LIMITS, now, now + 86400, state="running"))
+        await store.put_session(SessionRow(f"se{n}", f"sb{n}", "jupyter", "python", "running"))
+        for i in range(history):
+            store.start_execution(id=f"ex{n}-{i}", tenant=f"t{n}", sandbox_id=f"sb{n}", session_id=f"se{n}",
+                                  code="x", output_limit=1000)
+            store.append_output(f"ex{n}-{i}", {"type": "stdout", "text": "out\n"})
+            if i < history - 1:
+                store.finish_execution(f"ex{n}-{i}", "ok")
+        await store.flush()
+    await audit.close()
+    await store.close()
+    t0 = time.perf_counter()
+    store = await Store.open(state)
+    audit = await AuditLog.open(store, state)
+    for row in await store.list_sandboxes(states=["running"]):
+        await store.list_sessions(row.id)
+    t1 = time.perf_counter()
+    cut = await store.mark_cut_executions()
+    t2 = time.perf_counter()
+    assert len(cut) == sandboxes
+    await audit.close()
+    await store.close()
+    return (t1 - t0) * 1000, (t2 - t1) * 1000
+
+
 async def main(rounds: int) -> None:
     dirs = [tempfile.mkdtemp(prefix="kh-bench-store-") for _ in range(2)]
     store_bench = await open_pair("store", dirs[0])
@@ -171,6 +204,11 @@ async def main(rounds: int) -> None:
               f"({stats.ops / max(stats.batches, 1):.1f} per commit), {stats.merged} stream appends merged")
         print("For scale (KERNELS.md, this kind of machine): a python `x=1` round trip is about 3100 µs, a "
               "kernel ready in about 310 000 µs.")
+        restart = tempfile.mkdtemp(prefix="kh-bench-restart-")
+        dirs.append(restart)
+        read_ms, cut_ms = await restart_cost(restart)
+        print(f"restart, the store's share (20 running sandboxes, 20 000 executions kept): open and read the "
+              f"sandboxes {read_ms:.1f} ms, end the 20 cut executions {cut_ms:.1f} ms")
     finally:
         await store_bench.audit.close()
         await store_bench.store.close()
