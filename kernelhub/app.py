@@ -15,13 +15,13 @@ import signal
 import sys
 from typing import Any
 
-from tornado import httpserver, web
+from tornado import web
 from traitlets import Bool, Integer, List, Unicode, default
 from traitlets.config import Application
 
 from . import __version__
 from .errors import KernelHubError
-from .handlers.base import GatewayConfig, NotFoundHandler
+from .handlers.base import GatewayConfig, GatewayHTTPServer, NotFoundHandler
 from .sandbox import doctor
 from .sandbox.sandbox import SandboxFactory
 from .services.hub import Hub
@@ -188,7 +188,7 @@ KERNELHUB_TOKEN=KEY KERNELHUB_STATE_DIR=/srv/kernelhub kernelhub serve
         config = GatewayConfig(allow_origin=self.allow_origin, allowed_ws_origins=tuple(self.allowed_ws_origins),
                                debug=self.log.isEnabledFor(logging.DEBUG))
         app = make_app(hub, tenants, config)
-        server = httpserver.HTTPServer(app, max_body_size=20 * 1024 * 1024 * 1024, idle_connection_timeout=3600)
+        server = GatewayHTTPServer(app, max_body_size=20 * 1024 * 1024 * 1024, idle_connection_timeout=3600)
         sockets = __import__("tornado.netutil", fromlist=["bind_sockets"]).bind_sockets(self.port, self.ip)
         server.add_sockets(sockets)
         port = sockets[0].getsockname()[1]

@@ -23,6 +23,7 @@ from typing import Any
 
 from tornado import websocket
 
+from .. import json_input
 from ..errors import Conflict, InvalidRequest, KernelHubError, NotFound
 from ..services.executions import Execution
 from ..services.hub import Hub
@@ -86,12 +87,13 @@ class SandboxStreamHandler(WebSocketBase):
     async def on_message(self, message: str | bytes) -> None:
         # tornado delivers the next message only when this returns: anything long runs in a task.
         try:
-            msg = json.loads(message)
-        except (ValueError, UnicodeDecodeError):
-            await self._reject(None, InvalidRequest("A message must be a JSON object."))
-            return
-        if not isinstance(msg, dict):
-            await self._reject(None, InvalidRequest("A message must be a JSON object."))
+            if isinstance(message, bytes):
+                raise InvalidRequest("Messages are JSON objects in text frames, not binary frames.")
+            msg = json_input.loads(message, "A message")
+            if not isinstance(msg, dict):
+                raise InvalidRequest("A message must be a JSON object.")
+        except KernelHubError as exc:
+            await self._reject(None, exc)
             return
         request_id = _request_id(msg)
         try:
