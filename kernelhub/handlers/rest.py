@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -25,7 +24,7 @@ from tornado.http1connection import HTTP1Connection
 from ..errors import InvalidRequest, KernelHubError, PayloadTooLarge
 from ..sandbox.workspace import path_fields
 from ..services.executions import Execution, Listener
-from .base import MAX_JSON_BODY, BaseHandler
+from .base import MAX_JSON_BODY, BaseHandler, json_text
 
 if TYPE_CHECKING:
     from ..sandbox.workspace import UploadWriter
@@ -121,7 +120,7 @@ class StreamingExecutionHandler(BaseHandler):
                         self.request.connection.stream.set_nodelay(True)
                 if event.get("type") == "end":
                     state["ended"] = True
-                self.write(json.dumps(event, ensure_ascii=False, default=str) + "\n")
+                self.write(json_text(event) + "\n")
                 state["last"] = loop.time()
                 await self.flush()
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from typing import Any
 
 from tornado import websocket
@@ -28,7 +27,7 @@ from ..errors import Conflict, InvalidRequest, KernelHubError, NotFound
 from ..services.executions import Execution
 from ..services.hub import Hub
 from ..services.tenants import TenantRegistry
-from .base import GatewayConfig, WebSocketBase
+from .base import GatewayConfig, WebSocketBase, json_text
 
 MAX_REQUEST_ID = 256
 _EXECUTE_FIELDS = ("type", "code", "session_id", "language", "timeout_s", "env", "request_id")
@@ -75,7 +74,7 @@ class SandboxStreamHandler(WebSocketBase):
 
     async def _send(self, message: dict[str, Any]) -> None:
         """Send one message, waiting until tornado has handed it to the socket (back-pressure)."""
-        await self.write_message(json.dumps(message, ensure_ascii=False, default=str))
+        await self.write_message(json_text(message))
 
     async def _reject(self, request_id: Any, exc: KernelHubError) -> None:
         with contextlib.suppress(websocket.WebSocketClosedError):
