@@ -209,3 +209,134 @@ def test_tenant_registry_keys() -> None:
     for bad in (None, "", "k3", "k1 "):
         with pytest.raises(Exception, match="key"):
             reg.authenticate(bad)
+
+
+def test_sandbox_cap_is_exact_under_concurrency(run: Any) -> None:
+    """Issue 7 item 9: creates that overlap are counted once each, whatever stage each is in (reserved,
+    provisioning, kernel starting, running): exactly the cap succeed, and a create that fails or is cancelled
+    gives its place back."""
+
+    async def wave(hub: Hub, count: int) -> tuple[list[Any], list[QuotaExceeded]]:
+        results = await asyncio.gather(*(hub.create_sandbox(ALICE, "python") for _ in range(count)),
+                                       return_exceptions=True)
+        made = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, QuotaExceeded)]
+        assert len(made) + len(refused) == count, results
+        return made, refused
+
+    async def staggered(hub: Hub, count: int) -> tuple[list[Any], list[QuotaExceeded]]:
+        """``count`` creates, each sent once the one before it is starting its kernel (its record exists and
+        it still holds its reservation): the overlap that counted a sandbox twice (17 of 20 in the issue)."""
+        provision = hub._provision
+        provisioned: asyncio.Queue[str] = asyncio.Queue()
+
+        async def signalling(*args: Any, **kwargs: Any) -> Any:
+            sandbox = await provision(*args, **kwargs)
+            provisioned.put_nowait(sandbox.id)  # the caller goes on to the record and the kernel at once
+            return sandbox
+
+        hub._provision = signalling  # type: ignore[method-assign]
+        tasks = []
+        try:
+            for _ in range(count):
+                task = asyncio.ensure_future(hub.create_sandbox(ALICE, "python"))
+                tasks.append(task)
+                got = asyncio.ensure_future(provisioned.get())
+                await asyncio.wait([task, got], return_when=asyncio.FIRST_COMPLETED)
+                got.cancel()
+                if not task.done():
+                    assert hub.get_sandbox(ALICE, got.result()).state == "starting"
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            hub._provision = provision  # type: ignore[method-assign]
+        made = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, QuotaExceeded)]
+        assert len(made) + len(refused) == count, results
+        return made, refused
+
+    async def body(hub: Hub) -> None:
+        made, refused = await staggered(hub, 6)
+        assert (len(made), len(refused)) == (4, 2)
+        assert all(r.state == "running" for r in made)
+        assert all(e.status == 429 and e.message.endswith(".") and "4" in e.message for e in refused)
+        for record in made:
+            await hub.delete_sandbox(ALICE, record.id)
+        made, refused = await wave(hub, 7)
+        assert (len(made), len(refused)) == (4, 3)
+        # Another tenant has a cap of its own.
+        other = await hub.create_sandbox(BOB, "python")
+        # After deleting two, exactly two more fit.
+        for record in made[:2]:
+            await hub.delete_sandbox(ALICE, record.id)
+        more, refused = await wave(hub, 5)
+        assert (len(more), len(refused)) == (2, 3)
+
+        # A create that fails while provisioning gives its place back.
+        await hub.delete_sandbox(ALICE, more[0].id)
+        provision = hub._provision
+        entered = asyncio.Event()
+
+        async def failing(*args: Any, **kwargs: Any) -> Any:
+            entered.set()
+            await asyncio.sleep(0)
+            raise KernelHubError("provisioning failed on purpose", status=503, error="unavailable")
+
+        hub._provision = failing  # type: ignore[method-assign]
+        with pytest.raises(KernelHubError, match="on purpose"):
+            await hub.create_sandbox(ALICE, "python")
+        hub._provision = provision  # type: ignore[method-assign]
+
+        # So does one cancelled while provisioning (a client that went away).
+        entered.clear()
+        hold = asyncio.Event()
+
+        async def held(*args: Any, **kwargs: Any) -> Any:
+            entered.set()
+            await hold.wait()
+            return await provision(*args, **kwargs)
+
+        hub._provision = held  # type: ignore[method-assign]
+        task = asyncio.ensure_future(hub.create_sandbox(ALICE, "python"))
+        await entered.wait()
+        with pytest.raises(QuotaExceeded):  # the held create has the last place meanwhile
+            await hub.create_sandbox(ALICE, "python")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        hub._provision = provision  # type: ignore[method-assign]
+        last, refused = await wave(hub, 3)
+        assert (len(last), len(refused)) == (1, 2)
+        assert len([r for r in hub.list_sandboxes(ALICE) if r.state == "running"]) == 4
+        await hub.delete_sandbox(BOB, other.id)
+
+    run(body, max_sandboxes_per_tenant=4)
+
+
+def test_session_cap_is_exact_under_concurrency(run: Any) -> None:
+    """16 sessions a sandbox, starting ones included: 20 terminals asked for at once beside the first
+    kernel give 15 and 5 refusals; closing three makes room for exactly three."""
+
+    async def body(hub: Hub) -> None:
+        rec = await hub.create_sandbox(ALICE, "python")
+
+        async def wave(count: int) -> tuple[list[Any], list[QuotaExceeded]]:
+            results = await asyncio.gather(*(hub.create_session(ALICE, rec.id, "terminal") for _ in range(count)),
+                                           return_exceptions=True)
+            made = [r for r in results if not isinstance(r, BaseException)]
+            refused = [r for r in results if isinstance(r, QuotaExceeded)]
+            assert len(made) + len(refused) == count, results
+            return made, refused
+
+        made, refused = await wave(20)
+        assert (len(made), len(refused)) == (15, 5) and len(rec.sessions) == 16
+        assert all(e.status == 429 and "16 sessions" in e.message for e in refused)
+        for session in made[:3]:
+            await hub.close_session(ALICE, session.id)
+        more, refused = await wave(5)
+        assert (len(more), len(refused)) == (3, 2) and len(rec.sessions) == 16
+        # Code in another language needs a new kernel, and there is no room for one.
+        with pytest.raises(QuotaExceeded):
+            await hub.execute(ALICE, rec.id, "echo hi", language="bash")
+        await hub.delete_sandbox(ALICE, rec.id)
+
+    run(body)
