@@ -132,7 +132,7 @@ def check_arguments(spec: ToolSpec, arguments: dict[str, Any] | None) -> dict[st
         raise InvalidRequest(f"{spec.name} takes its arguments as a JSON object.")
     args = dict(arguments or {})
     # The SDK parsed the JSON: its depth, numbers and strings are judged here as REST's parser judges them.
-    json_input.check_value(args, "The arguments")
+    json_input.check_value(args, "An argument")
     props: dict[str, Any] = spec.schema["properties"]
     for name in args:
         if name not in props:

@@ -250,9 +250,12 @@ def requests(draw: st.DrawFn, route: Route, real: dict[str, str], token: str) ->
     if accept is not None:
         headers.append((b"Accept", accept))
     if route.websocket and draw(st.booleans()):
+        # A handshake, whole or in part: a whole one reaches the route's lookups (ids, query) before the upgrade.
         headers += [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")]
         if draw(st.booleans()):
-            headers.append((b"Sec-WebSocket-Version", draw(st.sampled_from([b"13", b"99", b""]))))
+            headers.append((b"Sec-WebSocket-Version", draw(st.sampled_from([b"13", b"13", b"99", b""]))))
+            if draw(st.integers(0, 3)):
+                headers.append((b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="))
     if draw(st.booleans()):
         # Mostly bytes a header may hold (latin-1 beyond ASCII included); now and then any byte, which tornado
         # refuses before a handler (answered by the gateway's HTTP server as JSON too).

@@ -85,6 +85,27 @@ def refuses_oversized(conn: ClientConnection, frame: str | bytes) -> None:
         raise AssertionError("an oversized frame was answered")
 
 
+HANDSHAKE = [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"), (b"Sec-WebSocket-Version", b"13"),
+             (b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ==")]
+
+
+def test_handshakes_refused_before_the_upgrade_answer_json(fuzz: Any, assert_error_body: Any) -> None:
+    """A whole handshake to an id of the wrong shape, or with a query that is not UTF-8, is an HTTP error
+    with a sentence, never an opened-then-dropped socket or a traceback after the upgrade."""
+    since = len(fuzz.log())
+    auth = [(b"Authorization", f"Bearer {fuzz.token}".encode())]
+    cases = [(b"/v1/sandboxes/%FF/stream", 400), (b"/v1/sandboxes/sbnope/stream", 404),
+             (b"/v1/sessions/%FF/terminal", 400), (b"/api/kernels/%s/channels?session_id=%%FF" % fuzz.kernel.encode(),
+                                                   400),
+             (b"/api/kernels/nope/channels", 404), (b"/v1/sandboxes/%s/stream?x=%%FF" % fuzz.sandbox.encode(), 101)]
+    for target, status in cases:
+        answer = fuzz.raw(b"GET", target, auth + HANDSHAKE)
+        assert answer.status == status, (target, answer.status, answer.body)
+        if status != 101:
+            assert_error_body(answer.json(), repr(target))
+    fuzz.assert_log_clean(since)
+
+
 # -- /v1/sandboxes/{id}/stream ---------------------------------------------------------------------------------
 
 
