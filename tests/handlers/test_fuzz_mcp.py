@@ -109,6 +109,17 @@ def clean_up(fuzz: Any) -> None:
                     fuzz.gw.request("DELETE", f"/v1/sessions/{session['id']}")
 
 
+def fuzz_then_check(fuzz: Any, run: Any, since: int) -> None:
+    """Run a hypothesis test, remove what it made, and check the gateway's log from ``since`` and that it
+    still serves."""
+    try:
+        run()
+    finally:
+        clean_up(fuzz)
+    fuzz.assert_log_clean(since)
+    fuzz.assert_serving()
+
+
 # -- streamable HTTP -------------------------------------------------------------------------------------------
 
 
@@ -154,12 +165,7 @@ def test_http_tool_calls(fuzz: Any, assert_error_body: Any) -> None:
         for reply in sse_messages(answer.body):
             check_rpc(reply, assert_error_body, where)
 
-    try:
-        run()
-    finally:
-        clean_up(fuzz)
-    fuzz.assert_log_clean(since)
-    fuzz.assert_serving()
+    fuzz_then_check(fuzz, run, since)
 
 
 # -- stdio -----------------------------------------------------------------------------------------------------
@@ -170,7 +176,7 @@ class StdioServer:
 
     def __init__(self, fuzz: Any) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kernelhub.cli", "mcp", "--url", fuzz.gw.url, "--log-level", "INFO"],
+            [sys.executable, "-m", "kernelhub.cli", "mcp", "--url", fuzz.gw.url],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env={**os.environ, "KERNELHUB_TOKEN": fuzz.token})
         self.lines: queue.Queue[bytes] = queue.Queue()
@@ -251,9 +257,4 @@ def test_stdio_tool_calls(fuzz: Any, stdio: StdioServer, assert_error_body: Any)
         assert answer.get("id") == call_id, (line[:300], answer)
         check_rpc(answer, assert_error_body, line[:300].decode(errors="replace"))
 
-    try:
-        run()
-    finally:
-        clean_up(fuzz)
-    fuzz.assert_log_clean(since)
-    fuzz.assert_serving()
+    fuzz_then_check(fuzz, run, since)
