@@ -329,6 +329,7 @@ class WebSocketBase(AuthMixin, JsonErrorsMixin, websocket.WebSocketHandler):
             raise InvalidRequest(f"{self.request.path[:200]} is a websocket; open it with a websocket handshake "
                                  "(Connection: Upgrade, Upgrade: websocket).")
         if headers.get("Sec-WebSocket-Version") not in ("7", "8", "13"):
+            self.set_header("Sec-WebSocket-Version", "13")  # RFC 6455 section 4.4: the versions spoken here
             raise KernelHubError("This gateway speaks websocket version 13 (Sec-WebSocket-Version: 13).",
                                  error="upgrade_required", status=426)
         if not headers.get("Sec-WebSocket-Key") or not headers.get("Host"):
