@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Generator
 from copy import deepcopy
 from typing import Any
 
-from tornado import httpserver, netutil, web
+from tornado import netutil, web
 from traitlets import Bool, CaselessStrEnum, Integer, List, Unicode, observe
 from traitlets.config import Application, Config, Configurable
 from traitlets.config.loader import ArgumentError, KVArgParseConfigLoader
@@ -40,7 +40,7 @@ from traitlets.utils.text import wrap_paragraphs
 from . import __version__
 from .errors import IsolationUnavailable, KernelHubError
 from .handlers import jupyter, rest, streams, terminal
-from .handlers.base import GatewayConfig, NotFoundHandler
+from .handlers.base import GatewayConfig, GatewayHTTPServer, NotFoundHandler
 from .mcp import http as mcp_http
 from .sandbox import doctor
 from .sandbox.factory import SandboxFactory
@@ -425,7 +425,7 @@ KERNELHUB_TOKEN=KEY KERNELHUB_STATE_DIR=/srv/kernelhub kernelhub serve
                 config = GatewayConfig(allow_origin=self.allow_origin,
                                        allowed_ws_origins=tuple(self.allowed_ws_origins),
                                        debug=self.log.isEnabledFor(logging.DEBUG))
-                server = httpserver.HTTPServer(make_app(hub, tenants, config), max_body_size=MAX_BODY_BYTES,
+                server = GatewayHTTPServer(make_app(hub, tenants, config), max_body_size=MAX_BODY_BYTES,
                                                idle_connection_timeout=3600)
                 server.add_sockets(sockets)
                 port = sockets[0].getsockname()[1]

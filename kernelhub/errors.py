@@ -143,6 +143,14 @@ class PayloadTooLarge(KernelHubError):
     error = "payload_too_large"
 
 
+class UpgradeRequired(KernelHubError):
+    """A websocket handshake in a protocol version this gateway does not speak (426); the answer's
+    ``Sec-WebSocket-Version`` header names the one it does (RFC 6455, 4.4)."""
+
+    status = 426
+    error = "upgrade_required"
+
+
 class QuotaExceeded(KernelHubError):
     """A per-tenant or per-sandbox quota is reached (429 for counts; subclasses for disk and processes)."""
 

@@ -12,15 +12,62 @@ import logging
 from typing import Any
 from urllib.parse import urlparse
 
-from tornado import httputil, web, websocket
+from tornado import httpserver, httputil, iostream, web, websocket
 
-from ..errors import InvalidRequest, KernelHubError, PayloadTooLarge, Unauthorized, error_code
+from .. import json_input
+from ..errors import (
+    Forbidden,
+    InvalidRequest,
+    KernelHubError,
+    PayloadTooLarge,
+    Unauthorized,
+    UpgradeRequired,
+    error_code,
+)
 from ..services.hub import Hub
 from ..services.tenants import Tenant, TenantRegistry
 
 log = logging.getLogger("kernelhub.handlers")
 
+#: Largest request body a route that takes JSON accepts, in bytes.
 MAX_JSON_BODY = 8 * 1024 * 1024
+#: Content-Length over this many times a route's body limit is refused before a byte of the body is read.
+_EARLY_REFUSAL_FACTOR = 4
+
+def json_text(data: Any) -> str:
+    """``data`` as JSON text that encodes to UTF-8: a string holding a lone surrogate (a name that is not UTF-8
+    slipped through, say) is written as its ASCII escape instead of failing the answer."""
+    text = json.dumps(data, ensure_ascii=False, default=str)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(data, default=str)
+    return text
+
+
+#: What tornado's HTTP/1.1 connection writes, and nothing else, when a request is too malformed to reach any
+#: handler (bytes HTTP forbids in a header, a bad request line, more query fields than it parses, ...).
+_BARE_400 = b"HTTP/1.1 400 Bad Request\r\n\r\n"
+_MALFORMED_BODY = json.dumps({"error": "invalid_request", "message": (
+    "The request is not well-formed HTTP/1.1: its request line or a header holds bytes HTTP does not allow, "
+    "or its query string has more fields than the gateway parses (1000).")}).encode()
+_JSON_400 = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json; charset=UTF-8\r\n"
+             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_MALFORMED_BODY), _MALFORMED_BODY))
+
+
+class GatewayHTTPServer(httpserver.HTTPServer):
+    """tornado's HTTP server, except that a request refused before any handler sees it gets the same JSON
+    error as any other bad request, instead of tornado's bare ``400 Bad Request`` without a body."""
+
+    def handle_stream(self, stream: iostream.IOStream, address: tuple[Any, ...]) -> None:
+        write = stream.write
+
+        def write_json_refusal(data: bytes | memoryview, *args: Any, **kwargs: Any) -> Any:
+            return write(_JSON_400 if data == _BARE_400 else data, *args, **kwargs)
+
+        stream.write = write_json_refusal  # type: ignore[method-assign]  # this connection's stream only
+        super().handle_stream(stream, address)
+
 
 class GatewayConfig:
     """Settings the surfaces read (from the app's traitlets); plain attributes so tests can build one."""
@@ -65,10 +112,105 @@ class AuthMixin:
         return self.tenant
 
 
-class BaseHandler(AuthMixin, web.RequestHandler):
-    """JSON REST handler: authenticated in ``prepare``, errors as ``{"error", "message"}``."""
+#: Methods a route can implement, in the order an ``Allow`` header lists them.
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(handler_class: type) -> list[str]:
+    """The HTTP methods ``handler_class`` implements (tornado answers the others with 405)."""
+    unimplemented = web.RequestHandler._unimplemented_method
+    return [m for m in _METHODS if getattr(handler_class, m.lower(), unimplemented) is not unimplemented]
+
+
+class JsonErrorsMixin:
+    """The one place where failures become ``{"error", "message"}`` answers, for plain and websocket handlers
+    alike (a websocket route answers JSON too until it is upgraded).
+
+    - a :class:`~kernelhub.errors.KernelHubError` raised anywhere in a request, even while tornado decodes the
+      URL, is answered with its status, code and message;
+    - tornado's own refusals (405 for a method the route lacks, 400s) get a sentence: a 405 names the methods
+      the route allows, in the sentence and in an ``Allow`` header;
+    - anything else is a bug: a generic 500 without a traceback (the log has it).
+    """
+
+    request: httputil.HTTPServerRequest
+    _finished: bool
+    _reason: str
+
+    def decode_argument(self, value: bytes, name: str | None = None) -> str:
+        """URL path parts and query values are UTF-8 once percent-decoded; anything else is a 400."""
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            where = f"The query argument {name[:64]!r}" if name in self.request.query_arguments else "The URL path"
+            raise InvalidRequest(f"{where} is not valid UTF-8 once percent-decoded.") from None
+
+    def send_error_json(self, status: int, error: str, message: str) -> None:
+        handler: Any = self
+        self._close_if_body_unread()
+        handler.set_status(status)
+        handler.set_header("Content-Type", "application/json; charset=UTF-8")
+        handler.finish(json.dumps({"error": error, "message": message}))
+
+    def _close_if_body_unread(self) -> None:
+        """An error answered before the request was read whole (refused in ``prepare`` of a streamed-body handler:
+        an oversized upload, a bad key, an unknown sandbox) says ``Connection: close``. tornado ends such a
+        connection after the answer (reading the rest would be the only other way) without telling the client,
+        which would then send its next request down a dying connection (RFC 9112, 9.6)."""
+        body = getattr(self.request, "_body_future", None)  # tornado's own, set for @stream_request_body
+        if body is not None and not body.done():
+            handler: Any = self
+            handler.set_header("Connection", "close")
+
+    def _handle_request_exception(self, e: BaseException) -> None:
+        handler: Any = self
+        if isinstance(e, KernelHubError):
+            if self._finished:
+                return
+            if isinstance(e, Unauthorized):
+                handler.set_header("WWW-Authenticate", 'Bearer realm="kernelhub"')
+            handler.clear_header("Content-Disposition")
+            self.send_error_json(e.status, e.error, e.message)
+            return
+        super()._handle_request_exception(e)  # type: ignore[misc]
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        handler: Any = self
+        message = self._reason
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, web.HTTPError) and exc.log_message and status_code < 500:
+            message = exc.log_message % exc.args if exc.args else exc.log_message
+        if status_code == 405:
+            allowed = allowed_methods(type(self))
+            handler.set_header("Allow", ", ".join(allowed))
+            shown = [m for m in allowed if m not in ("HEAD", "OPTIONS")] or allowed
+            method = self.request.method or ""
+            message = (f"{method[:32]} is not allowed on {self.request.path[:200]}; this route allows "
+                       f"{' and '.join(shown) if len(shown) < 3 else ', '.join(shown[:-1]) + ' and ' + shown[-1]}.")
+        elif status_code >= 500:
+            message = "The gateway hit an internal error; the sandbox and your data are unaffected."
+        message = str(message)
+        if message and not message.endswith("."):
+            message += "."
+        # tornado's own errors (no route, a bad method, a malformed request) carry only a status: the code is the
+        # registry's for it (kernelhub.errors.error_code), as a client reading the answer expects.
+        self.send_error_json(status_code, error_code(status_code), message)
+
+
+@web.stream_request_body
+class BaseHandler(AuthMixin, JsonErrorsMixin, web.RequestHandler):
+    """JSON REST handler: authenticated in ``prepare``, errors as ``{"error", "message"}``.
+
+    Every request body is streamed in and capped (``@stream_request_body``, see :meth:`data_received`): the
+    gateway's HTTP server accepts large bodies for file uploads, and no route may buffer gigabytes a client,
+    authenticated or not, sends it. A body over :meth:`body_limit` is counted, dropped and answered 413, before
+    a byte of it is read when its Content-Length already says so. A handler that streams its body elsewhere
+    (uploads) overrides ``data_received`` and ``body_limit``.
+    """
 
     auth_required = True
+    _body: bytearray
+    _body_size = 0
 
     def set_default_headers(self) -> None:
         self.set_header("Cache-Control", "no-store")
@@ -80,31 +222,50 @@ class BaseHandler(AuthMixin, web.RequestHandler):
             self.set_header("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, OPTIONS")
             self.set_header("Vary", "Origin")
 
-    def prepare(self) -> None:
+    def prepare(self) -> Any:
+        self._body = bytearray()
         if self.request.method == "OPTIONS":
             return
         if self.auth_required:
             self.authenticate()
+        limit = self.body_limit()
+        length = self.request.headers.get("Content-Length", "")
+        if limit is not None and length.isdigit() and int(length) > limit * _EARLY_REFUSAL_FACTOR:
+            raise PayloadTooLarge(f"The request body may be at most {limit} bytes.")
 
     def options(self, *args: Any, **kwargs: Any) -> None:
         """CORS preflight: answered without auth, as browsers send no credentials with it."""
         self.set_status(204)
         self.finish()
 
-    # -- JSON ---------------------------------------------------------------------------------------------
+    # -- the body -----------------------------------------------------------------------------------------
+
+    def body_limit(self) -> int | None:
+        """The most bytes of body this request may have; None when the handler streams it elsewhere."""
+        return MAX_JSON_BODY
+
+    def data_received(self, chunk: bytes) -> Any:
+        self._body_size += len(chunk)
+        limit = self.body_limit()
+        if limit is not None and self._body_size <= limit:
+            self._body += chunk
+
+    def body(self) -> bytes:
+        """The whole request body (read before the method runs); a 413 when it was over :meth:`body_limit`."""
+        limit = self.body_limit()
+        if limit is not None and self._body_size > limit:
+            raise PayloadTooLarge(f"The request body may be at most {limit} bytes.")
+        return bytes(self._body)
 
     def json_body(self, *, required: bool = True) -> dict[str, Any]:
-        body = self.request.body
-        if not body:
+        """The body as a JSON object, parsed by :func:`kernelhub.json_input.loads`; ``{}`` when empty and not
+        ``required``. Whatever the Content-Type says: clients such as ``curl -d`` label JSON as a form."""
+        body = self.body()
+        if not body.strip():
             if required:
                 raise InvalidRequest("The request needs a JSON object body.")
             return {}
-        if len(body) > MAX_JSON_BODY:
-            raise PayloadTooLarge("The JSON body is too large.")
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidRequest(f"The body is not valid JSON: {exc}.") from None
+        data = json_input.loads(body)
         if not isinstance(data, dict):
             raise InvalidRequest("The body must be a JSON object.")
         return data
@@ -112,55 +273,46 @@ class BaseHandler(AuthMixin, web.RequestHandler):
     def send_json(self, data: Any, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.finish(json.dumps(data, ensure_ascii=False, default=str))
+        self.finish(json_text(data).encode())
 
-    # -- errors -------------------------------------------------------------------------------------------
 
-    def _handle_request_exception(self, e: BaseException) -> None:
-        if isinstance(e, KernelHubError):
-            if self._finished:
-                return
-            if isinstance(e, Unauthorized):
-                self.set_header("WWW-Authenticate", 'Bearer realm="kernelhub"')
-            self.clear_header("Content-Disposition")
-            self._close_if_body_unread()
-            self.send_json(e.to_dict(), e.status)
-            return
-        super()._handle_request_exception(e)  # type: ignore[misc]
+class _AnyMethod(tuple[str, ...]):
+    """A ``SUPPORTED_METHODS`` that holds every method name, so tornado lets any method reach ``prepare``."""
 
-    def _close_if_body_unread(self) -> None:
-        """An error answered before the request was read whole (refused in ``prepare`` of a streamed-body handler:
-        an oversized upload, a bad key, an unknown sandbox) says ``Connection: close``. tornado ends such a
-        connection after the answer (reading the rest would be the only other way) without telling the client,
-        which would then send its next request down a dying connection (RFC 9112, 9.6)."""
-        body = getattr(self.request, "_body_future", None)  # tornado's own, set for @stream_request_body
-        if body is not None and not body.done():
-            self.set_header("Connection", "close")
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        # tornado's own errors (no route, a bad method, a malformed request) carry only a status: the code is the
-        # registry's for it (kernelhub.errors.error_code), as a client reading the answer expects.
-        message = self._reason
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, web.HTTPError) and exc.log_message and status_code < 500:
-            message = exc.log_message % exc.args if exc.args else exc.log_message
-        if status_code >= 500:
-            message = "The gateway hit an internal error; the sandbox and your data are unaffected."
-        self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self._close_if_body_unread()
-        self.finish(json.dumps({"error": error_code(status_code), "message": str(message)}))
+    def __contains__(self, item: object) -> bool:
+        return True
 
 
 class NotFoundHandler(BaseHandler):
-    """Any route no handler matches: a JSON 404 (after auth, so it tells nothing to strangers)."""
+    """Any route no handler matches: a JSON 404 (after auth, so it tells nothing to strangers), whatever the
+    method: there is no route whose methods a 405 could name."""
+
+    SUPPORTED_METHODS = _AnyMethod()
 
     def prepare(self) -> None:
         super().prepare()
-        raise web.HTTPError(404, "No such route: %s", self.request.path)
+        raise web.HTTPError(404, "No such route: %s", self.request.path[:200])
 
 
-class WebSocketBase(AuthMixin, websocket.WebSocketHandler):
-    """Websocket handler: authenticated before the upgrade, origin checked, Nagle off (KERNELS.md)."""
+@web.stream_request_body
+class WebSocketBase(AuthMixin, JsonErrorsMixin, websocket.WebSocketHandler):
+    """Websocket handler: authenticated before the upgrade, origin checked, Nagle off (KERNELS.md).
+
+    Until the upgrade it answers as a REST route does (JSON errors, a 405 naming GET); a request that is not a
+    websocket handshake is a 400 with a sentence. An upgrade request has no body: one sent anyway is dropped as
+    it arrives (``@stream_request_body``), never buffered. Messages are capped at :attr:`max_message_size`
+    bytes; a bigger one closes the socket with 1009 ("message too big"), as tornado does.
+    """
+
+    #: The largest message a client may send, in bytes; None for the app's ``websocket_max_message_size``.
+    message_limit: int | None = MAX_JSON_BODY
+
+    @property
+    def max_message_size(self) -> int:
+        return self.message_limit or int(super().max_message_size)
+
+    def data_received(self, chunk: bytes) -> None:
+        pass
 
     def before_upgrade(self, *args: Any, **kwargs: Any) -> None:
         """Called after auth and before the upgrade with the URL's arguments: look up what the socket is for,
@@ -170,13 +322,29 @@ class WebSocketBase(AuthMixin, websocket.WebSocketHandler):
     async def get(self, *args: Any, **kwargs: Any) -> None:
         try:
             self.authenticate()
+            self._check_handshake()
             self.before_upgrade(*args, **kwargs)
         except KernelHubError as exc:
-            self.set_status(exc.status)
-            self.set_header("Content-Type", "application/json; charset=UTF-8")
-            self.finish(json.dumps(exc.to_dict()))
+            self._handle_request_exception(exc)
             return
         await super().get(*args, **kwargs)
+
+    def _check_handshake(self) -> None:
+        """Refuse, with JSON and a sentence, every handshake tornado would refuse with plain text or no body
+        (RFC 6455 section 4.2.1: Upgrade, Connection, Sec-WebSocket-Key and -Version; the origin check)."""
+        headers = self.request.headers
+        connection = [part.strip().lower() for part in headers.get("Connection", "").split(",")]
+        if headers.get("Upgrade", "").lower() != "websocket" or "upgrade" not in connection:
+            raise InvalidRequest(f"{self.request.path[:200]} is a websocket; open it with a websocket handshake "
+                                 "(Connection: Upgrade, Upgrade: websocket).")
+        if headers.get("Sec-WebSocket-Version") not in ("7", "8", "13"):
+            self.set_header("Sec-WebSocket-Version", "13")  # RFC 6455 section 4.4: the versions spoken here
+            raise UpgradeRequired("This gateway speaks websocket version 13 (Sec-WebSocket-Version: 13).")
+        if not headers.get("Sec-WebSocket-Key") or not headers.get("Host"):
+            raise InvalidRequest("A websocket handshake needs the Host and Sec-WebSocket-Key headers.")
+        origin = headers.get("Origin") or headers.get("Sec-Websocket-Origin")
+        if origin and not self.check_origin(origin):
+            raise Forbidden(f"Websockets from the origin {origin[:200]!r} are not allowed on this gateway.")
 
     def check_origin(self, origin: str) -> bool:
         """Same host, or an origin on the configured list. Non-browser clients send no Origin."""

@@ -77,13 +77,27 @@ def serialize_binary_message(msg: dict[str, Any]) -> bytes:
     return b"".join(buffers)
 
 
+def _check_offsets(offsets: list[int], start: int, size: int) -> None:
+    """The offsets of a binary frame must be ascending and within it: a client's frame is untrusted, and a
+    count or offset it makes up must not make the gateway allocate or loop on its say-so."""
+    if any(b < a for a, b in zip([start, *offsets], offsets, strict=False)) or (offsets and offsets[-1] > size):
+        raise ValueError("the frame's offsets are not ascending within the frame")
+
+
 def deserialize_binary_message(bmsg: bytes) -> dict[str, Any]:
-    """Inverse of :func:`serialize_binary_message`."""
-    nbufs = struct.unpack("!i", bmsg[:4])[0]
+    """Inverse of :func:`serialize_binary_message`; ValueError for a frame that is not one."""
+    if len(bmsg) < 8:
+        raise ValueError("a binary message has at least a count and one offset")
+    nbufs = struct.unpack("!I", bmsg[:4])[0]
+    if not 1 <= nbufs <= len(bmsg) // 4 - 1:
+        raise ValueError(f"a binary message cannot hold {nbufs} parts")
     offsets: list[Any] = list(struct.unpack("!" + "I" * nbufs, bmsg[4: 4 * (nbufs + 1)]))
+    _check_offsets(offsets, 4 * (nbufs + 1), len(bmsg))
     offsets.append(None)
     bufs = [bmsg[start:stop] for start, stop in zip(offsets[:-1], offsets[1:], strict=False)]
-    msg: dict[str, Any] = json.loads(bufs[0].decode("utf8"))
+    msg = json.loads(bufs[0].decode("utf8"))
+    if not isinstance(msg, dict) or not isinstance(msg.get("header"), dict):
+        raise ValueError("a message is a JSON object with a header")
     msg["header"] = extract_dates(msg["header"])
     msg["parent_header"] = extract_dates(msg.get("parent_header") or {})
     msg["buffers"] = bufs[1:]
@@ -103,9 +117,13 @@ def serialize_msg_to_ws_v1(msg_list: list[bytes], channel: str) -> bytes:
 
 
 def deserialize_msg_from_ws_v1(ws_msg: bytes) -> tuple[str, list[bytes]]:
-    """Inverse of :func:`serialize_msg_to_ws_v1`: the channel and the message's parts."""
+    """Inverse of :func:`serialize_msg_to_ws_v1`: the channel and the message's parts; ValueError for a frame
+    that is not one."""
     offset_number = int.from_bytes(ws_msg[:8], "little")
+    if not 2 <= offset_number <= len(ws_msg) // 8 - 1:
+        raise ValueError(f"a v1 message cannot hold {offset_number} offsets")
     offsets = [int.from_bytes(ws_msg[8 * (i + 1): 8 * (i + 2)], "little") for i in range(offset_number)]
+    _check_offsets(offsets, 8 * (offset_number + 1), len(ws_msg))
     channel = ws_msg[offsets[0]: offsets[1]].decode("utf-8")
     msg_list = [ws_msg[offsets[i]: offsets[i + 1]] for i in range(1, offset_number - 1)]
     return channel, msg_list
@@ -368,6 +386,9 @@ class KernelChannelsHandler(WebSocketBase):
     connections: KernelConnections
     record: SandboxRecord
     session: JupyterSession
+    client_session: str
+    #: Jupyter messages carry buffers (widgets, arrays): the app's websocket_max_message_size applies.
+    message_limit = None
 
     def initialize(self, connections: KernelConnections, **kwargs: Any) -> None:  # type: ignore[override]
         super().initialize(**kwargs)
@@ -386,6 +407,8 @@ class KernelChannelsHandler(WebSocketBase):
         kernel_id = kwargs.get("kernel_id") or (args[0] if args else "")
         self.record, self.session = self.hub.get_kernel(self.tenant, kernel_id)
         self.kernel_id = kernel_id
+        # Read here, where a bad value is still a JSON 400: after the upgrade it could only end the socket.
+        self.client_session = self.get_query_argument("session_id", "") or uuid.uuid4().hex
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
         """v1 when the client offers it; otherwise None, the legacy JSON framing."""
@@ -395,9 +418,8 @@ class KernelChannelsHandler(WebSocketBase):
         super().open()
         self.v1 = self.selected_subprotocol == WS_V1
         km = self.session.km
-        client_session = self.get_query_argument("session_id", "") or uuid.uuid4().hex
         self.zsession = Session(key=km.session.key, signature_scheme=km.session.signature_scheme,
-                                session=client_session[:128])  # a zmq identity is at most 255 bytes
+                                session=self.client_session[:128])  # a zmq identity is at most 255 bytes
         identity = self.zsession.bsession
         self.session_key = f"{kernel_id}:{self.zsession.session}"
         try:
@@ -528,34 +550,55 @@ class KernelChannelsHandler(WebSocketBase):
         self._forward(message)
 
     def _forward(self, message: str | bytes) -> None:
+        """Send one client frame to the kernel. A frame that is not a Jupyter message in this connection's
+        framing closes the socket (1007, with the reason), as a malformed message ends the connection in
+        Jupyter Server; one for a channel a client may not write (iopub, or none of the kernel's) is dropped
+        with a warning, as there."""
         if self.zsession is None or not self.sockets:
             return
         try:
-            if self.v1:
-                if isinstance(message, str):
-                    message = message.encode()
-                channel, msg_list = deserialize_msg_from_ws_v1(message)
-                if len(msg_list) < 4:
-                    raise ValueError("a v1 message needs header, parent_header, metadata and content")
-                sock = self.sockets.get(channel or "shell")
-                if sock is None or channel == "iopub":
-                    raise ValueError(f"no channel {channel!r}")
-                self.zsession.send_raw(sock, msg_list)
-                return
-            msg = deserialize_binary_message(message) if isinstance(message, bytes) else json.loads(message)
+            channel, parts, msg = self._parse_client_frame(message)
+        except (ValueError, TypeError, KeyError, struct.error, RecursionError) as exc:
+            log.warning("closing a websocket of kernel %s after a malformed message: %s", self.kernel_id,
+                        str(exc)[:200])
+            self.close(1007, f"Not a Jupyter message: {str(exc)[:80]}.".encode()[:120].decode(errors="ignore"))
+            return
+        sock = self.sockets.get(channel)
+        if sock is None or channel == "iopub":
+            log.warning("dropped a message for kernel %s on the channel %r", self.kernel_id, channel[:32])
+            return
+        try:
+            if parts is not None:
+                self.zsession.send_raw(sock, parts)
+            else:
+                self.zsession.send(sock, msg)
+        except Exception as exc:  # noqa: BLE001 - any field of the client's message may be unpackable
+            log.warning("could not send a message to kernel %s: %s: %s", self.kernel_id, type(exc).__name__,
+                        str(exc)[:200])
+
+    def _parse_client_frame(self, message: str | bytes) -> tuple[str, list[bytes] | None, dict[str, Any]]:
+        """A client frame as (channel, the v1 parts to send as they are | None, the legacy message to sign)."""
+        if self.v1:
+            if isinstance(message, str):
+                message = message.encode()
+            channel, msg_list = deserialize_msg_from_ws_v1(message)
+            if len(msg_list) < 4:
+                raise ValueError("a v1 message needs header, parent_header, metadata and content")
+            return channel or "shell", msg_list, {}
+        if isinstance(message, bytes):
+            msg = deserialize_binary_message(message)
+        else:
+            msg = json.loads(message)
             if not isinstance(msg, dict) or not isinstance(msg.get("header"), dict):
                 raise ValueError("a message is a JSON object with a header")
-            channel = msg.pop("channel", None) or "shell"  # Jupyter Server assumes shell too
-            sock = self.sockets.get(channel)
-            if sock is None or channel == "iopub":
-                raise ValueError(f"no channel {channel!r}")
-            for key in ("parent_header", "metadata", "content"):
-                if not isinstance(msg.get(key), dict):
-                    msg[key] = {}
-            msg.setdefault("buffers", [])
-            self.zsession.send(sock, msg)
-        except Exception as exc:
-            log.warning("ignored a malformed message for kernel %s: %s", self.kernel_id, exc)
+            msg["buffers"] = []  # buffers travel only in the binary framing
+        channel = msg.pop("channel", None) or "shell"  # Jupyter Server assumes shell too
+        if not isinstance(channel, str):
+            raise ValueError("channel must be a string")
+        for key in ("parent_header", "metadata", "content"):
+            if not isinstance(msg.get(key), dict):
+                msg[key] = {}
+        return channel, None, msg
 
     def on_pong(self, data: bytes) -> None:
         # An open, answering client is activity: a kernel a notebook has open is not idle.

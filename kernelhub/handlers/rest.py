@@ -4,27 +4,26 @@ Every handler parses the request, calls one :class:`~kernelhub.services.hub.Hub`
 no policy lives here. Errors are :class:`~kernelhub.errors.KernelHubError` subclasses, turned into
 ``{"error", "message"}`` by :class:`~kernelhub.handlers.base.BaseHandler`.
 
-Request bodies are read with ``@stream_request_body`` even for JSON: the gateway's HTTP server accepts large
-bodies (file uploads), and a JSON route must not buffer gigabytes a client sends it. A JSON body over
-:data:`~kernelhub.handlers.base.MAX_JSON_BODY` is counted, dropped and answered 413.
+Request bodies are read by :class:`~kernelhub.handlers.base.BaseHandler`, streamed in and capped at
+:data:`~kernelhub.handlers.base.MAX_JSON_BODY` (file uploads stream to the workspace instead).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tornado import iostream, web
+from tornado import iostream
 from tornado.http1connection import HTTP1Connection
 
 from ..errors import InvalidRequest, KernelHubError, PayloadTooLarge
+from ..sandbox.files import path_fields
 from ..services.executions import Execution, Listener
-from .base import MAX_JSON_BODY, BaseHandler
+from .base import MAX_JSON_BODY, BaseHandler, json_text
 
 if TYPE_CHECKING:
     from ..sandbox.files import UploadWriter
@@ -34,8 +33,6 @@ OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.json"
 NDJSON = "application/x-ndjson"
 #: Seconds of silence after which an NDJSON stream gets a ``{"type": "keepalive"}`` line.
 KEEPALIVE_S = 10.0
-#: Content-Length over this many times the JSON limit is refused before a byte of the body is read.
-_EARLY_REFUSAL_FACTOR = 4
 
 ID = r"([^/]+)"
 
@@ -65,54 +62,13 @@ def optional(body: dict[str, Any], name: str, kind: type | tuple[type, ...], wha
     return value
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value")
-
-
 def wants_ndjson(accept: str) -> bool:
     return any(part.split(";")[0].strip().lower() == NDJSON for part in accept.split(","))
 
 
 # -- handler bases ----------------------------------------------------------------------------------------
 
-@web.stream_request_body
-class JsonHandler(BaseHandler):
-    """A REST handler whose JSON body is streamed in and capped (see the module docstring)."""
-
-    _body: bytearray
-    _body_size: int
-
-    async def prepare(self) -> None:  # type: ignore[override]
-        self._body = bytearray()
-        self._body_size = 0
-        super().prepare()
-        length = self.request.headers.get("Content-Length")
-        if length and length.isdigit() and int(length) > MAX_JSON_BODY * _EARLY_REFUSAL_FACTOR:
-            raise PayloadTooLarge(f"The JSON body may be at most {MAX_JSON_BODY} bytes.")
-
-    def data_received(self, chunk: bytes) -> None:
-        self._body_size += len(chunk)
-        if self._body_size <= MAX_JSON_BODY:
-            self._body += chunk
-
-    def json_body(self, *, required: bool = True) -> dict[str, Any]:
-        if self._body_size > MAX_JSON_BODY:
-            raise PayloadTooLarge(f"The JSON body may be at most {MAX_JSON_BODY} bytes.")
-        if not self._body:
-            if required:
-                raise InvalidRequest("The request needs a JSON object body.")
-            return {}
-        try:
-            # NaN and Infinity are not JSON (RFC 8259), and answers echoing them would not be either.
-            data = json.loads(self._body, parse_constant=_refuse_constant)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidRequest(f"The body is not valid JSON: {exc}.") from None
-        if not isinstance(data, dict):
-            raise InvalidRequest("The body must be a JSON object.")
-        return data
-
-
-class StreamingExecutionHandler(JsonHandler):
+class StreamingExecutionHandler(BaseHandler):
     """Runs one execution for a request: answered whole when it ended, or as NDJSON events while it runs.
 
     The hub call runs in a task of its own, cancelled when the client goes away: ``Hub.execute(wait=True)``
@@ -161,7 +117,7 @@ class StreamingExecutionHandler(JsonHandler):
                         self.request.connection.stream.set_nodelay(True)
                 if event.get("type") == "end":
                     state["ended"] = True
-                self.write(json.dumps(event, ensure_ascii=False, default=str) + "\n")
+                self.write(json_text(event) + "\n")
                 state["last"] = loop.time()
                 await self.flush()
 
@@ -216,7 +172,7 @@ def _execution_args(body: dict[str, Any]) -> dict[str, Any]:
 
 # -- sandboxes --------------------------------------------------------------------------------------------
 
-class SandboxesHandler(JsonHandler):
+class SandboxesHandler(BaseHandler):
     """``POST /v1/sandboxes`` (sandbox_create) and ``GET /v1/sandboxes`` (sandbox_list)."""
 
     async def post(self) -> None:
@@ -237,7 +193,7 @@ class SandboxesHandler(JsonHandler):
         self.send_json({"sandboxes": [r.to_dict() for r in self.hub.list_sandboxes(self.tenant)]})
 
 
-class SandboxHandler(JsonHandler):
+class SandboxHandler(BaseHandler):
     """``GET /v1/sandboxes/{id}`` (sandbox_info) and ``DELETE`` (sandbox_delete)."""
 
     def get(self, sandbox_id: str) -> None:
@@ -249,7 +205,7 @@ class SandboxHandler(JsonHandler):
         self.finish()
 
 
-class LogsHandler(JsonHandler):
+class LogsHandler(BaseHandler):
     """``GET /v1/sandboxes/{id}/logs?lines=N`` (sandbox_logs)."""
 
     def get(self, sandbox_id: str) -> None:
@@ -257,14 +213,14 @@ class LogsHandler(JsonHandler):
         self.send_json({"lines": self.hub.sandbox_logs(self.tenant, sandbox_id, lines)})
 
 
-class MetricsHandler(JsonHandler):
+class MetricsHandler(BaseHandler):
     """``GET /v1/sandboxes/{id}/metrics`` (sandbox_metrics)."""
 
     def get(self, sandbox_id: str) -> None:
         self.send_json(self.hub.sandbox_metrics(self.tenant, sandbox_id))
 
 
-class TemplatesHandler(JsonHandler):
+class TemplatesHandler(BaseHandler):
     """``GET /v1/templates``: the templates sandbox_create accepts (an extension of API.md)."""
 
     def get(self) -> None:
@@ -285,7 +241,7 @@ class ExecuteHandler(StreamingExecutionHandler):
         await self.run_execution(call, lambda ex: ex.to_dict())
 
 
-class ExecutionsHandler(JsonHandler):
+class ExecutionsHandler(BaseHandler):
     """``POST /v1/sandboxes/{id}/executions`` (code_execute_async): 202 ``{id, status}``."""
 
     async def post(self, sandbox_id: str) -> None:
@@ -295,14 +251,14 @@ class ExecutionsHandler(JsonHandler):
         self.send_json({"id": ex.id, "status": ex.status}, 202)
 
 
-class ExecutionHandler(JsonHandler):
+class ExecutionHandler(BaseHandler):
     """``GET /v1/executions/{id}`` (execution_status)."""
 
     def get(self, execution_id: str) -> None:
         self.send_json(self.hub.get_execution(self.tenant, execution_id).to_dict())
 
 
-class ExecutionInterruptHandler(JsonHandler):
+class ExecutionInterruptHandler(BaseHandler):
     """``POST /v1/executions/{id}/interrupt``: stop a queued or running execution (an extension)."""
 
     async def post(self, execution_id: str) -> None:
@@ -310,7 +266,7 @@ class ExecutionInterruptHandler(JsonHandler):
         self.send_json(ex.to_dict())
 
 
-class CommandsHandler(JsonHandler):
+class CommandsHandler(BaseHandler):
     """``POST /v1/sandboxes/{id}/commands`` (command_execute)."""
 
     async def post(self, sandbox_id: str) -> None:
@@ -329,7 +285,7 @@ class CommandsHandler(JsonHandler):
 
 # -- sessions ---------------------------------------------------------------------------------------------
 
-class SessionsHandler(JsonHandler):
+class SessionsHandler(BaseHandler):
     """``POST /v1/sandboxes/{id}/sessions`` (session_create)."""
 
     async def post(self, sandbox_id: str) -> None:
@@ -342,7 +298,7 @@ class SessionsHandler(JsonHandler):
         self.send_json(session.to_dict(), 201)
 
 
-class SessionHandler(JsonHandler):
+class SessionHandler(BaseHandler):
     """``GET /v1/sessions/{id}`` (an extension) and ``DELETE`` (session_close)."""
 
     def get(self, session_id: str) -> None:
@@ -376,14 +332,26 @@ class SessionExecuteHandler(StreamingExecutionHandler):
 
 # -- files ------------------------------------------------------------------------------------------------
 
-@web.stream_request_body
 class FilesHandler(BaseHandler):
     """``PUT|GET|DELETE /v1/sandboxes/{id}/files/{path}``: upload (streamed), download (streamed), list
     (``?list=1``, or the workspace root) and delete. Paths are handed to the hub as they came; the workspace
-    layer refuses ``..``, absolute paths, NUL bytes and symlinks."""
+    layer refuses ``..``, absolute paths, NUL bytes and symlinks.
+
+    A file name need not be UTF-8 (Linux names are bytes, and sandbox code makes any): the URL's path is
+    percent-decoded to bytes and taken with ``surrogateescape``, the way Python names such files, so ``%FF``
+    reaches the file whose name has the byte 0xFF. ``file_list`` shows such names with U+FFFD and gives the
+    ready-made percent-encoded ``url_path`` to use here (see :mod:`kernelhub.sandbox.workspace`)."""
 
     _writer: UploadWriter | None = None
     _error: KernelHubError | None = None
+
+    def decode_argument(self, value: bytes, name: str | None = None) -> str:
+        if name is None:  # the URL's groups: the sandbox id and the path
+            return value.decode("utf-8", "surrogateescape")
+        return super().decode_argument(value, name)
+
+    def body_limit(self) -> int | None:
+        return None if self.request.method == "PUT" else MAX_JSON_BODY
 
     async def prepare(self) -> None:  # type: ignore[override]
         super().prepare()  # auth first: a stranger's upload is refused before a byte of it is read
@@ -437,7 +405,7 @@ class FilesHandler(BaseHandler):
         except BaseException:
             writer.abort()
             raise
-        self.send_json({"path": writer.path, "size": size}, 201)
+        self.send_json({**path_fields(writer.path), "size": size}, 201)
 
     async def get(self, sandbox_id: str, path: str) -> None:
         if self.get_query_argument("list", "") not in ("", "0", "false") or not path.strip("/"):
@@ -447,7 +415,7 @@ class FilesHandler(BaseHandler):
         async with self.hub.open_download(self.tenant, sandbox_id, path) as download:
             self.set_header("Content-Type", "application/octet-stream")
             self.set_header("Content-Length", str(download.size))
-            name = path.rstrip("/").rsplit("/", 1)[-1]
+            name = path.rstrip("/").rsplit("/", 1)[-1].encode("utf-8", "surrogateescape").decode("utf-8", "replace")
             self.set_header("Content-Disposition", "attachment; filename*=UTF-8''" + urllib.parse.quote(name))
             async for chunk in download:
                 self.write(chunk)
@@ -468,7 +436,7 @@ class FilesHandler(BaseHandler):
         self.finish()
 
 
-class WorkspaceRootHandler(JsonHandler):
+class WorkspaceRootHandler(BaseHandler):
     """``GET /v1/sandboxes/{id}/files`` (with or without ``?list=1``): the entries of ``/workspace``."""
 
     def get(self, sandbox_id: str) -> None:

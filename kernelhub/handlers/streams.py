@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from typing import Any
 
 from tornado import websocket
 
+from .. import json_input
 from ..errors import ExecutionEnded, InvalidRequest, KernelHubError, NoInputRequested, NotFound
 from ..services.executions import Execution
 from ..services.hub import Hub
 from ..services.tenants import TenantRegistry
-from .base import GatewayConfig, WebSocketBase
+from .base import GatewayConfig, WebSocketBase, json_text
 
 MAX_REQUEST_ID = 256
 _EXECUTE_FIELDS = ("type", "code", "session_id", "language", "timeout_s", "env", "request_id")
@@ -74,7 +74,7 @@ class SandboxStreamHandler(WebSocketBase):
 
     async def _send(self, message: dict[str, Any]) -> None:
         """Send one message, waiting until tornado has handed it to the socket (back-pressure)."""
-        await self.write_message(json.dumps(message, ensure_ascii=False, default=str))
+        await self.write_message(json_text(message))
 
     async def _reject(self, request_id: Any, exc: KernelHubError) -> None:
         with contextlib.suppress(websocket.WebSocketClosedError):
@@ -86,12 +86,13 @@ class SandboxStreamHandler(WebSocketBase):
     async def on_message(self, message: str | bytes) -> None:
         # tornado delivers the next message only when this returns: anything long runs in a task.
         try:
-            msg = json.loads(message)
-        except (ValueError, UnicodeDecodeError):
-            await self._reject(None, InvalidRequest("A message must be a JSON object."))
-            return
-        if not isinstance(msg, dict):
-            await self._reject(None, InvalidRequest("A message must be a JSON object."))
+            if isinstance(message, bytes):
+                raise InvalidRequest("Messages are JSON objects in text frames, not binary frames.")
+            msg = json_input.loads(message, "A message")
+            if not isinstance(msg, dict):
+                raise InvalidRequest("A message must be a JSON object.")
+        except KernelHubError as exc:
+            await self._reject(None, exc)
             return
         request_id = _request_id(msg)
         try:

@@ -9,7 +9,7 @@ Messages are JSON arrays, as with ``terminado.TermSocket``:
 
 A socket that cannot attach is closed right after the upgrade with code ``4000 + HTTP status`` and the error's
 message as reason: 4404 (no such session for this tenant), 4400 (not a terminal session), 4409 (the terminal
-ended).
+ended). A malformed frame closes it with 4400 and a sentence as reason.
 
 Several sockets may share one terminal; it is sized to the smallest of them. A socket whose client reads slowly
 pauses reading the terminal (the shell then blocks on its output) instead of letting the gateway buffer it; a
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from terminado.websocket import TermSocket
 from tornado import websocket
 
+from .. import json_input
 from ..errors import InvalidRequest, KernelHubError
 from ..services.terminals import TerminalSession
 from .base import AuthMixin, WebSocketBase
@@ -85,8 +86,7 @@ class TerminalWebSocket(TermSocket):
                 raise InvalidRequest(f"Session {session_id[:64]!r} is not a terminal session.")
             terminal = session.manager.get_terminal()
         except KernelHubError as exc:
-            code = 4000 + exc.status if 400 <= exc.status < 1000 else 4500
-            self.close(code, exc.message.encode()[:120].decode(errors="ignore"))
+            self.close_for(exc)
             return
         self.session = session
         self.term_manager = session.manager
@@ -100,14 +100,21 @@ class TerminalWebSocket(TermSocket):
             self.on_pty_read(replay)
 
     async def on_message(self, message: str | bytes) -> None:  # type: ignore[override]
-        """``["stdin", text]`` or ``["set_size", rows, cols]``; anything else is ignored. Waits while the
-        shell has not taken earlier input, so that a flood waits in the client, not in the gateway."""
+        """``["stdin", text]`` or ``["set_size", rows, cols, ...]``; other message types are ignored, as
+        terminado does. A frame that is not a JSON array starting with a string (binary frames included) closes
+        the socket with 4400 and a reason: terminado's protocol has no error message. Waits while the shell has
+        not taken earlier input, so that a flood waits in the client, not in the gateway."""
         try:
-            command = json.loads(message)
-        except ValueError:
+            if isinstance(message, bytes):
+                raise InvalidRequest("Terminal messages are JSON arrays in text frames, not binary frames.")
+            command = json_input.loads(message, "A terminal message")
+            if not isinstance(command, list) or not command or not isinstance(command[0], str):
+                raise InvalidRequest('A terminal message is a JSON array such as ["stdin", "ls\\r"].')
+        except KernelHubError as exc:
+            self.close_for(exc)
             return
         terminal = self.terminal
-        if terminal is None or not isinstance(command, list) or not command:
+        if terminal is None:
             return
         if command[0] == "stdin" and len(command) >= 2 and isinstance(command[1], str):
             if self.session is not None:
@@ -119,6 +126,11 @@ class TerminalWebSocket(TermSocket):
             if all(type(v) is int and 1 <= v <= MAX_DIMENSION for v in (rows, cols)):
                 self.size = (rows, cols)  # type: ignore[assignment]
                 terminal.resize_to_smallest()
+
+    def close_for(self, exc: KernelHubError) -> None:
+        """Close with ``4000 + status`` and the error's message as reason (cut to the 123 bytes a reason has)."""
+        code = 4000 + exc.status if 400 <= exc.status < 1000 else 4500
+        self.close(code, exc.message.encode()[:120].decode(errors="ignore"))
 
     def send_json_message(self, content: Any) -> None:
         """Send one message; past :data:`PAUSE_BYTES` unsent, pause the terminal until the client catches up."""

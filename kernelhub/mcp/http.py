@@ -20,10 +20,10 @@ from typing import Any
 
 from mcp.server import ServerRequestContext
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
-from tornado import iostream, web
+from tornado import iostream
 
-from ..errors import PayloadTooLarge, Unauthorized
-from ..handlers.base import BaseHandler, GatewayConfig
+from ..errors import Unauthorized
+from ..handlers.base import BaseHandler, GatewayConfig, error_code
 from ..services.hub import Hub
 from ..services.tenants import Tenant, TenantRegistry
 from .backends import HubBackend
@@ -70,10 +70,10 @@ class MCPBridge:
             await asyncio.Event().wait()
 
 
-@web.stream_request_body
 class MCPHandler(BaseHandler):
-    """``POST|GET|DELETE /mcp``: the MCP streamable HTTP transport behind the gateway's auth. The body is
-    streamed in and capped at :data:`MAX_REQUEST_BYTES`, as the REST routes cap theirs."""
+    """``POST /mcp``: the MCP streamable HTTP transport behind the gateway's auth. The body is
+    streamed in and capped at :data:`MAX_REQUEST_BYTES` by :class:`~kernelhub.handlers.base.BaseHandler`, as
+    the REST routes cap theirs."""
 
     bridge: MCPBridge
 
@@ -82,19 +82,9 @@ class MCPHandler(BaseHandler):
         super().initialize(hub=hub, tenants=tenants, config=config)
         self.bridge = bridge
         self._disconnected = asyncio.Event()
-        self._body = bytearray()
-        self._body_size = 0
 
-    def prepare(self) -> None:
-        super().prepare()  # auth first: a stranger's body is refused before it is read
-        length = self.request.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > MAX_REQUEST_BYTES:
-            raise PayloadTooLarge(f"An MCP request may be at most {MAX_REQUEST_BYTES} bytes.")
-
-    def data_received(self, chunk: bytes) -> None:
-        self._body_size += len(chunk)
-        if self._body_size <= MAX_REQUEST_BYTES:
-            self._body += chunk
+    def body_limit(self) -> int | None:
+        return MAX_REQUEST_BYTES
 
     def on_connection_close(self) -> None:
         self._disconnected.set()
@@ -104,12 +94,8 @@ class MCPHandler(BaseHandler):
         self._disconnected.set()
 
     async def post(self) -> None:
-        await self._asgi()
-
-    async def get(self) -> None:
-        await self._asgi()
-
-    async def delete(self) -> None:
+        # Only POST: the manager runs stateless, so there is no session to stream to (GET) or end (DELETE),
+        # and the transport's spec lets a server answer those 405 (this route's own, with Allow: POST).
         await self._asgi()
 
     def _scope(self) -> dict[str, Any]:
@@ -134,8 +120,7 @@ class MCPHandler(BaseHandler):
         }
 
     async def _asgi(self) -> None:
-        if self._body_size > MAX_REQUEST_BYTES:
-            raise PayloadTooLarge(f"An MCP request may be at most {MAX_REQUEST_BYTES} bytes.")
+        body = self.body()
         await self.bridge.ensure_running()
         body_sent = False
 
@@ -143,14 +128,20 @@ class MCPHandler(BaseHandler):
             nonlocal body_sent
             if not body_sent:
                 body_sent = True
-                return {"type": "http.request", "body": bytes(self._body), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             await self._disconnected.wait()
             return {"type": "http.disconnect"}
+
+        refusal: dict[str, Any] = {}  # a plain-text (or empty) error answer of the SDK's, being collected
 
         async def send(message: MutableMapping[str, Any]) -> None:
             if self._finished or self._disconnected.is_set():
                 return
             if message["type"] == "http.response.start":
+                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in message.get("headers", [])}
+                if message["status"] >= 400 and "json" not in headers.get("content-type", ""):
+                    refusal.update(status=message["status"], text=b"")
+                    return
                 self.set_status(message["status"])
                 self.clear_header("Content-Type")
                 for raw_name, raw_value in message.get("headers", []):
@@ -159,6 +150,11 @@ class MCPHandler(BaseHandler):
                         self.add_header(name, raw_value.decode("latin-1"))
             elif message["type"] == "http.response.body":
                 chunk = message.get("body", b"")
+                if refusal:
+                    refusal["text"] += chunk
+                    if not message.get("more_body"):
+                        self._send_refusal(**refusal)
+                    return
                 if chunk:
                     self.write(chunk)
                 if message.get("more_body"):
@@ -173,6 +169,19 @@ class MCPHandler(BaseHandler):
         if not self._finished:
             with contextlib.suppress(iostream.StreamClosedError):
                 self.finish()
+
+
+    def _send_refusal(self, status: int, text: bytes) -> None:
+        """The SDK refused the request at the HTTP level with plain text or nothing (a 400 for the
+        Content-Type, 406, 421...): answered as every route answers errors, ``{"error", "message"}``."""
+        message = text.decode("utf-8", "replace").strip()
+        if status == 406:
+            message = ("An MCP request must accept both application/json and text/event-stream (its Accept "
+                       "header)")
+        elif status == 400 and "content-type" in message.lower():
+            message = "An MCP request is JSON: send it with Content-Type: application/json"
+        message = message or f"The MCP transport refused the request ({status})"
+        self.send_error_json(status, error_code(status), message if message.endswith(".") else message + ".")
 
 
 def handlers(hub: Hub, tenants: TenantRegistry, config: GatewayConfig) -> list[tuple[str, type, dict[str, Any]]]:

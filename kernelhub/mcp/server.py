@@ -21,6 +21,8 @@ import anyio
 import mcp_types as types
 from mcp.server import Server, ServerRequestContext
 from mcp.server.stdio import stdio_server
+from mcp.shared.message import SessionMessage
+from pydantic import ValidationError
 
 from .. import __version__
 from ..client import _api
@@ -153,6 +155,58 @@ def build_server(backend_for: BackendFor) -> Server[Any]:
 # -- kernelhub mcp: stdio -----------------------------------------------------------------------------------
 
 
+def stdio_error(exc: Exception) -> types.JSONRPCError:
+    """The JSON-RPC answer to a stdin line that is not a JSON-RPC message (JSON-RPC 2.0 section 5.1): -32700
+    when it is not JSON, -32600 when it is JSON of another shape; ``id`` is null, as the line's id is unknown."""
+    errors = exc.errors() if isinstance(exc, ValidationError) else []
+    if errors and errors[0].get("type") != "json_invalid":
+        code, head = types.INVALID_REQUEST, "Invalid request: not a JSON-RPC 2.0 request, notification or response"
+    else:
+        detail = errors[0].get("msg", "") if errors else str(exc).splitlines()[0] if str(exc) else ""
+        code, head = types.PARSE_ERROR, f"Parse error: {detail[:200]}" if detail else "Parse error"
+    return types.JSONRPCError(jsonrpc="2.0", id=None, error=types.ErrorData(code=code, message=head + "."))
+
+
+class AnswerMalformedLines:
+    """The stdio transport's read stream, answering each line it could not read as JSON-RPC with
+    :func:`stdio_error` on the write stream. The SDK's own stdio server passes such lines on as exceptions,
+    which its server drops without a word: a host would wait forever for an answer."""
+
+    def __init__(self, inner: Any, write_stream: Any) -> None:
+        self._inner = inner
+        self._write = write_stream
+
+    @property
+    def last_context(self) -> Any:
+        return getattr(self._inner, "last_context", None)
+
+    async def receive(self) -> Any:
+        while True:
+            item = await self._inner.receive()
+            if not isinstance(item, Exception):
+                return item
+            log.info("answered a malformed stdin line: %s", str(item).splitlines()[0][:200] if str(item) else "")
+            await self._write.send(SessionMessage(stdio_error(item)))
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    def __aiter__(self) -> AnswerMalformedLines:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def __aenter__(self) -> AnswerMalformedLines:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
 async def serve_stdio(server: Server[Any], cleanup: Callable[[], Awaitable[None]]) -> None:
     """Serve until the host closes stdin, then ``cleanup()``. SIGTERM/SIGINT run the same clean-up and end
     the process: the SDK reads stdin in a thread that a cancellation cannot interrupt."""
@@ -180,7 +234,8 @@ async def serve_stdio(server: Server[Any], cleanup: Callable[[], Awaitable[None]
         loop.add_signal_handler(sig, signalled)
     try:
         async with stdio_server() as (read_stream, write_stream):
-            await server.run(read_stream, write_stream, server.create_initialization_options())
+            await server.run(AnswerMalformedLines(read_stream, write_stream), write_stream,
+                             server.create_initialization_options())
     finally:
         await clean()
 

@@ -18,6 +18,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .. import json_input
 from ..errors import InvalidRequest, KernelHubError
 from .backends import Backend, EventSink
 
@@ -124,9 +125,14 @@ _JSON_TYPES: dict[str, Callable[[Any], bool]] = {
 
 
 def check_arguments(spec: ToolSpec, arguments: dict[str, Any] | None) -> dict[str, Any]:
-    """The arguments checked against the tool's schema (top-level names, types, enums, required); nested
-    values (limits, env) are judged by the service, which says precisely what is wrong."""
+    """The arguments checked against the tool's schema (top-level names, types, enums, required) and the rules
+    of :func:`kernelhub.json_input.check_value`; nested values (limits, env) are judged by the service, which
+    says precisely what is wrong."""
+    if arguments is not None and not isinstance(arguments, dict):
+        raise InvalidRequest(f"{spec.name} takes its arguments as a JSON object.")
     args = dict(arguments or {})
+    # The SDK parsed the JSON: its depth, numbers and strings are judged here as REST's parser judges them.
+    json_input.check_value(args, "An argument")
     props: dict[str, Any] = spec.schema["properties"]
     for name in args:
         if name not in props:

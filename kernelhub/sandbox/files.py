@@ -25,6 +25,7 @@ import datetime
 import errno
 import os
 import stat as stat_mod
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ __all__ = [
     "TreeChanged",
     "UploadWriter",
     "WorkspaceFiles",
+    "path_fields",
     "remove_tree",
     "split_workspace_path",
 ]
@@ -84,8 +86,10 @@ def split_workspace_path(path: str) -> list[str]:
     Called by the :class:`WorkspaceFiles` methods (so by every file route) and by :class:`UploadWriter`. ``""`` and
     ``"/"`` are the workspace root (``[]``); duplicate and trailing slashes are ignored and ``.`` components
     dropped. Refused with :class:`InvalidRequest`: absolute paths, ``..`` anywhere (even where it would stay
-    inside), NUL bytes, text that is not valid UTF-8 on disk, names over 255 bytes and paths over 4096 bytes.
-    A backslash is an ordinary filename character on Linux and is kept.
+    inside), NUL bytes, text that cannot be encoded to bytes, names over 255 bytes and paths over 4096 bytes.
+    A backslash is an ordinary filename character on Linux and is kept. Bytes that are not UTF-8 come as
+    surrogate escapes (U+DC80-U+DCFF, Python's ``surrogateescape``; the file route decodes URLs so) and name
+    those bytes; any other lone surrogate is refused.
     """
     if not isinstance(path, str):
         raise InvalidRequest("A workspace path must be a string.")
@@ -94,7 +98,7 @@ def split_workspace_path(path: str) -> list[str]:
     try:
         encoded = os.fsencode(path)
     except UnicodeEncodeError:
-        raise InvalidRequest("A workspace path must be valid UTF-8.") from None
+        raise InvalidRequest("A workspace path must be text (it holds a lone UTF-16 surrogate).") from None
     if len(encoded) > MAX_PATH_BYTES:
         raise InvalidRequest(f"A workspace path may be at most {MAX_PATH_BYTES} bytes long.")
     if path.startswith("/") and path.strip("/"):
@@ -141,17 +145,38 @@ def _kind(mode: int) -> str:
     return "other"
 
 
+def _shown(name: str) -> str:
+    """A name as text: bytes that are not UTF-8 (which ``os.scandir`` gives as surrogate escapes) become
+    U+FFFD, so the name can be written as JSON."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _entry(parts: list[str], st: os.stat_result) -> dict[str, Any]:
+    """One file list entry ``{name, path, type, size, modified}``, plus ``url_path`` when the path is not UTF-8.
+
+    Linux names are bytes, and sandbox code may make names that are not UTF-8, which JSON strings cannot hold.
+    ``name`` and ``path`` then show each such byte as U+FFFD (for people; two names can look alike), and
+    ``url_path`` is the path percent-encoded byte for byte (RFC 3986), to put as it is after ``files/`` in a
+    download or delete URL; the file route decodes it back to the same bytes."""
     kind = _kind(st.st_mode)
     return {
-        "name": parts[-1] if parts else "",
-        "path": _join(parts),
+        "name": _shown(parts[-1]) if parts else "",
+        **path_fields(_join(parts)),
         "type": kind,
         # A directory's st_size is a block count and a symlink's the length of its target: neither is a size a
         # user means, so only regular files report one.
         "size": st.st_size if kind == "file" else 0,
         "modified": _iso(st.st_mtime_ns),
     }
+
+
+def path_fields(path: str) -> dict[str, str]:
+    """A workspace path as the file routes answer it: ``{"path"}``, and ``url_path`` when it is not UTF-8
+    (see :func:`_entry`). ``path`` is relative to the workspace, as :func:`split_workspace_path` joins it."""
+    shown = _shown(path)
+    if shown == path:
+        return {"path": path}
+    return {"path": shown, "url_path": urllib.parse.quote(path, safe="/", errors="surrogateescape")}
 
 
 # ------------------------------------------------------------------------------------------------------------

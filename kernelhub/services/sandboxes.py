@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from jupyter_client.kernelspec import KernelSpecManager
 
+from .. import json_input
 from ..errors import InvalidRequest, NotFound, QuotaExceeded, SandboxNotRunning
 from ..models import iso
 from ..sandbox.factory import SandboxFactory
@@ -53,6 +54,10 @@ Session: TypeAlias = "JupyterSession | TerminalSession"
 #: Session types (API.md).
 SESSION_TYPES = ("jupyter", "terminal")
 MAX_METADATA_BYTES = 16 * 1024
+#: Deepest nesting of a sandbox's metadata (JSON levels).
+MAX_METADATA_DEPTH = 16
+#: Sessions (jupyter and terminal, starting ones included) a sandbox may hold at once.
+MAX_SESSIONS = 16
 
 T = TypeVar("T")
 
@@ -80,6 +85,8 @@ class SandboxRecord:
     sessions: dict[str, Session] = dataclasses.field(default_factory=dict, init=False, repr=False)
     #: Calls running in the sandbox now (executions, commands, session starts): the reaper leaves it alone.
     busy: int = dataclasses.field(default=0, init=False)
+    #: Sessions being started by ``create_session``: they count against :data:`MAX_SESSIONS` already.
+    starting_sessions: int = dataclasses.field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self.expires_at = self.created_at + self.limits.max_lifetime_s
@@ -180,8 +187,28 @@ class Sandboxes:
     # -- sandboxes --------------------------------------------------------------------------------------
 
     def _live_count(self, tenant: Tenant) -> int:
-        return sum(1 for r in self._records.values()
-                   if r.tenant == tenant and r.state in ("starting", "running"))
+        """The tenant's sandboxes that count against its cap: records starting or running, plus reservations
+        of creates still provisioning (which have no record yet)."""
+        records = sum(1 for r in self._records.values() if r.tenant == tenant and r.state in ("starting", "running"))
+        return records + self._pending.get(tenant.name, 0)
+
+    def _reserve_sandbox(self, tenant: Tenant) -> None:
+        """Hold one of the tenant's ``max_sandboxes_per_tenant`` places for a create, or refuse (429).
+
+        Check and hold happen with no await between them, so concurrent creates cannot all pass the check.
+        The caller releases the place with :meth:`_release_sandbox` in the same step that adds the record (which
+        then counts instead), or when the create fails before that."""
+        if self._live_count(tenant) >= self.max_sandboxes_per_tenant:
+            raise QuotaExceeded(f"Tenant {tenant.name!r} already has {self.max_sandboxes_per_tenant} live or "
+                                "starting sandboxes, the most it may have; delete one first.")
+        self._pending[tenant.name] = self._pending.get(tenant.name, 0) + 1
+
+    def _release_sandbox(self, tenant: Tenant) -> None:
+        left = self._pending.get(tenant.name, 0) - 1
+        if left > 0:
+            self._pending[tenant.name] = left
+        else:
+            self._pending.pop(tenant.name, None)
 
     async def _provision(self, limits: Limits, env: dict[str, str]) -> Sandbox:
         """Where every sandbox comes from; a warm pool would hand out a pre-started one here."""
@@ -211,6 +238,7 @@ class Sandboxes:
             metadata = {}
         if not isinstance(metadata, dict):
             raise InvalidRequest("metadata must be a JSON object.")
+        json_input.check_value(metadata, "metadata", max_depth=MAX_METADATA_DEPTH)
         if len(json.dumps(metadata)) > MAX_METADATA_BYTES:
             raise InvalidRequest(f"metadata may be at most {MAX_METADATA_BYTES} bytes of JSON.")
         network = tmpl.network if network is None else network
@@ -220,18 +248,18 @@ class Sandboxes:
         language = kernel_language or tmpl.language
         if language not in KERNELSPECS:
             raise InvalidRequest(f"Unknown language {language!r}.")
-        name = tenant.name
-        if self._live_count(tenant) + self._pending.get(name, 0) >= self.max_sandboxes_per_tenant:
-            raise QuotaExceeded(f"Tenant {name!r} already has {self.max_sandboxes_per_tenant} live sandboxes; "
-                                "delete one first.")
-        self._pending[name] = self._pending.get(name, 0) + 1
+        self._reserve_sandbox(tenant)
+        reserved = True
         sandbox: Sandbox | None = None
         try:
             sandbox = await self._provision(resolved, env_vars)
             record = SandboxRecord(sandbox.id, tenant, tmpl, resolved, metadata)
             record.sandbox = sandbox
             sandbox.on_exit.append(lambda sb: self._on_sandbox_exit(record))
+            # The reservation becomes the record in one step (no await between): counted once, never twice.
             self._records[record.id] = record
+            self._release_sandbox(tenant)
+            reserved = False
             session = JupyterSession(sandbox, language, self.kernel_spec_manager)
             record.sessions[session.id] = session
             self._sessions[session.id] = (record, session)
@@ -249,7 +277,8 @@ class Sandboxes:
                     await sandbox.stop("failed")
             raise
         finally:
-            self._pending[name] -= 1
+            if reserved:
+                self._release_sandbox(tenant)
 
     def _on_sandbox_exit(self, record: SandboxRecord) -> None:
         sb = record.sandbox
@@ -337,8 +366,6 @@ class Sandboxes:
         record, sandbox = self.running(tenant, sandbox_id)
         if type not in SESSION_TYPES:
             raise InvalidRequest(f"type must be one of {', '.join(SESSION_TYPES)}.")
-        if len(record.sessions) >= 16:
-            raise QuotaExceeded("A sandbox may hold at most 16 sessions.")
         session: Session
         if type == "jupyter":
             lang = language or record.template.language
@@ -351,11 +378,17 @@ class Sandboxes:
             from .terminals import TerminalSession
 
             session = TerminalSession(sandbox)
+        # Counted like sandboxes: a session still starting holds its place, and becomes a session in one step.
+        if len(record.sessions) + record.starting_sessions >= MAX_SESSIONS:
+            raise QuotaExceeded(f"Sandbox {record.id} already has {MAX_SESSIONS} sessions, the most a sandbox may "
+                                "have; close one first.")
+        record.starting_sessions += 1
         record.busy += 1
         try:
             await session.start()
         finally:
             record.busy -= 1
+            record.starting_sessions -= 1
         record.sessions[session.id] = session
         self._sessions[session.id] = (record, session)
         record.touch()

@@ -11,6 +11,7 @@ import os
 import stat
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
@@ -229,8 +230,12 @@ def test_non_utf8_names_round_trip(ws: Workspace) -> None:
     os.write(fd, b"bytes name")
     os.close(fd)
     [entry] = ws.list_dir("")
-    assert entry["name"] == "\udcff\udcfe.bin"
-    assert _read(ws, entry["path"]) == b"bytes name"
+    # JSON carries text: U+FFFD for each byte that is not UTF-8, and the bytes themselves percent-encoded in
+    # url_path, which the file routes decode (surrogateescape) to the name's bytes again.
+    assert (entry["name"], entry["path"], entry["url_path"]) == ("\ufffd\ufffd.bin", "\ufffd\ufffd.bin", "%FF%FE.bin")
+    assert _read(ws, urllib.parse.unquote(entry["url_path"], errors="surrogateescape")) == b"bytes name"
+    assert ws.stat("\udcff\udcfe.bin")["url_path"] == "%FF%FE.bin"
+    assert "url_path" not in ws.stat("")
 
 
 def test_symlinked_directory_to_etc(ws: Workspace) -> None:

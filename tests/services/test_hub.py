@@ -7,6 +7,7 @@ drive the same methods through the gateway).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
@@ -209,3 +210,154 @@ def test_tenant_registry_keys() -> None:
     for bad in (None, "", "k3", "k1 "):
         with pytest.raises(Exception, match="key"):
             reg.authenticate(bad)
+
+
+def _provisioner(hub: Hub) -> Any:
+    """What makes sandboxes (its ``_provision``, the one place a sandbox comes from): the hub itself, or the
+    sandboxes service of a hub split by concern."""
+    return getattr(hub, "sandboxes", hub)
+
+
+def test_sandbox_cap_is_exact_under_concurrency(run: Any) -> None:
+    """Issue 7 item 9: creates that overlap are counted once each, whatever stage each is in (reserved,
+    provisioning, kernel starting, running): exactly as many as there are free places are admitted, and a
+    create that fails or is cancelled gives its place back."""
+    cap = 4
+
+    def live(hub: Hub) -> list[Any]:
+        return [r for r in hub.list_sandboxes(ALICE) if r.state in ("starting", "running")]
+
+    def admitted(results: list[Any], room: int) -> list[Any]:
+        """The sandboxes made by creates sent while ``room`` places were free: exactly ``min(count, room)`` were
+        admitted (made, or failed after admission: a kernel that did not start on a loaded machine is not the
+        cap's doing), every other one is a 429 with a sentence."""
+        expected = min(len(results), room)
+        refused = [r for r in results if isinstance(r, QuotaExceeded)]
+        failed = [r for r in results if isinstance(r, BaseException) and not isinstance(r, QuotaExceeded)]
+        made = [r for r in results if not isinstance(r, BaseException)]
+        assert all(isinstance(f, KernelHubError) for f in failed), failed
+        assert (len(made) + len(failed), len(refused)) == (expected, len(results) - expected), results
+        assert all(e.status == 429 and e.message.endswith(".") and f"{cap} live" in e.message for e in refused)
+        return made
+
+    async def wave(hub: Hub, count: int) -> list[Any]:
+        room = cap - len(live(hub))
+        results = await asyncio.gather(*(hub.create_sandbox(ALICE, "python") for _ in range(count)),
+                                       return_exceptions=True)
+        return admitted(results, room)
+
+    async def staggered(hub: Hub, count: int) -> list[Any]:
+        """``count`` creates, each sent once the one before it is starting its kernel (its record exists and
+        it still holds its reservation): the overlap that counted a sandbox twice (17 of 20 in the issue)."""
+        room = cap - len(live(hub))
+        owner = _provisioner(hub)
+        provision = owner._provision
+        provisioned: asyncio.Queue[str] = asyncio.Queue()
+
+        async def signalling(*args: Any, **kwargs: Any) -> Any:
+            sandbox = await provision(*args, **kwargs)
+            provisioned.put_nowait(sandbox.id)  # the caller goes on to the record and the kernel at once
+            return sandbox
+
+        owner._provision = signalling
+        tasks = []
+        try:
+            for _ in range(count):
+                task = asyncio.ensure_future(hub.create_sandbox(ALICE, "python"))
+                tasks.append(task)
+                got = asyncio.ensure_future(provisioned.get())
+                await asyncio.wait([task, got], return_when=asyncio.FIRST_COMPLETED)
+                got.cancel()
+                if not task.done():
+                    assert hub.get_sandbox(ALICE, got.result()).state == "starting"
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            owner._provision = provision
+        return admitted(results, room)
+
+    async def leave_room(hub: Hub, room: int) -> None:
+        while cap - len(live(hub)) > room:
+            with contextlib.suppress(KernelHubError):
+                await hub.create_sandbox(ALICE, "python")
+        for record in live(hub)[: room - (cap - len(live(hub)))]:
+            await hub.delete_sandbox(ALICE, record.id)
+
+    async def body(hub: Hub) -> None:
+        made = await staggered(hub, 6)
+        assert all(r.state == "running" for r in made)
+        for record in live(hub):
+            await hub.delete_sandbox(ALICE, record.id)
+        made = await wave(hub, 7)
+        # Another tenant has a cap of its own.
+        other = await hub.create_sandbox(BOB, "python")
+        # After deleting two, exactly two more fit.
+        for record in made[:2]:
+            await hub.delete_sandbox(ALICE, record.id)
+        await wave(hub, 5)
+
+        # A create that fails while provisioning gives its place back.
+        await leave_room(hub, 1)
+        owner = _provisioner(hub)
+        provision = owner._provision
+
+        async def failing(*args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(0)
+            raise KernelHubError("provisioning failed on purpose", status=503, error="unavailable")
+
+        owner._provision = failing
+        with pytest.raises(KernelHubError, match="on purpose"):
+            await hub.create_sandbox(ALICE, "python")
+        owner._provision = provision
+
+        # So does one cancelled while provisioning (a client that went away).
+        entered, hold = asyncio.Event(), asyncio.Event()
+
+        async def held(*args: Any, **kwargs: Any) -> Any:
+            entered.set()
+            await hold.wait()
+            return await provision(*args, **kwargs)
+
+        owner._provision = held
+        task = asyncio.ensure_future(hub.create_sandbox(ALICE, "python"))
+        await entered.wait()
+        with pytest.raises(QuotaExceeded):  # the held create has the last place meanwhile
+            await hub.create_sandbox(ALICE, "python")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        owner._provision = provision
+        await wave(hub, 3)
+        assert len(live(hub)) <= cap
+        await hub.delete_sandbox(BOB, other.id)
+
+    run(body, max_sandboxes_per_tenant=cap)
+
+
+def test_session_cap_is_exact_under_concurrency(run: Any) -> None:
+    """16 sessions a sandbox, starting ones included: 20 terminals asked for at once beside the first
+    kernel give 15 and 5 refusals; closing three makes room for exactly three."""
+
+    async def body(hub: Hub) -> None:
+        rec = await hub.create_sandbox(ALICE, "python")
+
+        async def wave(count: int) -> tuple[list[Any], list[QuotaExceeded]]:
+            results = await asyncio.gather(*(hub.create_session(ALICE, rec.id, "terminal") for _ in range(count)),
+                                           return_exceptions=True)
+            made = [r for r in results if not isinstance(r, BaseException)]
+            refused = [r for r in results if isinstance(r, QuotaExceeded)]
+            assert len(made) + len(refused) == count, results
+            return made, refused
+
+        made, refused = await wave(20)
+        assert (len(made), len(refused)) == (15, 5) and len(rec.sessions) == 16
+        assert all(e.status == 429 and "16 sessions" in e.message for e in refused)
+        for session in made[:3]:
+            await hub.close_session(ALICE, session.id)
+        more, refused = await wave(5)
+        assert (len(more), len(refused)) == (3, 2) and len(rec.sessions) == 16
+        # Code in another language needs a new kernel, and there is no room for one.
+        with pytest.raises(QuotaExceeded):
+            await hub.execute(ALICE, rec.id, "echo hi", language="bash")
+        await hub.delete_sandbox(ALICE, rec.id)
+
+    run(body)
