@@ -174,6 +174,14 @@ class Unavailable(KernelHubError):
     error = "unavailable"
 
 
+class StoreError(KernelHubError):
+    """The gateway's store cannot do what was asked: its file cannot be opened, is from a newer kernelhub, is
+    held by another gateway, or SQLite failed (500)."""
+
+    status = 500
+    error = "store_error"
+
+
 class SandboxError(KernelHubError):
     """The sandbox could not be set up or a process in it could not be started (500 or 503)."""
 

@@ -73,9 +73,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, StoreError
 from ..models import iso_micro
-from .store import DB_NAME, MIGRATIONS, Store, StoreError, code_digest, connect, schema_version, utf8_text
+from .store import DB_NAME, MIGRATIONS, Store, code_digest, connect, schema_version, utf8_text
 
 __all__ = ["GENESIS", "AuditLog", "BadEntry", "canonical", "entry_hash", "main", "verify", "verify_jsonl"]
 
@@ -245,7 +245,7 @@ def verify(db_path: str | Path) -> BadEntry | None:
     """The first bad entry of the audit log in the database at ``db_path`` (a changed, removed, inserted or
     reordered entry, or entries missing at either end), or None when the chain holds. Read-only; safe while a
     gateway writes the file. Raises :class:`FileNotFoundError` for a missing file and
-    :class:`~kernelhub.services.store.StoreError` for one that is not a kernelhub database with an audit log
+    :class:`~kernelhub.errors.StoreError` for one that is not a kernelhub database with an audit log
     this version can read."""
     return _check_db(Path(db_path)).bad
 
@@ -394,7 +394,7 @@ class AuditLog:
         """The audit log in ``store``'s file: loads the chain's head and the key secret
         (``<state_dir>/audit.secret``, made if missing), appends to the mirror what it missed (a relative
         ``mirror_path`` is under ``state_dir``; None: no mirror), and prunes past the retention. ``options``:
-        see :class:`AuditLog`. Raises :class:`~kernelhub.services.store.StoreError`."""
+        see :class:`AuditLog`. Raises :class:`~kernelhub.errors.StoreError`."""
         state = Path(state_dir)
         secret = await asyncio.get_running_loop().run_in_executor(None, _load_secret, state / SECRET_NAME)
         mirror = None if mirror_path is None else state / mirror_path
@@ -448,7 +448,7 @@ class AuditLog:
 
         Does not wait: the entry is chained and stored by the store's worker in order. The future answers the
         stored entry (with ``seq`` and ``hash``) once committed, or raises
-        :class:`~kernelhub.services.store.StoreError`; ignoring it is fine (a failure is logged). Raises
+        :class:`~kernelhub.errors.StoreError`; ignoring it is fine (a failure is logged). Raises
         :class:`ValueError` for a status that is not an HTTP status."""
         if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
             raise ValueError(f"not an HTTP status: {status!r}")

@@ -79,7 +79,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from ..errors import KernelHubError, NotFound
+from ..errors import NotFound, StoreError
 from ..models import iso
 
 __all__ = [
@@ -125,14 +125,6 @@ MAX_TRACEBACK_LINES = 200
 MAX_ERROR_FIELD_CHARS = 16 * 1024
 #: Execution statuses that are final (API.md).
 ENDED = ("ok", "error", "timeout", "killed")
-
-
-class StoreError(KernelHubError):
-    """The store cannot do what was asked: the file cannot be opened, is from a newer kernelhub, is held by
-    another gateway, or SQLite failed (500, ``store_error``)."""
-
-    status = 500
-    error = "store_error"
 
 
 def code_digest(code: str) -> tuple[str, int]:

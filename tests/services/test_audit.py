@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from kernelhub.errors import InvalidRequest
+from kernelhub.errors import InvalidRequest, StoreError
 from kernelhub.services.audit import GENESIS, AuditLog, canonical, entry_hash, main, verify, verify_jsonl
-from kernelhub.services.store import DB_NAME, MIGRATIONS, Store, StoreError, code_digest, connect, migrate
+from kernelhub.services.store import DB_NAME, MIGRATIONS, Store, code_digest, connect, migrate
 
 # A run of mixed actions as the surfaces will record them: REST routes, websocket messages, the Jupyter API and
 # MCP tools, successes and failures, with and without code, one unauthenticated call.
