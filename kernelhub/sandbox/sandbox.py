@@ -33,7 +33,7 @@ from .agent_channel import AgentChannel
 from .cgroups import Cgroup, create_cgroup
 from .limits import Limits
 from .pipes import pump_lines
-from .tools import run_tool
+from .tools import data_fd, run_tool
 from .workspace import Workspace
 
 if TYPE_CHECKING:
@@ -199,13 +199,23 @@ class Sandbox:
         os.chmod(self.dir, 0o711)
         # Recorded so that a later process can tell a live sandbox (uid lock held) from a crashed one.
         (self.dir / "uid").write_text(str(self.uid))
-        etc_dir = self.dir / "etc"
-        etc_dir.mkdir(mode=0o755)
         self.run_dir.mkdir(mode=0o700)
         if f.as_root:
             # The sandbox writes here (its kernels' sockets): a small tmpfs, charged to its memory cgroup,
             # instead of the host disk, where no quota would hold what it writes.
             await mount_run_dir(self.run_dir)
+        # The generated /etc files and the agent live in the run directory too: bound from a tmpfs, their
+        # mounts show a neutral source (``kernelhub-run``) and a root relative to it in the sandbox's
+        # /proc/self/mountinfo, not the state directory's host path.
+        etc_dir = self.run_dir / "etc"
+        etc_dir.mkdir(mode=0o755)
+        agent_dir = self.run_dir / "agent"
+        agent_dir.mkdir(mode=0o755)
+        for path in f.agent_dir().iterdir():
+            if path.name.startswith("."):
+                continue  # a copy being written
+            shutil.copyfile(path, agent_dir / path.name)
+            os.chmod(agent_dir / path.name, 0o644)
         self.workspace = Workspace(self.dir, self.uid, self.gid, self.limits,
                                    mode=f.workspace_mode, min_host_free_mb=f.min_host_free_mb)
         await self.workspace.create()
@@ -220,7 +230,7 @@ class Sandbox:
             workspace=str(self.workspace.path),
             run_dir=str(self.run_dir),
             etc_dir=str(etc_dir),
-            agent_dir=str(f.agent_dir()),
+            agent_dir=str(agent_dir),
             runtime_dir=f.runtime_dir if Path(f.runtime_dir).is_dir() else None,
             node_modules=str(node_modules) if node_modules.is_dir() else None,
             # Together at most half the memory limit: a sandbox that fills them all can still run its kernel.
@@ -239,22 +249,38 @@ class Sandbox:
             "nproc": self.limits.pids,
         }
         command = bwrap.agent_command(f.agent_python) + [json.dumps(rlimits)]
-        argv = bwrap.launch_argv(self.spec, self.cgroup.procs_files, command, bwrap=f.bwrap_path,
-                                 as_root=f.as_root)
-        gateway_end, agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        stderr_w = self.log_pipe("")
+        # Two descriptors besides stdio reach bwrap, and bwrap closes both before the sandbox's first process
+        # exists: the system-call filter, and its options (host paths), kept out of /proc/1/cmdline.
+        seccomp_fd = f.seccomp_program_fd()
+        args_fd: int | None = None
+        gateway_end = agent_end = None
+        stderr_w = -1
         try:
+            args_fd = data_fd("kernelhub-bwrap-args",
+                              bwrap.args_data(bwrap.bwrap_options(self.spec, seccomp_fd=seccomp_fd)))
+            argv = bwrap.launch_argv(self.spec, self.cgroup.procs_files, command, bwrap=f.bwrap_path,
+                                     as_root=f.as_root, args_fd=args_fd)
+            pass_fds = (args_fd,) if seccomp_fd is None else (args_fd, seccomp_fd)
+            gateway_end, agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            stderr_w = self.log_pipe("")
             self._launcher = await asyncio.create_subprocess_exec(
                 *argv, stdin=agent_end.fileno(), stdout=asyncio.subprocess.DEVNULL, stderr=stderr_w,
-                close_fds=True,
+                close_fds=True, pass_fds=pass_fds,
                 # Not the gateway's environment (nor its cwd, which /bin/sh exports as PWD): bwrap's pid 1
                 # keeps what it was exec'd with in /proc/1/environ, readable inside the sandbox whatever
                 # --clearenv did for its child.
                 env=_LAUNCH_ENV, cwd="/",
             )
+        except BaseException:
+            if gateway_end is not None:
+                gateway_end.close()
+            raise
         finally:
-            agent_end.close()
-            os.close(stderr_w)
+            for fd in (args_fd, seccomp_fd, stderr_w):
+                if fd is not None and fd >= 0:
+                    os.close(fd)
+            if agent_end is not None:
+                agent_end.close()
         self._agent = AgentChannel(gateway_end, on_exit=self._on_process_exit, on_closed=self._end_processes,
                                    log=self.log)
         self._spawn_task(self._watch_launcher())
