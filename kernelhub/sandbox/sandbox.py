@@ -453,6 +453,13 @@ class Sandbox:
                 {"op": "spawn", "id": req, "argv": list(argv), "env": full_env, "cwd": cwd, "pty": pty}, fds,
                 timeout=self.factory.start_timeout,
             )
+        except SandboxNotRunning:
+            self._procs.pop(req, None)
+            raise
+        except SandboxError:
+            self._procs.pop(req, None)
+            self.wake_agent()  # the agent missed its deadline: perhaps the sandbox's code stopped it
+            raise
         except BaseException:
             self._procs.pop(req, None)
             raise
