@@ -328,7 +328,7 @@ class HubApp(KernelHubApp):
         factory = SandboxFactory(parent=self)
         if factory.isolation == "strict" and not self.skip_doctor:
             results = await doctor.checks_async(bwrap=factory.bwrap_path, cgroup_root=factory.cgroup_root,
-                                                runtime_dir=factory.runtime_dir)
+                                                runtime_dir=factory.runtime_dir, use_seccomp=factory.seccomp)
             if not doctor.enforceable(results):
                 failed = "; ".join(f"{c.name}: {c.detail}" for c in results if c.required and not c.ok)
                 raise IsolationUnavailable(f"Refusing to start: this machine cannot enforce strict isolation "
