@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -49,11 +48,8 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def sid(gateway: Gateway) -> Iterator[str]:  # noqa: F811
-    status, body = gateway.request("POST", "/v1/sandboxes", {"template": "python"})
-    assert status == 201, body
-    yield body["id"]
-    gateway.request("DELETE", f"/v1/sandboxes/{body['id']}")
+def sid(gateway_sandbox: str) -> str:
+    return gateway_sandbox
 
 
 def command(gw: Gateway, sid: str, script: str, **fields: Any) -> dict[str, Any]:

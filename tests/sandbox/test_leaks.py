@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -32,14 +30,6 @@ print(json.dumps(out))
 """
 
 
-@pytest.fixture(scope="module")
-def sandbox(gateway: Gateway) -> Iterator[dict[str, Any]]:  # noqa: F811
-    status, body = gateway.request("POST", "/v1/sandboxes", {"template": "python"})
-    assert status == 201, body
-    yield body
-    gateway.request("DELETE", f"/v1/sandboxes/{body['id']}")
-
-
 def host_uid(gw: Gateway, sandbox_id: str) -> str:
     status, logs = gw.request("GET", f"/v1/sandboxes/{sandbox_id}/logs?lines=100")
     found = [m.group(1) for line in logs["lines"] for m in [re.search(r"as host uid (\d+)", line)] if m]
@@ -47,8 +37,8 @@ def host_uid(gw: Gateway, sandbox_id: str) -> str:
     return found[0]
 
 
-def test_no_host_path_uid_or_device_inside(gateway: Gateway, sandbox: dict[str, Any]) -> None:  # noqa: F811
-    sid = sandbox["id"]
+def test_no_host_path_uid_or_device_inside(gateway: Gateway, gateway_sandbox: str) -> None:  # noqa: F811
+    sid = gateway_sandbox
     uid = host_uid(gateway, sid)
     for how in ("command", "kernel"):
         if how == "command":

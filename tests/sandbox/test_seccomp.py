@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pyseccomp
@@ -89,11 +88,8 @@ def probe_args() -> str:
 
 
 @pytest.fixture(scope="module")
-def sid(gateway: Gateway) -> Iterator[str]:  # noqa: F811
-    status, body = gateway.request("POST", "/v1/sandboxes", {"template": "python"})
-    assert status == 201, body
-    yield body["id"]
-    gateway.request("DELETE", f"/v1/sandboxes/{body['id']}")
+def sid(gateway_sandbox: str) -> str:
+    return gateway_sandbox
 
 
 def test_the_policy_allows_none_of_the_denied_calls() -> None:
