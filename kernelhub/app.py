@@ -32,18 +32,19 @@ from copy import deepcopy
 from typing import Any
 
 from tornado import netutil, web
-from traitlets import Bool, CaselessStrEnum, Integer, List, Unicode, observe
+from traitlets import Bool, CaselessStrEnum, Float, Integer, List, Unicode, observe
 from traitlets.config import Application, Config, Configurable
 from traitlets.config.loader import ArgumentError, KVArgParseConfigLoader
 from traitlets.utils.text import wrap_paragraphs
 
-from . import __version__
+from . import __version__, redaction
 from .errors import IsolationUnavailable, KernelHubError
 from .handlers import jupyter, rest, streams, terminal
-from .handlers.base import GatewayConfig, GatewayHTTPServer, NotFoundHandler
+from .handlers.base import GatewayConfig, NotFoundHandler
 from .mcp import http as mcp_http
 from .sandbox import doctor
 from .sandbox.factory import SandboxFactory
+from .server import GatewayServer, raise_fd_limit
 from .services.hub import Hub
 from .services.tenants import TenantRegistry
 from .settings import ConfigError, check_config, env_config, env_var, parse_cli, trait_help
@@ -69,6 +70,7 @@ def make_app(hub: Hub, tenants: TenantRegistry, config: GatewayConfig, **setting
         websocket_ping_interval=30,
         websocket_max_message_size=64 * 1024 * 1024,
         compress_response=False,
+        log_function=redaction.log_request,
         **settings,
     )
 
@@ -233,6 +235,11 @@ class KernelHubApp(Application):
         config: dict[str, Any] = super().get_default_logging_config()
         if "loggers" in config:
             config["loggers"]["kernelhub"] = {"level": "DEBUG", "handlers": ["console"], "propagate": False}
+            config["loggers"]["tornado"] = {"level": "DEBUG", "handlers": ["console"], "propagate": False}
+        # Whatever any of them logs, no API key or header value reaches the console (kernelhub.redaction).
+        config.setdefault("filters", {})["redact"] = {"()": "kernelhub.redaction.RedactingFilter"}
+        for handler in config.get("handlers", {}).values():
+            handler.setdefault("filters", []).append("redact")
         return config
 
     # -- help ---------------------------------------------------------------------------------------------
@@ -321,7 +328,7 @@ class HubApp(KernelHubApp):
         factory = SandboxFactory(parent=self)
         if factory.isolation == "strict" and not self.skip_doctor:
             results = await doctor.checks_async(bwrap=factory.bwrap_path, cgroup_root=factory.cgroup_root,
-                                                runtime_dir=factory.runtime_dir)
+                                                runtime_dir=factory.runtime_dir, use_seccomp=factory.seccomp)
             if not doctor.enforceable(results):
                 failed = "; ".join(f"{c.name}: {c.detail}" for c in results if c.required and not c.ok)
                 raise IsolationUnavailable(f"Refusing to start: this machine cannot enforce strict isolation "
@@ -381,6 +388,17 @@ KERNELHUB_TOKEN=KEY KERNELHUB_STATE_DIR=/srv/kernelhub kernelhub serve
                            config=True).tag(env="KERNELHUB_ALLOW_ORIGIN")
     allowed_ws_origins = List(Unicode(), help="Origins allowed to open websockets besides the gateway's own "
                               "host; '*' allows any.", config=True).tag(env="KERNELHUB_WS_ORIGINS")
+    header_timeout = Float(10.0, help="Seconds a new connection may take to send its first request's headers "
+                           "before it is closed (slow or silent clients).", config=True).tag(
+        env="KERNELHUB_HEADER_TIMEOUT")
+    idle_timeout = Float(75.0, help="Seconds a kept-alive connection may wait for its next request.",
+                         config=True).tag(env="KERNELHUB_IDLE_TIMEOUT")
+    max_connections_per_address = Integer(128, help="Connections in their HTTP phase one client address may "
+                                          "hold; more are closed on arrival (websockets do not count).",
+                                          config=True).tag(env="KERNELHUB_MAX_CONNECTIONS_PER_ADDRESS")
+    max_connections = Integer(4096, help="Connections in their HTTP phase the gateway holds in all; more are "
+                              "closed on arrival. Kept below the descriptor limit, with room for sandboxes.",
+                              config=True).tag(env="KERNELHUB_MAX_CONNECTIONS")
 
     def _tenants(self) -> tuple[TenantRegistry, bool]:
         generated = False
@@ -425,8 +443,12 @@ KERNELHUB_TOKEN=KEY KERNELHUB_STATE_DIR=/srv/kernelhub kernelhub serve
                 config = GatewayConfig(allow_origin=self.allow_origin,
                                        allowed_ws_origins=tuple(self.allowed_ws_origins),
                                        debug=self.log.isEnabledFor(logging.DEBUG))
-                server = GatewayHTTPServer(make_app(hub, tenants, config), max_body_size=MAX_BODY_BYTES,
-                                               idle_connection_timeout=3600)
+                # Half the descriptors at most go to connections: sandboxes need theirs (pipes, sockets).
+                fd_limit = raise_fd_limit()
+                server = GatewayServer(make_app(hub, tenants, config), max_body_size=MAX_BODY_BYTES,
+                                       header_timeout=self.header_timeout, idle_timeout=self.idle_timeout,
+                                       max_per_address=self.max_connections_per_address,
+                                       max_connections=min(self.max_connections, fd_limit // 2))
                 server.add_sockets(sockets)
                 port = sockets[0].getsockname()[1]
                 url = f"http://{self.ip}:{port}"

@@ -110,7 +110,7 @@ class DoctorApp(KernelHubApp):
     def start(self) -> None:
         factory = SandboxFactory(parent=self)
         results = doctor.checks(bwrap=factory.bwrap_path, cgroup_root=factory.cgroup_root,
-                                runtime_dir=factory.runtime_dir)
+                                runtime_dir=factory.runtime_dir, use_seccomp=factory.seccomp)
         ok = doctor.enforceable(results)
         if self.json:
             print(json.dumps({"isolation": factory.isolation, "enforceable": ok,

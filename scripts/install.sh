@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything kernelhub needs on a fresh Debian machine, idempotently:
-#   - system packages (bubblewrap, util-linux's setpriv, e2fsprogs for workspace images),
+#   - system packages (bubblewrap, util-linux's setpriv, e2fsprogs for workspace images, libseccomp2),
 #   - the gateway's virtualenv in .venv,
 #   - the kernels' runtime in $KERNELHUB_RUNTIME_DIR (default /opt/kernelhub/runtime), kept apart from the
 #     gateway so that the sandbox's read-only view holds only what kernels need.
@@ -14,6 +14,8 @@ command -v bwrap >/dev/null || need_apt+=(bubblewrap)
 command -v setpriv >/dev/null || need_apt+=(util-linux)
 command -v mkfs.ext4 >/dev/null || need_apt+=(e2fsprogs)
 command -v losetup >/dev/null || need_apt+=(mount)
+# The sandboxes' system-call filter is compiled by the system's libseccomp (through pyseccomp in the venv).
+ls /usr/lib/*/libseccomp.so.2 /lib/*/libseccomp.so.2 >/dev/null 2>&1 || need_apt+=(libseccomp2)
 [ -x /usr/bin/python3 ] || need_apt+=(python3)
 /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 # Sandboxes see /usr but not /usr/local (the host admin's): node and npm must be the ones in /usr/bin, whatever

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 
 KERNELHUB = str(Path(sys.executable).with_name("kernelhub"))
-CHECKS = ("root", "bubblewrap", "user namespaces", "cgroups", "cgroup memory", "cgroup cpu", "cgroup pids",
-          "swap accounting", "freezer", "workspace quota", "seccomp", "python runtime", "node runtime")
+CHECKS = ("root", "bubblewrap", "user namespaces", "seccomp", "bwrap CVE-2020-5291 (GHSA-j2qp-rvxj-43vj)",
+          "bwrap CVE-2017-5226", "bwrap CVE-2024-42472", "bwrap CVE-2021-41133", "cgroups", "cgroup memory",
+          "cgroup cpu", "cgroup pids", "swap accounting", "freezer", "workspace quota", "python runtime",
+          "node runtime")
 SPECS = ("kernelhub-bash", "kernelhub-javascript", "kernelhub-python", "kernelhub-typescript")
 
 
@@ -54,6 +56,22 @@ def test_doctor_json() -> None:
     # This host has memsw (v1 swap accounting): the doctor must say so.
     memsw = Path("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists()
     assert by_name["swap accounting"]["ok"] is memsw
+
+
+@pytest.mark.root
+@pytest.mark.bwrap
+def test_doctor_reports_the_filter_and_bubblewrap_advisories_and_needs_the_filter() -> None:
+    report = json.loads(kernelhub("doctor", "--json").stdout)
+    by_name = {c["name"]: c for c in report["checks"]}
+    assert by_name["seccomp"]["ok"] and by_name["seccomp"]["required"] and "EPERM" in by_name["seccomp"]["detail"]
+    assert "bubblewrap 0." in by_name["bubblewrap"]["detail"] and "not setuid" in by_name["bubblewrap"]["detail"]
+    advisories = [c for c in report["checks"] if c["name"].startswith("bwrap CVE-")]
+    assert len(advisories) == 4 and all(c["ok"] and "not affected" in c["detail"] for c in advisories)
+    assert all("kernelhub" in c["detail"] for c in advisories)  # why kernelhub's way of calling bwrap is safe
+    # Strict isolation without the filter is refused.
+    result = kernelhub("doctor", KERNELHUB_SECCOMP="false")
+    assert result.returncode == 1 and "[FAIL] seccomp: turned off" in result.stdout, result.stdout
+    assert kernelhub("doctor", "--isolation", "relaxed", KERNELHUB_SECCOMP="false").returncode == 0
 
 
 def test_doctor_fails_without_cgroups(tmp_path: Path) -> None:

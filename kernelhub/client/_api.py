@@ -165,8 +165,13 @@ def read_file(sandbox_id: str, path: str) -> Call:
     return Call("GET", f"/v1/sandboxes/{_sid(sandbox_id)}/files/{file_path(path)}", raw=True)
 
 
-def list_files(sandbox_id: str, path: str) -> Call:
-    return Call("GET", f"/v1/sandboxes/{_sid(sandbox_id)}/files/{file_path(path)}", query={"list": 1})
+def list_files(sandbox_id: str, path: str, *, limit: int | None = None, cursor: str | None = None) -> Call:
+    query: dict[str, Any] = {"list": 1}
+    if limit is not None:
+        query["limit"] = limit
+    if cursor:
+        query["cursor"] = cursor
+    return Call("GET", f"/v1/sandboxes/{_sid(sandbox_id)}/files/{file_path(path)}", query=query)
 
 
 def delete_file(sandbox_id: str, path: str) -> Call:

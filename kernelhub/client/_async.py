@@ -316,10 +316,18 @@ class AsyncFiles:
         data = await self._sandbox._call(_api.read_file(self._sandbox.id, path))
         return data.decode() if format == "text" else data
 
-    async def list(self, path: str = "") -> builtins.list[dict[str, Any]]:
-        """The entries of a directory: ``[{name, path, type, size, modified}]``."""
-        answer = await self._sandbox._call(_api.list_files(self._sandbox.id, path))
-        return builtins.list(answer["entries"])
+    async def list(self, path: str = "", *, page_size: int | None = None) -> builtins.list[dict[str, Any]]:
+        """The entries of a directory, sorted by name: ``[{name, path, type, size, modified}]``, all of them
+        (the gateway answers in pages of ``page_size`` entries, its default 1000; they are fetched in turn)."""
+        entries: builtins.list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            answer = await self._sandbox._call(_api.list_files(self._sandbox.id, path, limit=page_size,
+                                                               cursor=cursor))
+            entries += answer["entries"]
+            cursor = answer.get("next")
+            if not cursor:
+                return entries
 
     async def remove(self, path: str) -> None:
         """Delete a file or directory (recursively)."""

@@ -12,7 +12,7 @@ import logging
 from typing import Any
 from urllib.parse import urlparse
 
-from tornado import httpserver, httputil, iostream, web, websocket
+from tornado import httputil, web, websocket
 
 from .. import json_input
 from ..errors import (
@@ -43,30 +43,6 @@ def json_text(data: Any) -> str:
     except UnicodeEncodeError:
         return json.dumps(data, default=str)
     return text
-
-
-#: What tornado's HTTP/1.1 connection writes, and nothing else, when a request is too malformed to reach any
-#: handler (bytes HTTP forbids in a header, a bad request line, more query fields than it parses, ...).
-_BARE_400 = b"HTTP/1.1 400 Bad Request\r\n\r\n"
-_MALFORMED_BODY = json.dumps({"error": "invalid_request", "message": (
-    "The request is not well-formed HTTP/1.1: its request line or a header holds bytes HTTP does not allow, "
-    "or its query string has more fields than the gateway parses (1000).")}).encode()
-_JSON_400 = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json; charset=UTF-8\r\n"
-             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_MALFORMED_BODY), _MALFORMED_BODY))
-
-
-class GatewayHTTPServer(httpserver.HTTPServer):
-    """tornado's HTTP server, except that a request refused before any handler sees it gets the same JSON
-    error as any other bad request, instead of tornado's bare ``400 Bad Request`` without a body."""
-
-    def handle_stream(self, stream: iostream.IOStream, address: tuple[Any, ...]) -> None:
-        write = stream.write
-
-        def write_json_refusal(data: bytes | memoryview, *args: Any, **kwargs: Any) -> Any:
-            return write(_JSON_400 if data == _BARE_400 else data, *args, **kwargs)
-
-        stream.write = write_json_refusal  # type: ignore[method-assign]  # this connection's stream only
-        super().handle_stream(stream, address)
 
 
 class GatewayConfig:

@@ -409,7 +409,7 @@ class FilesHandler(BaseHandler):
 
     async def get(self, sandbox_id: str, path: str) -> None:
         if self.get_query_argument("list", "") not in ("", "0", "false") or not path.strip("/"):
-            self.send_json({"entries": self.hub.list_files(self.tenant, sandbox_id, path)})
+            await _send_listing(self, sandbox_id, path)
             return
         # The file is closed when this block ends, however it ends (the client going away included).
         async with self.hub.open_download(self.tenant, sandbox_id, path) as download:
@@ -431,16 +431,23 @@ class FilesHandler(BaseHandler):
         self.finish()
 
     async def delete(self, sandbox_id: str, path: str) -> None:
-        self.hub.delete_file(self.tenant, sandbox_id, path)
+        await self.hub.delete_file(self.tenant, sandbox_id, path)
         self.set_status(204)
         self.finish()
+
+
+async def _send_listing(handler: BaseHandler, sandbox_id: str, path: str) -> None:
+    """``file_list``: one page (``?limit=&cursor=``) of a directory's entries."""
+    handler.send_json(await handler.hub.list_files(handler.tenant, sandbox_id, path,
+                                                   limit=handler.get_query_argument("limit", None),
+                                                   cursor=handler.get_query_argument("cursor", None)))
 
 
 class WorkspaceRootHandler(BaseHandler):
     """``GET /v1/sandboxes/{id}/files`` (with or without ``?list=1``): the entries of ``/workspace``."""
 
-    def get(self, sandbox_id: str) -> None:
-        self.send_json({"entries": self.hub.list_files(self.tenant, sandbox_id, "")})
+    async def get(self, sandbox_id: str) -> None:
+        await _send_listing(self, sandbox_id, "")
 
 
 # -- the API description ----------------------------------------------------------------------------------

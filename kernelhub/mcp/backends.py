@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from ..services.hub import Hub
     from ..services.tenants import Tenant
 
+#: Pages of a directory the remote file_download reads to find a file's size before it downloads it.
+_MAX_PAGES = 10
+
 #: Receives an execution's events (API.md "Streaming" shapes) as they happen; must not block.
 EventSink = Callable[[dict[str, Any]], None]
 
@@ -49,7 +52,8 @@ class Backend(Protocol):
                               timeout_s: float | None, stdin: str | None) -> dict[str, Any]: ...
     async def file_upload(self, sandbox_id: str, path: str, data: bytes) -> dict[str, Any]: ...
     async def file_download(self, sandbox_id: str, path: str, max_bytes: int) -> bytes: ...
-    async def file_list(self, sandbox_id: str, path: str) -> dict[str, Any]: ...
+    async def file_list(self, sandbox_id: str, path: str, limit: int | None = None,
+                        cursor: str | None = None) -> dict[str, Any]: ...
     async def file_delete(self, sandbox_id: str, path: str) -> None: ...
     async def session_create(self, sandbox_id: str, type: str, language: str | None) -> dict[str, Any]: ...
     async def session_execute(self, session_id: str, input: str, timeout_s: float | None,
@@ -126,11 +130,12 @@ class HubBackend:
                 raise _too_large(path, download.size, max_bytes)
             return b"".join([chunk async for chunk in download])
 
-    async def file_list(self, sandbox_id: str, path: str) -> dict[str, Any]:
-        return {"entries": self.hub.list_files(self.tenant, sandbox_id, path)}
+    async def file_list(self, sandbox_id: str, path: str, limit: int | None = None,
+                        cursor: str | None = None) -> dict[str, Any]:
+        return await self.hub.list_files(self.tenant, sandbox_id, path, limit=limit, cursor=cursor)
 
     async def file_delete(self, sandbox_id: str, path: str) -> None:
-        self.hub.delete_file(self.tenant, sandbox_id, path)
+        await self.hub.delete_file(self.tenant, sandbox_id, path)
 
     async def session_create(self, sandbox_id: str, type: str, language: str | None) -> dict[str, Any]:
         session = await self.hub.create_session(self.tenant, sandbox_id, type, language)
@@ -212,8 +217,13 @@ class RemoteBackend:
 
     async def file_download(self, sandbox_id: str, path: str, max_bytes: int) -> bytes:
         parent, _, name = path.strip("/").rpartition("/")
-        listing = await self.api.call(_api.list_files(sandbox_id, parent))
-        entry = next((e for e in listing.get("entries", []) if e.get("name") == name), None)
+        entry, cursor = None, None
+        for _ in range(_MAX_PAGES):  # the entry's page; a huge directory is not read to its end
+            listing = await self.api.call(_api.list_files(sandbox_id, parent, cursor=cursor))
+            entry = next((e for e in listing.get("entries", []) if e.get("name") == name), None)
+            cursor = listing.get("next")
+            if entry is not None or not cursor:
+                break
         if entry is not None and isinstance(entry.get("size"), int) and entry["size"] > max_bytes:
             raise _too_large(path, entry["size"], max_bytes)
         data = await self.api.call(_api.read_file(sandbox_id, path))
@@ -221,8 +231,9 @@ class RemoteBackend:
             raise _too_large(path, len(data), max_bytes)
         return data  # type: ignore[no-any-return]
 
-    async def file_list(self, sandbox_id: str, path: str) -> dict[str, Any]:
-        return await self.api.call(_api.list_files(sandbox_id, path))  # type: ignore[no-any-return]
+    async def file_list(self, sandbox_id: str, path: str, limit: int | None = None,
+                        cursor: str | None = None) -> dict[str, Any]:
+        return await self.api.call(_api.list_files(sandbox_id, path, limit=limit, cursor=cursor))  # type: ignore[no-any-return]
 
     async def file_delete(self, sandbox_id: str, path: str) -> None:
         await self.api.call(_api.delete_file(sandbox_id, path))

@@ -354,11 +354,14 @@ async def _file_download(b: Backend, a: dict[str, Any], p: Progress | None) -> T
 
 async def _file_list(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
     path = a.get("path", "")
-    answer = await b.file_list(a["sandbox_id"], path)
+    answer = await b.file_list(a["sandbox_id"], path, a.get("limit"), a.get("cursor"))
     rows = [f"- {e.get('path')}{'/' if e.get('type') == 'dir' else ''} ({e.get('type')}, {e.get('size')} bytes)"
             for e in answer.get("entries", [])]
     where = f"/workspace/{path.strip('/')}".rstrip("/")
-    return ToolOutput(answer, f"{where}: " + (f"{len(rows)} entries\n" + "\n".join(rows) if rows else "empty"))
+    text = f"{where}: " + (f"{len(rows)} entries\n" + "\n".join(rows) if rows else "empty")
+    if answer.get("next"):
+        text += f"\n(more entries follow: call file_list again with cursor={answer['next']!r})"
+    return ToolOutput(answer, text)
 
 
 async def _file_delete(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
@@ -521,11 +524,16 @@ TOOLS: list[ToolSpec] = [
         }, ("sandbox_id", "path")), _file_download, read_only=True, idempotent=True),
     ToolSpec(
         "file_list", "List a directory",
-        "List a directory of the sandbox's /workspace (the workspace itself when path is empty). Returns "
-        "{entries: [{name, path, type: file|dir|symlink, size, modified}]}.",
+        "List a directory of the sandbox's /workspace (the workspace itself when path is empty), sorted by name, "
+        "a page at a time. Returns {entries: [{name, path, type: file|dir|symlink, size, modified}], next}; when "
+        "next is not null, call again with cursor=next for the following page.",
         _schema({"sandbox_id": SANDBOX_ID,
                  "path": {"type": "string", "default": "",
-                          "description": "Directory relative to /workspace; empty for the workspace itself."}},
+                          "description": "Directory relative to /workspace; empty for the workspace itself."},
+                 "limit": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1000,
+                           "description": "Entries per page."},
+                 "cursor": {"type": "string",
+                            "description": "The next of the page before; omit for the first page."}},
                 ("sandbox_id",)),
         _file_list, read_only=True, idempotent=True),
     ToolSpec(

@@ -4,9 +4,13 @@ It runs inside bubblewrap as the sandbox's user, with no capabilities and no_new
 starts (kernels, commands, terminals) shares the sandbox's namespaces, cgroup, uid and workspace; it holds no
 privilege that the sandbox's own code lacks, so code that takes it over gains nothing.
 
-It talks to the gateway over a ``SOCK_SEQPACKET`` unix socket that is its fd 0 (the gateway keeps the other
-end of a socketpair). A socket on fd 0 cannot be reopened through ``/proc/PID/fd``, and there is no path a
-process could plant a symlink at, unlike a listening socket in a shared directory. The gateway passes the new
+It talks to the gateway over a ``SOCK_SEQPACKET`` unix socket whose descriptor number is its second argument
+(the gateway keeps the other end of a socketpair). Not on stdio: bubblewrap's pid 1 keeps its own stdio open
+but closes every other descriptor, so only the agent holds the socket. A socket cannot be reopened through
+``/proc/PID/fd``, and there is no path a process could plant a symlink at, unlike a listening socket in a
+shared directory. The sandbox's code runs as the same uid, so the agent makes itself non-dumpable first
+(SECURITY.md pitfall 13): no ptrace, ``pidfd_getfd`` or ``/proc/PID/mem`` of it from its own uid. Its children
+become dumpable again when they execute their program. The gateway passes the new
 process's stdio as file descriptors (``SCM_RIGHTS``), so the gateway owns pipes and PTYs on the host side.
 
 Messages are JSON objects, one a packet.
@@ -32,6 +36,18 @@ import termios
 
 MAX_PACKET = 1 << 20
 MAX_FDS = 3
+PR_SET_DUMPABLE = 4  # linux/prctl.h
+
+
+def make_undumpable():
+    """Keep the sandbox's code (same uid) from ptrace, pidfd_getfd and /proc/PID/mem on the agent, which holds
+    the control socket. Raises OSError: an agent that cannot protect itself does not run."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "prctl(PR_SET_DUMPABLE, 0): " + os.strerror(err))
 
 
 def apply_rlimits(limits):
@@ -219,15 +235,18 @@ class Agent:
 
 
 def main():
+    make_undumpable()
     limits = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
+    ctl_fd = int(sys.argv[2]) if len(sys.argv) > 2 else 0
     apply_rlimits(limits)
-    inherited = socket.socket(fileno=0)
-    # Move the control socket off fd 0 (children get their own stdio), then point 0 at /dev/null.
+    inherited = socket.socket(fileno=ctl_fd)
+    # A close-on-exec copy (children get their own stdio and close the rest anyway).
     ctl = inherited.dup()
-    inherited.detach()
-    devnull = os.open("/dev/null", os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.close(devnull)
+    inherited.close()
+    if ctl_fd == 0:
+        devnull = os.open("/dev/null", os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.close(devnull)
     ctl.setblocking(True)
     Agent(ctl).run()
 

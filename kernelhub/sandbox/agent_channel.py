@@ -5,9 +5,19 @@ is one packet; file descriptors (a new process's stdio) travel with a request as
 messages are the agent's (see its docstring): the gateway sends ``spawn`` and ``signal``; the agent answers
 ``ready`` once, ``spawned`` or ``failed`` to a request id, and ``exit`` when a process it started ends.
 
-The agent runs as the sandbox, so what it says is untrusted: a packet that is not a JSON object, an unknown
-op or an id nobody asked for is dropped, and nothing it sends can affect another sandbox. Every wait has a
-deadline: the agent saying it is ready, room in the socket for a request, a reply.
+The agent runs as the sandbox, and although it makes itself unreachable to the sandbox's code (non-dumpable:
+no ptrace, no ``pidfd_getfd``, no ``/proc/PID/mem``), what it says stays untrusted (SECURITY.md pitfall 13):
+
+- a packet larger than :data:`MAX_REPLY`, not a JSON object, with an unknown op, or naming an id nobody asked
+  for is dropped (counted, and logged at most once per :data:`DROP_LOG_INTERVAL_S`);
+- ``exit`` counts only for a process the agent reported ``spawned``, once; a ``spawned`` that comes after its
+  request gave up is answered with a SIGKILL, so no process runs untracked;
+- descriptors the agent sends are never accepted (``recv`` without a control buffer: the kernel closes them);
+- at most :data:`RATE_PER_S` packets a second are read (a burst of :data:`BURST`): past that the channel stops
+  reading until the budget refills, so a flood costs the gateway a bounded share of its loop and makes the
+  flooder block on its own socket; honest messages queued behind it are read later, not lost.
+
+Every wait has a deadline: the agent saying it is ready, room in the socket for a request, a reply.
 
 Who calls what: :class:`~kernelhub.sandbox.sandbox.Sandbox` makes one :class:`AgentChannel` when it starts its
 agent, awaits :meth:`AgentChannel.wait_ready`, spawns processes with :meth:`AgentChannel.request`, signals
@@ -23,16 +33,26 @@ import contextlib
 import json
 import socket
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..errors import SandboxError, SandboxNotRunning
 
-__all__ = ["MAX_PACKET", "SEND_TIMEOUT_S", "AgentChannel"]
+__all__ = ["BURST", "MAX_PACKET", "MAX_REPLY", "RATE_PER_S", "SEND_TIMEOUT_S", "AgentChannel"]
 
-#: The largest packet read from the agent (the agent's own MAX_PACKET).
+#: The largest packet the agent reads from the gateway (the agent's own MAX_PACKET).
 MAX_PACKET = 1 << 20
+#: The largest packet read from the agent: its messages are a few hundred bytes (a failure message at most
+#: about 4 KiB); anything longer arrives truncated and is dropped as malformed.
+MAX_REPLY = 64 * 1024
 #: Seconds a request may wait for room in the socket before the agent counts as not answering.
 SEND_TIMEOUT_S = 5.0
+#: Packets a second read from one agent, and the burst allowed above that rate. An honest agent sends two
+#: per process (``spawned``, ``exit``).
+RATE_PER_S = 500.0
+BURST = 1000
+#: Seconds between two log lines about dropped packets.
+DROP_LOG_INTERVAL_S = 10.0
+_SIGKILL = 9
 
 
 class AgentChannel:
@@ -61,6 +81,14 @@ class AgentChannel:
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ready: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         self._write_waiters: list[asyncio.Future[None]] = []
+        #: Request ids whose process the agent reported running: the only ones an ``exit`` may name.
+        self._running: set[int] = set()
+        self._tokens = float(BURST)
+        self._refilled = self._loop.time()
+        self._paused: asyncio.TimerHandle | None = None
+        self._dropped = 0
+        self._drop_logged = -DROP_LOG_INTERVAL_S
+        self._tasks: set[asyncio.Task[Any]] = set()
         sock.setblocking(False)
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
@@ -160,8 +188,11 @@ class AgentChannel:
         sock = self._sock
         if sock is None:
             return
+        if not self._take_token():
+            return
         try:
-            data = sock.recv(MAX_PACKET)
+            # recv, not recvmsg: descriptors the agent attaches are closed by the kernel, never received.
+            data = sock.recv(MAX_REPLY)
         except BlockingIOError:
             return
         except OSError:
@@ -170,26 +201,86 @@ class AgentChannel:
             self.close()
             return
         try:
-            # The agent runs as the sandbox: whatever it says is untrusted and only affects this sandbox.
             msg = json.loads(data)
             op = msg.get("op")
             req = msg.get("id")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
+            self._drop("a malformed packet")
             return
         if op == "ready":
             if not self._ready.done():
                 self._ready.set_result(msg)
+            else:
+                self._drop("a second ready")
             return
         if op in ("spawned", "failed"):
-            reply = self._pending.pop(req, None) if isinstance(req, int) else None
-            if reply is not None and not reply.done():
-                reply.set_result(msg)
-            elif op == "failed":
-                self._log(f"agent: {str(msg.get('message'))[:500]}")
+            self._on_reply(op, req, msg)
             return
-        if op == "exit" and isinstance(req, int):
+        if op == "exit" and _is_int(req) and req in self._running:
+            self._running.discard(req)
             status = msg.get("status")
-            self._on_exit(req, status if isinstance(status, int) else -1)
+            self._on_exit(req, status if _is_int(status) and -64 <= status <= 255 else -1)
+            return
+        self._drop(f"an unexpected {str(op)[:40]!r} message")
+
+    def _on_reply(self, op: str, req: Any, msg: dict[str, Any]) -> None:
+        reply = self._pending.pop(req, None) if _is_int(req) else None
+        if reply is not None and not reply.done():
+            if op == "spawned":
+                pid = msg.get("pid")
+                if not (_is_int(pid) and 0 < pid < 1 << 22):
+                    self._kill_late(req)
+                    reply.set_result({"op": "failed", "id": req, "message": "the agent reported no valid pid"})
+                    return
+                self._running.add(req)
+            reply.set_result(msg)
+        elif op == "spawned" and _is_int(req) and 0 < req <= self._next_id and req not in self._running:
+            # Its request gave up (deadline, cancelled caller): nobody tracks this process, so it must not run.
+            self._kill_late(req)
+        elif op == "failed" and req is None:
+            self._log(f"agent: {str(msg.get('message'))[:500]}")
+        else:
+            self._drop(f"a {op!r} reply nobody asked for")
+
+    def _kill_late(self, req: int) -> None:
+        task = self._loop.create_task(self._send_quietly({"op": "signal", "id": req, "signal": _SIGKILL,
+                                                          "group": True}))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_quietly(self, msg: dict[str, Any]) -> None:
+        with contextlib.suppress(SandboxError):
+            await self.send(msg)
+
+    def _take_token(self) -> bool:
+        """Spend one packet of the read budget; without one, stop reading until the budget has refilled."""
+        now = self._loop.time()
+        self._tokens = min(float(BURST), self._tokens + (now - self._refilled) * RATE_PER_S)
+        self._refilled = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        if self._paused is None and self._sock is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._paused = self._loop.call_later((1 - self._tokens) / RATE_PER_S, self._resume)
+        return False
+
+    def _resume(self) -> None:
+        self._paused = None
+        if self._sock is not None:
+            self._loop.add_reader(self._sock.fileno(), self._on_readable)
+
+    def _drop(self, what: str) -> None:
+        self._dropped += 1
+        now = self._loop.time()
+        if now - self._drop_logged >= DROP_LOG_INTERVAL_S:
+            self._drop_logged = now
+            self._log(f"agent: dropped {what} ({self._dropped} dropped so far)")
+
+    @property
+    def dropped(self) -> int:
+        """How many packets from the agent were dropped as malformed or unexpected."""
+        return self._dropped
 
     # -- the end ------------------------------------------------------------------------------------------
 
@@ -206,6 +297,9 @@ class AgentChannel:
         sock, self._sock = self._sock, None
         if sock is None:
             return
+        if self._paused is not None:
+            self._paused.cancel()
+            self._paused = None
         with contextlib.suppress(ValueError, OSError):
             self._loop.remove_reader(sock.fileno())
         with contextlib.suppress(ValueError, OSError):
@@ -218,3 +312,7 @@ class AgentChannel:
             if not waiter.done():
                 waiter.set_result(None)  # the send loop then finds the channel closed
         self._on_closed()
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)

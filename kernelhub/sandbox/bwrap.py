@@ -141,10 +141,17 @@ def sandbox_env(spec: SandboxSpec, extra: Mapping[str, str] | None = None) -> di
     return env
 
 
-def bwrap_argv(spec: SandboxSpec, command: Sequence[str], *, bwrap: str = "bwrap") -> list[str]:
-    """The bubblewrap invocation that runs ``command`` as the sandbox's first process."""
+def bwrap_argv(spec: SandboxSpec, command: Sequence[str], *, bwrap: str = "bwrap",
+               seccomp_fd: int | None = None) -> list[str]:
+    """The bubblewrap invocation that runs ``command`` as the sandbox's first process; with ``seccomp_fd``, the
+    system-call filter read from that descriptor (:mod:`kernelhub.sandbox.seccomp`) holds for every process in
+    the sandbox (bwrap loads it last, right before it executes ``command``, and in its own pid 1)."""
+    return [bwrap, *bwrap_options(spec, seccomp_fd=seccomp_fd), "--", *command]
+
+
+def bwrap_options(spec: SandboxSpec, *, seccomp_fd: int | None = None) -> list[str]:
+    """The options of :func:`bwrap_argv`, without the program name and the command."""
     argv = [
-        bwrap,
         "--unshare-user",
         "--unshare-pid",
         "--unshare-ipc",
@@ -202,8 +209,17 @@ def bwrap_argv(spec: SandboxSpec, command: Sequence[str], *, bwrap: str = "bwrap
     argv += ["--chdir", INNER_WORKSPACE]
     for key, value in sandbox_env(spec).items():
         argv += ["--setenv", key, value]
-    argv += ["--", *command]
+    if seccomp_fd is not None:
+        argv += ["--seccomp", str(seccomp_fd)]
     return argv
+
+
+def args_data(options: Sequence[str]) -> bytes:
+    """``options`` as bubblewrap's ``--args FD`` reads them: each one NUL-terminated. Raises ValueError for an
+    option holding a NUL byte (it would split in two)."""
+    if any("\0" in option for option in options):
+        raise ValueError("a bubblewrap option cannot contain a NUL byte")
+    return b"".join(option.encode() + b"\0" for option in options)
 
 
 def agent_command(python: str = "/usr/bin/python3") -> list[str]:
@@ -224,13 +240,22 @@ def launch_argv(
     bwrap: str = "bwrap",
     setpriv: str = "setpriv",
     as_root: bool = True,
+    seccomp_fd: int | None = None,
+    args_fd: int | None = None,
 ) -> list[str]:
     """The whole launch: join the cgroups, drop to the sandbox uid, then bubblewrap.
 
     ``as_root`` is false when the gateway itself is unprivileged (``kernelhub doctor`` reports the loss): then
-    there is no uid to drop to and the cgroup files must already be writable by the caller.
+    there is no uid to drop to and the cgroup files must already be writable by the caller. With ``args_fd``,
+    bubblewrap reads its options (:func:`args_data` of :func:`bwrap_options`) from that descriptor instead of its
+    command line: bwrap stays the sandbox's pid 1, whose ``/proc/1/cmdline`` every process inside can read, and
+    the options name host paths (the state directory, the sandbox's own). bwrap closes both descriptors before
+    anything of the sandbox runs.
     """
-    inner = bwrap_argv(spec, command, bwrap=bwrap)
+    if args_fd is not None:
+        inner = [bwrap, "--args", str(args_fd), "--", *command]
+    else:
+        inner = bwrap_argv(spec, command, bwrap=bwrap, seccomp_fd=seccomp_fd)
     if as_root:
         inner = [
             setpriv,

@@ -22,6 +22,7 @@ from traitlets import Bool, Enum, Integer, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from ..errors import IsolationUnavailable, SandboxError
+from . import seccomp
 from .cgroups import open_cgroup
 from .limits import Limits
 from .sandbox import Sandbox, unmount_run_dir
@@ -78,6 +79,9 @@ class SandboxFactory(LoggingConfigurable):
                                "space on the host.", config=True).tag(env="KERNELHUB_MIN_HOST_FREE_MB")
     start_timeout = Integer(30, help="Seconds a sandbox may take to start.", config=True).tag(
         env="KERNELHUB_START_TIMEOUT")
+    seccomp = Bool(True, help="Filter the system calls of every sandbox process (kernelhub.sandbox.seccomp); "
+                   "strict isolation refuses to start sandboxes without the filter.", config=True).tag(
+        env="KERNELHUB_SECCOMP")
     as_root = Bool(help="Whether sandboxes get uids of their own (needs root).", config=True).tag(
         env="KERNELHUB_AS_ROOT", default_help="true when run as root")
 
@@ -92,6 +96,7 @@ class SandboxFactory(LoggingConfigurable):
         # Done once per factory, not on every create (the hot path of sandbox_create).
         self._agent_dir: Path | None = None
         self._state_ready = False
+        self._warned_seccomp = False
 
     @property
     def sandboxes_dir(self) -> Path:
@@ -99,6 +104,24 @@ class SandboxFactory(LoggingConfigurable):
 
     def required_controllers(self) -> tuple[str, ...]:
         return ("memory", "cpu", "pids") if self.isolation == "strict" else ()
+
+    def seccomp_program_fd(self) -> int | None:
+        """A fresh descriptor of the compiled system-call filter for one launch (the caller closes it), or None
+        when the filter is off or unavailable under relaxed isolation. Raises :class:`IsolationUnavailable`
+        under strict isolation without it. Called by :meth:`Sandbox._start`."""
+        problem = "it is turned off (KERNELHUB_SECCOMP)"
+        if self.seccomp:
+            try:
+                return seccomp.program_fd()
+            except seccomp.SeccompUnavailable as exc:
+                problem = str(exc)
+        if self.isolation == "strict":
+            raise IsolationUnavailable(f"Strict isolation needs the system-call filter, but {problem}; fix it "
+                                       "or set KERNELHUB_ISOLATION=relaxed.")
+        if not self._warned_seccomp:
+            self.log.warning("sandboxes run without a system-call filter: %s", problem)
+            self._warned_seccomp = True
+        return None
 
     def agent_dir(self) -> Path:
         """A root-owned copy of the agent where sandbox uids can read it (the package may live under /root)."""

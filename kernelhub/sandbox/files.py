@@ -23,10 +23,11 @@ import contextlib
 import dataclasses
 import datetime
 import errno
+import heapq
 import os
 import stat as stat_mod
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -586,6 +587,15 @@ class WorkspaceFiles(abc.ABC):
 
         Each is ``{name, path, type: "file"|"dir"|"symlink"|"other", size, modified}`` from ``lstat``: a
         symlink is listed as one and never followed; listing *through* one is refused."""
+        return self.list_page(rel)[0]
+
+    def list_page(self, rel: str = "", *, limit: int | None = None,
+                  after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+        """The first ``limit`` entries (all with None) of a directory whose names sort after ``after``, shaped
+        and sorted as in :meth:`list_dir`, and whether more follow. One ``readdir`` pass picks the page's names
+        (``O(n log limit)``); only those are ``lstat``ed. Paging by name is stable: an entry present throughout
+        is listed exactly once, whatever is added or removed meanwhile. Blocking: the service runs it in a
+        thread. Raises what :meth:`list_dir` raises."""
         parts = split_workspace_path(rel)
         shown = _join(parts)
         entries: list[dict[str, Any]] = []
@@ -593,16 +603,20 @@ class WorkspaceFiles(abc.ABC):
             fd = self._open_dirs(parts)
             try:
                 with os.scandir(fd) as listing:
-                    for dirent in listing:
-                        try:
-                            st = dirent.stat(follow_symlinks=False)
-                        except FileNotFoundError:
-                            continue  # removed since readdir
-                        entries.append(_entry([*parts, dirent.name], st))
+                    names: Iterable[str] = (dirent.name for dirent in listing)
+                    if after is not None:
+                        names = (name for name in names if name > after)
+                    page = sorted(names) if limit is None else heapq.nsmallest(limit + 1, names)
+                more = limit is not None and len(page) > limit
+                for name in page[:limit]:
+                    try:
+                        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # removed since readdir
+                    entries.append(_entry([*parts, name], st))
             finally:
                 os.close(fd)
-        entries.sort(key=lambda entry: entry["name"])
-        return entries
+        return entries, more
 
     def stat(self, rel: str) -> dict[str, Any]:
         """One entry shaped as in :meth:`list_dir` (``lstat``: a symlink as the last component is reported as

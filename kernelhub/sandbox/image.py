@@ -13,8 +13,10 @@ their usage through these functions; ``Workspace(mode="auto")`` and ``kernelhub 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from ..errors import HostDiskFull, SandboxError
@@ -107,8 +109,40 @@ async def make_image(image: Path, *, disk_mb: int, files: int, uid: int, gid: in
         raise SandboxError(f"Could not make the workspace filesystem: {out or f'mkfs.ext4 exit {rc}'}.")
 
 
+#: The name a workspace's filesystem is mounted from: what ``/proc/self/mountinfo`` shows as its source inside
+#: the sandbox, instead of the host's ``/dev/loopN``.
+MOUNT_SOURCE = "workspace"
+
+
 async def mount_image(image: Path, mount_point: Path) -> None:
-    """Mount ``image`` at ``mount_point`` through a loop device, ``nosuid,nodev``; SandboxError on failure."""
+    """Mount ``image`` at ``mount_point`` through a loop device, ``nosuid,nodev``; SandboxError on failure.
+
+    The loop device is reached through a device node named :data:`MOUNT_SOURCE`, made next to the image for
+    the moment of the mount, and mount(2) is given that relative name: the kernel keeps the source string it
+    was given, so the sandbox's mountinfo names no host device. The device is set to clear itself when the
+    mount goes (``losetup -d`` of a busy device). Where no device node can be made there (a ``nodev``
+    filesystem), ``mount -o loop`` names the device."""
+    rc, out = await run_tool("losetup", "--find", "--show", str(image))
+    if rc != 0:
+        raise SandboxError(f"Could not attach the workspace image: {out or f'losetup exit {rc}'}.")
+    device = out.splitlines()[-1].strip()
+    node_dir = image.parent / f".mount-{os.getpid()}-{image.stat().st_ino}"
+    try:
+        os.mkdir(node_dir, 0o700)
+        try:
+            os.mknod(node_dir / MOUNT_SOURCE, 0o600 | stat.S_IFBLK, os.stat(device).st_rdev)
+            rc, out = await run_tool("mount", "--no-canonicalize", "-t", "ext4", "-o", "nosuid,nodev",
+                                     MOUNT_SOURCE, str(mount_point), cwd=str(node_dir))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(node_dir / MOUNT_SOURCE)
+            os.rmdir(node_dir)
+    except OSError as exc:
+        rc, out = 1, str(exc)
+    # Mounted: the device now clears itself when the mount goes. Not mounted: this detaches it.
+    await run_tool("losetup", "-d", device)
+    if rc == 0:
+        return
     rc, out = await run_tool(
         "mount", "-t", "ext4", "-o", "loop,nosuid,nodev", str(image), str(mount_point)
     )

@@ -31,9 +31,10 @@ from ..errors import PidsExhausted, SandboxError, SandboxNotRunning
 from . import bwrap, pty
 from .agent_channel import AgentChannel
 from .cgroups import Cgroup, create_cgroup
+from .cgroups.base import sigkill_members
 from .limits import Limits
 from .pipes import pump_lines
-from .tools import run_tool
+from .tools import data_fd, run_tool
 from .workspace import Workspace
 
 if TYPE_CHECKING:
@@ -90,6 +91,21 @@ for _ in range(100):
         break
 """
 _KILL_SESSION_TIMEOUT_S = 10
+#: Seconds a SIGKILL sent through the agent may take to be reported as an exit before the gateway kills the
+#: process from the host, and again before it counts the process as killed without the agent's word: a
+#: stopped or hijacked agent never makes a wait on a killed process hang.
+KILL_DEADLINE_S = 2.0
+
+
+def _ns_ids(host_pid: int) -> tuple[int, int, bool] | None:
+    """(pid, pgid inside the innermost pid namespace, is a zombie) of a host process; None if it is gone."""
+    try:
+        with open(f"/proc/{host_pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return (int(fields["NSpid"].split()[-1]), int(fields["NSpgid"].split()[-1]),
+                fields["State"].strip().startswith("Z"))
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
 
 
 class SandboxProcess:
@@ -102,6 +118,7 @@ class SandboxProcess:
         self.pid: int | None = None
         self.returncode: int | None = None
         self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._enforcing: asyncio.Task[None] | None = None
 
     async def wait(self) -> int:
         return await asyncio.shield(self._exited)
@@ -111,10 +128,37 @@ class SandboxProcess:
 
     async def send_signal(self, signum: int, *, group: bool = True) -> None:
         """Signal the process (and its process group) inside the sandbox: the kernel itself, not bwrap's
-        pid 1, which forwards nothing (SECURITY.md pitfall 6)."""
-        if self.returncode is None:
+        pid 1, which forwards nothing (SECURITY.md pitfall 6).
+
+        A SIGKILL is enforced: if the agent does not report the exit within :data:`KILL_DEADLINE_S`, the
+        gateway kills the process (and its group) from the host, and after another deadline :meth:`wait`
+        answers ``-SIGKILL`` whatever the agent says. Raises :class:`SandboxNotRunning` for another signal when
+        the sandbox is gone."""
+        if self.returncode is not None:
+            return
+        if signum == signal.SIGKILL and self._enforcing is None:
+            self._enforcing = self.sandbox._spawn_task(self._enforce_kill(group))
+        try:
             await self.sandbox._channel().send({"op": "signal", "id": self.req_id, "signal": int(signum),
                                                 "group": group})
+        except SandboxError:
+            if signum != signal.SIGKILL:
+                raise  # a SIGKILL is carried out from the host all the same
+
+    async def _enforce_kill(self, group: bool) -> None:
+        for last in (False, True):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._exited), KILL_DEADLINE_S)
+                return
+            if last:
+                self.sandbox.log(f"the agent never reported the end of {self.argv[0]!r} (pid {self.pid}); "
+                                 "counted as killed")
+                self._set_exit(-signal.SIGKILL)
+            elif self.pid is not None:
+                self.sandbox.log(f"the agent did not end {self.argv[0]!r} (pid {self.pid}) within "
+                                 f"{KILL_DEADLINE_S:g} s; killed from the host")
+                self.sandbox.kill_from_host(self.pid, group=group)
+                self.sandbox.wake_agent()
 
     async def kill(self) -> None:
         await self.send_signal(signal.SIGKILL)
@@ -166,6 +210,7 @@ class Sandbox:
         self.spec: bwrap.SandboxSpec | None = None
         self._launcher: asyncio.subprocess.Process | None = None
         self._agent: AgentChannel | None = None
+        self._agent_pid: int | None = None
         self._procs: dict[int, SandboxProcess] = {}
         self._log: collections.deque[str] = collections.deque(maxlen=_LOG_LINES)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -199,13 +244,23 @@ class Sandbox:
         os.chmod(self.dir, 0o711)
         # Recorded so that a later process can tell a live sandbox (uid lock held) from a crashed one.
         (self.dir / "uid").write_text(str(self.uid))
-        etc_dir = self.dir / "etc"
-        etc_dir.mkdir(mode=0o755)
         self.run_dir.mkdir(mode=0o700)
         if f.as_root:
             # The sandbox writes here (its kernels' sockets): a small tmpfs, charged to its memory cgroup,
             # instead of the host disk, where no quota would hold what it writes.
             await mount_run_dir(self.run_dir)
+        # The generated /etc files and the agent live in the run directory too: bound from a tmpfs, their
+        # mounts show a neutral source (``kernelhub-run``) and a root relative to it in the sandbox's
+        # /proc/self/mountinfo, not the state directory's host path.
+        etc_dir = self.run_dir / "etc"
+        etc_dir.mkdir(mode=0o755)
+        agent_dir = self.run_dir / "agent"
+        agent_dir.mkdir(mode=0o755)
+        for path in f.agent_dir().iterdir():
+            if path.name.startswith("."):
+                continue  # a copy being written
+            shutil.copyfile(path, agent_dir / path.name)
+            os.chmod(agent_dir / path.name, 0o644)
         self.workspace = Workspace(self.dir, self.uid, self.gid, self.limits,
                                    mode=f.workspace_mode, min_host_free_mb=f.min_host_free_mb)
         await self.workspace.create()
@@ -220,7 +275,7 @@ class Sandbox:
             workspace=str(self.workspace.path),
             run_dir=str(self.run_dir),
             etc_dir=str(etc_dir),
-            agent_dir=str(f.agent_dir()),
+            agent_dir=str(agent_dir),
             runtime_dir=f.runtime_dir if Path(f.runtime_dir).is_dir() else None,
             node_modules=str(node_modules) if node_modules.is_dir() else None,
             # Together at most half the memory limit: a sandbox that fills them all can still run its kernel.
@@ -238,31 +293,53 @@ class Sandbox:
             "core": 0,
             "nproc": self.limits.pids,
         }
-        command = bwrap.agent_command(f.agent_python) + [json.dumps(rlimits)]
-        argv = bwrap.launch_argv(self.spec, self.cgroup.procs_files, command, bwrap=f.bwrap_path,
-                                 as_root=f.as_root)
-        gateway_end, agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        stderr_w = self.log_pipe("")
+        # Three descriptors besides stdio reach bwrap. bwrap closes two before the sandbox's first process exists:
+        # the system-call filter, and its options (host paths), kept out of /proc/1/cmdline. The third, the
+        # agent's control socket, bwrap's pid 1 closes and only the agent keeps (never stdio, which pid 1 keeps
+        # and the sandbox's code could take from it).
+        seccomp_fd = f.seccomp_program_fd()
+        args_fd: int | None = None
+        gateway_end: socket.socket | None = None
+        agent_end: socket.socket | None = None
+        stderr_w = -1
         try:
+            gateway_end, agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            command = bwrap.agent_command(f.agent_python) + [json.dumps(rlimits), str(agent_end.fileno())]
+            args_fd = data_fd("kernelhub-bwrap-args",
+                              bwrap.args_data(bwrap.bwrap_options(self.spec, seccomp_fd=seccomp_fd)))
+            argv = bwrap.launch_argv(self.spec, self.cgroup.procs_files, command, bwrap=f.bwrap_path,
+                                     as_root=f.as_root, args_fd=args_fd)
+            pass_fds = [args_fd, agent_end.fileno()] + ([] if seccomp_fd is None else [seccomp_fd])
+            stderr_w = self.log_pipe("")
             self._launcher = await asyncio.create_subprocess_exec(
-                *argv, stdin=agent_end.fileno(), stdout=asyncio.subprocess.DEVNULL, stderr=stderr_w,
-                close_fds=True,
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=stderr_w,
+                close_fds=True, pass_fds=pass_fds,
                 # Not the gateway's environment (nor its cwd, which /bin/sh exports as PWD): bwrap's pid 1
                 # keeps what it was exec'd with in /proc/1/environ, readable inside the sandbox whatever
                 # --clearenv did for its child.
                 env=_LAUNCH_ENV, cwd="/",
             )
+        except BaseException:
+            if gateway_end is not None:
+                gateway_end.close()
+            raise
         finally:
-            agent_end.close()
-            os.close(stderr_w)
+            for fd in (args_fd, seccomp_fd, stderr_w):
+                if fd is not None and fd >= 0:
+                    os.close(fd)
+            if agent_end is not None:
+                agent_end.close()
+        assert gateway_end is not None
         self._agent = AgentChannel(gateway_end, on_exit=self._on_process_exit, on_closed=self._end_processes,
                                    log=self.log)
         self._spawn_task(self._watch_launcher())
         try:
-            await self._agent.wait_ready(f.start_timeout)
+            ready = await self._agent.wait_ready(f.start_timeout)
         except SandboxError as exc:
             detail = "; ".join(self.logs(5)) or str(exc) or "no output"
             raise SandboxError(f"The sandbox did not start: {detail}") from None
+        pid = ready.get("pid")
+        self._agent_pid = pid if isinstance(pid, int) and pid > 1 else None
         self.state = "running"
         self.log(f"sandbox {self.id} running as host uid {self.uid}")
 
@@ -295,8 +372,47 @@ class Sandbox:
 
     def _on_process_exit(self, req: int, status: int) -> None:
         proc = self._procs.pop(req, None)
-        if proc is not None:
-            proc._set_exit(status)
+        if proc is None:
+            return
+        proc._set_exit(status)
+        # The agent reaps a process before it reports its end, so a live process of that pid means the report
+        # was false: the gateway would lose track of a process that goes on running. Never leave one.
+        if proc.pid is not None and self.kill_from_host(proc.pid, group=False, live_only=True):
+            self.log(f"the agent reported the end of pid {proc.pid} while it was running; killed it")
+
+    def wake_agent(self) -> None:
+        """SIGCONT the agent from the host: the sandbox's code (same uid) may have stopped it. Called when the
+        agent missed a deadline; a stopped agent would otherwise leave every later request to time out."""
+        if self.cgroup is None or self._agent_pid is None:
+            return
+        for host_pid in self.cgroup.pids():
+            ids = _ns_ids(host_pid)
+            if ids is not None and ids[0] == self._agent_pid:
+                with contextlib.suppress(OSError):
+                    os.kill(host_pid, signal.SIGCONT)
+
+    def kill_from_host(self, inner_pid: int, *, group: bool, live_only: bool = False) -> int:
+        """SIGKILL, from the host, the sandbox's process whose pid inside is ``inner_pid`` (and with ``group``
+        every process of that process group), without the agent. Only members of the sandbox's cgroup are
+        ever signalled; ``live_only`` leaves zombies alone. Answers how many were signalled (0 without a
+        cgroup). Called when the agent does not carry out a kill in time or reports an exit falsely."""
+        cgroup = self.cgroup
+        if cgroup is None or inner_pid <= 1:
+            return 0
+
+        def members() -> set[int]:
+            found = set()
+            for host_pid in cgroup.pids():
+                ids = _ns_ids(host_pid)
+                if ids is not None and (ids[0] == inner_pid or (group and ids[1] == inner_pid)) \
+                        and not (live_only and ids[2]):
+                    found.add(host_pid)
+            return found
+
+        try:
+            return sigkill_members(members)
+        except OSError:
+            return 0
 
     def _end_processes(self) -> None:
         """The agent is gone, and everything it started with it."""
@@ -337,6 +453,13 @@ class Sandbox:
                 {"op": "spawn", "id": req, "argv": list(argv), "env": full_env, "cwd": cwd, "pty": pty}, fds,
                 timeout=self.factory.start_timeout,
             )
+        except SandboxNotRunning:
+            self._procs.pop(req, None)
+            raise
+        except SandboxError:
+            self._procs.pop(req, None)
+            self.wake_agent()  # the agent missed its deadline: perhaps the sandbox's code stopped it
+            raise
         except BaseException:
             self._procs.pop(req, None)
             raise

@@ -8,8 +8,10 @@ environment, and always within a time limit.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 
-__all__ = ["TOOL_ENV", "TOOL_TIMEOUT_S", "run_tool"]
+__all__ = ["TOOL_ENV", "TOOL_TIMEOUT_S", "data_fd", "run_tool"]
 
 #: The whole environment of every tool: the system directories only, untranslated messages.
 TOOL_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
@@ -17,8 +19,9 @@ TOOL_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 TOOL_TIMEOUT_S = 60.0
 
 
-async def run_tool(*argv: str, time_limit: float = TOOL_TIMEOUT_S) -> tuple[int, str]:
-    """Run a system command (mkfs, mount, ...) without a shell; answer its exit status and combined output.
+async def run_tool(*argv: str, time_limit: float = TOOL_TIMEOUT_S, cwd: str | None = None) -> tuple[int, str]:
+    """Run a system command (mkfs, mount, ...) without a shell, in ``cwd`` (default: the gateway's); answer its
+    exit status and combined output.
 
     A tool that cannot be started answers 127 and the reason; one past ``time_limit`` seconds is killed and
     answers -1. A cancelled caller kills the tool before the cancellation goes on.
@@ -30,6 +33,7 @@ async def run_tool(*argv: str, time_limit: float = TOOL_TIMEOUT_S) -> tuple[int,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env=TOOL_ENV,
+            cwd=cwd,
         )
     except OSError as exc:
         return 127, f"{argv[0]}: {exc.strerror or exc}"
@@ -46,3 +50,21 @@ async def run_tool(*argv: str, time_limit: float = TOOL_TIMEOUT_S) -> tuple[int,
         raise
     assert proc.returncode is not None
     return proc.returncode, out.decode("utf-8", "replace").strip()
+
+
+def data_fd(name: str, data: bytes) -> int:
+    """A new close-on-exec file descriptor that reads ``data`` from position 0 and cannot be changed (a sealed
+    memfd named ``name``): how the launcher hands bubblewrap its ``--args`` and ``--seccomp`` data without a
+    file anyone could swap. The caller owns it. Raises OSError."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

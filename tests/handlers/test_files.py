@@ -1,5 +1,6 @@
-"""The file routes against a real gateway: binary round trips, a streamed 50 MB upload and download, listing,
-deleting, paths that try to leave /workspace, symlinks planted by sandbox code, max_file_mb and the disk quota."""
+"""The file routes against a real gateway: binary round trips, a streamed 50 MB upload and download, listing
+(paged, with cursors), deleting, paths that try to leave /workspace, symlinks planted by sandbox code,
+max_file_mb, the disk quota, and a directory of 150,000 files that stalls no other tenant."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import http.client
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -261,3 +263,84 @@ def test_disk_quota_answers_507(gateway: Gateway, small: dict[str, Any]) -> None
     assert gateway.request("DELETE", files(small, stored[0]))[0] == 204
     status, body = gateway.request("PUT", files(small, "again.bin"), raw=b"z" * MiB)
     assert status == 201
+
+
+def list_page(gateway: Gateway, sandbox: dict[str, Any], directory: str = "", token: str | None = "default",
+              **query: Any) -> tuple[int, Any]:
+    qs = "&".join(f"{k}={v}" for k, v in {"list": 1, **query}.items())
+    return gateway.request("GET", files(sandbox, directory) + "?" + qs, token=token)
+
+
+def test_file_list_pages_with_an_opaque_cursor(gateway: Gateway, sandbox: dict[str, Any],
+                                              small: dict[str, Any]) -> None:
+    command(gateway, sandbox, "mkdir -p paged/sub && cd paged && touch $(seq -f 'f%04g' 0 2499) "
+            "&& touch sub/a && mkdir -p /workspace/other && touch /workspace/other/x")
+    status, first = list_page(gateway, sandbox, "paged")
+    assert status == 200 and len(first["entries"]) == 1000 and isinstance(first["next"], str)  # the default
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        status, page = list_page(gateway, sandbox, "paged", limit=700, **({"cursor": cursor} if cursor else {}))
+        assert status == 200, page
+        seen += [e["name"] for e in page["entries"]]
+        pages += 1
+        if pages == 2:
+            # Changes between two pages: what was there throughout is listed exactly once.
+            command(gateway, sandbox, "cd /workspace/paged && rm f0001 f2400 && touch f0000a zzz")
+        cursor = page["next"]
+        if cursor is None:
+            break
+    assert pages == 4 and seen == sorted(seen) and len(seen) == len(set(seen))
+    expected = {f"f{i:04d}" for i in range(2500)} | {"sub"}
+    assert expected - {"f0001", "f2400"} <= set(seen) and "zzz" in seen
+    # The cursor is good for this sandbox and directory only, and cannot be forged.
+    token = first["next"]
+    for directory, box, cur in (("other", sandbox, token), ("paged", small, token),
+                                ("paged", sandbox, token[:-2] + ("AA" if token[-2:] != "AA" else "BB")),
+                                ("paged", sandbox, "not-a-cursor")):
+        status, body = list_page(gateway, box, directory, cursor=cur)
+        assert status == 400 and body["error"] == "invalid_request" and "cursor" in body["message"], body
+    status, body = list_page(gateway, sandbox, "paged", token=gateway.other_token, cursor=token)
+    assert status == 404, body  # another tenant learns nothing, not even that the sandbox exists
+    for bad in ("0", "10001", "abc", "-5", "1.5"):
+        status, body = list_page(gateway, sandbox, "paged", limit=bad)
+        assert status == 400 and "limit" in body["message"], body
+    status, body = list_page(gateway, sandbox, "", limit=1)  # the workspace root pages too
+    assert status == 200 and len(body["entries"]) == 1 and body["next"]
+    command(gateway, sandbox, "rm -rf /workspace/paged /workspace/other")
+
+
+def test_a_huge_directory_stalls_no_other_tenant(gateway: Gateway, sandboxes: Any) -> None:
+    big = sandboxes("python", limits={"files": 160_000, "disk_mb": 1024})
+    result = command(gateway, big, "python3 -c \"import os\nos.mkdir('huge')\nfor i in range(150000): "
+                                   "open(f'huge/{i:06d}', 'w').close()\"")
+    assert result["exit_code"] == 0, result
+    latencies: list[float] = []
+
+    def other_tenant_meanwhile(action: Any) -> Any:
+        done = threading.Event()
+        answer: list[Any] = []
+
+        def run() -> None:
+            answer.append(action())
+            done.set()
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        while not done.is_set():
+            started = time.monotonic()
+            status, _ = gateway.request("GET", "/v1/sandboxes", token=gateway.other_token, timeout=30)
+            assert status == 200
+            latencies.append(time.monotonic() - started)
+            time.sleep(0.02)
+        worker.join()
+        return answer[0]
+
+    status, page = other_tenant_meanwhile(lambda: list_page(gateway, big, "huge", limit=10000))
+    assert status == 200 and len(page["entries"]) == 10000 and page["entries"][-1]["name"] == "009999"
+    status, page = other_tenant_meanwhile(lambda: list_page(gateway, big, "huge", limit=5, cursor=page["next"]))
+    assert [e["name"] for e in page["entries"]] == [f"{i:06d}" for i in range(10000, 10005)]
+    status, _ = other_tenant_meanwhile(lambda: gateway.request("DELETE", files(big, "huge"), timeout=300))
+    assert status == 204
+    assert latencies and max(latencies) < 1.0, sorted(latencies)[-5:]

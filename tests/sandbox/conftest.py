@@ -1,5 +1,6 @@
 """Fixtures of the workspace tests: a base directory the sandbox uid can traverse, a workspace in each mode,
-and a stand-in for the host next to it. Each is checked for leftovers when it goes."""
+and a stand-in for the host next to it. Each is checked for leftovers when it goes. For the attacks run through
+a real gateway: ``gateway_sandbox``, a python sandbox made through REST, deleted at module end."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from kernelhub.sandbox.workspace import Workspace
+from kernelhub.testing import Gateway
 from tests.sandbox.workspace_support import (
     GID,
     LIMITS,
@@ -22,6 +24,15 @@ from tests.sandbox.workspace_support import (
     _mounts_under,
     _sandbox_dir,
 )
+
+
+@pytest.fixture(scope="module")
+def gateway_sandbox(gateway: Gateway) -> Iterator[str]:
+    """The id of a python sandbox created through the gateway's REST API; deleted when the module ends."""
+    status, body = gateway.request("POST", "/v1/sandboxes", {"template": "python"})
+    assert status == 201, body
+    yield body["id"]
+    gateway.request("DELETE", f"/v1/sandboxes/{body['id']}")
 
 
 @pytest.fixture

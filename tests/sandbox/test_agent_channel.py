@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from kernelhub.errors import SandboxError
-from kernelhub.sandbox.agent_channel import MAX_PACKET, AgentChannel
+from kernelhub.sandbox.agent_channel import BURST, MAX_PACKET, MAX_REPLY, RATE_PER_S, AgentChannel
 
 
 class Agent:
@@ -85,17 +85,107 @@ def test_ready_requests_replies_and_passed_descriptors(agent: Agent) -> None:
 def test_untrusted_packets_are_dropped_and_exits_reported(agent: Agent) -> None:
     async def main() -> None:
         channel = agent.channel()
-        for packet in (b"not json", b"[1, 2]", b'"text"', {"op": "unknown"}, {"op": "exit", "id": "7"}):
+        req = channel.next_id()
+        reply = asyncio.ensure_future(channel.request({"op": "spawn", "id": req}, timeout=5))
+        await agent.hear()
+        agent.say({"op": "spawned", "id": req, "pid": 42})
+        await reply
+        for packet in (b"not json", b"[1, 2]", b'"text"', {"op": "unknown"}, {"op": "exit", "id": "7"},
+                       b"[" * 100000, b"x" * (MAX_REPLY + 10)):
             agent.say(packet)
         agent.say({"op": "failed", "id": None, "message": "bad message: x" * 100})
-        agent.say({"op": "exit", "id": 3, "status": -9})
-        agent.say({"op": "exit", "id": 4, "status": "zero"})
+        agent.say({"op": "exit", "id": 3, "status": -9})  # never spawned: a forged exit
+        agent.say({"op": "exit", "id": True, "status": 0})
+        agent.say({"op": "exit", "id": req, "status": "zero"})
+        agent.say({"op": "exit", "id": req, "status": 0})  # a second exit of the same process
         agent.say({"op": "ready"})
         await channel.wait_ready(5)  # packets arrive in order: everything before it was handled
-        assert agent.exits == [(3, -9), (4, -1)]
-        assert len(agent.logged) == 1 and agent.logged[0].startswith("agent: bad message") \
-            and len(agent.logged[0]) <= 507
+        assert agent.exits == [(req, -1)]
+        assert channel.dropped == 10
+        assert agent.logged[0].startswith("agent: dropped a malformed packet")
+        assert any(line.startswith("agent: bad message") and len(line) <= 507 for line in agent.logged)
+        assert len(agent.logged) == 2  # drops are logged once per interval, not once each
         assert not channel.closed
+        channel.close()
+
+    asyncio.run(main())
+
+
+def test_a_spawn_nobody_waits_for_any_more_is_killed(agent: Agent) -> None:
+    async def main() -> None:
+        channel = agent.channel()
+        req = channel.next_id()
+        with pytest.raises(SandboxError, match="did not answer"):
+            await channel.request({"op": "spawn", "id": req}, timeout=0.05)
+        await agent.hear()
+        agent.say({"op": "spawned", "id": req, "pid": 77})  # too late: the caller gave up
+        msg, _ = await asyncio.wait_for(agent.hear(), 5)
+        assert msg == {"op": "signal", "id": req, "signal": 9, "group": True}
+        # A reply with no usable pid fails the request, and the process is killed as well.
+        req = channel.next_id()
+        reply = asyncio.ensure_future(channel.request({"op": "spawn", "id": req}, timeout=5))
+        await agent.hear()
+        agent.say({"op": "spawned", "id": req, "pid": "1; rm -rf /"})
+        assert (await reply)["op"] == "failed"
+        assert (await asyncio.wait_for(agent.hear(), 5))[0]["signal"] == 9
+        agent.say({"op": "exit", "id": req, "status": 0})
+        agent.say({"op": "ready"})
+        await channel.wait_ready(5)
+        assert agent.exits == []
+        channel.close()
+
+    asyncio.run(main())
+
+
+def test_descriptors_from_the_agent_are_never_accepted(agent: Agent) -> None:
+    async def main() -> None:
+        channel = agent.channel()
+        before = len(os.listdir("/proc/self/fd"))
+        r, w = os.pipe()
+        try:
+            for _ in range(50):
+                agent.sock.sendmsg([json.dumps({"op": "failed", "id": None, "message": "fd"}).encode()],
+                                   [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r, w]))])
+        finally:
+            os.close(r)
+            os.close(w)
+        agent.say({"op": "ready"})
+        await channel.wait_ready(5)
+        assert len(os.listdir("/proc/self/fd")) == before
+        channel.close()
+
+    asyncio.run(main())
+
+
+def test_a_flood_is_read_at_a_bounded_rate_and_honest_replies_still_arrive(agent: Agent) -> None:
+    async def main() -> None:
+        channel = agent.channel()
+        loop = asyncio.get_running_loop()
+        req = channel.next_id()
+        reply = asyncio.ensure_future(channel.request({"op": "spawn", "id": req}, timeout=30))
+        await agent.hear()
+        flood = BURST + int(RATE_PER_S)  # about one second of budget past the burst
+        agent.sock.setblocking(False)
+        sent = 0
+        started = loop.time()
+
+        def pump() -> None:  # the flooding agent writes as fast as the socket takes it
+            nonlocal sent
+            try:
+                while sent < flood:
+                    agent.sock.send(b'{"op": "exit", "id": 999999, "status": 0}')
+                    sent += 1
+                agent.sock.send(json.dumps({"op": "spawned", "id": req, "pid": 5}).encode())
+                loop.remove_writer(agent.sock.fileno())
+            except BlockingIOError:
+                pass
+
+        loop.add_writer(agent.sock.fileno(), pump)
+        assert (await asyncio.wait_for(reply, 20))["pid"] == 5  # the honest reply queued behind the flood
+        elapsed = loop.time() - started
+        # Never faster than the budget allows: BURST at once, then RATE_PER_S a second.
+        assert elapsed >= (flood - BURST) / RATE_PER_S * 0.9
+        assert channel.dropped == flood
         channel.close()
 
     asyncio.run(main())
