@@ -36,7 +36,7 @@ from tornado.websocket import WebSocketClosedError
 from ..errors import InvalidRequest, NotFound
 from ..models import iso_micro
 from ..services.hub import SandboxRecord
-from ..services.sessions import JupyterSession
+from ..services.sessions import JupyterSession, send_message, send_raw_message
 from .base import BaseHandler, WebSocketBase, log
 
 #: What ``GET /api`` reports: the Jupyter Server API version these routes follow.
@@ -436,7 +436,7 @@ class KernelChannelsHandler(WebSocketBase):
                 if len(self._nudge_ids) > 1000:
                     self._nudge_ids.clear()
                 self._nudge_ids.add(msg["header"]["msg_id"])
-                self.zsession.send(shell, msg)
+                send_message(self.zsession, shell, msg)
                 await asyncio.wait([t for t in (reply, seen) if not t.done()], timeout=0.5)
         except zmq.ZMQError as exc:
             log.debug("nudging kernel %s: %s", self.kernel_id, exc)
@@ -540,7 +540,7 @@ class KernelChannelsHandler(WebSocketBase):
                 sock = self.sockets.get(channel or "shell")
                 if sock is None or channel == "iopub":
                     raise ValueError(f"no channel {channel!r}")
-                self.zsession.send_raw(sock, msg_list)
+                send_raw_message(self.zsession, sock, msg_list)
                 return
             msg = deserialize_binary_message(message) if isinstance(message, bytes) else json.loads(message)
             if not isinstance(msg, dict) or not isinstance(msg.get("header"), dict):
@@ -552,8 +552,7 @@ class KernelChannelsHandler(WebSocketBase):
             for key in ("parent_header", "metadata", "content"):
                 if not isinstance(msg.get(key), dict):
                     msg[key] = {}
-            msg.setdefault("buffers", [])
-            self.zsession.send(sock, msg)
+            send_message(self.zsession, sock, msg, msg.pop("buffers", None) or [])
         except Exception as exc:
             log.warning("ignored a malformed message for kernel %s: %s", self.kernel_id, exc)
 
