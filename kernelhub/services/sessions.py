@@ -233,6 +233,8 @@ class JupyterSession:
         self._interrupted = False
         self._escalate = asyncio.Event()
         self._shell_waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        #: Barrier requests whose iopub status is awaited (see :meth:`_iopub_barrier`), by msg_id.
+        self._iopub_markers: dict[str, asyncio.Event] = {}
         self._readers: list[asyncio.Task[None]] = []
         self.restarts = 0
         self._iopub_seen = asyncio.Event()
@@ -275,6 +277,8 @@ class JupyterSession:
             asyncio.ensure_future(self._read(self.kc.iopub_channel, self._on_iopub, iopub=True)),
             asyncio.ensure_future(self._read(self.kc.shell_channel, self._on_shell)),
             asyncio.ensure_future(self._read(self.kc.stdin_channel, self._on_stdin)),
+            # Control replies (to the barriers) are read and dropped like unawaited shell replies.
+            asyncio.ensure_future(self._read(self.kc.control_channel, self._on_shell)),
         ]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -357,6 +361,10 @@ class JupyterSession:
         content = msg.get("content", {})
         if kind == "status" and content.get("execution_state") in ("busy", "idle", "starting"):
             self.execution_state = content["execution_state"]
+        marker = self._iopub_markers.get(parent)
+        if marker is not None:
+            marker.set()
+            return
         req = self._request
         if req is None:
             return
@@ -390,6 +398,9 @@ class JupyterSession:
         content = msg.get("content", {})
         value = ""
         if ex is not None and ex.input_handler is not None:
+            # The kernel flushed its output before asking (ipykernel does), but on iopub, which is read apart
+            # from stdin: let that output reach the listeners first.
+            await self._iopub_barrier()
             await ex.emit({"type": "input_request", "prompt": str(content.get("prompt", "")),
                            "password": bool(content.get("password"))})
             try:
@@ -398,6 +409,21 @@ class JupyterSession:
                 value = ""
         if self.kc is not None:
             self._send("stdin", "input_reply", {"value": value})
+
+    async def _iopub_barrier(self) -> None:
+        """Wait (at most :data:`DONE_GRACE_S`) until every iopub message the kernel published so far has been
+        handled: a kernel_info_request on control, which ipykernel answers in its control thread even while the
+        shell waits (for input), publishes its status after them."""
+        msg = self.kc.session.msg("kernel_info_request", {})
+        msg_id = str(msg["header"]["msg_id"])
+        seen = self._iopub_markers[msg_id] = asyncio.Event()
+        try:
+            send_message(self.kc.session, self.kc.control_channel.socket, msg)
+            await asyncio.wait_for(seen.wait(), DONE_GRACE_S)
+        except TimeoutError:
+            log.debug("the kernel published no status for the control barrier %s", msg_id)
+        finally:
+            self._iopub_markers.pop(msg_id, None)
 
     # -- execution ------------------------------------------------------------------------------------
 

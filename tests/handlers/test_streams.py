@@ -286,14 +286,18 @@ def test_ws_interrupt_a_queued_execution(ws: ClientConnection, sandbox: dict[str
 
 def test_ws_input(ws: ClientConnection) -> None:
     ws.send(json.dumps({"type": "execute", "request_id": "ask",
-                        "code": "name = input('name? ')\nprint('hello', name)\nname.upper()"}))
+                        "code": "print('asking')\nname = input('name? ')\nprint('hello', name)\nname.upper()"}))
     execution_id = None
+    before: list[str] = []
     while True:
         message = recv(ws)
         assert message["request_id"] == "ask"
         execution_id = message["execution_id"]
+        before.append(message["type"])
         if message["type"] == "input_request":
             assert message["prompt"] == "name? " and message["password"] is False
+            # What the cell printed before asking comes before the prompt (iopub and stdin are read apart).
+            assert before == ["accepted", "start", "stdout", "input_request"], before
             break
     ws.send(json.dumps({"type": "input", "execution_id": execution_id, "value": "kernelhub"}))
     messages = recv_until_end(ws, "ask")
