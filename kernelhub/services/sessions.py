@@ -294,7 +294,10 @@ class JupyterSession:
                     await asyncio.wait_for(self._iopub_seen.wait(), 0.2)
                 if self._iopub_seen.is_set():
                     if self.language == "python":
-                        await self._run_silent(PYTHON_SETUP)
+                        try:
+                            await self._run_silent(PYTHON_SETUP)
+                        except Exception as exc:  # the kernel works without it, only keeps more memory
+                            log.warning("setting up the python kernel of %s failed: %r", self.sandbox_id, exc)
                     return
             except TimeoutError:
                 pass
