@@ -19,6 +19,8 @@ How an execution ends (:meth:`JupyterSession._run`):
   :data:`INTERRUPT_GRACE_S` (ipykernel ignores SIGINT during a top-level ``await``, KERNELS.md) is restarted, and
   the execution ends ``killed``/``interrupted`` with the kernel's state lost. The same escalation ends a
   timeout and output past the cap (``error``/``output_truncated`` at once, the kernel kept when it stops).
+- An ``input_request`` (stdin) is passed on only after a ``kernel_info_request`` on control has had its status
+  published on iopub, so that what the cell printed before asking reaches the listeners first.
 
 Messages go out through the asyncio socket's own ``send_multipart`` (:func:`send_message`), never through
 jupyter_client's ``Session.send``: that one writes on a synchronous shadow of an asyncio socket, which takes the
