@@ -36,7 +36,7 @@ from tornado.websocket import WebSocketClosedError
 from ..errors import InvalidRequest, NotFound
 from ..models import iso_micro
 from ..services.sandboxes import SandboxRecord
-from ..services.sessions import JupyterSession
+from ..services.sessions import JupyterSession, send_message, send_raw_message
 from .base import BaseHandler, WebSocketBase, log
 
 #: What ``GET /api`` reports: the Jupyter Server API version these routes follow.
@@ -458,7 +458,7 @@ class KernelChannelsHandler(WebSocketBase):
                 if len(self._nudge_ids) > 1000:
                     self._nudge_ids.clear()
                 self._nudge_ids.add(msg["header"]["msg_id"])
-                self.zsession.send(shell, msg)
+                send_message(self.zsession, shell, msg)
                 await asyncio.wait([t for t in (reply, seen) if not t.done()], timeout=0.5)
         except zmq.ZMQError as exc:
             log.debug("nudging kernel %s: %s", self.kernel_id, exc)
@@ -569,9 +569,9 @@ class KernelChannelsHandler(WebSocketBase):
             return
         try:
             if parts is not None:
-                self.zsession.send_raw(sock, parts)
+                send_raw_message(self.zsession, sock, parts)
             else:
-                self.zsession.send(sock, msg)
+                send_message(self.zsession, sock, msg, msg.pop("buffers", None) or [])
         except Exception as exc:  # noqa: BLE001 - any field of the client's message may be unpackable
             log.warning("could not send a message to kernel %s: %s: %s", self.kernel_id, type(exc).__name__,
                         str(exc)[:200])

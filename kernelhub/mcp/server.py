@@ -81,6 +81,8 @@ class ProgressReporter:
             self._pending.append(f"{event.get('name')}: {event.get('value')}\n")
         elif kind == "result" and event.get("is_main_result"):
             self._pending.append("(result)\n")
+        elif kind == "update":
+            self._pending.append(f"(display {event.get('display_id')} updated)\n")
         else:
             return
         self._wake.set()
@@ -90,15 +92,23 @@ class ProgressReporter:
             with anyio.move_on_after(PROGRESS_HEARTBEAT_S):
                 await self._wake.wait()
             self._wake = anyio.Event()  # before taking the text: what comes meanwhile wakes the next round
-            text = "".join(self._pending)[-PROGRESS_MESSAGE_CHARS:]
-            self._pending.clear()
-            self._count += 1
-            message = text or f"running for {time.monotonic() - self._started:.0f} s"
-            try:
-                await self._send(self._count, None, message)
-            except Exception:  # noqa: BLE001 - progress is advisory; the client may be gone
-                log.debug("progress notification failed", exc_info=True)
+            await self._notify(f"running for {time.monotonic() - self._started:.0f} s")
             await anyio.sleep(PROGRESS_MIN_INTERVAL_S)
+
+    async def flush(self) -> None:
+        """Send the output not sent yet. Called by :func:`run_tool` once the tool has its answer and before
+        :meth:`run` is cancelled, so that the last output of an execution (often its error) is reported too."""
+        if self._pending:
+            await self._notify("")
+
+    async def _notify(self, quiet: str) -> None:
+        text = "".join(self._pending)[-PROGRESS_MESSAGE_CHARS:]
+        self._pending.clear()
+        self._count += 1
+        try:
+            await self._send(self._count, None, text or quiet)
+        except Exception:  # noqa: BLE001 - progress is advisory; the client may be gone
+            log.debug("progress notification failed", exc_info=True)
 
 
 def tool_list() -> list[types.Tool]:
@@ -128,6 +138,7 @@ async def run_tool(backend: Backend, name: str, arguments: dict[str, Any] | None
         tg.start_soon(reporter.run)
         try:
             out = await tools.call_tool(backend, name, arguments, reporter.on_event)
+            await reporter.flush()
         finally:
             tg.cancel_scope.cancel()
     return to_result(out)

@@ -206,7 +206,8 @@ def execution_text(ex: dict[str, Any]) -> str:
         trace = _plain("\n".join(error.get("traceback") or [])) or f"{error.get('name')}: {error.get('value')}"
         parts.append(f"error: {error.get('name')}: {error.get('value')}\n" + _clip(trace, 8000))
     if ex.get("truncated"):
-        parts.append("Output was truncated at the sandbox's output_mb limit.")
+        parts.append("Output reached the sandbox's output_mb limit: the execution was stopped there and the rest "
+                     "of its output dropped.")
     return "\n\n".join(parts)
 
 
@@ -468,9 +469,10 @@ TOOLS: list[ToolSpec] = [
         "imports, files), like notebook cells. Use it for computation, data analysis and plots (matplotlib "
         "figures come back as images). Long runs report progress (stdout as it is printed). Returns the "
         "execution: {id, status: ok|error|timeout|killed, stdout, stderr, results: [{is_main_result, data: "
-        "{mime: value}}], error: {name, value, traceback} | null, reason, duration_ms}; when the code raises, "
-        "times out or is killed the result is flagged as an error and still carries all of this. For runs "
-        "longer than a few minutes use code_execute_async.",
+        "{mime: value}, display_id?}], error: {name, value, traceback} | null, reason, duration_ms}; when the "
+        "code raises, times out or is killed the result is flagged as an error and still carries all of this. "
+        "Output past the sandbox's output_mb stops the code (reason output_truncated). For runs longer than a "
+        "few minutes use code_execute_async.",
         _schema(_CODE_ARGS, ("sandbox_id", "code")), _code_execute, streams=True),
     ToolSpec(
         "code_execute_async", "Start code without waiting",

@@ -5,6 +5,15 @@ out as events (the NDJSON/websocket event shapes of API.md) to listeners. The se
 (:mod:`kernelhub.services.sessions`) drives it. :class:`~kernelhub.services.executor.Executor` creates
 executions and keeps them in :class:`ExecutionHistory` (``execution_status``); ``Sandboxes`` ends a stopped
 sandbox's unfinished ones from there.
+
+Every listener sees the same events in the same order, and the stored execution (``to_dict``) holds what they
+saw: events go out one at a time (:meth:`Execution.emit`), ``end`` is always last, and an execution that ends
+in ``error`` has sent an ``error`` event before its ``end`` (one is made from the error object when the kernel
+published none, e.g. tslab, or an interrupt that landed in ipykernel's own code).
+
+Displays (Jupyter's ``display_id``): a result carries its ``display_id``; an ``update_display_data`` replaces
+every result with that id, in this execution or in the earlier one of the same session that showed it
+(:class:`Displays`), and streams as ``{"type": "update", display_id, data, metadata?}``.
 """
 
 from __future__ import annotations
@@ -23,6 +32,27 @@ Listener = Callable[[dict[str, Any]], "Awaitable[None] | None"]
 InputHandler = Callable[[str, bool], Awaitable[str]]
 
 ENDED = ("ok", "error", "timeout", "killed")
+#: How many display ids a session remembers the execution of (the oldest are forgotten first).
+DISPLAYS_KEPT = 1000
+
+
+class Displays:
+    """Which execution of a session first showed each ``display_id``, so that an update sent by a later
+    execution (``h = display(x, display_id=True)`` in one cell, ``h.update(y)`` in the next) replaces the output
+    where it is. One per :class:`~kernelhub.services.sessions.JupyterSession`; bounded to :data:`DISPLAYS_KEPT`."""
+
+    def __init__(self, size: int = DISPLAYS_KEPT) -> None:
+        self.size = size
+        self._owner: collections.OrderedDict[str, Execution] = collections.OrderedDict()
+
+    def shown(self, display_id: str, execution: Execution) -> None:
+        self._owner[display_id] = execution
+        self._owner.move_to_end(display_id)
+        while len(self._owner) > self.size:
+            self._owner.popitem(last=False)
+
+    def owner(self, display_id: str) -> Execution | None:
+        return self._owner.get(display_id)
 
 
 class Execution:
@@ -39,8 +69,9 @@ class Execution:
         self.output_limit = output_limit
         self.status = "queued"
         self.execution_count: int | None = None
-        self.stdout = ""
-        self.stderr = ""
+        # Appended chunk by chunk and joined when read: a long flood must not cost a copy of all the output
+        # so far per message (the iopub reader would fall behind the kernel).
+        self._streams: dict[str, list[str]] = {"stdout": [], "stderr": []}
         self.results: list[dict[str, Any]] = []
         self.error: dict[str, Any] | None = None
         self.reason: str | None = None
@@ -51,10 +82,32 @@ class Execution:
         self.msg_id: str | None = None
         self.input_handler: InputHandler | None = None
         self.allow_input = allow_input
+        #: Set by the session that runs it: where display ids of its kernel live.
+        self.displays: Displays | None = None
+        #: Set the first time output goes over ``output_limit``; the session then stops the execution.
+        self.over_limit = asyncio.Event()
+        #: The last stderr text (tslab prints a JavaScript error there and publishes no ``error`` message).
+        self.last_stderr = ""
         self._listeners: list[Listener] = []
+        self._emit_lock = asyncio.Lock()
+        self._error_sent = False
         self._output_bytes = 0
         self._done = asyncio.Event()
         self._started = asyncio.Event()
+
+    @property
+    def stdout(self) -> str:
+        return self._text("stdout")
+
+    @property
+    def stderr(self) -> str:
+        return self._text("stderr")
+
+    def _text(self, name: str) -> str:
+        parts = self._streams[name]
+        if len(parts) > 1:
+            parts[:] = ["".join(parts)]
+        return parts[0] if parts else ""
 
     # -- listeners ----------------------------------------------------------------------------------------
 
@@ -68,16 +121,21 @@ class Execution:
 
     async def emit(self, event: dict[str, Any]) -> None:
         """Send an event to every listener; a listener that awaits applies back-pressure to the kernel's
-        reader for this session, which is what bounds the memory a slow client can pin."""
+        reader for this session, which is what bounds the memory a slow client can pin. Events go out one at a
+        time, each to every listener before the next, so that concurrent emitters (the iopub reader, the stdin
+        reader, the session ending the execution) cannot reorder them for any listener."""
         event.setdefault("execution_id", self.id)
-        for listener in list(self._listeners):
-            try:
-                result = listener(event)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:
-                # A listener that fails (a closed socket) stops listening; the execution carries on.
-                self.remove_listener(listener)
+        async with self._emit_lock:
+            if event.get("type") == "error":
+                self._error_sent = True
+            for listener in list(self._listeners):
+                try:
+                    result = listener(event)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception:
+                    # A listener that fails (a closed socket) stops listening; the execution carries on.
+                    self.remove_listener(listener)
 
     # -- state --------------------------------------------------------------------------------------------
 
@@ -97,7 +155,15 @@ class Execution:
         self._started.set()
 
     async def finish(self, status: str, reason: str | None = None) -> None:
+        """End the execution: ``end`` goes to every listener, after an ``error`` event made from
+        :attr:`error` if the kernel published none. Called by the session (or the hub for a queued one)."""
         if self.ended:
+            return
+        if status == "error" and self.error is None:
+            self.error = {"name": "Error", "value": "The execution failed.", "traceback": []}
+        if self.error is not None and not self._error_sent:
+            await self.emit({"type": "error", **self.error})
+        if self.ended:  # ended meanwhile by another caller
             return
         self.status = status
         if reason and not self.reason:
@@ -110,17 +176,25 @@ class Execution:
         self._done.set()
 
     def _take(self, size: int) -> bool:
-        """Count output against the cap; False once it is over (the output is dropped, ``truncated`` set)."""
+        """Count output against the cap; False once it is over (the output is dropped, ``truncated`` set and
+        :attr:`over_limit` fired, which makes the session stop the execution)."""
         if self._output_bytes + size > self.output_limit:
-            if not self.truncated:
-                self.truncated = True
-                self.reason = self.reason or "output_truncated"
+            self._over()
             return False
         self._output_bytes += size
         return True
 
+    def _over(self) -> None:
+        if not self.truncated:
+            self.truncated = True
+            self.reason = self.reason or "output_truncated"
+            self.over_limit.set()
+
     async def on_iopub(self, msg: dict[str, Any]) -> None:
-        """Called by the session's iopub reader for every message whose parent is this execution."""
+        """Called by the session's iopub reader for every message whose parent is this execution; messages
+        that come after its end (a stopped flood, a thread still printing) are dropped."""
+        if self.ended:
+            return
         kind = msg.get("msg_type") or msg.get("header", {}).get("msg_type")
         content = msg.get("content", {})
         if kind == "stream":
@@ -132,20 +206,39 @@ class Execution:
                     return
                 text = text.encode()[:room].decode(errors="ignore")
                 self._output_bytes = self.output_limit
-            setattr(self, name, getattr(self, name) + text)
+            self._streams[name].append(text)
+            if name == "stderr":
+                self.last_stderr = text
             await self.emit({"type": name, "text": text})
-        elif kind in ("execute_result", "display_data", "update_display_data"):
-            data = content.get("data", {})
-            size = sum(len(str(v)) for v in data.values())
-            if not self._take(size):
+        elif kind in ("execute_result", "display_data"):
+            data = content.get("data") or {}
+            if not self._take(_size(data)):
                 return
-            result = {"is_main_result": kind == "execute_result", "data": data}
+            result: dict[str, Any] = {"is_main_result": kind == "execute_result", "data": data}
             if content.get("metadata"):
                 result["metadata"] = content["metadata"]
+            display_id = _display_id(content)
+            if display_id is not None:
+                result["display_id"] = display_id
+                if self.displays is not None:
+                    self.displays.shown(display_id, self)
             self.results.append(result)
             if kind == "execute_result" and content.get("execution_count") is not None:
                 self.execution_count = content["execution_count"]
             await self.emit({"type": "result", **result})
+        elif kind == "update_display_data":
+            display_id = _display_id(content)
+            data = content.get("data") or {}
+            if display_id is None or not self._take(_size(data)):
+                return  # an update without a display_id updates nothing (Jupyter's messaging spec)
+            metadata = content.get("metadata") or None
+            owner = self if self._shows(display_id) else (self.displays.owner(display_id) if self.displays else None)
+            if owner is not None:
+                owner.replace_display(display_id, data, metadata)
+            event: dict[str, Any] = {"type": "update", "display_id": display_id, "data": data}
+            if metadata:
+                event["metadata"] = metadata
+            await self.emit(event)
         elif kind == "error":
             self.error = {
                 "name": str(content.get("ename", "")),
@@ -156,6 +249,20 @@ class Execution:
         elif kind == "execute_input":
             if content.get("execution_count") is not None:
                 self.execution_count = content["execution_count"]
+
+    def _shows(self, display_id: str) -> bool:
+        return any(r.get("display_id") == display_id for r in self.results)
+
+    def replace_display(self, display_id: str, data: dict[str, Any], metadata: dict[str, Any] | None) -> None:
+        """Replace the data (and metadata) of every result showing ``display_id``, as a notebook does; the
+        execution may have ended (the update came from a later one)."""
+        for result in self.results:
+            if result.get("display_id") == display_id:
+                result["data"] = data
+                if metadata:
+                    result["metadata"] = metadata
+                else:
+                    result.pop("metadata", None)
 
     def to_dict(self) -> dict[str, Any]:
         duration = None
@@ -178,6 +285,16 @@ class Execution:
             "finished_at": iso(self.finished_at),
             "duration_ms": duration,
         }
+
+
+def _display_id(content: dict[str, Any]) -> str | None:
+    transient = content.get("transient")
+    display_id = transient.get("display_id") if isinstance(transient, dict) else None
+    return str(display_id) if display_id not in (None, "") else None
+
+
+def _size(data: dict[str, Any]) -> int:
+    return sum(len(str(v)) for v in data.values())
 
 
 class ExecutionHistory:

@@ -134,11 +134,13 @@ class Executor:
         return ex
 
     async def _interrupt(self, session: JupyterSession, ex: Execution) -> None:
+        """A queued execution ends ``killed``/``cancelled``; a running one is interrupted, escalating to a
+        kernel restart (``killed``/``interrupted``, state lost) if the kernel ignores the signal."""
         if ex.status == "queued":
             await ex.finish("killed", "cancelled")
         elif ex.status == "running":
             with contextlib.suppress(Exception):
-                await session.interrupt()
+                await session.interrupt(escalate=True)
 
     def get_execution(self, tenant: Tenant, execution_id: object) -> Execution:
         """``execution_status``: the tenant's execution, running or among the last ``execution_history``

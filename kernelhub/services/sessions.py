@@ -9,12 +9,36 @@ Created, started and closed by :class:`~kernelhub.services.sandboxes.Sandboxes` 
 ``session_create``, ``session_close``, sandbox stop); executions are run and interrupted by
 :class:`~kernelhub.services.executor.Executor`, kernels interrupted and restarted by
 :class:`~kernelhub.services.kernels.Kernels`; the Jupyter API's websocket talks to the kernel's sockets itself.
+
+How an execution ends (:meth:`JupyterSession._run`):
+
+- *Done* is the kernel's own pair of markers: ``execute_reply`` on shell and ``status: idle`` on iopub, which
+  the kernel publishes after every output of the request. The two sockets are not ordered with each other, so
+  when one marker is in and the other is not, a ``kernel_info_request`` goes out as a barrier: the kernel
+  answers it after the missing reply (shell is ordered) and publishes its status after the missing idle (iopub
+  is ordered). Either marker or its barrier completes that half; only when both were lost (tslab now and then
+  drops messages, KERNELS.md) does a grace of iopub silence end the wait.
+- A request the kernel refused without running it (``"abort"``: tslab's window of about 200 ms after an error;
+  ``"aborted"``: ipykernel after another client's error) is sent again after a wait, a bounded number of times.
+- An interrupt (:meth:`JupyterSession.interrupt`) sends SIGINT; a kernel that has not stopped within
+  :data:`INTERRUPT_GRACE_S` (ipykernel ignores SIGINT during a top-level ``await``, KERNELS.md) is restarted, and
+  the execution ends ``killed``/``interrupted`` with the kernel's state lost. The same escalation ends a
+  timeout and output past the cap (``error``/``output_truncated`` at once, the kernel kept when it stops).
+- An ``input_request`` (stdin) is passed on only after a ``kernel_info_request`` on control has had its status
+  published on iopub, so that what the cell printed before asking reaches the listeners first.
+
+Messages go out through the asyncio socket's own ``send_multipart`` (:func:`send_message`), never through
+jupyter_client's ``Session.send``: that one writes on a synchronous shadow of an asyncio socket, which takes the
+socket's edge-triggered wake-up without telling pyzmq's event loop, and a reply that came in at that moment is
+never read (the socket stays deaf until something else wakes it). The Jupyter API's websocket relay sends the
+same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import re
@@ -23,12 +47,14 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
+import zmq
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.session import DELIM, Session
 
 from ..errors import InvalidRequest, SandboxError
 from ..models import new_id
-from .executions import Execution
+from .executions import Displays, Execution
 
 if TYPE_CHECKING:
     from ..sandbox.sandbox import Sandbox
@@ -45,17 +71,44 @@ KERNELSPECS = {
 }
 LANGUAGES = ("python", "node", "typescript", "bash")
 
-#: How long to wait for the other half of "done" (idle on iopub, execute_reply on shell) once one arrived.
+#: Seconds of iopub silence after which a request whose other "done" marker and barrier were both lost ends.
 DONE_GRACE_S = 1.0
-#: After an interrupt, how long the kernel has to stop before it is restarted.
-INTERRUPT_GRACE_S = 3.0
+#: How long one "done" marker waits for the other before a barrier request goes out (see the module docstring).
+BARRIER_AFTER_S = 0.05
+#: After an interrupt, how long the kernel has to stop before it is restarted. Measured here under load: a
+#: KeyboardInterrupt takes ipykernel up to about a second to format and publish.
+INTERRUPT_GRACE_S = 5.0
 #: How long an interrupt waits for the kernel to show it runs the current execution (see :meth:`interrupt`).
 INTERRUPT_WAIT_S = 2.0
+#: Waits before sending again a request the kernel refused unrun ("abort"/"aborted"); tslab refuses for about
+#: 200 ms after an error (KERNELS.md). One more attempt than there are waits.
+ABORT_RETRY_DELAYS_S = (0.25, 0.5, 1.0, 2.0)
+#: Reply statuses that mean "not run".
+REFUSED = ("abort", "aborted")
+#: The error name each language reports when its kernel gives none (bash_kernel's exit status).
+DEFAULT_ERROR_NAMES = {"bash": "BashError"}
+_JS_ERROR_LINE = re.compile(r"^(?:Uncaught )?((?:[A-Za-z_$][\w$.]*)?(?:Error|Exception))(?:: ?(.*))?$")
+_TS_DIAGNOSTIC = re.compile(r"^(?:\S+ )?\d+:\d+ - (.*)$")
 
 _DISK_ERRORS = re.compile(
     r"\[Errno (27|28|122)\]|No space left on device|Disk quota exceeded|File too large|ENOSPC|EDQUOT|EFBIG"
 )
 _PIDS_ERRORS = re.compile(r"\[Errno 11\]|Resource temporarily unavailable|EAGAIN|fork: retry")
+
+
+#: Run silently in every python kernel once it answers (start and restart). IPython 9 keeps each write to
+#: stdout/stderr of every cell in ``history_manager.outputs`` for the kernel's lifetime (``InteractiveShell._tee``,
+#: for ``%notebook``): a cell printing 3 million lines filled a 256 MB sandbox and the next cell died of oom.
+#: Measured: 60,000 ``print(i)`` retained 60,001 strings (3.2 MB) there. Outputs still reach the client.
+PYTHON_SETUP = """\
+def _kh_setup():
+    import contextlib
+    shell = get_ipython()
+    if shell is not None and hasattr(shell, "_tee"):
+        shell._tee = lambda channel: contextlib.nullcontext()
+_kh_setup()
+del _kh_setup
+"""
 
 
 def env_snippet(language: str, values: Mapping[str, str | None]) -> str:
@@ -74,6 +127,71 @@ def env_snippet(language: str, values: Mapping[str, str | None]) -> str:
     raise InvalidRequest(f"env is not supported for {language} sessions.")
 
 
+def send_message(session: Session, socket: zmq.asyncio.Socket, msg: dict[str, Any],
+                 buffers: list[Any] | None = None) -> None:
+    """Sign ``msg`` (a jupyter_client message dict) with ``session``'s key and send it on an asyncio socket
+    through the socket's own ``send_multipart`` (see the module docstring for why not ``Session.send``)."""
+    _send_parts(socket, [*session.serialize(msg), *(buffers or [])])
+
+
+def send_raw_message(session: Session, socket: zmq.asyncio.Socket, msg_list: list[bytes]) -> None:
+    """Like :func:`send_message` for a message already packed as ``[header, parent, metadata, content,
+    *buffers]`` (the websocket's v1 framing), as ``Session.send_raw`` would sign it."""
+    _send_parts(socket, [DELIM, session.sign(msg_list[:4]), *msg_list])
+
+
+def _send_parts(socket: zmq.asyncio.Socket, parts: list[Any]) -> None:
+    sent: asyncio.Future[Any] = socket.send_multipart(parts)  # type: ignore[assignment]
+    # Sent at once unless the peer's queue is full; a send that fails later (the socket closed) is logged.
+    sent.add_done_callback(_log_send_failure)
+
+
+def _log_send_failure(sent: asyncio.Future[Any]) -> None:
+    if not sent.cancelled() and sent.exception() is not None:
+        log.debug("a kernel message was not sent: %s", sent.exception())
+
+
+def error_object(language: str, content: Mapping[str, Any], stderr: str = "", last_stderr: str = "") -> dict[str, Any]:
+    """``{name, value, traceback}`` for an execution that ended in error, never with an empty name or value.
+
+    ``content`` is an ``error`` message's or an ``execute_reply``'s content (``ename``, ``evalue``,
+    ``traceback``). bash_kernel sends ``ename: ""`` and the exit status as ``evalue``. tslab (node, typescript)
+    sends no error at all: it prints the JavaScript error on stderr with one ``console.error(e)`` (``last_stderr``,
+    the last stderr text of the execution), and a program that does not compile as one line per TypeScript
+    diagnostic (``stderr``, all of it); see :func:`_js_error`."""
+    name = str(content.get("ename") or "")
+    value = str(content.get("evalue") or "")
+    traceback = [str(t) for t in content.get("traceback") or []][:200]
+    if not name and language in ("node", "typescript"):
+        name, value, traceback = _js_error(stderr, last_stderr) or ("", value, traceback)
+    if not name:
+        name = DEFAULT_ERROR_NAMES.get(language, "Error")
+    if language == "bash" and value.isdigit():
+        value = f"The last command exited with status {value}."
+    if not value:
+        value = "The execution was interrupted." if name == "KeyboardInterrupt" else f"{name} (no message)."
+    return {"name": name, "value": value, "traceback": traceback}
+
+
+def _js_error(stderr: str, last_stderr: str) -> tuple[str, str, list[str]] | None:
+    """Name, message and lines of the error tslab printed. Node prints an uncaught ``Error`` as the source line
+    it came from, then ``Name: message`` (a message may span lines), then ``    at ...`` frames; a thrown value
+    that is not an Error as itself; tslab prints each TypeScript diagnostic as ``line:col - message``."""
+    chunk = last_stderr.strip("\n").splitlines()
+    if not chunk:
+        return None
+    if _TS_DIAGNOSTIC.match(chunk[0]):
+        lines = [line for line in stderr.splitlines() if _TS_DIAGNOSTIC.match(line)][:200]
+        return "CompileError", "\n".join(m.group(1) for m in map(_TS_DIAGNOSTIC.match, lines) if m), lines
+    for i, line in enumerate(chunk):
+        found = _JS_ERROR_LINE.match(line)
+        if found:
+            more = itertools.takewhile(lambda rest: not rest.lstrip().startswith("at "), chunk[i + 1:])
+            value = "\n".join([found.group(2) or "", *more]).strip()
+            return found.group(1), value, chunk[:200]
+    return "Error", "\n".join(chunk).strip()[:2000], chunk[:200]
+
+
 def kernelspec_for(language: str) -> str:
     try:
         return KERNELSPECS[language]
@@ -81,6 +199,23 @@ def kernelspec_for(language: str) -> str:
         raise InvalidRequest(
             f"Unknown language {language!r}; use one of {', '.join(LANGUAGES)}."
         ) from None
+
+
+class _Request:
+    """One ``execute_request`` in flight, the execution its outputs go to (None for bookkeeping code), and the
+    markers of its end (see the module docstring)."""
+
+    def __init__(self, msg_id: str, ex: Execution | None) -> None:
+        loop = asyncio.get_running_loop()
+        self.msg_id = msg_id
+        self.ex = ex
+        self.reply: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.idle = asyncio.Event()
+        #: The kernel runs it: execute_input or an output came (an "abort" after this is not a refusal).
+        self.begun = asyncio.Event()
+        self.barrier_id: str | None = None
+        self.barrier_reply: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.barrier_seen = asyncio.Event()
 
 
 class JupyterSession:
@@ -99,16 +234,20 @@ class JupyterSession:
         self.kc: Any = None
         self.last_activity = time.time()
         self.execution_state = "starting"
+        self.displays = Displays()
         self._lock = asyncio.Lock()
-        self._current: Execution | None = None
-        self._idle: asyncio.Event | None = None
-        self._begun: asyncio.Event | None = None
+        self._request: _Request | None = None
         self._interrupted = False
-        self._reply: asyncio.Future[dict[str, Any]] | None = None
+        self._escalate = asyncio.Event()
         self._shell_waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        #: Barrier requests whose iopub status is awaited (see :meth:`_iopub_barrier`), by msg_id.
+        self._iopub_markers: dict[str, asyncio.Event] = {}
         self._readers: list[asyncio.Task[None]] = []
         self.restarts = 0
         self._iopub_seen = asyncio.Event()
+        #: iopub messages handled so far, and whether one is being handled now (its listeners may be slow).
+        self._iopub_handled = 0
+        self._iopub_handling = False
 
     @property
     def kernel_id(self) -> str | None:
@@ -142,17 +281,17 @@ class JupyterSession:
         self.kc = self.km.client()
         self.kc.start_channels()
         self._readers = [
-            asyncio.ensure_future(self._read(self.kc.iopub_channel, self._on_iopub)),
+            asyncio.ensure_future(self._read(self.kc.iopub_channel, self._on_iopub, iopub=True)),
             asyncio.ensure_future(self._read(self.kc.shell_channel, self._on_shell)),
             asyncio.ensure_future(self._read(self.kc.stdin_channel, self._on_stdin)),
+            # Control replies (to the barriers) are read and dropped like unawaited shell replies.
+            asyncio.ensure_future(self._read(self.kc.control_channel, self._on_shell)),
         ]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         self._iopub_seen = asyncio.Event()
         while True:
-            msg_id = self.kc.kernel_info()
-            fut = loop.create_future()
-            self._shell_waiters[msg_id] = fut
+            _, fut = self._send_shell("kernel_info_request", {})
             try:
                 await asyncio.wait_for(fut, 0.5)
                 # The reply came on shell; iopub is a separate subscription that may join later (ZeroMQ's slow
@@ -161,9 +300,14 @@ class JupyterSession:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._iopub_seen.wait(), 0.2)
                 if self._iopub_seen.is_set():
+                    if self.language == "python":
+                        try:
+                            await self._run_silent(PYTHON_SETUP)
+                        except Exception as exc:  # the kernel works without it, only keeps more memory
+                            log.warning("setting up the python kernel of %s failed: %r", self.sandbox_id, exc)
                     return
             except TimeoutError:
-                self._shell_waiters.pop(msg_id, None)
+                pass
             if not await self.km.is_alive():
                 raise SandboxError(
                     "The kernel exited while starting: " + " | ".join(self.sandbox.logs(6))
@@ -178,11 +322,29 @@ class JupyterSession:
             with contextlib.suppress(BaseException):
                 await task
         self._readers = []
+        for fut in self._shell_waiters.values():
+            fut.cancel()
+        self._shell_waiters.clear()
         if self.kc is not None:
             self.kc.stop_channels()
             self.kc = None
 
-    async def _read(self, channel: Any, handler: Any) -> None:
+    def _send(self, channel: str, msg_type: str, content: dict[str, Any]) -> str:
+        """Send a request on the client's ``shell`` or ``stdin`` socket; answers its msg_id."""
+        msg = self.kc.session.msg(msg_type, content)
+        send_message(self.kc.session, getattr(self.kc, f"{channel}_channel").socket, msg)
+        return str(msg["header"]["msg_id"])
+
+    def _send_shell(self, msg_type: str, content: dict[str, Any]) -> tuple[str, asyncio.Future[dict[str, Any]]]:
+        """Send a shell request; answers its msg_id and a future of its reply (cancelled if the kernel
+        restarts first)."""
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        msg_id = self._send("shell", msg_type, content)
+        self._shell_waiters[msg_id] = fut
+        fut.add_done_callback(lambda _: self._shell_waiters.pop(msg_id, None))
+        return msg_id, fut
+
+    async def _read(self, channel: Any, handler: Any, *, iopub: bool = False) -> None:
         while True:
             try:
                 msg = await channel.get_msg()
@@ -192,46 +354,63 @@ class JupyterSession:
                 log.debug("dropped a kernel message: %s", exc)
                 await asyncio.sleep(0)
                 continue
+            self._iopub_handling = iopub
             try:
                 await handler(msg)
             except Exception:
                 log.exception("error handling a kernel message")
+            finally:
+                if iopub:
+                    self._iopub_handling = False
+                    self._iopub_handled += 1
 
     async def _on_iopub(self, msg: dict[str, Any]) -> None:
         self._iopub_seen.set()
         parent = msg.get("parent_header", {}).get("msg_id")
-        ex = self._current
-        if msg.get("msg_type") == "status":
-            state = msg.get("content", {}).get("execution_state")
-            if state in ("busy", "idle", "starting"):
-                self.execution_state = state
-        if ex is None or parent != ex.msg_id:
+        kind = msg.get("msg_type")
+        content = msg.get("content", {})
+        if kind == "status" and content.get("execution_state") in ("busy", "idle", "starting"):
+            self.execution_state = content["execution_state"]
+        marker = self._iopub_markers.get(parent)
+        if marker is not None:
+            marker.set()
             return
-        if self._begun is not None and msg.get("msg_type") != "status":
-            self._begun.set()  # execute_input or output: the kernel is inside the execute handler
-        if msg.get("msg_type") == "status" and msg["content"].get("execution_state") == "idle":
-            if self._idle is not None:
-                self._idle.set()
+        req = self._request
+        if req is None:
             return
-        await ex.on_iopub(msg)
+        if parent == req.barrier_id:
+            req.barrier_seen.set()  # every iopub message of the request came before this one
+            return
+        if parent != req.msg_id:
+            return
+        if kind == "status":
+            if content.get("execution_state") == "idle":
+                req.idle.set()
+            return
+        req.begun.set()  # execute_input or output: the kernel is inside the execute handler
+        if req.ex is None:
+            return
+        if kind == "error":
+            msg = {**msg, "content": {**content, **_error_content(error_object(self.language, content))}}
+        await req.ex.on_iopub(msg)
 
     async def _on_shell(self, msg: dict[str, Any]) -> None:
         parent = msg.get("parent_header", {}).get("msg_id")
         fut = self._shell_waiters.pop(parent, None)
         if fut is not None and not fut.done():
             fut.set_result(msg)
-        ex = self._current
-        if ex is not None and parent == ex.msg_id and msg.get("msg_type") == "execute_reply":
-            if self._reply is not None and not self._reply.done():
-                self._reply.set_result(msg)
 
     async def _on_stdin(self, msg: dict[str, Any]) -> None:
         if msg.get("msg_type") != "input_request":
             return
-        ex = self._current
+        req = self._request
+        ex = req.ex if req is not None else None
         content = msg.get("content", {})
         value = ""
         if ex is not None and ex.input_handler is not None:
+            # The kernel flushed its output before asking (ipykernel does), but on iopub, which is read apart
+            # from stdin: let that output reach the listeners first.
+            await self._iopub_barrier()
             await ex.emit({"type": "input_request", "prompt": str(content.get("prompt", "")),
                            "password": bool(content.get("password"))})
             try:
@@ -239,19 +418,56 @@ class JupyterSession:
             except Exception:
                 value = ""
         if self.kc is not None:
-            self.kc.input(value)
+            self._send("stdin", "input_reply", {"value": value})
+
+    async def _iopub_barrier(self) -> None:
+        """Wait (at most :data:`DONE_GRACE_S`) until every iopub message the kernel published so far has been
+        handled: a kernel_info_request on control, which ipykernel answers in its control thread even while the
+        shell waits (for input), publishes its status after them."""
+        msg = self.kc.session.msg("kernel_info_request", {})
+        msg_id = str(msg["header"]["msg_id"])
+        seen = self._iopub_markers[msg_id] = asyncio.Event()
+        try:
+            send_message(self.kc.session, self.kc.control_channel.socket, msg)
+            await asyncio.wait_for(seen.wait(), DONE_GRACE_S)
+        except TimeoutError:
+            log.debug("the kernel published no status for the control barrier %s", msg_id)
+        finally:
+            self._iopub_markers.pop(msg_id, None)
 
     # -- execution ------------------------------------------------------------------------------------
 
+    def _send_execute(self, code: str, ex: Execution | None) -> _Request:
+        silent = ex is None
+        content = {"code": code, "silent": silent, "store_history": not silent, "user_expressions": {},
+                   "allow_stdin": ex is not None and ex.input_handler is not None, "stop_on_error": False}
+        msg = self.kc.session.msg("execute_request", content)
+        req = _Request(str(msg["header"]["msg_id"]), ex)
+        self._shell_waiters[req.msg_id] = req.reply
+        self._request = req
+        send_message(self.kc.session, self.kc.shell_channel.socket, msg)
+        return req
+
+    def _end_request(self) -> None:
+        req, self._request = self._request, None
+        if req is not None:
+            for msg_id in (req.msg_id, req.barrier_id):
+                self._shell_waiters.pop(msg_id or "", None)
+
     async def _run_silent(self, code: str, timeout: float = 10.0) -> None:
-        """Run bookkeeping code (no outputs, no history); used around executions that carry ``env``."""
-        msg_id = self.kc.execute(code, silent=True, store_history=False, allow_stdin=False)
-        fut = asyncio.get_running_loop().create_future()
-        self._shell_waiters[msg_id] = fut
-        try:
-            await asyncio.wait_for(fut, timeout)
-        finally:
-            self._shell_waiters.pop(msg_id, None)
+        """Run bookkeeping code (no outputs, no history); used around executions that carry ``env``. A
+        refusal (``abort``) is waited out and sent again, as for executions."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for delay in (*ABORT_RETRY_DELAYS_S, None):
+            req = self._send_execute(code, None)
+            try:
+                reply = await asyncio.wait_for(self._wait_done(req), max(0.0, deadline - loop.time()))
+            finally:
+                self._end_request()
+            if delay is None or not _refused(req, reply) or loop.time() + delay > deadline:
+                return
+            await asyncio.sleep(delay)
 
     async def execute(self, ex: Execution, env: Mapping[str, str] | None = None) -> None:
         """Run ``ex`` when the kernel is free; returns when it ended. Called by the hub. ``env`` holds for
@@ -283,11 +499,15 @@ class JupyterSession:
                     ex.error = ex.error or {"name": "SandboxError", "value": str(exc), "traceback": []}
                     await ex.finish("killed", "sandbox_error")
             finally:
-                self._current = None
+                self._end_request()
                 self.last_activity = time.time()
 
     async def _run(self, ex: Execution) -> None:
+        """Send ``ex`` to the kernel (again, after a refusal) and end it from the kernel's answer, or stop it:
+        timeout, an escalated interrupt, output past the cap, the kernel dying."""
         sandbox = self.sandbox
+        if ex.ended:  # cancelled while the env of the execution was being set
+            return
         if sandbox.state != "running":
             ex.error = {"name": "SandboxStopped", "value": f"The sandbox is {sandbox.state}.", "traceback": []}
             await ex.finish("killed", sandbox.reason or "stopped")
@@ -296,57 +516,143 @@ class JupyterSession:
             await self._restart("the kernel had died")
         oom0, pids0 = sandbox.oom_kills(), sandbox.pids_max_hits()
         loop = asyncio.get_running_loop()
-        self._idle = asyncio.Event()
-        self._begun = asyncio.Event()
+        deadline = loop.time() + ex.timeout_s
         self._interrupted = False
-        self._reply = loop.create_future()
+        self._escalate = asyncio.Event()
+        ex.displays = self.displays
         ex.mark_running()
         await ex.emit({"type": "start"})
-        ex.msg_id = self.kc.execute(ex.code, allow_stdin=ex.input_handler is not None, stop_on_error=False)
-        self._current = ex
         process = getattr(self.km.provisioner, "process", None)
         died = asyncio.ensure_future(process.wait()) if process is not None else loop.create_future()
-        done = asyncio.ensure_future(self._wait_done())
         try:
-            finished, _ = await asyncio.wait({done, died}, timeout=ex.timeout_s,
-                                             return_when=asyncio.FIRST_COMPLETED)
-            if done in finished:
-                await self._finish_from_reply(ex, done.result(), oom0, pids0)
+            for delay in (*ABORT_RETRY_DELAYS_S, None):
+                req = self._send_execute(ex.code, ex)
+                ex.msg_id = req.msg_id
+                reply = await self._supervise(ex, req, died, deadline, oom0)
+                if ex.ended:
+                    return
+                if delay is not None and _refused(req, reply) and not self._interrupted \
+                        and loop.time() + delay < deadline:
+                    # Not run (tslab's window after an error, ipykernel's after another client's): wait it out.
+                    log.debug("execution %s refused by the kernel; sending it again in %s s", ex.id, delay)
+                    self._end_request()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._escalate.wait(), delay)
+                    if not self._interrupted:
+                        continue
+                await self._finish_from_reply(ex, reply, oom0, pids0)
                 return
-            if died in finished:
-                await self._kernel_died(ex, oom0)
-                return
-            # Timeout: interrupt first; if the kernel does not stop, restart it.
-            sandbox.log(f"execution {ex.id} timed out after {ex.timeout_s}s; interrupting")
-            with contextlib.suppress(Exception):
-                await self.km.interrupt_kernel()
-            finished, _ = await asyncio.wait({done, died}, timeout=INTERRUPT_GRACE_S,
-                                             return_when=asyncio.FIRST_COMPLETED)
-            if done not in finished:
-                sandbox.log(f"execution {ex.id}: the kernel ignored the interrupt; restarting it")
-                await self._restart("timeout")
-            await ex.finish("timeout", "timeout")
         finally:
-            done.cancel()
             died.cancel()
 
-    async def _wait_done(self) -> dict[str, Any] | None:
-        """Done = execute_reply and idle. Either may be lost (tslab, KERNELS.md), so once one has arrived
-        the other gets a short grace."""
-        assert self._idle is not None and self._reply is not None
-        idle_task = asyncio.ensure_future(self._idle.wait())
+    async def _supervise(self, ex: Execution, req: _Request, died: asyncio.Future[Any], deadline: float,
+                         oom0: int) -> dict[str, Any] | None:
+        """Wait for ``req`` to be done and answer its reply (None if lost), unless it has to be stopped first:
+        then ``ex`` is ended here."""
+        loop = asyncio.get_running_loop()
+        done = asyncio.ensure_future(self._wait_done(req))
+        escalate = asyncio.ensure_future(self._escalate.wait())
+        over = asyncio.ensure_future(ex.over_limit.wait())
         try:
-            waiters: set[asyncio.Future[Any]] = {idle_task, self._reply}
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            if not self._reply.done():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(self._reply), DONE_GRACE_S)
-            elif not self._idle.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._idle.wait(), DONE_GRACE_S)
+            finished, _ = await asyncio.wait({done, died, escalate, over}, timeout=max(0.0, deadline - loop.time()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+            if done in finished:
+                return done.result()
+            if died in finished:
+                await self._kernel_died(ex, oom0)
+                return None
+            if over in finished:
+                # Output past the cap: the execution ends now, whatever the kernel does; then the kernel is
+                # interrupted (kept if it stops) while this session waits for it before the next execution.
+                ex.error = {"name": "OutputLimitExceeded",
+                            "value": f"The execution wrote more than its output cap of {ex.output_limit} bytes "
+                                     "(output_mb); it was stopped and the rest of its output dropped.",
+                            "traceback": []}
+                await ex.finish("error", "output_truncated")
+                self.sandbox.log(f"execution {ex.id} passed its output cap; interrupting it")
+                self._interrupted = True
+                with contextlib.suppress(Exception):
+                    await self.km.interrupt_kernel()
+                await self._settle(ex, done, died, "output_truncated")
+                return None
+            if escalate in finished:
+                # interrupt() sent SIGINT: the request ends by itself, or the kernel is restarted.
+                outcome = await self._settle(ex, done, died, "interrupted")
+                if outcome == "done":
+                    return done.result()
+                if outcome == "died":
+                    await self._kernel_died(ex, oom0)
+                else:
+                    ex.error = {"name": "KernelRestarted",
+                                "value": f"The kernel did not stop within {INTERRUPT_GRACE_S:g} s of the interrupt "
+                                         "and was restarted; its state (variables, imports) was lost.",
+                                "traceback": []}
+                    await ex.finish("killed", "interrupted")
+                return None
+            # Timeout: interrupt first; if the kernel does not stop, restart it.
+            self.sandbox.log(f"execution {ex.id} timed out after {ex.timeout_s}s; interrupting")
+            self._interrupted = True
+            with contextlib.suppress(Exception):
+                await self.km.interrupt_kernel()
+            outcome = await self._settle(ex, done, died, "timeout")
+            if ex.error is None or outcome == "restarted":
+                lost = "; the kernel did not stop and was restarted (its state was lost)" \
+                    if outcome == "restarted" else ""
+                ex.error = {"name": "Timeout", "value": f"The execution ran longer than {ex.timeout_s:g} s{lost}.",
+                            "traceback": []}
+            await ex.finish("timeout", "timeout")
+            return None
         finally:
-            idle_task.cancel()
-        return self._reply.result() if self._reply.done() else None
+            for task in (done, escalate, over):
+                task.cancel()
+
+    async def _settle(self, ex: Execution, done: asyncio.Future[Any], died: asyncio.Future[Any],
+                      why: str) -> str:
+        """After a SIGINT: wait up to :data:`INTERRUPT_GRACE_S` for the request to end; restart the kernel if it
+        did not. Answers ``"done"``, ``"died"`` or ``"restarted"``. No second signal: a kernel that took the
+        first one may still be formatting its traceback, and a second one would land in that."""
+        finished, _ = await asyncio.wait({done, died}, timeout=INTERRUPT_GRACE_S, return_when=asyncio.FIRST_COMPLETED)
+        if done in finished:
+            return "done"
+        if died in finished:
+            return "died"
+        self.sandbox.log(f"execution {ex.id}: the kernel ignored the interrupt; restarting it (state lost)")
+        self._end_request()
+        await self._restart(why)
+        return "restarted"
+
+    async def _wait_done(self, req: _Request) -> dict[str, Any] | None:
+        """Wait for ``req``'s execute_reply and idle; answers the reply (None when the kernel sent none, e.g.
+        after an interrupt that landed in ipykernel's own code). See the module docstring for the barrier."""
+        tasks: dict[str, asyncio.Future[Any]] = {"idle": asyncio.ensure_future(req.idle.wait())}
+        try:
+            await asyncio.wait({tasks["idle"], req.reply}, return_when=asyncio.FIRST_COMPLETED)
+            if not (req.idle.is_set() and req.reply.done()):
+                # Usually the other marker is a moment behind: no barrier for that.
+                await asyncio.wait({tasks["idle"], req.reply}, timeout=BARRIER_AFTER_S,
+                                   return_when=asyncio.ALL_COMPLETED)
+            if not (req.idle.is_set() and req.reply.done()):
+                req.barrier_id, req.barrier_reply = self._send_shell("kernel_info_request", {})
+                tasks["seen"] = asyncio.ensure_future(req.barrier_seen.wait())
+            while True:
+                iopub_done = req.idle.is_set() or req.barrier_seen.is_set()
+                shell_done = req.reply.done() or req.barrier_reply.done()
+                if iopub_done and shell_done:
+                    break
+                waiting: set[asyncio.Future[Any]] = set()
+                if not iopub_done:
+                    waiting |= {tasks["idle"], tasks["seen"]}
+                if not shell_done:
+                    waiting |= {req.reply, req.barrier_reply}
+                handled = self._iopub_handled
+                finished, _ = await asyncio.wait(waiting, timeout=DONE_GRACE_S, return_when=asyncio.FIRST_COMPLETED)
+                if not finished and not self._iopub_handling and self._iopub_handled == handled:
+                    log.debug("request %s: its end markers and the barrier's were lost", req.msg_id)
+                    break
+        finally:
+            for task in tasks.values():
+                task.cancel()
+        return req.reply.result() if req.reply.done() and not req.reply.cancelled() else None
 
     async def _finish_from_reply(self, ex: Execution, reply: dict[str, Any] | None, oom0: int,
                                  pids0: int) -> None:
@@ -354,21 +660,26 @@ class JupyterSession:
         if content.get("execution_count") is not None:
             ex.execution_count = content["execution_count"]
         status = content.get("status")
-        if reply is None and ex.error is None and self._interrupted:
-            # The signal landed in the kernel's own code around the cell ("KeyboardInterrupt caught in kernel"):
-            # the cell was stopped, but no execute_reply says so.
-            ex.error = {"name": "KeyboardInterrupt", "value": "The execution was interrupted.", "traceback": []}
         if status is None:
-            status = "error" if ex.error else "ok"
-        if status == "error" and ex.error is None:
-            ex.error = {"name": str(content.get("ename", "Error")), "value": str(content.get("evalue", "")),
-                        "traceback": [str(t) for t in content.get("traceback", [])]}
-        if status == "aborted":
+            # No reply: the signal landed in the kernel's own code around the cell ("KeyboardInterrupt caught in
+            # kernel"), which stopped it without an execute_reply.
+            status = "error" if ex.error or self._interrupted else "ok"
+        if status in REFUSED:
             status = "error"
+        if status == "error" and ex.error is None:
+            if self._interrupted:
+                ex.error = {"name": "KeyboardInterrupt", "value": "The execution was interrupted.",
+                            "traceback": []}
+            elif content.get("status") in REFUSED:
+                ex.error = {"name": "KernelRefused",
+                            "value": f"The kernel answered {content['status']!r} to every attempt to run the "
+                                     "code; it did not run.", "traceback": []}
+            else:
+                ex.error = error_object(self.language, content, ex.stderr, ex.last_stderr)
         reason = None
         if status == "error" and ex.error is not None:
             text = f"{ex.error.get('name')}: {ex.error.get('value')}"
-            if ex.error.get("name") == "KeyboardInterrupt":
+            if self._interrupted or ex.error.get("name") == "KeyboardInterrupt":
                 reason = "interrupted"
             elif self.sandbox.oom_kills() > oom0 or ex.error.get("name") == "MemoryError":
                 reason = "oom"
@@ -392,6 +703,7 @@ class JupyterSession:
             "traceback": [],
         }
         await ex.finish("killed", reason)
+        self._end_request()
         if self.sandbox.state == "running":
             with contextlib.suppress(Exception):
                 await self._restart(reason)
@@ -405,19 +717,25 @@ class JupyterSession:
         self.state = "running"
         self.sandbox.log(f"{self.language} kernel restarted ({why})")
 
-    async def interrupt(self) -> None:
-        """Interrupt whatever runs now; the kernel keeps its state. Called by the hub.
+    async def interrupt(self, *, escalate: bool = False) -> None:
+        """Interrupt whatever runs now (SIGINT); the kernel keeps its state. Called by the hub: with
+        ``escalate`` (an execution's interrupt), a kernel that has not stopped within :data:`INTERRUPT_GRACE_S`
+        is restarted and the execution ends ``killed``/``interrupted``; without it (the Jupyter API's
+        interrupt), only the signal is sent, as Jupyter Server does.
 
         A kernel ignores SIGINT between requests (ipykernel honours it only inside a shell handler), and an
         execution is "running" from just before its request is sent: a signal sent in that gap would be
         lost and the code would run on. So the signal waits (briefly) until the kernel has shown that it
         runs the current execution."""
-        begun = self._begun
-        if self._lock.locked() and begun is not None and not begun.is_set():
+        req = self._request
+        if self._lock.locked() and req is not None and not req.begun.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(begun.wait(), INTERRUPT_WAIT_S)
-        self._interrupted = self._lock.locked()
+                await asyncio.wait_for(req.begun.wait(), INTERRUPT_WAIT_S)
+        running = self._lock.locked()
+        self._interrupted = self._interrupted or running
         await self.km.interrupt_kernel()
+        if escalate and running:
+            self._escalate.set()
 
     async def restart(self) -> None:
         async with self._lock:
@@ -434,7 +752,17 @@ class JupyterSession:
         if self.state == "closed":
             return
         self.state = "closed"
-        ex = self._current
-        if ex is not None and not ex.ended:
-            await ex.finish("killed", "closed")
+        req = self._request
+        if req is not None and req.ex is not None and not req.ex.ended:
+            await req.ex.finish("killed", "closed")
         await self._shutdown_kernel()
+
+
+def _refused(req: _Request, reply: dict[str, Any] | None) -> bool:
+    """The kernel answered "abort"/"aborted" to a request it never began (bash_kernel answers "abort" to an
+    interrupted cell, after its execute_input: that one ran)."""
+    return reply is not None and reply.get("content", {}).get("status") in REFUSED and not req.begun.is_set()
+
+
+def _error_content(error: Mapping[str, Any]) -> dict[str, Any]:
+    return {"ename": error["name"], "evalue": error["value"], "traceback": error["traceback"]}

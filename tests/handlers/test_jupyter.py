@@ -128,6 +128,31 @@ def run(ws: ClientConnection, msg: dict[str, Any], *, v1: bool = False, channel:
     return got
 
 
+def run_all(ws: ClientConnection, msgs: list[dict[str, Any]], *, v1: bool = False,
+            timeout: float = 30) -> dict[str, list[dict[str, Any]]]:
+    """Send every message at once (shell), then collect what answers each, until each has its reply and idle;
+    keyed by msg_id."""
+    for msg in msgs:
+        (send_v1 if v1 else send_legacy)(ws, msg)
+    recv = recv_v1 if v1 else recv_legacy
+    got: dict[str, list[dict[str, Any]]] = {m["header"]["msg_id"]: [] for m in msgs}
+    pending = {msg_id: {"reply", "idle"} for msg_id in got}
+    deadline = time.monotonic() + timeout
+    while any(pending.values()):
+        left = deadline - time.monotonic()
+        assert left > 0, f"unanswered after {timeout}s: {pending}"
+        m = recv(ws, left)
+        msg_id = m["parent_header"].get("msg_id")
+        if msg_id not in got:
+            continue
+        got[msg_id].append(m)
+        if m["channel"] == "shell" and m["msg_type"].endswith("_reply"):
+            pending[msg_id].discard("reply")
+        if m["channel"] == "iopub" and m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+            pending[msg_id].discard("idle")
+    return got
+
+
 def stdout(msgs: list[dict[str, Any]]) -> str:
     return "".join(m["content"]["text"] for m in msgs
                    if m["msg_type"] == "stream" and m["content"]["name"] == "stdout")
@@ -425,6 +450,38 @@ def test_same_session_id_replaces_the_stale_connection(gateway: Gateway, kernel:
                     old.recv(timeout=10)
             msg = execute_request("print('still here')")
             assert stdout(run(new, msg)) == "still here\n"
+
+
+@pytest.mark.parametrize("v1", [False, True], ids=["legacy", "v1"])
+def test_requests_sent_the_instant_the_socket_opens_are_answered(gateway: Gateway, v1: bool) -> None:  # noqa: F811
+    """What JupyterLab does on opening a notebook (and "Run All"): kernel_info_request and an execute_request
+    the moment the socket is open, on a kernel that has just started, then again right after a restart. A
+    reply that came in while the next request went out used to be lost for good on that connection (the cell
+    stayed ``[ ]``): eight connections in a row, each with a fresh shell socket."""
+    kid = start_kernel(gateway)["id"]
+    try:
+        for i in range(8):
+            with ws_connect(gateway, kid, v1=v1) as ws:
+                info, ex = new_msg("kernel_info_request", {}), execute_request(f"print({i})")
+                got = run_all(ws, [info, ex], v1=v1)
+                assert reply(got[info["header"]["msg_id"]])["msg_type"] == "kernel_info_reply"
+                assert stdout(got[ex["header"]["msg_id"]]) == f"{i}\n"
+                assert reply(got[ex["header"]["msg_id"]])["content"]["status"] == "ok"
+        with ws_connect(gateway, kid, v1=v1) as ws:
+            for i in range(3):
+                status, _ = gateway.request("POST", f"/api/kernels/{kid}/restart", raw=b"")
+                assert status == 200
+                info, ex = new_msg("kernel_info_request", {}), execute_request(f"print('after {i}')")
+                got = run_all(ws, [info, ex], v1=v1)
+                assert stdout(got[ex["header"]["msg_id"]]) == f"after {i}\n"
+            # And a connection opened right after a restart.
+            status, _ = gateway.request("POST", f"/api/kernels/{kid}/restart", raw=b"")
+            assert status == 200
+            with ws_connect(gateway, kid, v1=v1) as fresh:
+                ex = execute_request("print('fresh')")
+                assert stdout(run_all(fresh, [ex], v1=v1)[ex["header"]["msg_id"]]) == "fresh\n"
+    finally:
+        gateway.request("DELETE", f"/api/kernels/{kid}")
 
 
 def test_restart_and_interrupt_while_connected(gateway: Gateway) -> None:  # noqa: F811

@@ -193,6 +193,31 @@ def test_kernel_through_jupyter_server(server: JupyterServer, gateway: Gateway) 
     assert status == 404
 
 
+def test_first_cells_are_answered_through_jupyter_server(server: JupyterServer) -> None:
+    """JupyterLab on a kernelhub kernel: the frontend sends kernel_info_request and its first cell the moment
+    its socket to the server is open, while the server is still connecting to us; then again right after a
+    restart. Every request is answered (the first cell used to stay ``[ ]`` now and then)."""
+    status, model = server.request("POST", "/api/kernels", {"name": "kernelhub-python"})
+    assert status == 201, (model, server.log())
+    kernel_id = model["id"]
+    try:
+        for i in range(6):
+            with server.channels(kernel_id) as ws:
+                send_at_once(ws, [Session().msg("kernel_info_request", {})])
+                out, reply = execute(ws, f"print({i})")
+                assert out == f"{i}\n" and reply["content"]["status"] == "ok"
+            if i % 2:
+                status, _ = server.request("POST", f"/api/kernels/{kernel_id}/restart")
+                assert status == 200
+    finally:
+        server.request("DELETE", f"/api/kernels/{kernel_id}")
+
+
+def send_at_once(ws: ClientConnection, msgs: list[dict[str, Any]]) -> None:
+    for msg in msgs:
+        ws.send(json.dumps({**msg, "channel": "shell"}, default=json_default))
+
+
 def test_notebook_session_through_jupyter_server(server: JupyterServer, gateway: Gateway) -> None:  # noqa: F811
     """JupyterLab opens a notebook with POST /api/sessions; the server starts the kernel on the gateway."""
     status, session = server.request("POST", "/api/sessions", {

@@ -18,6 +18,11 @@ from kernelhub.testing import Gateway
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups]
 
 LONG_LOOP = "import time; x = 1\nfor i in range(1000): time.sleep(0.1)"
+PRINTING_LOOP = "import time; x = 1\nfor i in range(1000):\n    print(i, flush=True)\n    time.sleep(0.1)"
+#: A top-level await ipykernel does not stop on SIGINT (KERNELS.md). "napping" is printed by a callback while the
+#: cell awaits (not flushed, so the print is long over when it arrives): once it is seen, a signal lands there.
+NAP = ("import asyncio\nasyncio.get_running_loop().call_later(0.1, print, 'napping')\n"
+       "await asyncio.sleep(60)")
 
 
 @pytest.fixture(scope="module")
@@ -180,21 +185,93 @@ def test_ws_executions_in_flight_side_by_side(ws: ClientConnection, sandbox: dic
     assert by_request["slow"][-1]["execution"]["stdout"] == "slow\n"
 
 
-def test_ws_interrupt(ws: ClientConnection, sandbox: dict[str, Any]) -> None:
-    ws.send(json.dumps({"type": "execute", "request_id": "loop", "code": LONG_LOOP}))
-    accepted = recv(ws)
-    assert accepted["type"] == "accepted" and accepted["request_id"] == "loop"
-    assert recv(ws)["type"] == "start"
-    ws.send(json.dumps({"type": "interrupt", "execution_id": accepted["execution_id"], "request_id": "stop"}))
-    messages = recv_until_end(ws, "loop", timeout=15)
+def assert_error_before_end(messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The end comes last, after an error event that matches its error; answers the ended execution."""
+    kinds = [m["type"] for m in messages]
+    assert kinds[-1] == "end" and kinds.count("end") == 1, kinds
     end = messages[-1]["execution"]
-    assert end["status"] == "error" and end["reason"] == "interrupted" and end["error"]["name"] == "KeyboardInterrupt"
-    assert any(m["type"] == "error" and m["name"] == "KeyboardInterrupt" for m in messages)
+    errors = [m for m in messages if m["type"] == "error"]
+    assert errors, f"the end carries an error that no error event showed: {kinds}"
+    assert {k: errors[-1][k] for k in ("name", "value", "traceback")} == end["error"]
+    assert "".join(m["text"] for m in messages if m["type"] == "stdout") == end["stdout"]
+    return end
+
+
+@pytest.mark.parametrize("when", ["after_start", "after_output"])
+def test_ws_interrupt(gateway: Gateway, ws: ClientConnection, sandbox: dict[str, Any], when: str) -> None:
+    """Wherever the signal lands (ipykernel's own code just after the start, or the cell once it prints), the
+    execution ends interrupted with an error event before its end; five rounds of each."""
+    for round_ in range(5):
+        request_id = f"loop-{round_}"
+        ws.send(json.dumps({"type": "execute", "request_id": request_id, "code": PRINTING_LOOP}))
+        accepted = recv(ws)
+        assert accepted["type"] == "accepted" and accepted["request_id"] == request_id
+        got = [recv(ws)]
+        assert got[0]["type"] == "start"
+        if when == "after_output":
+            got.append(recv(ws))
+            assert got[-1]["type"] == "stdout"
+        ws.send(json.dumps({"type": "interrupt", "execution_id": accepted["execution_id"], "request_id": "stop"}))
+        messages = got + recv_until_end(ws, request_id, timeout=15)
+        end = assert_error_before_end(messages)
+        assert end["status"] == "error" and end["reason"] == "interrupted"
+        assert end["error"]["name"] == "KeyboardInterrupt"
+        status, stored = gateway.request("GET", f"/v1/executions/{accepted['execution_id']}")
+        assert stored == end
     # Interrupting what already ended is refused, with the request_id of that message.
     ws.send(json.dumps({"type": "interrupt", "execution_id": accepted["execution_id"], "request_id": "late"}))
     rejected = recv(ws)
     assert rejected == {"type": "rejected", "request_id": "late", "error": "execution_ended",
                         "message": rejected["message"]}
+
+
+def test_ws_interrupt_escalates_to_a_restart(ws: ClientConnection) -> None:
+    ws.send(json.dumps({"type": "execute", "request_id": "nap",
+                        "code": NAP}))
+    accepted = recv(ws)
+    got = [recv(ws), recv(ws)]
+    assert [m["type"] for m in got] == ["start", "stdout"]
+    started = time.monotonic()
+    ws.send(json.dumps({"type": "interrupt", "execution_id": accepted["execution_id"]}))
+    end = assert_error_before_end(got + recv_until_end(ws, "nap", timeout=30))
+    assert time.monotonic() - started < 30
+    assert (end["status"], end["reason"], end["error"]["name"]) == ("killed", "interrupted", "KernelRestarted")
+    ws.send(json.dumps({"type": "execute", "request_id": "after", "code": "x = 1\nprint('back')"}))
+    assert recv_until_end(ws, "after")[-1]["execution"]["stdout"] == "back\n"
+
+
+def test_ws_js_cells_right_after_an_error(gateway: Gateway, sandboxes: Any) -> None:
+    node = sandboxes("node")
+    url = f"ws://127.0.0.1:{gateway.port}/v1/sandboxes/{node['id']}/stream"
+    with connect(url, additional_headers={"Authorization": f"Bearer {gateway.token}"}, open_timeout=30) as conn:
+        conn.send(json.dumps({"type": "execute", "request_id": "throw", "code": "throw new Error('x')"}))
+        conn.send(json.dumps({"type": "execute", "request_id": "next", "code": "console.log(1)"}))
+        failed = assert_error_before_end(recv_until_end(conn, "throw"))
+        assert (failed["status"], failed["error"]["name"], failed["error"]["value"]) == ("error", "Error", "x")
+        end = recv_until_end(conn, "next")[-1]["execution"]
+        assert (end["status"], end["stdout"]) == ("ok", "1\n"), end
+
+
+def test_ndjson_js_error_event(sandboxes: Any, ndjson: Any) -> None:
+    """tslab publishes no error message: the error event is made from what it printed, before the end."""
+    node = sandboxes("node")
+    stream = ndjson("POST", f"/v1/sandboxes/{node['id']}/execute", {"code": "throw new TypeError('bad')"})
+    events = [e for e in stream.events() if e["type"] != "keepalive"]
+    assert [e["type"] for e in events] == ["start", "stderr", "error", "end"]
+    assert (events[2]["name"], events[2]["value"]) == ("TypeError", "bad")
+    assert events[3]["execution"]["error"] == {k: events[2][k] for k in ("name", "value", "traceback")}
+
+
+def test_ndjson_display_updates(sandbox: dict[str, Any], ndjson: Any) -> None:
+    code = "h = display('before', display_id=True)\nh.update('after')"
+    stream = ndjson("POST", f"/v1/sandboxes/{sandbox['id']}/execute", {"code": code})
+    events = [e for e in stream.events() if e["type"] != "keepalive"]
+    assert [e["type"] for e in events] == ["start", "result", "update", "end"]
+    result, update, end = events[1], events[2], events[3]["execution"]
+    assert result["display_id"] and result["data"] == {"text/plain": "'before'"}
+    assert update["display_id"] == result["display_id"] and update["data"] == {"text/plain": "'after'"}
+    assert end["results"] == [{"is_main_result": False, "data": {"text/plain": "'after'"},
+                               "display_id": result["display_id"]}]
 
 
 def test_ws_interrupt_a_queued_execution(ws: ClientConnection, sandbox: dict[str, Any]) -> None:
@@ -213,14 +290,18 @@ def test_ws_interrupt_a_queued_execution(ws: ClientConnection, sandbox: dict[str
 
 def test_ws_input(ws: ClientConnection) -> None:
     ws.send(json.dumps({"type": "execute", "request_id": "ask",
-                        "code": "name = input('name? ')\nprint('hello', name)\nname.upper()"}))
+                        "code": "print('asking')\nname = input('name? ')\nprint('hello', name)\nname.upper()"}))
     execution_id = None
+    before: list[str] = []
     while True:
         message = recv(ws)
         assert message["request_id"] == "ask"
         execution_id = message["execution_id"]
+        before.append(message["type"])
         if message["type"] == "input_request":
             assert message["prompt"] == "name? " and message["password"] is False
+            # What the cell printed before asking comes before the prompt (iopub and stdin are read apart).
+            assert before == ["accepted", "start", "stdout", "input_request"], before
             break
     ws.send(json.dumps({"type": "input", "execution_id": execution_id, "value": "kernelhub"}))
     messages = recv_until_end(ws, "ask")

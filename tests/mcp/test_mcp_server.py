@@ -148,8 +148,12 @@ async def scenario(session: ClientSession, check_owner: Callable[[str], None] | 
         assert bad.is_error and "code" in text_of(bad)
         bad = await call(session, "file_download", sandbox_id=sandbox_id, path="../etc/passwd")
         assert bad.is_error
-        raised = await call(session, "code_execute", sandbox_id=sandbox_id, code="1 / 0")
+        # The last output before the end (here the error) is reported as progress too, not cut off by the end.
+        progress.clear()
+        raised = await session.call_tool("code_execute", {"sandbox_id": sandbox_id, "code": "1 / 0"},
+                                         progress_callback=on_progress)
         assert raised.is_error and raised.structured_content["error"]["name"] == "ZeroDivisionError"
+        assert "ZeroDivisionError: division by zero" in "".join(m or "" for _, m in progress), progress
         timed_out = await call(session, "code_execute", sandbox_id=sandbox_id, code="while True: pass",
                                timeout_s=1)
         assert timed_out.is_error and timed_out.structured_content["status"] == "timeout"
