@@ -21,8 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,19 +98,9 @@ class JupyterLab:
         with open(self.log_path, errors="replace") as f:
             return f.read()[-5000:]
 
-    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        """One call to the server's REST API with its token; answers (status, parsed JSON or bytes)."""
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        req.add_header("Authorization", f"token {self.token}")
-        req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=120) as resp:
-                status, payload, ctype = resp.status, resp.read(), resp.headers.get("Content-Type", "")
-        except urllib.error.HTTPError as err:
-            with err:
-                status, payload, ctype = err.code, err.read(), err.headers.get("Content-Type", "")
-        return status, json.loads(payload) if "json" in ctype and payload else payload
+    #: The gateway's tiny JSON client serves here too: it needs only ``url`` and ``token``, and Jupyter Server
+    #: takes the token as ``Authorization: Bearer``. Answers (status, parsed JSON or bytes).
+    request = Gateway.request
 
     def workspace_url(self, path: str = "") -> str:
         """A workspace no other page has used (so it opens with no tabs), optionally opening ``path``."""
@@ -270,6 +258,24 @@ def artifacts() -> Path:
     """Where screenshots and frame logs go (kept by CI; printed at the end of the run)."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture
+def page(browser: BrowserContext, lab: JupyterLab) -> Iterator[Page]:
+    """A new page; after the test, it is closed and every notebook session it started is ended (their kernels
+    and sandboxes with them)."""
+    new = browser.new_page()
+    try:
+        yield new
+    finally:
+        new.close()
+        lab.shutdown_sessions()
+
+
+@pytest.fixture
+def frames(page: Page) -> Frames:
+    """The page's kernel websocket frames, recorded from before it loads anything."""
+    return Frames(page)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import nbformat
 import pytest
-from playwright.sync_api import BrowserContext, Error, Locator, Page, expect
+from playwright.sync_api import Error, Locator, Page, expect
 
 from kernelhub.sandbox.provisioner import KERNELSPECS_DIR
 from kernelhub.testing import Gateway
@@ -111,6 +111,7 @@ def run_with_evidence(page: Page, frames: Frames, gw: Gateway, artifacts: Path, 
         failure = exc
     page.screenshot(path=shot)
     if failure is None:
+        print(f"{label}: Idle shown -> execute_request sent: {frames.reaction_ms()} ms")
         return
     frame_log = frames.save(artifacts / f"{label}.frames.json")
     lines = [f"{label}: {str(failure).splitlines()[0]}", f"screenshot: {shot}", f"websocket frames: {frame_log}",
@@ -130,27 +131,21 @@ def run_with_evidence(page: Page, frames: Frames, gw: Gateway, artifacts: Path, 
     pytest.fail("\n".join(lines), pytrace=False)
 
 
-def test_jupyterlab_lists_every_kernelhub_kernelspec(lab: JupyterLab, browser: BrowserContext) -> None:
+def test_jupyterlab_lists_every_kernelhub_kernelspec(lab: JupyterLab, page: Page) -> None:
     status, body = lab.request("GET", "/api/kernelspecs")
     assert status == 200, body
     assert sorted(body["kernelspecs"]) == KERNELSPECS
-    page = browser.new_page()
-    try:
-        page.goto(lab.workspace_url())
-        for name in KERNELSPECS:
-            title = body["kernelspecs"][name]["spec"]["display_name"]
-            expect(page.locator(f".jp-LauncherCard[data-category='Notebook'][title='{title}']")).to_be_visible()
-    finally:
-        page.close()
+    page.goto(lab.workspace_url())
+    for name in KERNELSPECS:
+        title = body["kernelspecs"][name]["spec"]["display_name"]
+        expect(page.locator(f".jp-LauncherCard[data-category='Notebook'][title='{title}']")).to_be_visible()
 
 
 @pytest.mark.parametrize("kernelspec", KERNELSPECS)
-def test_first_cell_runs_the_instant_the_kernel_is_idle(lab: JupyterLab, browser: BrowserContext, gateway: Gateway,
+def test_first_cell_runs_the_instant_the_kernel_is_idle(lab: JupyterLab, page: Page, frames: Frames, gateway: Gateway,
                                                         artifacts: Path, kernelspec: str) -> None:
     spec = spec_of(lab, kernelspec)
     code, printed = language_cells(FIRST_CELL, spec)
-    page = browser.new_page()
-    frames = Frames(page)
 
     def steps() -> None:
         page.goto(lab.workspace_url())
@@ -172,16 +167,11 @@ def test_first_cell_runs_the_instant_the_kernel_is_idle(lab: JupyterLab, browser
             expect(image).to_be_visible(timeout=PLOT_TIMEOUT_MS)
             assert image.evaluate("img => img.naturalWidth") > 100, "the plot's PNG did not decode"
 
-    try:
-        run_with_evidence(page, frames, gateway, artifacts, f"first-cell-{kernelspec}", steps)
-        print(f"{kernelspec}: Idle shown -> execute_request sent: {frames.reaction_ms()} ms")
-    finally:
-        page.close()
-        lab.shutdown_sessions()
+    run_with_evidence(page, frames, gateway, artifacts, f"first-cell-{kernelspec}", steps)
 
 
 @pytest.mark.parametrize("kernelspec", KERNELSPECS)
-def test_run_all_on_a_notebook_opened_fresh(lab: JupyterLab, browser: BrowserContext, gateway: Gateway,
+def test_run_all_on_a_notebook_opened_fresh(lab: JupyterLab, page: Page, frames: Frames, gateway: Gateway,
                                             artifacts: Path, kernelspec: str) -> None:
     spec = spec_of(lab, kernelspec)
     cells_and_output = language_cells(RUN_ALL, spec)
@@ -190,8 +180,6 @@ def test_run_all_on_a_notebook_opened_fresh(lab: JupyterLab, browser: BrowserCon
     nb.metadata["kernelspec"] = {"name": kernelspec, "display_name": spec["display_name"],
                                  "language": spec["language"]}
     nbformat.write(nb, lab.root / path)
-    page = browser.new_page()
-    frames = Frames(page)
 
     def steps() -> None:
         page.goto(lab.workspace_url(path))
@@ -207,9 +195,4 @@ def test_run_all_on_a_notebook_opened_fresh(lab: JupyterLab, browser: BrowserCon
             expect(cell.locator(".jp-OutputArea-output")).to_contain_text(printed, timeout=OUTPUT_TIMEOUT_MS)
             expect(cell.locator(".jp-InputPrompt")).to_contain_text(f"[{i + 1}]:")
 
-    try:
-        run_with_evidence(page, frames, gateway, artifacts, f"run-all-{kernelspec}", steps)
-        print(f"{kernelspec}: Idle shown -> execute_request sent: {frames.reaction_ms()} ms")
-    finally:
-        page.close()
-        lab.shutdown_sessions()
+    run_with_evidence(page, frames, gateway, artifacts, f"run-all-{kernelspec}", steps)
