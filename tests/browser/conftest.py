@@ -173,6 +173,9 @@ class Frames:
         ws.on("framesent", lambda payload: self._add("sent", self._parse(payload)))
         ws.on("framereceived", lambda payload: self._add("recv", self._parse(payload)))
         ws.on("close", lambda _: self._add("close", {"url": url}))
+        # JupyterLab first offers v1.kernel.websocket.jupyter.org; Jupyter Server in gateway mode picks no
+        # subprotocol, Chromium fails that handshake, and JupyterLab reconnects with the same session id.
+        ws.on("socketerror", lambda error: self._add("error", {"url": url, "error": error}))
 
     def _add(self, event: str, data: dict[str, Any]) -> None:
         self.frames.append({"t": round(time.monotonic() - self.t0, 3), "event": event, **data})
@@ -211,8 +214,8 @@ class Frames:
         """One line per frame: time, direction, channel, type, short ids, state."""
         lines = []
         for f in self.frames[-limit:]:
-            if f["event"] in ("open", "close"):
-                lines.append(f"  {f['t']:8.3f} {f['event']} {f['url']}")
+            if f["event"] in ("open", "close", "error"):
+                lines.append(f"  {f['t']:8.3f} {f['event']} {f['url']} {f.get('error', '')}".rstrip())
                 continue
             short = (f.get("msg_id") or "")[:8]
             parent = (f.get("parent") or "")[:8]
