@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -263,16 +264,24 @@ def artifacts() -> Path:
     return ARTIFACTS
 
 
+def _on_loopback(url: str) -> bool:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme in ("data", "blob", "about") or parts.hostname in ("127.0.0.1", "localhost", "::1")
+
+
 @pytest.fixture
 def page(browser: BrowserContext, lab: JupyterLab) -> Iterator[Page]:
-    """A new page; after the test, it is closed and every notebook session it started is ended (their kernels
-    and sandboxes with them)."""
+    """A new page; after the test, it is closed, every notebook session it started is ended (their kernels and
+    sandboxes with them), and the test fails if the page asked for anything beyond loopback."""
     new = browser.new_page()
+    outside: list[str] = []
+    new.on("request", lambda request: outside.append(request.url) if not _on_loopback(request.url) else None)
     try:
         yield new
     finally:
         new.close()
         lab.shutdown_sessions()
+    assert not outside, f"the page reached beyond loopback: {outside}"
 
 
 @pytest.fixture
