@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything kernelhub needs on a fresh Debian machine, idempotently:
-#   - system packages (bubblewrap, util-linux's setpriv, e2fsprogs for workspace images, libseccomp2),
-#   - the gateway's virtualenv in .venv,
+#   - system packages (bubblewrap, util-linux's setpriv, e2fsprogs for workspace images, libseccomp2; Debian's
+#     Chromium for the browser tests, which Playwright drives as /usr/bin/chromium: it never downloads a browser
+#     of its own),
+#   - the gateway's virtualenv in .venv, with the test extra (pytest, Jupyter Server, JupyterLab, Playwright),
 #   - the kernels' runtime in $KERNELHUB_RUNTIME_DIR (default /opt/kernelhub/runtime), kept apart from the
 #     gateway so that the sandbox's read-only view holds only what kernels need.
 set -euo pipefail
@@ -22,9 +24,10 @@ ls /usr/lib/*/libseccomp.so.2 /lib/*/libseccomp.so.2 >/dev/null 2>&1 || need_apt
 # else the host's PATH finds first.
 [ -x /usr/bin/node ] || need_apt+=(nodejs)
 [ -x /usr/bin/npm ] || need_apt+=(npm)
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then echo "install: need root to apt-get install ${need_apt[*]}" >&2; exit 1; fi
-  echo "install: apt-get install ${need_apt[*]}"
+  echo "install: apt-get install ${need_apt[*]} (system packages; about a minute, Chromium most of it)"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
@@ -33,6 +36,7 @@ fi
 if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 stamp=.venv/.kernelhub-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "install: .venv: kernelhub and its test extra (pytest, Jupyter Server, JupyterLab, Playwright; 1-2 minutes)"
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e '.[test]'
   touch "$stamp"
@@ -44,6 +48,7 @@ mkdir -p "$RUNTIME"
 chmod 755 "$RUNTIME"
 rstamp="$RUNTIME/.python-installed"
 if [ ! -f "$rstamp" ] || [ scripts/runtime-requirements.txt -nt "$rstamp" ]; then
+  echo "install: $RUNTIME/python: the kernels' python (ipykernel, bash_kernel, numpy, pandas, matplotlib; ~1 minute)"
   [ -x "$RUNTIME/python/bin/python" ] || /usr/bin/python3 -m venv "$RUNTIME/python"
   "$RUNTIME/python/bin/pip" install -q --upgrade pip
   "$RUNTIME/python/bin/pip" install -q -r scripts/runtime-requirements.txt
@@ -51,6 +56,7 @@ if [ ! -f "$rstamp" ] || [ scripts/runtime-requirements.txt -nt "$rstamp" ]; the
 fi
 nstamp="$RUNTIME/.node-installed"
 if [ ! -f "$nstamp" ] || [ scripts/runtime-package.json -nt "$nstamp" ]; then
+  echo "install: $RUNTIME/node: the kernels' node packages (tslab, TypeScript; under a minute)"
   mkdir -p "$RUNTIME/node"
   cp scripts/runtime-package.json "$RUNTIME/node/package.json"
   # With the node sandboxes run (/usr/bin), so that native add-ons are built for it.
