@@ -310,23 +310,6 @@ class ExecutionInterruptHandler(JsonHandler):
         self.send_json(ex.to_dict())
 
 
-class CommandsHandler(JsonHandler):
-    """``POST /v1/sandboxes/{id}/commands`` (command_execute)."""
-
-    async def post(self, sandbox_id: str) -> None:
-        body = fields(self.json_body(), allowed=("command", "cwd", "env", "timeout_s", "stdin"),
-                      required=("command",))
-        result = await self.hub.run_command(
-            self.tenant, sandbox_id,
-            command=optional(body, "command", str, "a string"),
-            cwd=optional(body, "cwd", str, "a path string"),
-            env=optional(body, "env", dict, "a JSON object of strings"),
-            timeout_s=optional(body, "timeout_s", (int, float), "a number of seconds"),
-            stdin=optional(body, "stdin", str, "a string"),
-        )
-        self.send_json(result)
-
-
 # -- sessions ---------------------------------------------------------------------------------------------
 
 class SessionsHandler(JsonHandler):
@@ -497,7 +480,6 @@ default_handlers: list[Any] = [
     (rf"/v1/sandboxes/{ID}", SandboxHandler),
     (rf"/v1/sandboxes/{ID}/execute", ExecuteHandler),
     (rf"/v1/sandboxes/{ID}/executions", ExecutionsHandler),
-    (rf"/v1/sandboxes/{ID}/commands", CommandsHandler),
     (rf"/v1/sandboxes/{ID}/files", WorkspaceRootHandler),
     (rf"/v1/sandboxes/{ID}/files/(.*)", FilesHandler),
     (rf"/v1/sandboxes/{ID}/sessions", SessionsHandler),
