@@ -35,6 +35,8 @@ from tornado import websocket
 
 from ..errors import InvalidRequest, KernelHubError
 from ..services.commands import Command, text_events
+from ..services.hub import Hub
+from ..services.tenants import Tenant
 from .base import WebSocketBase
 from .rest import ID, KEEPALIVE_S, NDJSON, JsonHandler, fields, optional, wants_ndjson
 from .streaming import StreamingMixin
@@ -65,6 +67,27 @@ def _start_args(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _foreground_args(args: dict[str, Any]) -> None:
+    """Drop the background-only arguments from ``args``, refusing them when they were given."""
+    if args.pop("stdin_open") or args.pop("tag") is not None:
+        raise InvalidRequest("stdin_open and tag apply to background commands; a foreground command's stdin is "
+                             "the stdin field.")
+
+
+async def start_foreground(hub: Hub, tenant: Tenant, sandbox_id: str,
+                           args: dict[str, Any]) -> tuple[Command, asyncio.Task[dict[str, Any]]]:
+    """Start a foreground command through ``Hub.run_command`` and answer it once it runs, with the task that
+    waits for it: cancelling that task is what kills the command when its client goes away (the service's
+    rule). An error before it started is raised here."""
+    started: asyncio.Future[Command] = asyncio.get_running_loop().create_future()
+    run = asyncio.ensure_future(hub.run_command(tenant, sandbox_id, listener=started.set_result, **args))
+    first: set[asyncio.Future[Any]] = {run, started}
+    await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+    if not started.done():
+        run.result()  # failed before it started: raises
+    return started.result(), run
+
+
 def _stdin_data(body: dict[str, Any]) -> str | bytes | None:
     text = optional(body, "data", str, "a string")
     encoded = optional(body, "data_base64", str, "base64 text")
@@ -93,9 +116,7 @@ class CommandsHandler(StreamingMixin, JsonHandler):
                 return
             self.send_json(cmd.to_dict(), 202)
             return
-        if args.pop("stdin_open") or args.pop("tag") is not None:
-            raise InvalidRequest("stdin_open and tag apply to background commands; a foreground command's stdin "
-                                 "is the stdin field.")
+        _foreground_args(args)
         if not wants_ndjson(self.request.headers.get("Accept", "")):
             task = asyncio.ensure_future(self.hub.run_command(self.tenant, sandbox_id, **args))
             waiting: set[asyncio.Future[Any]] = {task, self.gone}
@@ -105,22 +126,14 @@ class CommandsHandler(StreamingMixin, JsonHandler):
                 return
             self.send_json(task.result())
             return
-        started: asyncio.Future[Command] = asyncio.get_running_loop().create_future()
-        run = asyncio.ensure_future(self.hub.run_command(self.tenant, sandbox_id, listener=started.set_result,
-                                                         **args))
-        first: set[asyncio.Future[Any]] = {run, started}
-        await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
-        if not started.done():
-            run.result()  # failed before it started: an ordinary JSON error
+        cmd, run = await start_foreground(self.hub, self.tenant, sandbox_id, args)
         try:
-            if not await self._stream(started.result()):
-                run.cancel()
-            else:
+            if await self._stream(cmd):
                 with contextlib.suppress(KernelHubError):
                     await run
         finally:
             if not run.done():
-                run.cancel()
+                run.cancel()  # the client went away: the service kills the command
 
     async def _stream(self, cmd: Command, *, replay: bool = True) -> bool:
         self.begin_stream(NDJSON + "; charset=UTF-8")
@@ -181,8 +194,7 @@ class CommandStreamMixin(WebSocketBase):
     COMMAND_MESSAGES = ("command", "command_attach", "command_stdin", "command_signal")
 
     def command_setup(self) -> None:
-        self._command_tasks: set[asyncio.Task[None]] = set()
-        self._foreground: dict[int, Command] = {}
+        self._command_tasks: set[asyncio.Task[Any]] = set()
 
     async def on_command_message(self, msg: dict[str, Any], request_id: Any) -> None:
         """Act on one command message; raises :class:`~kernelhub.errors.KernelHubError` for the caller to
@@ -191,11 +203,13 @@ class CommandStreamMixin(WebSocketBase):
         if kind == "command":
             body = fields({k: v for k, v in msg.items() if k not in ("type", "request_id")},
                           allowed=_START_FIELDS, required=("command",))
-            background = bool(optional(body, "background", bool, "true or false"))
-            cmd = await self.hub.start_command(self.tenant, self.sandbox_id, background=background,
-                                               **_start_args(body))
-            if not background:
-                self._foreground[cmd.pid] = cmd
+            args = _start_args(body)
+            if optional(body, "background", bool, "true or false"):
+                cmd = await self.hub.start_command(self.tenant, self.sandbox_id, background=True, **args)
+            else:
+                _foreground_args(args)
+                cmd, run = await start_foreground(self.hub, self.tenant, self.sandbox_id, args)
+                self._hold(run)
             self._send_command_events(cmd, request_id, replay=True)
         elif kind == "command_attach":
             fields(msg, allowed=("type", "request_id", "pid", "replay"), required=("pid",))
@@ -216,26 +230,18 @@ class CommandStreamMixin(WebSocketBase):
             with contextlib.suppress(websocket.WebSocketClosedError):
                 async for event in text_events(cmd, replay=replay):
                     await self.write_message(json.dumps({**event, "request_id": request_id}, ensure_ascii=False))
-            self._foreground.pop(cmd.pid, None)
 
-        task = asyncio.ensure_future(send())
+        self._hold(asyncio.ensure_future(send()))
+
+    def _hold(self, task: asyncio.Task[Any]) -> None:
         self._command_tasks.add(task)
         task.add_done_callback(self._command_tasks.discard)
 
     def command_close(self) -> None:
-        """The socket closed: stop sending, and kill the foreground commands it started that still run."""
+        """The socket closed: stop sending, and cancel the foreground commands it started (the service kills
+        those that still run, reason ``cancelled``)."""
         for task in list(self._command_tasks):
             task.cancel()
-        for cmd in list(self._foreground.values()):
-            if cmd.running:
-                task = asyncio.ensure_future(self._kill_quietly(cmd.pid))
-                self._command_tasks.add(task)
-                task.add_done_callback(self._command_tasks.discard)
-        self._foreground.clear()
-
-    async def _kill_quietly(self, pid: int) -> None:
-        with contextlib.suppress(KernelHubError):
-            await self.hub.kill_command(self.tenant, self.sandbox_id, pid)
 
 
 default_handlers: list[Any] = [
