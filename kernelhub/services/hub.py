@@ -96,7 +96,7 @@ class Hub(LoggingConfigurable):
             factory=factory, kernel_spec_manager=self.kernel_spec_manager, templates=self.templates,
             defaults=self.defaults, maximum=self.maximum, max_sandboxes_per_tenant=self.max_sandboxes_per_tenant,
             reap_interval=self.reap_interval, stopped_retention_s=self.stopped_retention_s,
-            executions=self.executions, log=self.log, template_aliases=dict(self.template_aliases))
+            executions=self.executions, log=self.log, template_aliases=self.template_aliases)
         self.executor = Executor(self.sandboxes, self.executions)
         self.commands = Commands(self.sandboxes, output_buffer_bytes=max(1, self.command_output_buffer_kib) * 1024,
                                  max_commands_per_sandbox=max(1, self.max_commands_per_sandbox),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import math
 import time
 import urllib.parse
@@ -40,6 +41,10 @@ UNSUPPORTED_CREATE = {"autoPause": "pausing", "autoResume": "resuming", "mcp": "
                       "volumeMounts": "volumes", "iam": "IAM tokens"}
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
+
+
+def _key(record: SandboxRecord) -> tuple[float, str]:
+    return (record.created_at, record.id)
 
 
 def _record_cpu(record: SandboxRecord) -> int:
@@ -135,8 +140,9 @@ class CreateHandler(_SandboxAnswer):
 
 
 class ListHandler(ControlHandler):
-    """``GET /v2/sandboxes`` (filters ``metadata``, ``state``, ``limit``, ``nextToken``; the next page's token in
-    ``x-next-token``) and ``GET /sandboxes`` (e2b < 2.51: every running sandbox)."""
+    """``GET /v2/sandboxes`` (filters ``metadata``, ``state``, ``template``, ``startedAfter``; ``order`` asc or
+    desc by start; ``limit`` and ``nextToken``, the next page's token in ``x-next-token``) and ``GET /sandboxes``
+    (e2b < 2.51: every running sandbox)."""
 
     def get(self) -> None:
         records = [r for r in self.hub.list_sandboxes(self.tenant) if r.state == "running"]
@@ -145,12 +151,26 @@ class ListHandler(ControlHandler):
         states = {s.strip() for value in self.get_query_arguments("state") for s in value.split(",") if s.strip()}
         if states and "running" not in states:
             records = []
-        records.sort(key=lambda r: (r.created_at, r.id))
+        template = self.get_query_argument("template", "")
+        if template:
+            name = self.hub.template_aliases.get(template, template)
+            records = [r for r in records if r.template.name == name]
+        after = self.get_query_argument("startedAfter", "")
+        if after:
+            try:
+                moment = datetime.datetime.fromisoformat(after.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                raise InvalidRequest("startedAfter must be an ISO 8601 time.") from None
+            records = [r for r in records if r.created_at > moment]
+        order = self.get_query_argument("order", "asc").lower()
+        if order not in ("asc", "desc"):
+            raise InvalidRequest("order must be asc or desc.")
+        records.sort(key=_key, reverse=order == "desc")
         if self.request.path.rstrip("/").endswith("/v2/sandboxes"):
-            records = self._page(records)
+            records = self._page(records, descending=order == "desc")
         self.send_json([_listed(r) for r in records])
 
-    def _page(self, records: list[SandboxRecord]) -> list[SandboxRecord]:
+    def _page(self, records: list[SandboxRecord], *, descending: bool) -> list[SandboxRecord]:
         try:
             limit = int(self.get_query_argument("limit", str(DEFAULT_PAGE)))
         except ValueError:
@@ -161,15 +181,16 @@ class ListHandler(ControlHandler):
         if token:
             try:
                 after_time, _, after_id = base64.urlsafe_b64decode(token.encode()).decode().partition("|")
-                after = (float(after_time), after_id)
+                last = (float(after_time), after_id)
             except (binascii.Error, ValueError, UnicodeDecodeError):
                 raise InvalidRequest("nextToken is not a token this gateway gave out.") from None
-            records = [r for r in records if (r.created_at, r.id) > after]
+            # The records after the last one given out, in the page order.
+            records = [r for r in records if (_key(r) < last) == descending and _key(r) != last]
         page = records[:limit]
         if len(records) > limit:
-            last = page[-1]
+            end = page[-1]
             self.set_header("x-next-token",
-                            base64.urlsafe_b64encode(f"{last.created_at!r}|{last.id}".encode()).decode())
+                            base64.urlsafe_b64encode(f"{end.created_at!r}|{end.id}".encode()).decode())
         return page
 
 
