@@ -308,7 +308,7 @@ class _Rpc(RpcHandler, StreamingMixin):
         if method in self.UNIMPLEMENTED:
             raise ConnectError("unimplemented", f"{method} is not supported by kernelhub.")
         if method in self.STREAMS:
-            await self._serve_stream(method, parse_envelope(ctype, body))
+            await self._serve_stream(method, ctype, body)
             return
         call = getattr(self, f"rpc_{method}", None)
         if call is None:
@@ -323,11 +323,14 @@ class _Rpc(RpcHandler, StreamingMixin):
             raise ConnectError("resource_exhausted", f"A request may be at most {MAX_JSON_BODY} bytes.")
         return self._body
 
-    async def _serve_stream(self, method: str, message: dict[str, Any]) -> None:
-        """A server stream: the answers of ``stream_<method>`` as envelopes, then the end; an error before or
-        during it ends the stream with that error (HTTP 200, as Connect streams do)."""
+    async def _serve_stream(self, method: str, content_type: str, body: bytes) -> None:
+        """A server stream: the answers of ``stream_<method>`` as envelopes, then the end. A codec other than
+        Connect's streaming JSON is a plain 415; any other error ends the stream with it (HTTP 200, as Connect
+        streams carry errors)."""
+        if not content_type.split(";")[0].strip().lower() == STREAM_JSON:
+            parse_envelope(content_type, body)  # raises the 415
         try:
-            items, keepalive, interval = await getattr(self, f"stream_{method}")(message)
+            items, keepalive, interval = await getattr(self, f"stream_{method}")(parse_envelope(content_type, body))
         except (KernelHubError, ConnectError) as exc:
             self.begin_stream(STREAM_JSON)
             self.finish(end_stream(connect_error(exc) if isinstance(exc, KernelHubError) else exc))
