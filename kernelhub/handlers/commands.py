@@ -3,9 +3,9 @@
 - ``POST /v1/sandboxes/{id}/commands``: ``command_execute``; run to the end (JSON), or streamed (``Accept:
   application/x-ndjson``), or with ``"background": true`` answered 202 with the command at once;
 - ``GET /v1/sandboxes/{id}/commands``: ``{"commands": [command…]}``, running and remembered ended ones;
-- ``GET /v1/sandboxes/{id}/commands/{pid}``: the command; ``?follow=1`` (or ``Accept: application/x-ndjson``)
-  re-attaches: its output since it started (within the kept bound), then live, as NDJSON (``&replay=0``: live
-  only);
+- ``GET /v1/sandboxes/{id}/commands/{pid}``: the command (``?output=1``: with the ``stdout`` and ``stderr``
+  kept so far); ``?follow=1`` (or ``Accept: application/x-ndjson``) re-attaches: its output since it started
+  (within the kept bound), then live, as NDJSON (``&replay=0``: live only);
 - ``POST /v1/sandboxes/{id}/commands/{pid}/stdin``: ``{data?, data_base64?, eof?}`` to its stdin, closed with
   ``eof``;
 - ``POST /v1/sandboxes/{id}/commands/{pid}/signal``: ``{signal}`` to every process of its tree;
@@ -157,7 +157,8 @@ class CommandHandler(CommandsHandler):
             replay = self.get_query_argument("replay", "1") not in ("0", "false")
             await self._stream(cmd, replay=replay)
             return
-        self.send_json(cmd.to_dict())
+        output = self.get_query_argument("output", "") not in ("", "0", "false")
+        self.send_json({**cmd.to_dict(), **(cmd.kept_output() if output else {})})
 
     async def delete(self, sandbox_id: str, pid: str) -> None:
         cmd = await self.hub.kill_command(self.tenant, sandbox_id, pid)

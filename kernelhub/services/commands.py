@@ -223,6 +223,14 @@ class Command:
                 return
             await self.output.wait(cursor)
 
+    def kept_output(self) -> dict[str, str]:
+        """What is kept of its output now, as text: ``{"stdout", "stderr"}`` (for pollers: MCP's
+        ``command_status``, ``?output=1``); ``dropped_bytes`` in :meth:`to_dict` says what is no longer kept."""
+        parts: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        for stream, data in self.output.read(0)[1]:
+            parts[stream].append(data)
+        return {name: b"".join(chunks).decode(errors="replace") for name, chunks in parts.items()}
+
     def to_dict(self) -> dict[str, Any]:
         """The command as the REST API, MCP and the client show it."""
         end = self.finished_at if self.finished_at is not None else time.time()
