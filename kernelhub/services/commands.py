@@ -29,7 +29,7 @@ This module is the policy (the OS side lives in the sandbox layer):
 - **Per sandbox**: at most ``max_live`` commands running at once (``max_commands_per_sandbox``, and never more
   than a quarter of the sandbox's ``pids`` limit), and at most ``ended_kept`` ended ones remembered for status
   and re-attach, the oldest forgotten first; so a sandbox's commands hold at most
-  ``(max_live + ended_kept) * output_buffer_bytes`` of output (48 MiB with the defaults).
+  ``(max_live + ended_kept) * output_buffer_bytes`` of output (32 MiB with the defaults).
 
 Built by :class:`~kernelhub.services.hub.Hub`; the REST command routes, the ``/stream`` websocket, MCP and the
 E2B surface call it through the hub.

@@ -72,10 +72,10 @@ class Hub(LoggingConfigurable):
     command_output_buffer_kib = Integer(1024, help="Output each command keeps for re-attaching (its last KiB of "
                                         "stdout and stderr together).", config=True).tag(
         env="KERNELHUB_COMMAND_OUTPUT_BUFFER_KIB")
-    max_commands_per_sandbox = Integer(32, help="Commands that may run at once in one sandbox (never more than "
+    max_commands_per_sandbox = Integer(16, help="Commands that may run at once in one sandbox (never more than "
                                        "a quarter of its pids limit).", config=True).tag(
         env="KERNELHUB_MAX_COMMANDS_PER_SANDBOX")
-    ended_commands_kept = Integer(32, help="Ended commands each sandbox remembers for status and re-attach.",
+    ended_commands_kept = Integer(16, help="Ended commands each sandbox remembers for status and re-attach.",
                                   config=True).tag(env="KERNELHUB_ENDED_COMMANDS_KEPT")
     command_kill_grace_s = Float(2.0, help="Seconds between SIGTERM and SIGKILL when a command reaches its "
                                  "timeout.", config=True).tag(env="KERNELHUB_COMMAND_KILL_GRACE_S")

@@ -182,7 +182,7 @@ def test_running_commands_are_capped_and_ended_ones_forgotten_oldest_first(hub: 
     async def scenario() -> None:
         record = hub.get_sandbox(ALICE, sandbox_id)
         cap = hub.commands.max_live(record)
-        assert cap == 16  # a quarter of its 64 pids, under the default of 32
+        assert cap == 16  # a quarter of its 64 pids, and the default of 16
         sleepers = [await hub.start_command(ALICE, sandbox_id, "exec sleep 1000") for _ in range(cap)]
         with pytest.raises(QuotaExceeded):
             await hub.start_command(ALICE, sandbox_id, "true")
