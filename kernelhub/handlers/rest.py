@@ -25,6 +25,7 @@ from tornado.http1connection import HTTP1Connection
 from ..errors import InvalidRequest, KernelHubError, PayloadTooLarge
 from ..services.executions import Execution, Listener
 from .base import MAX_JSON_BODY, BaseHandler
+from .streaming import send_download
 
 if TYPE_CHECKING:
     from ..sandbox.files import UploadWriter
@@ -428,22 +429,9 @@ class FilesHandler(BaseHandler):
             return
         # The file is closed when this block ends, however it ends (the client going away included).
         async with self.hub.open_download(self.tenant, sandbox_id, path) as download:
-            self.set_header("Content-Type", "application/octet-stream")
-            self.set_header("Content-Length", str(download.size))
             name = path.rstrip("/").rsplit("/", 1)[-1]
             self.set_header("Content-Disposition", "attachment; filename*=UTF-8''" + urllib.parse.quote(name))
-            async for chunk in download:
-                self.write(chunk)
-                try:
-                    await self.flush()
-                except iostream.StreamClosedError:
-                    return
-            if download.sent < download.size and isinstance(self.request.connection, HTTP1Connection):
-                # The sandbox truncated the file meanwhile, and Content-Length promised more than there is:
-                # end the connection rather than lie.
-                self.request.connection.stream.close()
-                return
-        self.finish()
+            await send_download(self, download)
 
     async def delete(self, sandbox_id: str, path: str) -> None:
         self.hub.delete_file(self.tenant, sandbox_id, path)

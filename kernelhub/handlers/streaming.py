@@ -1,4 +1,5 @@
-"""Streamed answers: one item after another, each flushed as it comes, keepalives while nothing does.
+"""Streamed answers: one item after another, each flushed as it comes, keepalives while nothing does; and a
+workspace file sent as it is read (:func:`send_download`).
 
 :class:`StreamingMixin` serves the command routes' NDJSON (:mod:`kernelhub.handlers.commands`) and the E2B
 surface's NDJSON and Connect streams (:mod:`kernelhub.handlers.e2b`). A handler calls :meth:`begin_stream` with
@@ -12,10 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tornado import iostream, web
 from tornado.http1connection import HTTP1Connection
+
+if TYPE_CHECKING:
+    from ..sandbox.files import FileChunks
 
 
 class StreamingMixin(web.RequestHandler):
@@ -79,3 +83,22 @@ class StreamingMixin(web.RequestHandler):
             if closer is not None:
                 with contextlib.suppress(Exception):
                     await closer()
+
+
+async def send_download(handler: web.RequestHandler, download: FileChunks) -> None:
+    """Answer ``download``'s bytes (``Content-Length`` its size, ``application/octet-stream``) chunk by chunk,
+    each flushed before the next is read, and finish. The caller holds ``async with download`` (the file closes
+    however this ends). A client that went away ends it quietly; a file the sandbox truncated meanwhile ends the
+    connection rather than lie about the length. Used by the REST and the E2B file routes."""
+    handler.set_header("Content-Type", "application/octet-stream")
+    handler.set_header("Content-Length", str(download.size))
+    async for chunk in download:
+        handler.write(chunk)
+        try:
+            await handler.flush()
+        except iostream.StreamClosedError:
+            return
+    if download.sent < download.size and isinstance(handler.request.connection, HTTP1Connection):
+        handler.request.connection.stream.close()
+        return
+    handler.finish()

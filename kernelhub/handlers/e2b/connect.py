@@ -93,23 +93,25 @@ def connect_error(exc: KernelHubError) -> ConnectError:
     return ConnectError(code, exc.message)
 
 
+def check_codec(content_type: str, expected: str) -> None:
+    """Raise :class:`ConnectError` (HTTP 415) unless ``content_type`` is ``expected``: the JSON codec only."""
+    kind = content_type.split(";")[0].strip().lower()
+    if kind != expected:
+        raise ConnectError("unimplemented", f"Only {expected} is served here, not {kind or 'no content type'}.",
+                           status=415)
+
+
 def parse_unary(content_type: str, body: bytes) -> dict[str, Any]:
     """The request message of a unary call. Raises :class:`ConnectError`: 415 for another codec, invalid_argument
     for a body that is not a JSON object."""
-    kind = content_type.split(";")[0].strip().lower()
-    if kind != JSON:
-        raise ConnectError("unimplemented", f"Only the JSON codec ({JSON}) is served here, not {kind or 'none'}.",
-                           status=415)
+    check_codec(content_type, JSON)
     return _message(body or b"{}")
 
 
 def parse_envelope(content_type: str, body: bytes) -> dict[str, Any]:
     """The one request message of a server-streaming call. Raises :class:`ConnectError` for another codec, a
     compressed or malformed envelope, or more than one message."""
-    kind = content_type.split(";")[0].strip().lower()
-    if kind != STREAM_JSON:
-        raise ConnectError("unimplemented", f"Only {STREAM_JSON} is served for streams, not {kind or 'none'}.",
-                           status=415)
+    check_codec(content_type, STREAM_JSON)
     if len(body) < 5:
         raise ConnectError("invalid_argument", "The request is not an enveloped Connect message.")
     flags, length = struct.unpack(">BI", body[:5])

@@ -27,20 +27,20 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from python_multipart.multipart import MultipartParser, parse_options_header
-from tornado import iostream, web
-from tornado.http1connection import HTTP1Connection
+from tornado import web
 
 from ...errors import Forbidden, InvalidRequest, KernelHubError, NotFound
 from ...sandbox import bwrap
 from ...sandbox.files import UploadWriter
 from ...services.commands import Command
 from ..base import MAX_JSON_BODY
-from ..streaming import StreamingMixin
+from ..streaming import StreamingMixin, send_download
 from .base import ENVD_PORT, RpcHandler, SandboxHandler, SandboxPort
 from .connect import (
     STREAM_JSON,
     ConnectError,
     b64,
+    check_codec,
     connect_error,
     end_stream,
     envelope,
@@ -257,18 +257,7 @@ class FilesHandler(SandboxHandler, StreamingMixin):
     async def get(self) -> None:
         rel = workspace_path(self.get_query_argument("path", ""))
         async with self.hub.open_download(self.tenant, self.sandbox_id, rel) as download:
-            self.set_header("Content-Type", "application/octet-stream")
-            self.set_header("Content-Length", str(download.size))
-            async for chunk in download:
-                self.write(chunk)
-                try:
-                    await self.flush()
-                except iostream.StreamClosedError:
-                    return
-            if download.sent < download.size and isinstance(self.request.connection, HTTP1Connection):
-                self.request.connection.stream.close()  # truncated meanwhile: do not lie about the length
-                return
-        self.finish()
+            await send_download(self, download)
 
 
 # -- RPCs ---------------------------------------------------------------------------------------------------
@@ -327,8 +316,7 @@ class _Rpc(RpcHandler, StreamingMixin):
         """A server stream: the answers of ``stream_<method>`` as envelopes, then the end. A codec other than
         Connect's streaming JSON is a plain 415; any other error ends the stream with it (HTTP 200, as Connect
         streams carry errors)."""
-        if not content_type.split(";")[0].strip().lower() == STREAM_JSON:
-            parse_envelope(content_type, body)  # raises the 415
+        check_codec(content_type, STREAM_JSON)  # a plain 415; the rest ends the stream
         try:
             items, keepalive, interval = await getattr(self, f"stream_{method}")(parse_envelope(content_type, body))
         except (KernelHubError, ConnectError) as exc:
