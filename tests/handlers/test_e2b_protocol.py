@@ -212,6 +212,9 @@ def test_paths_stay_in_the_home(gateway: Gateway, sandbox: dict[str, Any]) -> No
         assert status == 403 and body["code"] == "permission_denied", (path, body)
     status, body, _ = envd(gateway, sandbox, "POST", "/filesystem.Filesystem/Remove", body={"path": "/home/user"})
     assert status == 403
+    # An E2B_SANDBOX_URL ending in "/" makes the SDK send "/e2b//<route>": still the route (E2B.md P7).
+    status, body, _ = envd(gateway, sandbox, "POST", "//filesystem.Filesystem/Stat", body={"path": "."})
+    assert status == 200 and body["entry"]["path"] == "/home/user" and body["entry"]["type"] == "FILE_TYPE_DIRECTORY"
     # A symlink the sandbox plants is never followed by the file API.
     run = envelope({"process": {"cmd": "/bin/ln", "args": ["-s", "/etc", "/home/user/etc"]}})
     envd(gateway, sandbox, "POST", "/process.Process/Start", raw=run,

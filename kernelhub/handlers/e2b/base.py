@@ -60,7 +60,7 @@ class SandboxPort(PathMatches):
     :data:`PREFIX` (a doubled slash after it, from an ``E2B_SANDBOX_URL`` ending in ``/``, is accepted)."""
 
     def __init__(self, port: int, pattern: str) -> None:
-        super().__init__(PREFIX + "/" + pattern.lstrip("/"))
+        super().__init__(PREFIX + "/+" + pattern.lstrip("/"))
         self.port = str(port)
 
     def match(self, request: httputil.HTTPServerRequest) -> dict[str, Any] | None:
@@ -68,13 +68,7 @@ class SandboxPort(PathMatches):
             return None
         if request.headers.get("E2b-Sandbox-Port", "").strip() != self.port:
             return None
-        path = request.path
-        if path.startswith(PREFIX + "//"):
-            request.path = PREFIX + "/" + path[len(PREFIX):].lstrip("/")
-        try:
-            return super().match(request)
-        finally:
-            request.path = path
+        return super().match(request)
 
 
 class E2BHandler(JsonHandler):

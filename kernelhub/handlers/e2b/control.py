@@ -147,7 +147,7 @@ class ListHandler(ControlHandler):
     def get(self) -> None:
         records = [r for r in self.hub.list_sandboxes(self.tenant) if r.state == "running"]
         wanted = urllib.parse.parse_qsl(self.get_query_argument("metadata", ""), keep_blank_values=True)
-        records = [r for r in records if all(str(r.metadata.get(k)) == v for k, v in wanted)]
+        records = [r for r in records if all(k in r.metadata and str(r.metadata[k]) == v for k, v in wanted)]
         states = {s.strip() for value in self.get_query_arguments("state") for s in value.split(",") if s.strip()}
         if states and "running" not in states:
             records = []
