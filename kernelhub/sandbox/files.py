@@ -154,24 +154,6 @@ def _entry(parts: list[str], st: os.stat_result) -> dict[str, Any]:
     }
 
 
-def _detailed(parts: list[str], st: os.stat_result, target: str | None) -> dict[str, Any]:
-    entry = _entry(parts, st)
-    entry.update(mode=stat_mod.S_IMODE(st.st_mode), permissions=stat_mod.filemode(st.st_mode), uid=st.st_uid,
-                 gid=st.st_gid)
-    if target is not None:
-        entry["symlink_target"] = target
-    return entry
-
-
-def _link_target(dirfd: int, name: str, st: os.stat_result) -> str | None:
-    if not stat_mod.S_ISLNK(st.st_mode):
-        return None
-    try:
-        return os.readlink(name, dir_fd=dirfd)
-    except OSError:
-        return None
-
-
 # ------------------------------------------------------------------------------------------------------------
 # OS errors -> API errors
 
@@ -957,3 +939,25 @@ class FileChunks:
         # A download a surface dropped without closing must not leak its descriptor.
         if getattr(self, "_fd", None) is not None:
             self.close()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Entries in detail (WorkspaceFiles.describe and describe_dir, for the E2B surface)
+
+
+def _detailed(parts: list[str], st: os.stat_result, target: str | None) -> dict[str, Any]:
+    entry = _entry(parts, st)
+    entry.update(mode=stat_mod.S_IMODE(st.st_mode), permissions=stat_mod.filemode(st.st_mode), uid=st.st_uid,
+                 gid=st.st_gid)
+    if target is not None:
+        entry["symlink_target"] = target
+    return entry
+
+
+def _link_target(dirfd: int, name: str, st: os.stat_result) -> str | None:
+    if not stat_mod.S_ISLNK(st.st_mode):
+        return None
+    try:
+        return os.readlink(name, dir_fd=dirfd)
+    except OSError:
+        return None

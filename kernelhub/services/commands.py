@@ -338,7 +338,7 @@ class Commands:
         args = _argv(command, argv)
         workdir = _cwd(cwd)
         env_vars = check_env(env)
-        if tag is not None and (not isinstance(tag, str) or len(tag) > 256):
+        if tag is not None and (not isinstance(tag, str) or len(tag) > 256 or not _utf8(tag)):
             raise InvalidRequest("tag must be a string of at most 256 characters.")
         if background:
             timeout = None if timeout_s is None else check_timeout(timeout_s, record.limits.max_lifetime_s)
@@ -573,13 +573,24 @@ def _argv(command: object, argv: object) -> list[str]:
         raise InvalidRequest(f"A command may have at most {MAX_ARGS} arguments of {MAX_ARGV_BYTES} bytes together.")
     if any("\x00" in a for a in args):
         raise InvalidRequest("command must not contain NUL bytes.")
+    if not all(_utf8(a) for a in args):
+        raise InvalidRequest("command must be valid UTF-8 text.")
     return args
+
+
+def _utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8: JSON lets a request carry lone surrogates, which no program takes."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _cwd(cwd: object) -> str:
     if cwd is None or cwd == "":
         return bwrap.INNER_WORKSPACE
-    if not isinstance(cwd, str) or "\x00" in cwd or len(cwd) > 4096:
+    if not isinstance(cwd, str) or "\x00" in cwd or len(cwd) > 4096 or not _utf8(cwd):
         raise InvalidRequest("cwd must be a path string.")
     return cwd if cwd.startswith("/") else posixpath.join(bwrap.INNER_WORKSPACE, cwd)
 
@@ -588,7 +599,7 @@ def _stdin_bytes(data: object) -> bytes:
     if data is None:
         return b""
     if isinstance(data, str):
-        data = data.encode()
+        data = data.encode(errors="replace")  # a lone surrogate (JSON allows one) becomes "?"
     if not isinstance(data, (bytes, bytearray)):
         raise InvalidRequest("stdin must be a string.")
     if len(data) > MAX_STDIN_BYTES:

@@ -107,7 +107,8 @@ class ExecuteHandler(SandboxHandler, StreamingMixin):
 
         async def listener(event: dict[str, Any]) -> None:
             for line in e2b_lines(event):
-                await queue.put((json.dumps(line, ensure_ascii=False) + "\n").encode())
+                # ASCII escapes: kernel output may hold lone surrogates, which JSON escapes and UTF-8 cannot carry.
+                await queue.put((json.dumps(line) + "\n").encode())
 
         run = asyncio.ensure_future(self.hub.execute(
             self.tenant, self.sandbox_id, code, language=kernel_language(language), session_id=context_id,
