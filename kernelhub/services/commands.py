@@ -569,12 +569,12 @@ def _argv(command: object, argv: object) -> list[str]:
         args = list(argv)
         if not args[0]:
             raise InvalidRequest("argv[0] must name a program.")
-    if len(args) > MAX_ARGS or sum(len(a.encode()) for a in args) > MAX_ARGV_BYTES:
-        raise InvalidRequest(f"A command may have at most {MAX_ARGS} arguments of {MAX_ARGV_BYTES} bytes together.")
     if any("\x00" in a for a in args):
         raise InvalidRequest("command must not contain NUL bytes.")
     if not all(_utf8(a) for a in args):
         raise InvalidRequest("command must be valid UTF-8 text.")
+    if len(args) > MAX_ARGS or sum(len(a.encode()) for a in args) > MAX_ARGV_BYTES:
+        raise InvalidRequest(f"A command may have at most {MAX_ARGS} arguments of {MAX_ARGV_BYTES} bytes together.")
     return args
 
 

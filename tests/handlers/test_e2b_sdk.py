@@ -94,6 +94,7 @@ def test_run_code_streams_output_and_returns_rich_results(sbx: Sandbox) -> None:
     assert sbx.run_code("print(1)").logs.stdout == ["1\n"]
 
 
+
 def test_code_contexts_in_other_languages(sbx: Sandbox) -> None:
     js = sbx.create_code_context(language="javascript")
     assert js.language == "javascript" and js.cwd == "/home/user"
