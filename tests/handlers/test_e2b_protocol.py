@@ -183,6 +183,11 @@ def test_malformed_connect_requests(gateway: Gateway, sandbox: dict[str, Any]) -
     assert status == 415 and body["code"] == "unimplemented"
     status, body, _ = rpc("filesystem.Filesystem/Stat", b"{nope", "application/json")
     assert status == 400 and body["code"] == "invalid_argument"
+    status, body, _ = rpc("filesystem.Filesystem/Stat", b'{"path": "\\ud800"}', "application/json")
+    assert status == 400 and body["code"] == "invalid_argument" and "UTF-8" in body["message"]
+    status, body, _ = rpc("process.Process/Start", envelope({"process": {"cmd": "/bin/true", "envs": {"A": "\ud800"}}}),
+                          stream)
+    assert stream_messages(body)[-1][1]["error"]["code"] == "invalid_argument"
     status, body, _ = rpc("filesystem.Filesystem/Stat", b'{"path": 5}', "application/json")
     assert status == 400 and body["code"] == "invalid_argument"
     status, body, _ = rpc("filesystem.Filesystem/Stat", b"\x08\x01", "application/proto")

@@ -132,6 +132,11 @@ def _message(payload: bytes) -> dict[str, Any]:
         raise ConnectError("invalid_argument", f"The message is not valid JSON: {exc}.") from None
     if not isinstance(message, dict):
         raise ConnectError("invalid_argument", "The message must be a JSON object.")
+    try:
+        json.dumps(message, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        # JSON's \ud800 escapes decode to text no path, argument or variable can hold.
+        raise ConnectError("invalid_argument", "The message holds text that is not valid UTF-8.") from None
     return message
 
 
