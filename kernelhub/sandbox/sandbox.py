@@ -333,6 +333,9 @@ class Sandbox:
         self._procs[req] = proc
         assert self.spec is not None
         full_env = bwrap.sandbox_env(self.spec, env)
+        # Where it starts, by the name it was given: the workspace is also the home, and a login shell would
+        # otherwise call its directory ~ (bash takes $HOME when it is the same directory as ".").
+        full_env.setdefault("PWD", cwd)
         fds = [stdin] if pty else [stdin, stdout, stderr]
         join = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in cgroup.procs_files] if cgroup else []
         try:
