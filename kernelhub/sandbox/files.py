@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -698,31 +699,33 @@ class WorkspaceFiles(abc.ABC):
         depth). Directories are entered without following symlinks; a symlink is an entry, never walked."""
         parts = split_workspace_path(rel)
         out: list[dict[str, Any]] = []
-        with _fs_errors(_join(parts)):
-            top = self._open_dirs(parts)
-            pending: list[tuple[int, list[str], int]] = [(top, parts, 1)]
-            try:
-                while pending:
-                    fd, where, level = pending.pop(0)
-                    try:
-                        with os.scandir(fd) as listing:
-                            names = sorted(d.name for d in listing)
-                        for name in names:
-                            try:
-                                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                            except FileNotFoundError:
-                                continue
-                            out.append(_detailed([*where, name], st, _link_target(fd, name, st)))
-                            if len(out) > limit:
-                                raise InvalidRequest(f"The directory holds more than {limit} entries at that "
-                                                     "depth; list less deep.")
-                            if stat_mod.S_ISDIR(st.st_mode) and level < depth:
-                                with contextlib.suppress(OSError):  # gone, or swapped for a symlink or a file meanwhile
-                                    pending.append((os.open(name, DIR_FLAGS, dir_fd=fd), [*where, name], level + 1))
-                    finally:
-                        os.close(fd)
-            finally:
-                for fd, _where, _level in pending:
+        # Breadth first, by name: each directory is opened (from the root, O_NOFOLLOW at every step) only while
+        # it is read, so a wide tree costs no more than one descriptor at a time.
+        pending: collections.deque[tuple[list[str], int]] = collections.deque([(parts, 1)])
+        while pending:
+            where, level = pending.popleft()
+            with _fs_errors(_join(where)):
+                try:
+                    fd = self._open_dirs(where)
+                except (OSError, InvalidRequest):
+                    if where is parts:
+                        raise
+                    continue  # gone, or swapped for a symlink or a file since it was listed
+                try:
+                    with os.scandir(fd) as listing:
+                        names = sorted(d.name for d in listing)
+                    for name in names:
+                        try:
+                            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        out.append(_detailed([*where, name], st, _link_target(fd, name, st)))
+                        if len(out) > limit:
+                            raise InvalidRequest(f"The directory holds more than {limit} entries at that depth; "
+                                                 "list less deep.")
+                        if stat_mod.S_ISDIR(st.st_mode) and level < depth:
+                            pending.append(([*where, name], level + 1))
+                finally:
                     os.close(fd)
         return out
 

@@ -396,10 +396,10 @@ class Commands:
             _pid, oldest = registry.ended.popitem(last=False)
             if oldest.process is not None:
                 oldest.process.release()
-        for other in registry.ended.values():
-            # Remove the cgroups of ended commands whose left-behind processes have exited since.
-            if other.process is not None and other.process.tree is not None and other is not cmd:
-                other.process.release()
+        for ended in registry.ended.values():
+            # Its cgroup goes once empty; so do those of earlier ones whose left-behind processes exited since.
+            if ended.process is not None:
+                ended.process.release()
 
     async def _feed(self, process: PipedProcess, data: bytes, keep_open: bool) -> None:
         with contextlib.suppress(Conflict, SandboxError):

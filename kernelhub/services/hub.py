@@ -28,6 +28,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from traitlets import Dict, Float, Integer
 from traitlets.config import LoggingConfigurable
 
+from ..errors import InvalidRequest
 from ..sandbox.factory import SandboxFactory
 from ..sandbox.limits import DEFAULT_MAXIMUM, Limits, resolve_limits
 from ..sandbox.provisioner import KERNELSPECS_DIR
@@ -88,6 +89,10 @@ class Hub(LoggingConfigurable):
         self.templates: dict[str, Template] = dict(BUILTIN_TEMPLATES)
         if self.extra_templates:
             self.templates.update(parse_templates(self.extra_templates))
+        for alias, name in self.template_aliases.items():
+            if not isinstance(name, str) or name not in self.templates:
+                raise InvalidRequest(f"template alias {alias!r}: {name!r} is not a template; the templates are "
+                                     f"{', '.join(sorted(self.templates))}.")
         self.defaults = resolve_limits(self.default_limits, Limits(), DEFAULT_MAXIMUM)
         self.maximum = resolve_limits(self.max_limits, DEFAULT_MAXIMUM, DEFAULT_MAXIMUM) \
             if self.max_limits else DEFAULT_MAXIMUM
