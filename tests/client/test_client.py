@@ -141,8 +141,10 @@ def test_background_commands(sandbox: Sandbox) -> None:
     server = sandbox.commands.run("trap 'echo bye; exit 0' TERM; echo up; while :; do sleep 0.05; done",
                                   background=True)
     again = sandbox.commands.connect(server.pid)
-    now = again.refresh()
-    assert again.pid == server.pid and now["status"] == "running" and "stdout" in now
+    deadline = time.monotonic() + 30
+    while "up" not in again.refresh()["stdout"] and time.monotonic() < deadline:  # its trap is set
+        time.sleep(0.05)
+    assert again.pid == server.pid and again.info["status"] == "running"
     assert server.signal("SIGTERM") >= 1
     assert server.wait().stdout.endswith("bye\n")
     sleeper = sandbox.commands.run("exec sleep 1000", background=True)

@@ -167,11 +167,15 @@ def test_commands_foreground_background_and_kill(sbx: Sandbox) -> None:
     assert commands.run("pwd", cwd="/tmp").stdout == "/tmp\n"
     assert commands.run("echo $X", envs={"X": "set"}).stdout == "set\n"
 
-    handle = commands.run("echo ready; read line; echo got $line; sleep 1000", background=True, stdin=True)
+    handle = commands.run("echo ready; read line; echo got $line; touch fed; sleep 1000", background=True,
+                          stdin=True)
     assert handle.pid in [p.pid for p in commands.list()]
     commands.send_stdin(handle.pid, "there\n")
     other = commands.connect(handle.pid)  # re-attached from a second stream: from now on
     assert other.pid == handle.pid
+    deadline = time.monotonic() + 30
+    while not sbx.files.exists("fed") and time.monotonic() < deadline:  # it has read its stdin and said so
+        time.sleep(0.05)
     assert handle.kill() is True
     with pytest.raises(CommandExitException) as killed:
         handle.wait()

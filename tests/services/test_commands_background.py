@@ -128,7 +128,7 @@ def test_deadline_kills_a_tree_that_ignores_sigterm_and_left_its_session(hub: Hu
               "echo started; exec sleep 2003")
 
     async def scenario() -> None:
-        cmd = await hub.start_command(ALICE, sandbox_id, script, timeout_s=1, background=True)
+        cmd = await hub.start_command(ALICE, sandbox_id, script, timeout_s=3, background=True)
         await asyncio.wait_for(until_output(cmd, b"started"), 30)
         assert (await processes(hub, sandbox_id)).count("sleep 200") == 3
         loop = asyncio.get_running_loop()
