@@ -68,28 +68,23 @@ class ConnectError(Exception):
         return {"code": self.code, "message": self.message}
 
 
+#: kernelhub's error classes and their Connect codes, the first that matches wins (subclasses before classes).
+CODES: tuple[tuple[type[KernelHubError] | tuple[type[KernelHubError], ...], str], ...] = (
+    (SandboxNotRunning, "unavailable"),
+    (Unauthorized, "unauthenticated"),
+    (Forbidden, "permission_denied"),
+    (NotFound, "not_found"),
+    ((PayloadTooLarge, QuotaExceeded), "resource_exhausted"),
+    (Conflict, "failed_precondition"),
+    (InvalidRequest, "invalid_argument"),
+    (Timeout, "deadline_exceeded"),
+    (Unavailable, "unavailable"),
+)
+
+
 def connect_error(exc: KernelHubError) -> ConnectError:
-    """The Connect error for one of kernelhub's: the code of its class."""
-    if isinstance(exc, SandboxNotRunning):
-        code = "unavailable"
-    elif isinstance(exc, Unauthorized):
-        code = "unauthenticated"
-    elif isinstance(exc, Forbidden):
-        code = "permission_denied"
-    elif isinstance(exc, NotFound):
-        code = "not_found"
-    elif isinstance(exc, (PayloadTooLarge, QuotaExceeded)):
-        code = "resource_exhausted"
-    elif isinstance(exc, Conflict):
-        code = "failed_precondition"
-    elif isinstance(exc, InvalidRequest):
-        code = "invalid_argument"
-    elif isinstance(exc, Timeout):
-        code = "deadline_exceeded"
-    elif isinstance(exc, Unavailable):
-        code = "unavailable"
-    else:
-        code = "internal"
+    """The Connect error for one of kernelhub's: the code of its class (:data:`CODES`), else ``internal``."""
+    code = next((code for kinds, code in CODES if isinstance(exc, kinds)), "internal")
     return ConnectError(code, exc.message)
 
 
