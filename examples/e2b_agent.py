@@ -43,8 +43,8 @@ def main() -> None:
         print("shell:", listing.stdout.strip().splitlines()[-1])
         server = sandbox.commands.run("python3 -m http.server 8000 --bind 127.0.0.1", background=True)
         probe = sandbox.commands.run(
-            "for i in $(seq 50); do curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8000/ && break; "
-            "sleep 0.1; done")
+            "for i in $(seq 50); do code=$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8000/) && break; "
+            "sleep 0.1; done; echo $code")
         print(f"background server {server.pid} answered {probe.stdout.strip() or 'nothing'}")
         server.kill()
         print("files:", sorted(entry.name for entry in sandbox.files.list("/home/user")))
