@@ -39,7 +39,7 @@ from traitlets.utils.text import wrap_paragraphs
 
 from . import __version__, redaction
 from .errors import IsolationUnavailable, KernelHubError
-from .handlers import jupyter, rest, streams, terminal
+from .handlers import commands, e2b, jupyter, rest, streams, terminal
 from .handlers.base import GatewayConfig, NotFoundHandler
 from .mcp import http as mcp_http
 from .sandbox import doctor
@@ -57,7 +57,7 @@ def make_app(hub: Hub, tenants: TenantRegistry, config: GatewayConfig, **setting
     """The tornado application with every surface mounted; used by ``serve`` and by tests."""
     deps = {"hub": hub, "tenants": tenants, "config": config}
     routes: list[Any] = []
-    for module in (rest, streams, terminal, jupyter):
+    for module in (rest, commands, streams, terminal, jupyter, e2b):
         for spec in getattr(module, "default_handlers", []):
             pattern, handler = spec[0], spec[1]
             extra = spec[2] if len(spec) > 2 else {}

@@ -24,6 +24,7 @@ SAMPLES: dict[str, Any] = {
     "Hub.default_limits": {"memory_mb": 300},
     "Hub.max_limits": {"memory_mb": 2048},
     "Hub.extra_templates": {"tiny": {"language": "bash", "limits": {"memory_mb": 128}}},
+    "Hub.template_aliases": {"sh": "bash"},
 }
 
 

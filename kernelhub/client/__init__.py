@@ -9,6 +9,8 @@ Sync::
         execution.text                                  # '42'
         sandbox.files.write("data.csv", "a,b\\n1,2\\n")
         sandbox.commands.run("wc -l data.csv").stdout
+        server = sandbox.commands.run("python -m http.server", background=True)   # a CommandHandle
+        server.kill()
 
 Async: :class:`AsyncSandbox`, the same methods awaited (``async with AsyncSandbox.create() as sandbox:``); the
 sync :class:`Sandbox` runs that same code on a private loop thread, so it also works inside a running event loop
@@ -22,8 +24,8 @@ websockets and :mod:`kernelhub.errors`.
 
 from __future__ import annotations
 
-from ._async import AsyncApiClient, AsyncSandbox
-from ._sync import ApiClient, Sandbox
+from ._async import AsyncApiClient, AsyncCommandHandle, AsyncSandbox
+from ._sync import ApiClient, CommandHandle, Sandbox
 from .errors import (
     ConflictError,
     DiskQuotaExceededError,
@@ -44,8 +46,10 @@ from .models import CommandExitError, CommandResult, Execution, ExecutionError, 
 __all__ = [
     "ApiClient",
     "AsyncApiClient",
+    "AsyncCommandHandle",
     "AsyncSandbox",
     "CommandExitError",
+    "CommandHandle",
     "CommandResult",
     "ConflictError",
     "DiskQuotaExceededError",

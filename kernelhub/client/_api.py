@@ -7,6 +7,7 @@ server's remote backend name them too.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
@@ -20,6 +21,8 @@ DEFAULT_REQUEST_TIMEOUT = 60.0
 EXECUTION_GRACE_S = 30.0
 #: The gateway's own ceiling for execution_timeout_s (API.md); used when the caller names no timeout.
 MAX_EXECUTION_TIMEOUT_S = 3600.0
+#: The gateway's ceiling for a sandbox's max_lifetime_s (API.md): the longest a followed command can run.
+MAX_LIFETIME_S = 7 * 86400.0
 DEFAULT_URL = "http://127.0.0.1:8888"
 
 #: An upload body: whole bytes, or chunks read as they are sent.
@@ -151,6 +154,46 @@ def run_command(sandbox_id: str, command: str, *, cwd: str | None = None, env: d
     body = _drop_none(command=command, cwd=cwd, env=env, timeout_s=timeout_s, stdin=stdin)
     return Call("POST", f"/v1/sandboxes/{_sid(sandbox_id)}/commands", json_body=body,
                 timeout=execution_timeout(timeout_s))
+
+
+def start_command(sandbox_id: str, command: str, *, cwd: str | None = None, env: dict[str, str] | None = None,
+                  timeout_s: float | None = None, stdin: str | None = None, stdin_open: bool | None = None,
+                  tag: str | None = None) -> Call:
+    body = _drop_none(command=command, cwd=cwd, env=env, timeout_s=timeout_s, stdin=stdin, stdin_open=stdin_open,
+                      tag=tag, background=True)
+    return Call("POST", f"/v1/sandboxes/{_sid(sandbox_id)}/commands", json_body=body)
+
+
+def list_commands(sandbox_id: str) -> Call:
+    return Call("GET", f"/v1/sandboxes/{_sid(sandbox_id)}/commands")
+
+
+def get_command(sandbox_id: str, pid: int, *, output: bool = False) -> Call:
+    return Call("GET", f"/v1/sandboxes/{_sid(sandbox_id)}/commands/{int(pid)}", query={"output": 1} if output else None)
+
+
+def follow_command(sandbox_id: str, pid: int, *, replay: bool = True) -> Call:
+    """The command's events as NDJSON until its end; no time limit of its own (a background command may run
+    for as long as its sandbox)."""
+    return Call("GET", f"/v1/sandboxes/{_sid(sandbox_id)}/commands/{int(pid)}",
+                query={"follow": 1, "replay": 1 if replay else 0}, timeout=MAX_LIFETIME_S)
+
+
+def command_stdin(sandbox_id: str, pid: int, data: str | bytes | None, eof: bool = False) -> Call:
+    body: dict[str, Any] = {"eof": eof}
+    if isinstance(data, bytes):
+        body["data_base64"] = base64.b64encode(data).decode()
+    elif data is not None:
+        body["data"] = data
+    return Call("POST", f"/v1/sandboxes/{_sid(sandbox_id)}/commands/{int(pid)}/stdin", json_body=body)
+
+
+def signal_command(sandbox_id: str, pid: int, signal: str) -> Call:
+    return Call("POST", f"/v1/sandboxes/{_sid(sandbox_id)}/commands/{int(pid)}/signal", json_body={"signal": signal})
+
+
+def kill_command(sandbox_id: str, pid: int) -> Call:
+    return Call("DELETE", f"/v1/sandboxes/{_sid(sandbox_id)}/commands/{int(pid)}")
 
 
 # -- files ----------------------------------------------------------------------------------------------

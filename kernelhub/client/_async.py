@@ -29,7 +29,7 @@ import httpx2
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from ..errors import GatewayConnectionError, KernelHubError, NotFound, ResponseTimeoutError, error_for
+from ..errors import Conflict, GatewayConnectionError, KernelHubError, NotFound, ResponseTimeoutError, error_for
 from . import _api
 from ._transport import GatewayTransport
 from .errors import MAX_ERROR_BODY, error_from_response
@@ -342,22 +342,136 @@ class AsyncFiles:
             return False
 
 
+class AsyncCommandHandle:
+    """A command running in the sandbox, by its ``pid`` (what :meth:`AsyncCommands.run` with
+    ``background=True`` and :meth:`AsyncCommands.connect` answer). It runs on whether or not anyone waits for it;
+    :meth:`wait` follows its output from its start (as far as the gateway keeps it: its last MiB) to its end."""
+
+    def __init__(self, commands: AsyncCommands, info: dict[str, Any], *, on_stdout: Any = None,
+                 on_stderr: Any = None) -> None:
+        self._commands = commands
+        self.info = info
+        self._on_stdout, self._on_stderr = on_stdout, on_stderr
+
+    @property
+    def pid(self) -> int:
+        return int(self.info["pid"])
+
+    async def wait(self, *, on_stdout: Any = None, on_stderr: Any = None, check: bool = False) -> CommandResult:
+        """Follow the command to its end and answer its :class:`CommandResult`; ``on_stdout``/``on_stderr`` (or
+        those given to ``run``) get its text as it comes, from its start; ``check=True`` raises
+        :class:`CommandExitError` on a non-zero exit. A command that wrote more than the gateway keeps begins with
+        its last MiB (``result.raw["dropped_bytes"]`` says how much was not)."""
+        sandbox = self._commands._sandbox
+        result = await _follow(sandbox, _api.follow_command(sandbox.id, self.pid),
+                               on_stdout or self._on_stdout, on_stderr or self._on_stderr, check)
+        self.info = dict(result.raw)
+        return result
+
+    async def refresh(self) -> dict[str, Any]:
+        """The command as the gateway sees it now, with ``stdout`` and ``stderr`` kept so far."""
+        sandbox = self._commands._sandbox
+        self.info = await sandbox._call(_api.get_command(sandbox.id, self.pid, output=True))
+        return dict(self.info)
+
+    async def send_stdin(self, data: str | bytes, *, eof: bool = False) -> None:
+        """Write to its stdin (it must have been started with ``stdin_open=True``); ``eof`` closes it after."""
+        await self._commands.send_stdin(self.pid, data, eof=eof)
+
+    async def close_stdin(self) -> None:
+        await self._commands.send_stdin(self.pid, None, eof=True)
+
+    async def signal(self, signal: str = "SIGTERM") -> int:
+        """Send ``signal`` to every process of its tree; answers how many got it."""
+        sandbox = self._commands._sandbox
+        answer = await sandbox._call(_api.signal_command(sandbox.id, self.pid, signal))
+        return int(answer["signalled"])
+
+    async def kill(self) -> bool:
+        """Kill its whole process tree: True, or False if it had ended already."""
+        return await self._commands.kill(self.pid)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} pid={self.pid} status={self.info.get('status')!r}>"
+
+
 class AsyncCommands:
     """``sandbox.commands``: shell commands (bash) in the sandbox, in ``/workspace`` by default."""
 
     def __init__(self, sandbox: AsyncSandbox) -> None:
         self._sandbox = sandbox
 
-    async def run(self, cmd: str, *, cwd: str | None = None, env: dict[str, str] | None = None,
-                  timeout: float | None = None, stdin: str | None = None, check: bool = False) -> CommandResult:
-        """Run ``cmd`` to its end (``timeout`` in seconds ends it with reason ``timeout``); ``check=True``
-        raises :class:`CommandExitError` on a non-zero exit."""
-        answer = await self._sandbox._call(_api.run_command(self._sandbox.id, cmd, cwd=cwd, env=env,
-                                                            timeout_s=timeout, stdin=stdin))
-        result = CommandResult.from_dict(answer)
-        if check and result.exit_code != 0:
-            raise CommandExitError(result)
-        return result
+    async def run(self, cmd: str, *, background: bool = False, cwd: str | None = None,
+                  env: dict[str, str] | None = None, timeout: float | None = None, stdin: str | None = None,
+                  stdin_open: bool = False, check: bool = False, on_stdout: Any = None,
+                  on_stderr: Any = None) -> Any:
+        """Run ``cmd`` to its end and answer its :class:`CommandResult` (``timeout`` in seconds ends it, whole
+        tree, with reason ``timeout``; ``check=True`` raises :class:`CommandExitError` on a non-zero exit;
+        ``on_stdout``/``on_stderr`` get its text as it comes). With ``background=True``, answer at once an
+        :class:`AsyncCommandHandle` (``stdin_open`` keeps its stdin open; ``timeout`` is then its lifetime, none by
+        default); the callbacks then run while its ``wait()`` runs."""
+        sandbox = self._sandbox
+        if background:
+            info = await sandbox._call(_api.start_command(sandbox.id, cmd, cwd=cwd, env=env, timeout_s=timeout,
+                                                          stdin=stdin, stdin_open=stdin_open or None))
+            return AsyncCommandHandle(self, info, on_stdout=on_stdout, on_stderr=on_stderr)
+        if stdin_open:
+            raise ValueError("stdin_open applies to background commands.")
+        call = _api.run_command(sandbox.id, cmd, cwd=cwd, env=env, timeout_s=timeout, stdin=stdin)
+        if on_stdout is None and on_stderr is None:
+            result = CommandResult.from_dict(await sandbox._call(call))
+            if check and result.exit_code != 0:
+                raise CommandExitError(result)
+            return result
+        return await _follow(sandbox, call, on_stdout, on_stderr, check)
+
+    async def list(self) -> builtins.list[dict[str, Any]]:
+        """The sandbox's commands, running and recently ended: ``[{pid, command, status, exit_code, …}]``."""
+        return builtins.list((await self._sandbox._call(_api.list_commands(self._sandbox.id)))["commands"])
+
+    async def connect(self, pid: int, *, on_stdout: Any = None, on_stderr: Any = None) -> AsyncCommandHandle:
+        """A handle on the command ``pid`` (raises :class:`~kernelhub.errors.NotFound` if the sandbox has none)."""
+        info = await self._sandbox._call(_api.get_command(self._sandbox.id, pid))
+        return AsyncCommandHandle(self, info, on_stdout=on_stdout, on_stderr=on_stderr)
+
+    async def send_stdin(self, pid: int, data: str | bytes | None, *, eof: bool = False) -> None:
+        """Write to the stdin of the command ``pid``; ``eof`` closes it after."""
+        await self._sandbox._call(_api.command_stdin(self._sandbox.id, pid, data, eof))
+
+    async def kill(self, pid: int) -> bool:
+        """Kill the command ``pid`` and its whole process tree: True, or False if it had ended or is unknown."""
+        try:
+            await self._sandbox._call(_api.kill_command(self._sandbox.id, pid))
+        except (Conflict, NotFound):
+            return False
+        return True
+
+
+async def _follow(sandbox: AsyncSandbox, call: _api.Call, on_stdout: Any, on_stderr: Any,
+                  check: bool) -> CommandResult:
+    """Stream a command's events (``call``: a foreground run or a follow, as NDJSON): its text to the callbacks
+    as it comes (awaited when they are coroutine functions), its :class:`CommandResult` at the end (``raw`` is
+    the ended command); ``check`` raises :class:`CommandExitError` on a non-zero exit."""
+    callbacks = {"stdout": on_stdout, "stderr": on_stderr}
+    text: dict[str, builtins.list[str]] = {"stdout": [], "stderr": []}
+
+    async def on_event(event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind in text:
+            text[kind].append(str(event.get("text", "")))
+            callback = callbacks[kind]
+            if callback is not None:
+                result = callback(event.get("text", ""))
+                if inspect.isawaitable(result):
+                    await result
+
+    end = await sandbox._api.stream(call, on_event)
+    command = dict(end.get("command") or {})
+    result = CommandResult.from_dict({**command, "stdout": "".join(text["stdout"]), "stderr": "".join(text["stderr"])})
+    result.raw = command
+    if check and result.exit_code != 0:
+        raise CommandExitError(result)
+    return result
 
 
 class AsyncSessions:

@@ -28,6 +28,7 @@ import httpx2
 
 from ._async import (
     AsyncApiClient,
+    AsyncCommandHandle,
     AsyncCommands,
     AsyncFiles,
     AsyncSandbox,
@@ -190,13 +191,55 @@ class Files:
     exists = blocking(AsyncFiles.exists)
 
 
+class CommandHandle:
+    """A command running in the sandbox by its ``pid``: :class:`~kernelhub.client._async.AsyncCommandHandle`'s
+    methods, not awaited (``wait`` calls ``on_stdout``/``on_stderr`` in the calling thread as the text comes)."""
+
+    def __init__(self, handle: AsyncCommandHandle) -> None:
+        self._async = handle
+
+    @property
+    def pid(self) -> int:
+        return self._async.pid
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self._async.info
+
+    wait = blocking(AsyncCommandHandle.wait)
+    refresh = blocking(AsyncCommandHandle.refresh)
+    send_stdin = blocking(AsyncCommandHandle.send_stdin)
+    close_stdin = blocking(AsyncCommandHandle.close_stdin)
+    signal = blocking(AsyncCommandHandle.signal)
+    kill = blocking(AsyncCommandHandle.kill)
+
+    def __repr__(self) -> str:
+        return f"<CommandHandle pid={self.pid} status={self.info.get('status')!r}>"
+
+
 class Commands:
-    """``sandbox.commands``: shell commands (bash) in the sandbox, in ``/workspace`` by default."""
+    """``sandbox.commands``: shell commands (bash) in the sandbox, in ``/workspace`` by default; the methods of
+    :class:`~kernelhub.client._async.AsyncCommands`, not awaited, with a :class:`CommandHandle` for a background
+    command."""
 
     def __init__(self, commands: AsyncCommands) -> None:
         self._async = commands
 
-    run = blocking(AsyncCommands.run)
+    _run = blocking(AsyncCommands.run)
+    _connect = blocking(AsyncCommands.connect)
+    list = blocking(AsyncCommands.list)
+    send_stdin = blocking(AsyncCommands.send_stdin)
+    kill = blocking(AsyncCommands.kill)
+
+    def run(self, cmd: str, **kwargs: Any) -> Any:
+        """:meth:`AsyncCommands.run <kernelhub.client._async.AsyncCommands.run>`: a :class:`CommandResult`, or
+        with ``background=True`` a :class:`CommandHandle`."""
+        answer = self._run(cmd, **kwargs)
+        return CommandHandle(answer) if isinstance(answer, AsyncCommandHandle) else answer
+
+    def connect(self, pid: int, **kwargs: Any) -> CommandHandle:
+        """A :class:`CommandHandle` on the command ``pid``."""
+        return CommandHandle(self._connect(pid, **kwargs))
 
 
 class Sessions:
@@ -287,4 +330,4 @@ class Sandbox:
         return f"<Sandbox {self.id} template={self.template!r} url={self._api.url!r}>"
 
 
-__all__ = ["ApiClient", "Sandbox"]
+__all__ = ["ApiClient", "CommandHandle", "Sandbox"]

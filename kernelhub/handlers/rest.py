@@ -24,6 +24,7 @@ from ..errors import InvalidRequest, KernelHubError, PayloadTooLarge
 from ..sandbox.files import path_fields
 from ..services.executions import Execution, Listener
 from .base import MAX_JSON_BODY, BaseHandler, json_text
+from .streaming import send_download
 
 if TYPE_CHECKING:
     from ..sandbox.files import UploadWriter
@@ -266,23 +267,6 @@ class ExecutionInterruptHandler(BaseHandler):
         self.send_json(ex.to_dict())
 
 
-class CommandsHandler(BaseHandler):
-    """``POST /v1/sandboxes/{id}/commands`` (command_execute)."""
-
-    async def post(self, sandbox_id: str) -> None:
-        body = fields(self.json_body(), allowed=("command", "cwd", "env", "timeout_s", "stdin"),
-                      required=("command",))
-        result = await self.hub.run_command(
-            self.tenant, sandbox_id,
-            command=optional(body, "command", str, "a string"),
-            cwd=optional(body, "cwd", str, "a path string"),
-            env=optional(body, "env", dict, "a JSON object of strings"),
-            timeout_s=optional(body, "timeout_s", (int, float), "a number of seconds"),
-            stdin=optional(body, "stdin", str, "a string"),
-        )
-        self.send_json(result)
-
-
 # -- sessions ---------------------------------------------------------------------------------------------
 
 class SessionsHandler(BaseHandler):
@@ -413,22 +397,9 @@ class FilesHandler(BaseHandler):
             return
         # The file is closed when this block ends, however it ends (the client going away included).
         async with self.hub.open_download(self.tenant, sandbox_id, path) as download:
-            self.set_header("Content-Type", "application/octet-stream")
-            self.set_header("Content-Length", str(download.size))
             name = path.rstrip("/").rsplit("/", 1)[-1].encode("utf-8", "surrogateescape").decode("utf-8", "replace")
             self.set_header("Content-Disposition", "attachment; filename*=UTF-8''" + urllib.parse.quote(name))
-            async for chunk in download:
-                self.write(chunk)
-                try:
-                    await self.flush()
-                except iostream.StreamClosedError:
-                    return
-            if download.sent < download.size and isinstance(self.request.connection, HTTP1Connection):
-                # The sandbox truncated the file meanwhile, and Content-Length promised more than there is:
-                # end the connection rather than lie.
-                self.request.connection.stream.close()
-                return
-        self.finish()
+            await send_download(self, download)
 
     async def delete(self, sandbox_id: str, path: str) -> None:
         await self.hub.delete_file(self.tenant, sandbox_id, path)
@@ -472,7 +443,6 @@ default_handlers: list[Any] = [
     (rf"/v1/sandboxes/{ID}", SandboxHandler),
     (rf"/v1/sandboxes/{ID}/execute", ExecuteHandler),
     (rf"/v1/sandboxes/{ID}/executions", ExecutionsHandler),
-    (rf"/v1/sandboxes/{ID}/commands", CommandsHandler),
     (rf"/v1/sandboxes/{ID}/files", WorkspaceRootHandler),
     (rf"/v1/sandboxes/{ID}/files/(.*)", FilesHandler),
     (rf"/v1/sandboxes/{ID}/sessions", SessionsHandler),

@@ -27,7 +27,8 @@ from ..errors import ExecutionEnded, InvalidRequest, KernelHubError, NoInputRequ
 from ..services.executions import Execution
 from ..services.hub import Hub
 from ..services.tenants import TenantRegistry
-from .base import GatewayConfig, WebSocketBase, json_text
+from .base import GatewayConfig, json_text
+from .commands import CommandStreamMixin
 
 MAX_REQUEST_ID = 256
 _EXECUTE_FIELDS = ("type", "code", "session_id", "language", "timeout_s", "env", "request_id")
@@ -51,8 +52,9 @@ def _string(msg: dict[str, Any], name: str, what: str, *, required: bool = False
     return value
 
 
-class SandboxStreamHandler(WebSocketBase):
-    """One client's executions in one sandbox over a websocket."""
+class SandboxStreamHandler(CommandStreamMixin):
+    """One client's executions (and commands, :class:`~kernelhub.handlers.commands.CommandStreamMixin`) in one
+    sandbox over a websocket."""
 
     sandbox_id: str
 
@@ -62,6 +64,7 @@ class SandboxStreamHandler(WebSocketBase):
         self._tasks: set[asyncio.Task[None]] = set()
         self._live: dict[str, Execution] = {}
         self._inputs: dict[str, asyncio.Future[str]] = {}
+        self.command_setup()
 
     def before_upgrade(self, *args: Any, **kwargs: Any) -> None:
         self.hub.get_sandbox(self.tenant, args[0] if args else None)
@@ -106,8 +109,11 @@ class SandboxStreamHandler(WebSocketBase):
                 self._interrupt(msg)
             elif kind == "input":
                 self._input(msg)
+            elif kind in self.COMMAND_MESSAGES:
+                await self.on_command_message(msg, request_id)
             else:
-                raise InvalidRequest(f"Unknown message type {str(kind)[:64]!r}; send execute, interrupt or input.")
+                raise InvalidRequest(f"Unknown message type {str(kind)[:64]!r}; send execute, interrupt, input, "
+                                     f"{', '.join(self.COMMAND_MESSAGES)}.")
         except KernelHubError as exc:
             await self._reject(request_id, exc)
 
@@ -207,6 +213,7 @@ class SandboxStreamHandler(WebSocketBase):
     def on_close(self) -> None:
         """An ordinary disconnect: interrupt what this connection started and has not ended."""
         self._closed = True
+        self.command_close()
         for fut in self._inputs.values():
             if not fut.done():
                 # An empty answer, not cancel(): the session's stdin reader must survive this.

@@ -1,4 +1,4 @@
-"""kernelhub's MCP server: the seventeen tools of API.md on the official ``mcp`` SDK.
+"""kernelhub's MCP server: the tools of API.md (and the command tools) on the official ``mcp`` SDK.
 
 - :mod:`.tools`: the tools' names, JSON schemas and descriptions, and how answers become tool results;
 - :mod:`.backends`: where the work is done, the in-process hub or a gateway's REST API;

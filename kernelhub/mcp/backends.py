@@ -33,7 +33,7 @@ EventSink = Callable[[dict[str, Any]], None]
 
 
 class Backend(Protocol):
-    """The seventeen operations behind the seventeen tools, answering API.md's REST shapes."""
+    """The operations behind the tools (API.md's seventeen, then the command ones), answering REST shapes."""
 
     async def sandbox_create(self, template: str | None, limits: dict[str, Any] | None,
                              env: dict[str, str] | None, metadata: dict[str, Any] | None,
@@ -61,6 +61,14 @@ class Backend(Protocol):
     async def session_close(self, session_id: str) -> None: ...
     async def sandbox_logs(self, sandbox_id: str, lines: int) -> dict[str, Any]: ...
     async def sandbox_metrics(self, sandbox_id: str) -> dict[str, Any]: ...
+    # Commands by pid (the command routes of the README).
+    async def command_start(self, sandbox_id: str, command: str, cwd: str | None, env: dict[str, str] | None,
+                            timeout_s: float | None, stdin: str | None, stdin_open: bool) -> dict[str, Any]: ...
+    async def command_list(self, sandbox_id: str) -> dict[str, Any]: ...
+    async def command_status(self, sandbox_id: str, pid: int) -> dict[str, Any]: ...
+    async def command_stdin(self, sandbox_id: str, pid: int, data: str | None, eof: bool) -> dict[str, Any]: ...
+    async def command_signal(self, sandbox_id: str, pid: int, signal: str) -> dict[str, Any]: ...
+    async def command_kill(self, sandbox_id: str, pid: int) -> dict[str, Any]: ...
 
 
 def _too_large(path: str, size: int, max_bytes: int) -> PayloadTooLarge:
@@ -158,6 +166,28 @@ class HubBackend:
     async def sandbox_metrics(self, sandbox_id: str) -> dict[str, Any]:
         return self.hub.sandbox_metrics(self.tenant, sandbox_id)
 
+    async def command_start(self, sandbox_id: str, command: str, cwd: str | None, env: dict[str, str] | None,
+                            timeout_s: float | None, stdin: str | None, stdin_open: bool) -> dict[str, Any]:
+        cmd = await self.hub.start_command(self.tenant, sandbox_id, command, cwd=cwd, env=env, timeout_s=timeout_s,
+                                           stdin=stdin, stdin_open=stdin_open, background=True)
+        return cmd.to_dict()
+
+    async def command_list(self, sandbox_id: str) -> dict[str, Any]:
+        return {"commands": [c.to_dict() for c in self.hub.list_commands(self.tenant, sandbox_id)]}
+
+    async def command_status(self, sandbox_id: str, pid: int) -> dict[str, Any]:
+        cmd = self.hub.get_command(self.tenant, sandbox_id, pid)
+        return {**cmd.to_dict(), **cmd.kept_output()}
+
+    async def command_stdin(self, sandbox_id: str, pid: int, data: str | None, eof: bool) -> dict[str, Any]:
+        return (await self.hub.command_stdin(self.tenant, sandbox_id, pid, data, eof=eof)).to_dict()
+
+    async def command_signal(self, sandbox_id: str, pid: int, signal: str) -> dict[str, Any]:
+        return {"pid": pid, "signalled": await self.hub.signal_command(self.tenant, sandbox_id, pid, signal)}
+
+    async def command_kill(self, sandbox_id: str, pid: int) -> dict[str, Any]:
+        return (await self.hub.kill_command(self.tenant, sandbox_id, pid)).to_dict()
+
 
 
 
@@ -253,3 +283,24 @@ class RemoteBackend:
 
     async def sandbox_metrics(self, sandbox_id: str) -> dict[str, Any]:
         return await self.api.call(_api.sandbox_metrics(sandbox_id))  # type: ignore[no-any-return]
+
+    async def command_start(self, sandbox_id: str, command: str, cwd: str | None, env: dict[str, str] | None,
+                            timeout_s: float | None, stdin: str | None, stdin_open: bool) -> dict[str, Any]:
+        call = _api.start_command(sandbox_id, command, cwd=cwd, env=env, timeout_s=timeout_s, stdin=stdin,
+                                  stdin_open=stdin_open or None)
+        return await self.api.call(call)  # type: ignore[no-any-return]
+
+    async def command_list(self, sandbox_id: str) -> dict[str, Any]:
+        return await self.api.call(_api.list_commands(sandbox_id))  # type: ignore[no-any-return]
+
+    async def command_status(self, sandbox_id: str, pid: int) -> dict[str, Any]:
+        return await self.api.call(_api.get_command(sandbox_id, pid, output=True))  # type: ignore[no-any-return]
+
+    async def command_stdin(self, sandbox_id: str, pid: int, data: str | None, eof: bool) -> dict[str, Any]:
+        return await self.api.call(_api.command_stdin(sandbox_id, pid, data, eof))  # type: ignore[no-any-return]
+
+    async def command_signal(self, sandbox_id: str, pid: int, signal: str) -> dict[str, Any]:
+        return await self.api.call(_api.signal_command(sandbox_id, pid, signal))  # type: ignore[no-any-return]
+
+    async def command_kill(self, sandbox_id: str, pid: int) -> dict[str, Any]:
+        return await self.api.call(_api.kill_command(sandbox_id, pid))  # type: ignore[no-any-return]

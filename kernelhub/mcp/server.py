@@ -1,4 +1,4 @@
-"""The MCP server: the seventeen tools on the official SDK's low-level :class:`mcp.server.Server`, and their
+"""The MCP server: the tools on the official SDK's low-level :class:`mcp.server.Server`, and their
 stdio transport for ``kernelhub mcp``.
 
 :func:`build_server` makes the SDK server for any way of choosing a backend per call (the gateway's ``/mcp``
@@ -112,7 +112,7 @@ class ProgressReporter:
 
 
 def tool_list() -> list[types.Tool]:
-    """The seventeen tools as ``tools/list`` shows them."""
+    """The tools as ``tools/list`` shows them."""
     return [
         types.Tool(name=spec.name, title=spec.title, description=spec.description, input_schema=spec.schema,
                    annotations=types.ToolAnnotations(
@@ -145,7 +145,7 @@ async def run_tool(backend: Backend, name: str, arguments: dict[str, Any] | None
 
 
 def build_server(backend_for: BackendFor) -> Server[Any]:
-    """The SDK server with the seventeen tools; ``backend_for(ctx)`` picks the backend of each call."""
+    """The SDK server with the tools; ``backend_for(ctx)`` picks the backend of each call."""
 
     async def list_tools(ctx: ServerRequestContext[Any, Any],
                          params: types.PaginatedRequestParams | None) -> types.ListToolsResult:

@@ -1,4 +1,5 @@
-"""The seventeen MCP tools (API.md): names, JSON schemas, descriptions, and how answers become tool results.
+"""The MCP tools (API.md's seventeen, then the command tools): names, JSON schemas, descriptions, and how
+answers become tool results.
 
 A tool is a :class:`ToolSpec`: its schema and description for ``tools/list`` and a coroutine that validates the
 arguments, calls one :class:`~kernelhub.mcp.backends.Backend` operation and shapes the REST-shaped answer into a
@@ -588,6 +589,108 @@ TOOLS: list[ToolSpec] = [
         _schema({"sandbox_id": SANDBOX_ID}, ("sandbox_id",)), _sandbox_metrics, read_only=True,
         idempotent=True),
 ]
+
+# -- commands by pid (background commands; the README's command routes) --------------------------------------
+
+PID = {"type": "integer", "minimum": 1, "description": "The command's pid, as command_start or command_list "
+                                                       "answered it."}
+
+
+def _command_text(c: dict[str, Any]) -> str:
+    state = (f"running for {c.get('duration_ms')} ms" if c.get("status") == "running"
+             else f"exited with code {c.get('exit_code')}" + (f" (reason: {c['reason']})" if c.get("reason") else ""))
+    parts = [f"Command {c.get('pid')} in sandbox {c.get('sandbox_id')}: {state}. {c.get('command') or ''}".rstrip()]
+    if c.get("dropped_bytes"):
+        parts.append(f"(the first {c['dropped_bytes']} bytes of its output are no longer kept)")
+    for name in ("stdout", "stderr"):
+        if c.get(name):
+            parts.append(f"{name}:\n" + _clip(_plain(c[name]).rstrip("\n")))
+    return "\n".join(parts)
+
+
+async def _command_start(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    c = await b.command_start(a["sandbox_id"], a["command"], a.get("cwd"), a.get("env"), a.get("timeout_s"),
+                              a.get("stdin"), bool(a.get("stdin_open")))
+    return ToolOutput(c, _command_text(c) + "\nRead its output with command_status(sandbox_id, pid).")
+
+
+async def _command_list(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    answer = await b.command_list(a["sandbox_id"])
+    commands = answer.get("commands", [])
+    return ToolOutput(answer, "\n".join(_command_text(c) for c in commands) or "No commands.")
+
+
+async def _command_status(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    c = await b.command_status(a["sandbox_id"], a["pid"])
+    return ToolOutput(c, _command_text(c))
+
+
+async def _command_send_stdin(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    c = await b.command_stdin(a["sandbox_id"], a["pid"], a.get("data"), bool(a.get("eof")))
+    return ToolOutput(c, _command_text(c))
+
+
+async def _command_signal(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    answer = await b.command_signal(a["sandbox_id"], a["pid"], a.get("signal", "SIGTERM"))
+    return ToolOutput(answer, f"Sent {a.get('signal', 'SIGTERM')} to {answer.get('signalled')} process(es) of "
+                              f"command {a['pid']}.")
+
+
+async def _command_kill(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    c = await b.command_kill(a["sandbox_id"], a["pid"])
+    return ToolOutput(c, _command_text(c))
+
+
+TOOLS.extend([
+    ToolSpec(
+        "command_start", "Start a background command",
+        "Start a bash command line in the sandbox and return at once with its pid, without waiting for it: for "
+        "servers, watchers and long jobs. It keeps running after this call (until it exits, its timeout_s if "
+        "given, or the sandbox ends). Read its output with command_status, write to it with command_send_stdin "
+        "(stdin_open), stop it with command_kill. Returns the command {pid, status, ...}.",
+        _schema({
+            "sandbox_id": SANDBOX_ID,
+            "command": {"type": "string", "description": "A bash command line, e.g. 'python -m http.server 8000'."},
+            "cwd": {"type": "string", "description": "Working directory, default /workspace."},
+            "env": ENV,
+            "timeout_s": {"type": "number", "exclusiveMinimum": 0,
+                          "description": "Seconds after which its whole process tree is stopped; default none."},
+            "stdin": {"type": "string", "description": "Text fed to its standard input first."},
+            "stdin_open": {"type": "boolean", "description": "Keep its standard input open for command_send_stdin."},
+        }, ("sandbox_id", "command")), _command_start),
+    ToolSpec(
+        "command_list", "List commands",
+        "List a sandbox's commands, running and recently ended, with their pids and exit codes. Returns "
+        "{commands: [...]}.",
+        _schema({"sandbox_id": SANDBOX_ID}, ("sandbox_id",)), _command_list, read_only=True, idempotent=True),
+    ToolSpec(
+        "command_status", "Read a command",
+        "Read a command by pid: running or ended, its exit code, and its stdout and stderr so far (the last MiB "
+        "of them). Returns the command with stdout and stderr.",
+        _schema({"sandbox_id": SANDBOX_ID, "pid": PID}, ("sandbox_id", "pid")), _command_status, read_only=True,
+        idempotent=True),
+    ToolSpec(
+        "command_send_stdin", "Write to a command",
+        "Write text to a running command's standard input (it must have been started with stdin_open), and close "
+        "it with eof. Returns the command.",
+        _schema({"sandbox_id": SANDBOX_ID, "pid": PID,
+                 "data": {"type": "string", "description": "Text to write; end lines with a newline."},
+                 "eof": {"type": "boolean", "description": "Close its standard input afterwards."}},
+                ("sandbox_id", "pid")), _command_send_stdin),
+    ToolSpec(
+        "command_signal", "Signal a command",
+        "Send a signal to every process of a running command (SIGTERM to ask it to stop, SIGINT, SIGHUP, ...). "
+        "Returns {pid, signalled}.",
+        _schema({"sandbox_id": SANDBOX_ID, "pid": PID,
+                 "signal": {"type": "string", "default": "SIGTERM",
+                            "enum": ["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGSTOP",
+                                     "SIGCONT", "SIGKILL"]}},
+                ("sandbox_id", "pid")), _command_signal),
+    ToolSpec(
+        "command_kill", "Kill a command",
+        "Kill a running command and every process it started, at once. Returns the ended command.",
+        _schema({"sandbox_id": SANDBOX_ID, "pid": PID}, ("sandbox_id", "pid")), _command_kill, destructive=True),
+])
 
 TOOLS_BY_NAME = {tool.name: tool for tool in TOOLS}
 

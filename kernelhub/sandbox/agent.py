@@ -14,8 +14,10 @@ become dumpable again when they execute their program. The gateway passes the ne
 process's stdio as file descriptors (``SCM_RIGHTS``), so the gateway owns pipes and PTYs on the host side.
 
 Messages are JSON objects, one a packet.
-gateway -> agent: ``{"op": "spawn", "id", "argv", "env", "cwd", "pty"}`` with 3 fds (stdin, stdout, stderr)
-or 1 fd (a PTY slave, used for all three); ``{"op": "signal", "id", "signal", "group"}``.
+gateway -> agent: ``{"op": "spawn", "id", "argv", "env", "cwd", "pty", "join"}`` with 3 fds (stdin, stdout,
+stderr) or 1 fd (a PTY slave, used for all three), then ``join`` more: ``cgroup.procs`` files the gateway opened,
+into each of which the new process writes ``0`` (itself) before it execs, so that it and everything it forks
+belong to that cgroup from the start; ``{"op": "signal", "id", "signal", "group"}``.
 agent -> gateway: ``{"op": "ready"}`` once; ``{"op": "spawned", "id", "pid"}``; ``{"op": "failed", "id",
 "message"}``; ``{"op": "exit", "id", "status"}`` (negative: killed by that signal).
 
@@ -35,7 +37,7 @@ import sys
 import termios
 
 MAX_PACKET = 1 << 20
-MAX_FDS = 3
+MAX_FDS = 8
 PR_SET_DUMPABLE = 4  # linux/prctl.h
 
 
@@ -150,10 +152,14 @@ class Agent:
         env = {str(k): str(v) for k, v in msg.get("env", {}).items()}
         cwd = msg.get("cwd") or "/workspace"
         pty = bool(msg.get("pty"))
-        if len(fds) not in (1, 3) or not argv:
-            self.send({"op": "failed", "id": req, "message": "spawn needs argv and 1 or 3 fds"})
+        join = msg.get("join", 0)
+        if not isinstance(join, int) or not 0 <= join < len(fds):
+            join = -1
+        stdio, groups = fds[:len(fds) - join], fds[len(fds) - join:]
+        if join < 0 or len(stdio) not in (1, 3) or not argv:
+            self.send({"op": "failed", "id": req, "message": "spawn needs argv, 1 or 3 fds and the join fds"})
             return
-        stdio = fds * 3 if len(fds) == 1 else fds
+        stdio = stdio * 3 if len(stdio) == 1 else stdio
         try:
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
         except OSError as exc:
@@ -169,6 +175,8 @@ class Agent:
             return
         if pid == 0:  # child
             try:
+                for group in groups:
+                    os.write(group, b"0")
                 os.setsid()
                 for target, fd in enumerate(stdio):
                     os.dup2(fd, target)

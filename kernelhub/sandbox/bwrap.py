@@ -72,6 +72,13 @@ BASE_ENV = {
     "TMPDIR": "/tmp",
     "PYTHONUNBUFFERED": "1",
     "MPLCONFIGDIR": "/tmp/.matplotlib",
+    # The home is the workspace: caches, histories and profiles of the tools live in /tmp rather than there.
+    "IPYTHONDIR": "/tmp/.ipython",
+    "XDG_CACHE_HOME": "/tmp/.cache",
+    "npm_config_cache": "/tmp/.npm",
+    "HISTFILE": "/tmp/.bash_history",
+    "NODE_REPL_HISTORY": "",
+    "PYTHON_HISTORY": "/tmp/.python_history",
     "NODE_PATH": "/node_modules",
 }
 
@@ -101,7 +108,6 @@ class SandboxSpec:
     node_modules: str | None = None
     tmp_size_bytes: int = 256 * 1024 * 1024
     shm_size_bytes: int = 64 * 1024 * 1024
-    home_size_bytes: int = 64 * 1024 * 1024
     network: str = "none"
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
@@ -184,10 +190,6 @@ def bwrap_options(spec: SandboxSpec, *, seccomp_fd: int | None = None) -> list[s
         "--size", str(spec.shm_size_bytes), "--tmpfs", "/dev/shm",
         "--size", str(spec.tmp_size_bytes), "--tmpfs", "/tmp",
         "--dir", "/run",
-        # A home of its own, so dotfiles (~/.ipython, ~/.cache) do not clutter the workspace. Every tmpfs is
-        # sized: their pages are charged to the sandbox's memory cgroup, and filling them all must still leave
-        # room for the kernel to run (the root itself is made read-only below).
-        "--size", str(spec.home_size_bytes), "--tmpfs", INNER_HOME,
     ]
     if spec.runtime_dir:
         # At its host path, so that every absolute path its installers wrote holds inside as outside: pip's and
@@ -204,6 +206,9 @@ def bwrap_options(spec: SandboxSpec, *, seccomp_fd: int | None = None) -> list[s
     # Bound after the tmpfs mounts so that none of them hides it (KERNELS.md).
     argv += ["--bind", spec.run_dir, INNER_RUN]
     argv += ["--bind", spec.workspace, INNER_WORKSPACE]
+    # The home is the workspace too (E2B's /home/user, E2B.md P9): what a user keeps there persists and counts
+    # against the disk quota. The tools' own dotfiles go to /tmp instead (BASE_ENV), not into the workspace.
+    argv += ["--bind", spec.workspace, INNER_HOME]
     # Nothing is writable outside /workspace, /tmp, /dev/shm and the home: not even bwrap's root tmpfs.
     argv += ["--remount-ro", "/"]
     argv += ["--chdir", INNER_WORKSPACE]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -663,6 +664,110 @@ class WorkspaceFiles(abc.ABC):
                 os.close(dirfd)
 
 
+    # -- what E2B's filesystem RPCs need besides ---------------------------------------------------------
+
+    def make_dir(self, rel: str) -> bool:
+        """Make the directory ``rel`` and its missing parents (owned by the sandbox uid, 0755); True if it was
+        made, False if a directory was there already. Raises :class:`Conflict` when something else is there,
+        and what the walk raises (symlinks refused, as everywhere)."""
+        parts = split_workspace_path(rel)
+        shown = _join(parts)
+        if not parts:
+            return False
+        with _fs_errors(shown):
+            dirfd = self._open_dirs(parts[:-1], create=True)
+            try:
+                try:
+                    os.mkdir(parts[-1], 0o755, dir_fd=dirfd)
+                except FileExistsError:
+                    st = os.stat(parts[-1], dir_fd=dirfd, follow_symlinks=False)
+                    if not stat_mod.S_ISDIR(st.st_mode):
+                        raise Conflict(f"{_shorten(shown)} exists and is not a directory.") from None
+                    return False
+                fd = os.open(parts[-1], DIR_FLAGS, dir_fd=dirfd)
+                try:
+                    self._own(fd, 0o755)
+                finally:
+                    os.close(fd)
+                return True
+            finally:
+                os.close(dirfd)
+
+    def move(self, source: str, destination: str) -> None:
+        """Rename ``source`` to ``destination`` (parents of the destination are made; an existing file there is
+        replaced, as rename(2) does). Both are walked without following symlinks; the root cannot move."""
+        src, dst = split_workspace_path(source), split_workspace_path(destination)
+        if not src or not dst:
+            raise InvalidRequest("The workspace root cannot be moved or replaced.")
+        if dst[:len(src)] == src:
+            raise InvalidRequest(f"{_shorten(_join(src))} cannot move into itself.")
+        with _fs_errors(_join(src)):
+            src_dir = self._open_dirs(src[:-1])
+            try:
+                os.stat(src[-1], dir_fd=src_dir, follow_symlinks=False)  # a missing source says so by its name
+                with _fs_errors(_join(dst)):
+                    dst_dir = self._open_dirs(dst[:-1], create=True)
+                    try:
+                        os.rename(src[-1], dst[-1], src_dir_fd=src_dir, dst_dir_fd=dst_dir)
+                    finally:
+                        os.close(dst_dir)
+            finally:
+                os.close(src_dir)
+
+    def describe(self, rel: str) -> dict[str, Any]:
+        """One entry as :meth:`stat` gives it, with ``mode`` (permission bits), ``permissions`` (``ls``'s
+        ``-rw-r--r--``), ``uid``, ``gid`` and, for a symlink, ``symlink_target`` (read, never followed)."""
+        parts = split_workspace_path(rel)
+        with _fs_errors(_join(parts)):
+            if not parts:
+                fd = self._open_root()
+                try:
+                    return _detailed(parts, os.fstat(fd), None)
+                finally:
+                    os.close(fd)
+            dirfd = self._open_dirs(parts[:-1])
+            try:
+                st = os.stat(parts[-1], dir_fd=dirfd, follow_symlinks=False)
+                return _detailed(parts, st, _link_target(dirfd, parts[-1], st))
+            finally:
+                os.close(dirfd)
+
+    def describe_dir(self, rel: str, depth: int = 1, limit: int = 10000) -> list[dict[str, Any]]:
+        """The entries below the directory ``rel`` down to ``depth`` levels (1: its own entries), each as
+        :meth:`describe` shapes it, at most ``limit`` of them (:class:`InvalidRequest` beyond: ask for less
+        depth). Directories are entered without following symlinks; a symlink is an entry, never walked."""
+        parts = split_workspace_path(rel)
+        out: list[dict[str, Any]] = []
+        # Breadth first, by name: each directory is opened (from the root, O_NOFOLLOW at every step) only while
+        # it is read, so a wide tree costs no more than one descriptor at a time.
+        pending: collections.deque[tuple[list[str], int]] = collections.deque([(parts, 1)])
+        while pending:
+            where, level = pending.popleft()
+            with _fs_errors(_join(where)):
+                try:
+                    fd = self._open_dirs(where)
+                except (OSError, InvalidRequest):
+                    if where is parts:
+                        raise
+                    continue  # gone, or swapped for a symlink or a file since it was listed
+                try:
+                    with os.scandir(fd) as listing:
+                        names = sorted(d.name for d in listing)
+                    for name in names:
+                        try:
+                            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        out.append(_detailed([*where, name], st, _link_target(fd, name, st)))
+                        if len(out) > limit:
+                            raise InvalidRequest(f"The directory holds more than {limit} entries at that depth; "
+                                                 "list less deep.")
+                        if stat_mod.S_ISDIR(st.st_mode) and level < depth:
+                            pending.append(([*where, name], level + 1))
+                finally:
+                    os.close(fd)
+        return out
+
     def _tree_usage(self) -> tuple[int, int]:
         """Bytes (allocated blocks) and entries below the root, counted by a descriptor walk (bounded; hard
         links counted once): the usage of a workspace that shares the host filesystem. An estimate if the
@@ -876,3 +981,25 @@ class FileChunks:
         # A download a surface dropped without closing must not leak its descriptor.
         if getattr(self, "_fd", None) is not None:
             self.close()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Entries in detail (WorkspaceFiles.describe and describe_dir, for the E2B surface)
+
+
+def _detailed(parts: list[str], st: os.stat_result, target: str | None) -> dict[str, Any]:
+    entry = _entry(parts, st)
+    entry.update(mode=stat_mod.S_IMODE(st.st_mode), permissions=stat_mod.filemode(st.st_mode), uid=st.st_uid,
+                 gid=st.st_gid)
+    if target is not None:
+        entry["symlink_target"] = target
+    return entry
+
+
+def _link_target(dirfd: int, name: str, st: os.stat_result) -> str | None:
+    if not stat_mod.S_ISLNK(st.st_mode):
+        return None
+    try:
+        return os.readlink(name, dir_fd=dirfd)
+    except OSError:
+        return None

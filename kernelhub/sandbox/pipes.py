@@ -5,34 +5,39 @@ The agent starts every process with stdio the gateway passed it (:meth:`Sandbox.
 
 - :func:`pump_lines` copies a pipe's lines into a log (kernels' stderr, bubblewrap's errors), each line
   bounded;
-- :func:`run_piped` runs one process with its stdin fed from bytes and its stdout and stderr captured up to a
-  shared cap, killed at a time limit (``command_execute``; the command service decides the numbers and what
-  they mean to the caller).
+- :func:`start_piped` starts a command: stdin a pipe the gateway writes (or closed at once), stdout and stderr
+  handed chunk by chunk to a callback as they come, and the whole process tree in a cgroup of its own below the
+  sandbox's, so that a signal or a kill reaches every process it started, the ones that made a session of their
+  own included (:class:`PipedProcess`). The command service (:mod:`kernelhub.services.commands`) decides what
+  is kept of the output, for how long, and when the tree is killed.
 
 Every read is non-blocking and driven by the event loop's reader callbacks: a process that writes without end
-costs the gateway no thread and, past the cap, no memory.
+costs the gateway no thread; what the output costs in memory is the callback's to bound.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
-import signal
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .sandbox import Sandbox
+from ..errors import Conflict, SandboxError
+from .cgroups import Cgroup, signal_members
 
-__all__ = ["LINGER_S", "PipedRun", "pump_lines", "run_piped"]
+if TYPE_CHECKING:
+    from .sandbox import Sandbox, SandboxProcess
+
+__all__ = ["LINGER_S", "PipedProcess", "pump_lines", "start_piped"]
 
 READ_BYTES = 65536
 #: The longest line :func:`pump_lines` keeps together (bytes); longer ones are cut into pieces of this size.
 MAX_LINE_BYTES = 8192
 #: After the process exits, how long its background children may keep writing to the pipes it left them.
 LINGER_S = 0.5
+#: The longest a write to a command's stdin waits for the command to read (seconds).
+STDIN_WRITE_TIMEOUT_S = 30.0
 
 
 def _read_to_eof(fd: int, on_data: Callable[[bytes], None]) -> asyncio.Future[None]:
@@ -87,139 +92,191 @@ def pump_lines(fd: int, emit: Callable[[str], None]) -> None:
     _read_to_eof(fd, on_data).add_done_callback(on_eof)
 
 
-class _CappedOutput:
-    """stdout and stderr of one process, at most ``limit`` bytes together; what does not fit is dropped."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.size = 0
-        self.truncated = False
-        self.chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
-
-    async def read(self, fd: int, stream: str) -> None:
-        """Read ``fd`` to end of file into ``stream``. Cancelled, it stops reading (``fd`` stays open)."""
-        chunks = self.chunks[stream]
-
-        def keep(data: bytes) -> None:
-            room = self.limit - self.size
-            if room <= 0:
-                self.truncated = True
-                return
-            if len(data) > room:
-                self.truncated = True
-                data = data[:room]
-            self.size += len(data)
-            chunks.append(data)
-
-        try:
-            await _read_to_eof(fd, keep)
-        finally:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(fd)
-
-    def joined(self, stream: str) -> bytes:
-        return b"".join(self.chunks[stream])
-
-
-async def _feed(fd: int, data: bytes) -> None:
-    """Write ``data`` to the pipe ``fd`` as the reader takes it, then close ``fd``; a reader that closed its end
-    ends the feeding quietly."""
+async def _writable(fd: int, timeout: float) -> None:
+    """Wait until the pipe ``fd`` has room; raises TimeoutError after ``timeout`` seconds."""
     loop = asyncio.get_running_loop()
-    os.set_blocking(fd, False)
-    view = memoryview(data)
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def on_writable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(fd, on_writable)
     try:
-        while view:
-            try:
-                n = os.write(fd, view)
-                view = view[n:]
-            except BlockingIOError:
-                ready: asyncio.Future[None] = loop.create_future()
-
-                def on_writable(r: asyncio.Future[None] = ready) -> None:
-                    if not r.done():
-                        r.set_result(None)
-
-                loop.add_writer(fd, on_writable)
-                try:
-                    await ready
-                finally:
-                    loop.remove_writer(fd)
-            except BrokenPipeError:
-                return
+        await asyncio.wait_for(ready, timeout)
     finally:
-        os.close(fd)
+        loop.remove_writer(fd)
 
 
-@dataclasses.dataclass(frozen=True)
-class PipedRun:
-    """How a :func:`run_piped` process ended.
+def _tagged(on_output: Callable[[str, bytes], None], name: str) -> Callable[[bytes], None]:
+    return lambda data: on_output(name, data)
 
-    ``status``: its exit status, negative for the signal that killed it (as ``os.waitstatus_to_exitcode``).
-    ``stdout``/``stderr``: what it wrote, at most ``output_limit`` bytes together. ``truncated``: it wrote more
-    than that. ``timed_out``: it was still running at ``timeout_s`` and was killed (SIGKILL to its process
-    group).
+
+class PipedProcess:
+    """A command started by :func:`start_piped`: its process in the sandbox, the gateway's ends of its pipes and
+    the cgroup that holds its whole process tree.
+
+    ``pid`` is the process's pid inside the sandbox. :meth:`wait` answers its exit status (negative: the signal
+    that killed it); :meth:`finished` also waits until its output was read to the end (or its background
+    children kept the pipes open for :data:`LINGER_S` after it exited), after which no more output is read.
+    ``tree`` is None without a cgroup (an unprivileged gateway): signals then reach its process group only.
+    Made and driven by the command service; :meth:`release` frees what is left once it is forgotten.
     """
 
-    status: int
-    stdout: bytes
-    stderr: bytes
-    truncated: bool
-    timed_out: bool
+    def __init__(self, process: SandboxProcess, stdin: int | None, outputs: dict[str, int],
+                 tree: Cgroup | None, on_output: Callable[[str, bytes], None]) -> None:
+        assert process.pid is not None
+        self.process = process
+        self.pid: int = process.pid
+        self.tree = tree
+        self._stdin = stdin
+        self._stdin_lock = asyncio.Lock()
+        self._outputs = dict(outputs)
+        loop = asyncio.get_running_loop()
+        self._readers = [(fd, _read_to_eof(fd, _tagged(on_output, name))) for name, fd in outputs.items()]
+        self._finished: asyncio.Future[int] = loop.create_future()
+        self._watch = asyncio.ensure_future(self._drain())
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    @property
+    def stdin_open(self) -> bool:
+        return self._stdin is not None
+
+    async def wait(self) -> int:
+        """The exit status of the command's own process (not of what it left running)."""
+        return await self.process.wait()
+
+    async def finished(self) -> int:
+        """The exit status, once the output was read to its end or :data:`LINGER_S` after the exit."""
+        return await asyncio.shield(self._finished)
+
+    async def _drain(self) -> None:
+        status = await self.process.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(eof for _, eof in self._readers)), LINGER_S)
+        self._stop_reading()
+        self.close_stdin()
+        if not self._finished.done():
+            self._finished.set_result(status)
+
+    def _stop_reading(self) -> None:
+        loop = asyncio.get_running_loop()
+        for fd, _eof in self._readers:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(fd)
+        for fd in self._outputs.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._readers, self._outputs = [], {}
+
+    async def write_stdin(self, data: bytes, *, timeout: float = STDIN_WRITE_TIMEOUT_S) -> None:
+        """Write ``data`` to the command's stdin as it reads it. Raises :class:`~kernelhub.errors.Conflict` when
+        stdin is closed (or the command stopped reading it), :class:`SandboxError` when the command does not
+        read it within ``timeout`` seconds."""
+        async with self._stdin_lock:
+            view = memoryview(data)
+            while view:
+                fd = self._stdin
+                if fd is None:
+                    raise Conflict(f"The stdin of process {self.pid} is closed.")
+                try:
+                    view = view[os.write(fd, view):]
+                except BlockingIOError:
+                    try:
+                        await _writable(fd, timeout)
+                    except TimeoutError:
+                        raise SandboxError(f"Process {self.pid} did not read its stdin within {timeout:g} s.") \
+                            from None
+                except (BrokenPipeError, OSError):
+                    self.close_stdin()
+                    raise Conflict(f"Process {self.pid} closed its stdin.") from None
+
+    def close_stdin(self) -> None:
+        """Close the command's stdin (it reads end of file). Idempotent."""
+        fd, self._stdin = self._stdin, None
+        if fd is not None:
+            os.close(fd)
+
+    async def signal(self, signum: int) -> int:
+        """Send ``signum`` to every process of the command's tree; answers how many were signalled (without a
+        cgroup: the command's process group, counted as 1)."""
+        if self.tree is not None:
+            return signal_members(self.tree.pids, signum)
+        if self.returncode is not None:
+            return 0
+        await self.process.send_signal(signum, group=True)
+        return 1
+
+    async def kill_tree(self) -> None:
+        """SIGKILL every process of the tree and return once none is left (without a cgroup: its process group
+        and every process of its session). Raises SandboxError if some are still there after
+        :data:`~kernelhub.sandbox.cgroups.KILL_TIMEOUT_S`."""
+        if self.tree is not None:
+            await self.tree.kill_all()
+            return
+        await self.process.kill()
+        await self.process.wait()
+        await self.process.kill_session()
+
+    def tree_size(self) -> int:
+        """How many processes the tree has now (without a cgroup: 1 while the command runs, else 0)."""
+        if self.tree is not None:
+            return len(self.tree.pids())
+        return int(self.returncode is None)
+
+    def release(self) -> None:
+        """Forget the command: stop reading, close every pipe, and remove its cgroup if no process is left in it
+        (processes it left running stay, in that cgroup, until the sandbox stops). Idempotent."""
+        self._stop_reading()
+        self.close_stdin()
+        if not self._watch.done():
+            self._watch.cancel()
+        if self.tree is not None and self.returncode is not None:
+            with contextlib.suppress(SandboxError):
+                self.tree.remove_if_empty()
 
 
-async def run_piped(
+async def start_piped(
     sandbox: Sandbox,
     argv: Sequence[str],
     *,
-    stdin: bytes,
     env: Mapping[str, str],
     cwd: str,
-    timeout_s: float,
-    output_limit: int,
-) -> PipedRun:
-    """Run ``argv`` in ``sandbox`` with ``stdin`` as its input and its output captured; called by the command
-    service for ``command_execute``.
-
-    Waits for the process to exit (or kills it at ``timeout_s`` seconds), then reads what its background
-    children still write for at most :data:`LINGER_S` seconds. Raises what :meth:`Sandbox.spawn
-    <kernelhub.sandbox.sandbox.Sandbox.spawn>` raises; every pipe is closed however this ends.
+    on_output: Callable[[str, bytes], None],
+    stdin: bool,
+) -> PipedProcess:
+    """Start ``argv`` in ``sandbox`` in a cgroup of its own (:meth:`Sandbox.command_cgroup
+    <kernelhub.sandbox.sandbox.Sandbox.command_cgroup>`); ``on_output(stream, data)`` gets each chunk of its
+    stdout (``"stdout"``) and stderr (``"stderr"``) on the event loop as it comes, and must not block. With
+    ``stdin`` the command's stdin is a pipe the caller writes with :meth:`PipedProcess.write_stdin`; without, it
+    reads end of file at once. Called by the command service. Raises what :meth:`Sandbox.spawn
+    <kernelhub.sandbox.sandbox.Sandbox.spawn>` raises; nothing is left open or made when it fails.
     """
-    in_r, in_w = os.pipe2(os.O_CLOEXEC)
-    out_r, out_w = os.pipe2(os.O_CLOEXEC)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    tree = sandbox.command_cgroup()
+    fds: list[int] = []
     try:
-        proc = await sandbox.spawn(argv, stdin=in_r, stdout=out_w, stderr=err_w, env=dict(env), cwd=cwd)
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        fds += [in_r, in_w]
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        fds += [out_r, out_w]
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        fds += [err_r, err_w]
+        process = await sandbox.spawn(argv, stdin=in_r, stdout=out_w, stderr=err_w, env=dict(env), cwd=cwd,
+                                      cgroup=tree)
     except BaseException:
-        for fd in (in_r, in_w, out_r, out_w, err_r, err_w):
+        for fd in fds:
             os.close(fd)
+        if tree is not None:
+            with contextlib.suppress(SandboxError):
+                tree.remove_if_empty()
         raise
-    finally:
-        for fd in (in_r, out_w, err_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-    output = _CappedOutput(output_limit)
-    readers = [
-        asyncio.ensure_future(output.read(out_r, "stdout")),
-        asyncio.ensure_future(output.read(err_r, "stderr")),
-        asyncio.ensure_future(_feed(in_w, stdin)),
-    ]
-    timed_out = False
-    try:
-        try:
-            status = await asyncio.wait_for(proc.wait(), timeout_s)
-        except TimeoutError:
-            timed_out = True
-            await proc.send_signal(signal.SIGKILL)
-            status = await proc.wait()
-        # Background children may hold the pipes open; give them a moment, then stop reading.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*readers[:2]), LINGER_S)
-    finally:
-        for task in readers:
-            task.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
-        for fd in (out_r, err_r):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-    return PipedRun(status=status, stdout=output.joined("stdout"), stderr=output.joined("stderr"),
-                    truncated=output.truncated, timed_out=timed_out)
+    for fd in (in_r, out_w, err_w):
+        os.close(fd)
+    os.set_blocking(in_w, False)
+    piped = PipedProcess(process, in_w, {"stdout": out_r, "stderr": err_r}, tree, on_output)
+    if not stdin:
+        piped.close_stdin()
+    return piped

@@ -212,6 +212,7 @@ class Sandbox:
         self._agent: AgentChannel | None = None
         self._agent_pid: int | None = None
         self._procs: dict[int, SandboxProcess] = {}
+        self._commands = 0
         self._log: collections.deque[str] = collections.deque(maxlen=_LOG_LINES)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping: asyncio.Task[None] | None = None
@@ -278,10 +279,9 @@ class Sandbox:
             agent_dir=str(agent_dir),
             runtime_dir=f.runtime_dir if Path(f.runtime_dir).is_dir() else None,
             node_modules=str(node_modules) if node_modules.is_dir() else None,
-            # Together at most half the memory limit: a sandbox that fills them all can still run its kernel.
+            # Together 3/8 of the memory limit: a sandbox that fills them both can still run its kernel.
             tmp_size_bytes=max(self.limits.memory_bytes // 4, 8 * 1024 * 1024),
             shm_size_bytes=max(self.limits.memory_bytes // 8, 4 * 1024 * 1024),
-            home_size_bytes=max(self.limits.memory_bytes // 8, 4 * 1024 * 1024),
             env=self.env,
         )
         for name, text in bwrap.passwd_files(self.spec).items():
@@ -435,10 +435,12 @@ class Sandbox:
         env: Mapping[str, str] | None = None,
         cwd: str = bwrap.INNER_WORKSPACE,
         pty: bool = False,
+        cgroup: Cgroup | None = None,
     ) -> SandboxProcess:
         """Start ``argv`` inside the sandbox with the given host fds as its stdio (for a PTY, pass the slave
-        as all three). The caller keeps ownership of the fds. Called by the provisioner, the command
-        runner and the terminal manager."""
+        as all three). The caller keeps ownership of the fds. ``cgroup`` (from :meth:`command_cgroup`): the
+        process joins it before it execs, so that it and all it will fork are members. Called by the
+        provisioner, the command runner and the terminal manager."""
         if self.state != "running":
             raise SandboxNotRunning(f"The sandbox is {self.state}.")
         agent = self._channel()
@@ -447,10 +449,15 @@ class Sandbox:
         self._procs[req] = proc
         assert self.spec is not None
         full_env = bwrap.sandbox_env(self.spec, env)
+        # Where it starts, by the name it was given: the workspace is also the home, and a login shell would
+        # otherwise call its directory ~ (bash takes $HOME when it is the same directory as ".").
+        full_env.setdefault("PWD", cwd)
         fds = [stdin] if pty else [stdin, stdout, stderr]
+        join = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in cgroup.procs_files] if cgroup else []
         try:
             reply = await agent.request(
-                {"op": "spawn", "id": req, "argv": list(argv), "env": full_env, "cwd": cwd, "pty": pty}, fds,
+                {"op": "spawn", "id": req, "argv": list(argv), "env": full_env, "cwd": cwd, "pty": pty,
+                 "join": len(join)}, fds + join,
                 timeout=self.factory.start_timeout,
             )
         except SandboxNotRunning:
@@ -463,6 +470,9 @@ class Sandbox:
         except BaseException:
             self._procs.pop(req, None)
             raise
+        finally:
+            for fd in join:
+                os.close(fd)
         if reply.get("op") != "spawned":
             self._procs.pop(req, None)
             message = str(reply.get("message"))[:500]
@@ -489,6 +499,15 @@ class Sandbox:
         finally:
             os.close(slave)
         return pty.SandboxPty(master, process)
+
+    def command_cgroup(self) -> Cgroup | None:
+        """A new cgroup below the sandbox's, for one command's process tree (None when the sandbox has no
+        cgroup: an unprivileged gateway). Pass it to :meth:`spawn`; the sandbox's stop removes it with its own.
+        Called by :func:`~kernelhub.sandbox.pipes.start_piped`. Raises SandboxError if it cannot be made."""
+        if self.cgroup is None:
+            return None
+        self._commands += 1
+        return self.cgroup.child(f"cmd-{self._commands}")
 
     # -- state ------------------------------------------------------------------------------------------
 

@@ -1,10 +1,10 @@
-"""What runs in a sandbox: code in its kernels, keystrokes in its terminals, shell commands.
+"""What runs in a sandbox's sessions: code in its kernels, keystrokes in its terminals.
 
 :class:`Executor` serves ``code_execute`` and ``code_execute_async`` (:meth:`Executor.execute`: picks or
 starts the jupyter session of the language, queues an :class:`~kernelhub.services.executions.Execution` on
 it, keeps it in the :class:`~kernelhub.services.executions.ExecutionHistory`), ``session_execute``,
-``execution_status``, the interrupt of an execution, and ``command_execute`` (the mechanics of which live in
-:mod:`kernelhub.services.commands`). Whatever runs holds its sandbox busy (the reaper does not stop it as idle)
+``execution_status`` and the interrupt of an execution (shell commands are
+:mod:`kernelhub.services.commands`'). Whatever runs holds its sandbox busy (the reaper does not stop it as idle)
 and counts as activity when it ends; each is bounded by the sandbox's ``execution_timeout_s`` and
 ``output_mb``.
 
@@ -19,7 +19,6 @@ import contextlib
 from typing import Any
 
 from ..errors import Conflict, InvalidRequest, NotFound
-from .commands import run_command
 from .executions import Execution, ExecutionHistory, InputHandler, Listener
 from .sandboxes import Sandboxes, SandboxRecord
 from .sessions import KERNELSPECS, LANGUAGES, JupyterSession
@@ -30,7 +29,7 @@ MAX_CODE_BYTES = 2 * 1024 * 1024
 
 
 class Executor:
-    """Runs code, keystrokes and commands in the sandboxes of :class:`~kernelhub.services.sandboxes.Sandboxes`
+    """Runs code and keystrokes in the sandboxes of :class:`~kernelhub.services.sandboxes.Sandboxes`
     and keeps executions in ``executions`` for ``execution_status``."""
 
     def __init__(self, sandboxes: Sandboxes, executions: ExecutionHistory) -> None:
@@ -160,24 +159,3 @@ class Executor:
         if found is not None and found[1].type == "jupyter" and not ex.ended:
             await self._interrupt(found[1], ex)
         return ex
-
-    # -- commands ---------------------------------------------------------------------------------------
-
-    async def run_command(self, tenant: Tenant, sandbox_id: object, command: object, cwd: object = None,
-                          env: object = None, timeout_s: object = None, stdin: object = None) -> dict[str, Any]:
-        """``command_execute``: bash in the sandbox as its uid, in /workspace unless ``cwd`` says otherwise."""
-        record, sandbox = self.sandboxes.running(tenant, sandbox_id)
-        if not isinstance(command, str):
-            raise InvalidRequest("command must be a string.")
-        if cwd is not None and (not isinstance(cwd, str) or "\x00" in cwd or len(cwd) > 4096):
-            raise InvalidRequest("cwd must be a path string.")
-        if stdin is not None and not isinstance(stdin, str):
-            raise InvalidRequest("stdin must be a string.")
-        timeout = check_timeout(timeout_s, record.limits.execution_timeout_s)
-        record.busy += 1
-        try:
-            return await run_command(sandbox, command, cwd=cwd, env=check_env(env), timeout_s=timeout,
-                                     stdin=stdin, output_limit=record.limits.output_bytes)
-        finally:
-            record.busy -= 1
-            record.touch()

@@ -110,6 +110,37 @@ class Files:
         record = self.sandboxes.get_sandbox(tenant, sandbox_id)
         return record.limits.max_file_mb * 1024 * 1024
 
+    # -- what the E2B surface needs besides (E2B.md 5.2) ---------------------------------------------------
+
+    def describe_file(self, tenant: Tenant, sandbox_id: object, path: object) -> dict[str, Any]:
+        """One entry with its mode, permissions, owner and symlink target
+        (:meth:`~kernelhub.sandbox.files.WorkspaceFiles.describe`); ``""`` is ``/workspace`` itself."""
+        return self._workspace(tenant, sandbox_id).describe(_path(path))
+
+    async def describe_dir(self, tenant: Tenant, sandbox_id: object, path: object,
+                           depth: object = 1) -> list[dict[str, Any]]:
+        """The entries below a directory down to ``depth`` levels (1 to 16), each as :meth:`describe_file`;
+        walked off the event loop (a directory may hold the sandbox's whole ``files`` limit)."""
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 16:
+            raise InvalidRequest("depth must be a whole number from 1 to 16.")
+        record, _ = self.sandboxes.running(tenant, sandbox_id)
+        workspace = self._workspace(tenant, sandbox_id)
+        return await asyncio.to_thread(workspace.describe_dir, _path(path), depth, limit=record.limits.files)
+
+    def make_dir(self, tenant: Tenant, sandbox_id: object, path: object) -> bool:
+        """Make a directory and its parents; False when it was there already."""
+        return self._workspace(tenant, sandbox_id).make_dir(_path(path))
+
+    def move_file(self, tenant: Tenant, sandbox_id: object, source: object, destination: object) -> None:
+        """Rename a file or directory inside the workspace (the destination's parents are made)."""
+        self._workspace(tenant, sandbox_id).move(_path(source), _path(destination))
+
+
+def _path(path: object) -> str:
+    if not isinstance(path, str):
+        raise InvalidRequest("path must be a string.")
+    return path
+
 
 def _page_size(limit: object) -> int:
     if limit is None or limit == "":

@@ -10,7 +10,9 @@ The services, each in the module named for its concern:
 
 - :class:`~kernelhub.services.sandboxes.Sandboxes`: sandboxes and their sessions, the per-tenant cap, the
   idle/lifetime reaper, provisioning;
-- :class:`~kernelhub.services.executor.Executor`: code, keystrokes and commands in a sandbox, executions;
+- :class:`~kernelhub.services.executor.Executor`: code and keystrokes in a sandbox, executions;
+- :class:`~kernelhub.services.commands.Commands`: shell commands, foreground and background, by pid;
+- :class:`~kernelhub.services.tokens.SandboxTokens`: the per-sandbox access tokens of the E2B surface;
 - :class:`~kernelhub.services.files.Files`: the workspace's files;
 - :class:`~kernelhub.services.kernels.Kernels`: the Jupyter API's kernels, one sandbox each.
 
@@ -26,21 +28,25 @@ from jupyter_client.kernelspec import KernelSpecManager
 from traitlets import Dict, Float, Integer
 from traitlets.config import LoggingConfigurable
 
+from ..errors import InvalidRequest
 from ..sandbox.factory import SandboxFactory
 from ..sandbox.limits import DEFAULT_MAXIMUM, Limits, resolve_limits
 from ..sandbox.provisioner import KERNELSPECS_DIR
+from .commands import Commands
 from .executions import ExecutionHistory
 from .executor import Executor
 from .files import Files
 from .kernels import Kernels
 from .sandboxes import Sandboxes
 from .templates import BUILTIN_TEMPLATES, Template, parse_templates
+from .tokens import SandboxTokens
 
 
 class Hub(LoggingConfigurable):
     """The service layer as the surfaces see it: its configuration (the traitlets below, ``--Hub.*`` and the
     ``KERNELHUB_*`` variables named in their help) and the services built from it, ``sandboxes``,
-    ``executor``, ``files`` and ``jupyter``. Created by the app (or in-process by ``kernelhub mcp``).
+    ``executor``, ``commands``, ``files``, ``jupyter`` and ``tokens``. Created by the app (or in-process by
+    ``kernelhub mcp``).
 
     Each method the surfaces call (``create_sandbox``, ``execute``, ``open_upload``, ``start_kernel``, …) is the
     service's own bound method, assigned in ``__init__``: one definition, one signature, one docstring, in the
@@ -61,6 +67,19 @@ class Hub(LoggingConfigurable):
                            "description}}.", config=True).tag(env="KERNELHUB_TEMPLATES")
     stopped_retention_s = Float(3600.0, help="How long a stopped sandbox stays visible with its reason.",
                                 config=True).tag(env="KERNELHUB_STOPPED_RETENTION_S")
+    template_aliases = Dict({"base": "python", "code-interpreter-v1": "python"},
+                            help="Other names for templates, {alias: template}: E2B's SDKs ask for 'base' and "
+                            "'code-interpreter-v1'.", config=True).tag(env="KERNELHUB_TEMPLATE_ALIASES")
+    command_output_buffer_kib = Integer(1024, help="Output each command keeps for re-attaching (its last KiB of "
+                                        "stdout and stderr together).", config=True).tag(
+        env="KERNELHUB_COMMAND_OUTPUT_BUFFER_KIB")
+    max_commands_per_sandbox = Integer(16, help="Commands that may run at once in one sandbox (never more than "
+                                       "a quarter of its pids limit).", config=True).tag(
+        env="KERNELHUB_MAX_COMMANDS_PER_SANDBOX")
+    ended_commands_kept = Integer(16, help="Ended commands each sandbox remembers for status and re-attach.",
+                                  config=True).tag(env="KERNELHUB_ENDED_COMMANDS_KEPT")
+    command_kill_grace_s = Float(2.0, help="Seconds between SIGTERM and SIGKILL when a command reaches its "
+                                 "timeout.", config=True).tag(env="KERNELHUB_COMMAND_KILL_GRACE_S")
 
     def __init__(self, factory: SandboxFactory, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -70,6 +89,10 @@ class Hub(LoggingConfigurable):
         self.templates: dict[str, Template] = dict(BUILTIN_TEMPLATES)
         if self.extra_templates:
             self.templates.update(parse_templates(self.extra_templates))
+        for alias, name in self.template_aliases.items():
+            if not isinstance(name, str) or name not in self.templates:
+                raise InvalidRequest(f"template alias {alias!r}: {name!r} is not a template; the templates are "
+                                     f"{', '.join(sorted(self.templates))}.")
         self.defaults = resolve_limits(self.default_limits, Limits(), DEFAULT_MAXIMUM)
         self.maximum = resolve_limits(self.max_limits, DEFAULT_MAXIMUM, DEFAULT_MAXIMUM) \
             if self.max_limits else DEFAULT_MAXIMUM
@@ -78,8 +101,13 @@ class Hub(LoggingConfigurable):
             factory=factory, kernel_spec_manager=self.kernel_spec_manager, templates=self.templates,
             defaults=self.defaults, maximum=self.maximum, max_sandboxes_per_tenant=self.max_sandboxes_per_tenant,
             reap_interval=self.reap_interval, stopped_retention_s=self.stopped_retention_s,
-            executions=self.executions, log=self.log)
+            executions=self.executions, log=self.log, template_aliases=self.template_aliases)
         self.executor = Executor(self.sandboxes, self.executions)
+        self.commands = Commands(self.sandboxes, output_buffer_bytes=max(1, self.command_output_buffer_kib) * 1024,
+                                 max_commands_per_sandbox=max(1, self.max_commands_per_sandbox),
+                                 ended_kept=max(0, self.ended_commands_kept),
+                                 kill_grace_s=max(0.0, self.command_kill_grace_s))
+        self.tokens = SandboxTokens(self.sandboxes)
         self.files = Files(self.sandboxes)
         self.jupyter = Kernels(self.sandboxes, self.templates)
 
@@ -96,15 +124,31 @@ class Hub(LoggingConfigurable):
         self.create_session = sandboxes.create_session
         self.get_session = sandboxes.get_session
         self.close_session = sandboxes.close_session
+        self.restart_session = sandboxes.restart_session
         self.session_execute = executor.session_execute
         self.execute = executor.execute
         self.get_execution = executor.get_execution
         self.interrupt_execution = executor.interrupt_execution
-        self.run_command = executor.run_command
+        self.set_deadline = sandboxes.set_deadline
+        commands = self.commands
+        self.run_command = commands.run
+        self.start_command = commands.start
+        self.list_commands = commands.list
+        self.get_command = commands.get
+        self.find_command_tag = commands.find_tag
+        self.command_stdin = commands.send_stdin
+        self.signal_command = commands.signal
+        self.kill_command = commands.kill
+        self.sandbox_tokens = self.tokens.tokens_for
+        self.sandbox_by_token = self.tokens.owner
         self.open_upload = files.open_upload
         self.open_download = files.open_download
         self.list_files = files.list_files
         self.delete_file = files.delete_file
+        self.describe_file = files.describe_file
+        self.describe_dir = files.describe_dir
+        self.make_dir = files.make_dir
+        self.move_file = files.move_file
         self.max_file_bytes = files.max_file_bytes
         self.start_kernel = jupyter.start_kernel
         self.kernels = jupyter.kernels

@@ -78,12 +78,7 @@ class Kernels:
     async def restart_kernel(self, tenant: Tenant, kernel_id: object) -> tuple[SandboxRecord, JupyterSession]:
         """``POST /api/kernels/{id}/restart``: a fresh kernel process in the same sandbox, same id and sockets."""
         record, session = self.get_kernel(tenant, kernel_id)
-        record.busy += 1
-        try:
-            await session.restart()
-        finally:
-            record.busy -= 1
-            record.touch()
+        await self.sandboxes.restart_session(tenant, session.id)
         return record, session
 
     async def shutdown_kernel(self, tenant: Tenant, kernel_id: object) -> None:

@@ -25,7 +25,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from jupyter_client.kernelspec import KernelSpecManager
@@ -143,6 +143,11 @@ class Sandboxes:
     _pending: dict[str, int] = dataclasses.field(default_factory=dict, init=False, repr=False)
     _reaper: asyncio.Task[None] | None = dataclasses.field(default=None, init=False, repr=False)
     _background: set[asyncio.Task[Any]] = dataclasses.field(default_factory=set, init=False, repr=False)
+    #: Called with a record when its sandbox stops, before its OS objects go (the command registry forgets it).
+    on_stop: list[Callable[[SandboxRecord], None]] = dataclasses.field(default_factory=list, init=False,
+                                                                       repr=False)
+    #: Other names for templates: ``{alias: template}`` (E2B's ``base`` and ``code-interpreter-v1``, …).
+    template_aliases: dict[str, str] = dataclasses.field(default_factory=dict)
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -227,6 +232,8 @@ class Sandboxes:
         and what the sandbox or kernel start raises."""
         if template is None:
             template = "python"
+        if isinstance(template, str) and template not in self.templates:
+            template = self.template_aliases.get(template, template)
         if not isinstance(template, str) or template not in self.templates:
             raise InvalidRequest(f"Unknown template {template!r}; known templates are "
                                  f"{', '.join(sorted(self.templates))}.")
@@ -326,6 +333,8 @@ class Sandboxes:
         for ex in self.executions.for_sandbox(record.id):
             if not ex.ended:
                 await ex.finish("killed", reason or "stopped")
+        for listener in self.on_stop:
+            listener(record)
         sandbox, record.sandbox = record.sandbox, None
         if sandbox is not None:
             await sandbox.stop(reason)
@@ -336,6 +345,24 @@ class Sandboxes:
         record = self.get_sandbox(tenant, sandbox_id)
         await self._stop_record(record, "deleted")
         self._records.pop(record.id, None)
+
+    def set_deadline(self, tenant: Tenant, sandbox_id: object, seconds: object, *,
+                     extend_only: bool = False) -> SandboxRecord:
+        """Move the running sandbox's ``expires_at`` to ``seconds`` from now (E2B's ``set_timeout``; with
+        ``extend_only``, E2B's ``connect``: never earlier than it was). At most the sandbox's ``max_lifetime_s``
+        after its creation: raises :class:`~kernelhub.errors.InvalidRequest` beyond that or for a number that is
+        not positive, and what :meth:`running` raises."""
+        record, _ = self.running(tenant, sandbox_id)
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < float("inf"):
+            raise InvalidRequest("The timeout must be a positive number of seconds.")
+        now = time.time()
+        latest = record.created_at + record.limits.max_lifetime_s
+        if now + seconds > latest + 1e-3:
+            raise InvalidRequest(f"Sandbox {record.id} may live at most {record.limits.max_lifetime_s:g} s from its "
+                                 f"creation (its max_lifetime_s): at most {max(0, int(latest - now))} s more.")
+        wanted = now + float(seconds)
+        record.expires_at = max(record.expires_at, wanted) if extend_only else wanted
+        return record
 
     def sandbox_logs(self, tenant: Tenant, sandbox_id: object, lines: int | str = 100) -> list[str]:
         """``sandbox_logs``: the last ``lines`` (0 to 10000; a query string's text is accepted) of the
@@ -413,3 +440,17 @@ class Sandboxes:
         self._sessions.pop(session.id, None)
         record.sessions.pop(session.id, None)
         await session.close()
+
+    async def restart_session(self, tenant: Tenant, session_id: object) -> Session:
+        """A fresh kernel for a jupyter session (its state is lost; same id); E2B's ``restart_code_context``.
+        Raises :class:`~kernelhub.errors.NotFound`, or :class:`~kernelhub.errors.InvalidRequest` for a terminal."""
+        record, session = self.get_session(tenant, session_id)
+        if session.type != "jupyter":
+            raise InvalidRequest("Only jupyter sessions restart.")
+        record.busy += 1
+        try:
+            await session.restart()
+        finally:
+            record.busy -= 1
+            record.touch()
+        return session

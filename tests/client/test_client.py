@@ -13,6 +13,7 @@ import pytest
 from kernelhub.client import (
     AsyncSandbox,
     CommandExitError,
+    CommandHandle,
     ConflictError,
     Execution,
     ExecutionError,
@@ -123,6 +124,35 @@ def test_commands(sandbox: Sandbox) -> None:
     slow = sandbox.commands.run("sleep 30", timeout=1)
     assert slow.reason == "timeout"
     sandbox.files.remove("sub")
+
+
+def test_background_commands(sandbox: Sandbox) -> None:
+    handle = sandbox.commands.run("echo ready; read line; echo got $line; exit 6", background=True, stdin_open=True)
+    assert isinstance(handle, CommandHandle) and handle.pid > 1 and handle.info["status"] == "running"
+    assert handle.pid in [c["pid"] for c in sandbox.commands.list() if c["status"] == "running"]
+    handle.send_stdin("there\n", eof=True)
+    seen: list[str] = []
+    result = handle.wait(on_stdout=seen.append)  # from the start: what it wrote before the wait is not lost
+    assert "".join(seen) == "ready\ngot there\n" and result.stdout == "ready\ngot there\n"
+    assert result.exit_code == 6 and not result.ok and handle.info["status"] == "exited"
+    with pytest.raises(CommandExitError):
+        sandbox.commands.connect(handle.pid).wait(check=True)
+
+    server = sandbox.commands.run("trap 'echo bye; exit 0' TERM; echo up; while :; do sleep 0.05; done",
+                                  background=True)
+    again = sandbox.commands.connect(server.pid)
+    deadline = time.monotonic() + 30
+    while "up" not in again.refresh()["stdout"] and time.monotonic() < deadline:  # its trap is set
+        time.sleep(0.05)
+    assert again.pid == server.pid and again.info["status"] == "running"
+    assert server.signal("SIGTERM") >= 1
+    assert server.wait().stdout.endswith("bye\n")
+    sleeper = sandbox.commands.run("exec sleep 1000", background=True)
+    assert sleeper.kill() is True and sleeper.kill() is False
+    assert sandbox.commands.kill(999999) is False
+    streamed: list[str] = []
+    ran = sandbox.commands.run("for i in 1 2; do echo $i; sleep 0.1; done", on_stdout=streamed.append)
+    assert "".join(streamed) == "1\n2\n" and ran.stdout == "1\n2\n" and ran.exit_code == 0
 
 
 def test_sessions(sandbox: Sandbox) -> None:
@@ -251,6 +281,16 @@ def test_async_sandbox(gateway: Gateway) -> None:  # noqa: F811
 
             command = await sb.commands.run("wc -c < a/c.bin")
             assert command.exit_code == 0 and command.stdout.strip() == "2"
+            got: list[str] = []
+
+            async def on_line(text: str) -> None:
+                got.append(text)
+
+            handle = await sb.commands.run("echo bg; cat", background=True, stdin_open=True, on_stdout=on_line)
+            await handle.send_stdin(b"bytes\n")
+            await handle.close_stdin()
+            assert (await handle.wait()).stdout == "bg\nbytes\n" and "".join(got) == "bg\nbytes\n"
+            assert [c["pid"] for c in await sb.commands.list()][-1] == handle.pid
             session = await sb.sessions.create("jupyter", "bash")
             answer = await sb.sessions.execute(session["id"], "echo $((2 + 3))")
             assert isinstance(answer, Execution) and answer.stdout == "5\n"

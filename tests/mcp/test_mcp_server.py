@@ -1,7 +1,7 @@
 """The MCP server through the official SDK client, over each transport: stdio with the service in-process
 (``kernelhub mcp``), stdio driving a gateway (``kernelhub mcp --url``), and streamable HTTP at ``/mcp`` on the
-gateway. One scenario runs on all three: the seventeen tools, a sandbox, code with progress and a plot, files
-both ways, a command, and failures as tool errors."""
+gateway. One scenario runs on all three: every tool (the seventeen and the command ones), a sandbox, code with
+progress and a plot, files both ways, commands in the foreground and by pid, and failures as tool errors."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -34,6 +35,7 @@ TOOLS = {
     "sandbox_create", "sandbox_list", "sandbox_info", "sandbox_delete", "code_execute", "code_execute_async",
     "execution_status", "command_execute", "file_upload", "file_download", "file_list", "file_delete",
     "session_create", "session_execute", "session_close", "sandbox_logs", "sandbox_metrics",
+    "command_start", "command_list", "command_status", "command_send_stdin", "command_signal", "command_kill",
 }
 PNG = b"\x89PNG\r\n\x1a\n"
 SLOW_PRINTS = "import time\nfor i in range(3):\n    print(f'line {i}', flush=True)\n    time.sleep(0.4)\n6 * 7"
@@ -78,7 +80,7 @@ async def call(session: ClientSession, name: str, **arguments: Any) -> types.Cal
 async def scenario(session: ClientSession, check_owner: Callable[[str], None] | None = None) -> str:
     """Everything the issue asks of every transport; answers the id of the (deleted) sandbox."""
     listed = await session.list_tools()
-    assert {t.name for t in listed.tools} == TOOLS and len(listed.tools) == 17
+    assert {t.name for t in listed.tools} == TOOLS and len(listed.tools) == len(TOOLS)
     for tool in listed.tools:
         assert tool.input_schema["type"] == "object" and tool.description and len(tool.description) > 80
         assert set(tool.input_schema.get("required", [])) <= set(tool.input_schema["properties"])
@@ -213,6 +215,53 @@ def run(coro: Callable[[], Awaitable[Any]]) -> Any:
     return asyncio.run(coro())
 
 
+async def commands_by_pid(session: ClientSession) -> None:
+    """The command tools: a background command, polled, fed and ended; signals, kills and a missing pid."""
+    created = await call(session, "sandbox_create", template="python")
+    sandbox_id = created.structured_content["id"]
+
+    async def status_until(pid: int, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            seen = await call(session, "command_status", sandbox_id=sandbox_id, pid=pid)
+            assert not seen.is_error, text_of(seen)
+            if done(seen.structured_content):
+                return dict(seen.structured_content)
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"command {pid} never got there")
+
+    try:
+        started = await call(session, "command_start", sandbox_id=sandbox_id, stdin_open=True,
+                             command="echo ready; read x; echo got $x")
+        assert not started.is_error, text_of(started)
+        pid = started.structured_content["pid"]
+        assert started.structured_content["status"] == "running" and "command_status" in text_of(started)
+        await status_until(pid, lambda c: "ready" in c["stdout"])
+        fed = await call(session, "command_send_stdin", sandbox_id=sandbox_id, pid=pid, data="hi\n", eof=True)
+        assert not fed.is_error and fed.structured_content["stdin_open"] is False
+        ended = await status_until(pid, lambda c: c["status"] == "exited")
+        assert ended["stdout"] == "ready\ngot hi\n" and ended["exit_code"] == 0
+        assert "exited with code 0" in text_of(await call(session, "command_status", sandbox_id=sandbox_id, pid=pid))
+
+        sleeper = (await call(session, "command_start", sandbox_id=sandbox_id, command="exec sleep 1000"))
+        other = (await call(session, "command_start", sandbox_id=sandbox_id, command="exec sleep 1001"))
+        listed = await call(session, "command_list", sandbox_id=sandbox_id)
+        running = [c["pid"] for c in listed.structured_content["commands"] if c["status"] == "running"]
+        assert {sleeper.structured_content["pid"], other.structured_content["pid"]} <= set(running)
+        signalled = await call(session, "command_signal", sandbox_id=sandbox_id, pid=sleeper.structured_content["pid"])
+        assert not signalled.is_error and signalled.structured_content["signalled"] == 1
+        assert (await status_until(sleeper.structured_content["pid"], lambda c: c["status"] == "exited"))[
+            "exit_code"] == 143
+        killed = await call(session, "command_kill", sandbox_id=sandbox_id, pid=other.structured_content["pid"])
+        assert killed.structured_content["reason"] == "killed" and "exited with code 137" in text_of(killed)
+        missing = await call(session, "command_status", sandbox_id=sandbox_id, pid=999999)
+        assert missing.is_error and missing.structured_content["error"] == "not_found"
+        again = await call(session, "command_kill", sandbox_id=sandbox_id, pid=other.structured_content["pid"])
+        assert again.is_error and again.structured_content["error"] == "conflict"
+    finally:
+        await call(session, "sandbox_delete", sandbox_id=sandbox_id)
+
+
 def test_stdio_embedded() -> None:
     state = state_dir()
     try:
@@ -220,6 +269,7 @@ def test_stdio_embedded() -> None:
             async with stdio_session(stdio_params("--state-dir", state)) as session:
                 await scenario(session)
                 await sessions_and_async(session)
+                await commands_by_pid(session)
                 # Left running on purpose: closing the server must stop it.
                 left = await call(session, "sandbox_create")
                 assert os.listdir(Path(state, "sandboxes")) == [left.structured_content["id"]]
@@ -240,6 +290,7 @@ def test_stdio_remote(gateway: Gateway) -> None:  # noqa: F811
         async with stdio_session(params) as session:
             await scenario(session, owned_by_alice)
             await sessions_and_async(session)
+            await commands_by_pid(session)
 
     run(main)
 
@@ -249,7 +300,7 @@ def test_stdio_remote_unreachable_gateway_is_a_tool_error() -> None:
         params = stdio_params("--url", "http://127.0.0.1:9", env={"KERNELHUB_TOKEN": "x"})
         async with stdio_session(params) as session:
             listed = await session.list_tools()
-            assert len(listed.tools) == 17
+            assert len(listed.tools) == len(TOOLS)
             result = await call(session, "sandbox_list")
             assert result.is_error and "127.0.0.1:9" in text_of(result)
 
@@ -264,6 +315,7 @@ def test_streamable_http(gateway: Gateway) -> None:  # noqa: F811
         async with http_session(gateway.url, gateway.token) as session:
             await scenario(session, owned_by_alice)
             await sessions_and_async(session)
+            await commands_by_pid(session)
 
     run(main)
 
@@ -293,7 +345,7 @@ def test_streamable_http_modern_protocol_and_query_token(gateway: Gateway) -> No
 
     async def main() -> None:
         async with Client(f"{gateway.url}/mcp?token={gateway.token}") as client:
-            assert len((await client.list_tools()).tools) == 17
+            assert len((await client.list_tools()).tools) == len(TOOLS)
             created = await client.call_tool("sandbox_create", {})
             sandbox_id = created.structured_content["id"]
             try:

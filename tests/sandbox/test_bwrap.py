@@ -65,8 +65,12 @@ def test_bwrap_argv_isolates_everything() -> None:
     assert not any(s.startswith("/sys") for s in options)
     assert "/etc/shadow" not in sources and "/etc/passwd" not in sources
     assert index_of(options, "--ro-bind", "/usr", "/usr") >= 0
-    # The writable binds are exactly the run dir and the workspace.
-    assert pairs(options, "--bind") == [SPEC.run_dir, SPEC.workspace]
+    # The writable binds are exactly the run dir and the workspace (at /workspace and as the home, E2B's
+    # /home/user).
+    assert pairs(options, "--bind") == [SPEC.run_dir, SPEC.workspace, SPEC.workspace]
+    assert index_of(options, "--bind", SPEC.workspace, bwrap.INNER_HOME) > index_of(
+        options, "--bind", SPEC.workspace, bwrap.INNER_WORKSPACE)
+    assert bwrap.INNER_HOME not in pairs(options, "--tmpfs")
     assert argv[argv.index("--") + 1 :] == COMMAND
 
 

@@ -33,7 +33,7 @@ probe) and :mod:`~.lifecycle` (the entry points :func:`create_cgroup`, :func:`op
 
 from __future__ import annotations
 
-from .base import KILL_TIMEOUT_S, Cgroup, CgroupMetrics
+from .base import KILL_TIMEOUT_S, Cgroup, CgroupMetrics, signal_members
 from .detect import CGROUP2_SUPER_MAGIC, CGROUP_SUPER_MAGIC, detect_version, fs_magic, probe
 from .layout import DEFAULT_PARENT, DEFAULT_ROOT
 from .lifecycle import cleanup_stale, create_cgroup, open_cgroup
@@ -77,5 +77,6 @@ __all__ = [
     "parse_pids",
     "parse_v1_mounts",
     "probe",
+    "signal_members",
     "v1_memory_write_order",
 ]

@@ -19,7 +19,8 @@ from ..limits import Limits
 from .fs import read, write
 from .parsing import parse_pids
 
-__all__ = ["FREEZE_WAIT_S", "KILL_TIMEOUT_S", "Cgroup", "CgroupMetrics", "poll_until", "sigkill_members"]
+__all__ = ["FREEZE_WAIT_S", "KILL_TIMEOUT_S", "Cgroup", "CgroupMetrics", "poll_until", "signal_members",
+           "sigkill_members"]
 
 log = logging.getLogger("kernelhub.sandbox.cgroups")
 
@@ -62,7 +63,12 @@ def _subtree_pids(top: str) -> set[int]:
 
 
 def sigkill_members(members: Callable[[], set[int]]) -> int:
-    """SIGKILL every pid ``members()`` returns; returns how many were signalled.
+    """SIGKILL every pid ``members()`` returns; returns how many were signalled (see :func:`signal_members`)."""
+    return signal_members(members, signal.SIGKILL)
+
+
+def signal_members(members: Callable[[], set[int]], signum: int) -> int:
+    """Send ``signum`` to every pid ``members()`` returns; returns how many were signalled.
 
     A pid read from ``cgroup.procs`` may exit and be reused by an unrelated host process before ``kill(2)``.
     Opening a pidfd first and seeing the pid still listed afterwards proves the pidfd names a member (a pid
@@ -87,9 +93,9 @@ def sigkill_members(members: Callable[[], set[int]]) -> int:
                 continue
             try:
                 if pidfd is None:
-                    os.kill(pid, signal.SIGKILL)
+                    os.kill(pid, signum)
                 else:
-                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                    signal.pidfd_send_signal(pidfd, signum)
                 signalled += 1
             except ProcessLookupError:
                 continue
@@ -201,6 +207,33 @@ class Cgroup(abc.ABC):
     @abc.abstractmethod
     def pids_max_hits(self) -> int:
         """How many fork()s failed because the group was at ``pids.max``."""
+
+    @abc.abstractmethod
+    def child(self, name: str) -> Cgroup:
+        """Create ``name`` below this group, for membership only: no limit of its own and none taken from this
+        group's (its processes stay charged to this group's limits, which are hierarchical), so nothing it
+        holds can escape them. A process joins it by writing ``0`` into each of its :attr:`procs_files`; every
+        process it forks afterwards stays in it whatever session or process group it makes, which is what
+        lets :meth:`kill_all` and :func:`signal_members` on the child reach a whole process tree.
+
+        Called by :meth:`Sandbox.command_cgroup <kernelhub.sandbox.sandbox.Sandbox.command_cgroup>`; the
+        sandbox's own :meth:`remove` takes the child away with it. Raises SandboxError if it cannot be made.
+        """
+
+    def remove_if_empty(self) -> bool:
+        """Remove the group's directories if no process is left in them; True when they are gone. Never kills
+        anything (that is :meth:`remove`): a group still holding processes is left as it is (False)."""
+        for top in self.paths:
+            for directory in _subtree(top):
+                try:
+                    os.rmdir(directory)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    if e.errno in (errno.EBUSY, errno.ENOTEMPTY):
+                        return False
+                    raise SandboxError(f"Cannot remove cgroup {directory}: {e.strerror}.") from e
+        return True
 
     async def kill_all(self) -> None:
         """SIGKILL every process in the group, orphaned background ones included; return once none is left.

@@ -17,7 +17,7 @@ from ...errors import SandboxError
 from ..limits import Limits
 from .base import FREEZE_WAIT_S, Cgroup, CgroupMetrics, log, poll_until, sigkill_members
 from .fs import read, read_int, read_keyed, read_limit, write
-from .layout import make_parent, require_controllers
+from .layout import check_name, make_parent, require_controllers
 from .parsing import (
     CPU_PERIOD_US,
     LIMIT_CONTROLLERS,
@@ -132,6 +132,25 @@ class CgroupV1(Cgroup):
     def pids_max_hits(self) -> int:
         path = self._file("pids", "pids.events")
         return read_keyed(path, "max") if path else 0
+
+    def child(self, name: str) -> CgroupV1:
+        # Membership needs one hierarchy and killing wants the freezer; the pids one also counts the tree.
+        # Memory and CPU stay with the parent: a v1 memory group without use_hierarchy would escape its limit.
+        check_name(name)
+        wanted: list[str] = [c for c in ("pids", "freezer") if c in self._dirs] or list(self._dirs)[:1]
+        dirs: dict[str, str] = {}
+        for controller in wanted:
+            path = os.path.join(self._dirs[controller], name)
+            if path not in dirs.values():
+                try:
+                    os.mkdir(path)
+                except OSError as e:
+                    for made in dirs.values():
+                        with contextlib.suppress(OSError):
+                            os.rmdir(made)
+                    raise SandboxError(f"Cannot create cgroup {self.parent}/{self.name}/{name}: {e.strerror}.") from e
+            dirs[controller] = path
+        return CgroupV1(name, root=self.root, parent=f"{self.parent}/{self.name}", dirs=dirs)
 
     async def _kill_all(self, deadline: float) -> None:
         one_round = self._frozen_round if "freezer" in self._dirs else self._plain_round

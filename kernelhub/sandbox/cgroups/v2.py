@@ -15,7 +15,7 @@ from ...errors import SandboxError
 from ..limits import Limits
 from .base import FREEZE_WAIT_S, Cgroup, CgroupMetrics, log, poll_until, sigkill_members
 from .fs import read, read_int, read_keyed, read_limit, write
-from .layout import in_own_folder, make_parent, require_controllers
+from .layout import check_name, in_own_folder, make_parent, require_controllers
 from .parsing import CPU_PERIOD_US, LIMIT_CONTROLLERS, cpu_quota_us
 
 __all__ = ["CgroupV2", "create_v2", "v2_enable"]
@@ -72,6 +72,17 @@ class CgroupV2(Cgroup):
 
     def pids_max_hits(self) -> int:
         return read_keyed(self._file("pids.events"), "max")
+
+    def child(self, name: str) -> CgroupV2:
+        # No controller is enabled in this group's cgroup.subtree_control, so processes may stay in it next to
+        # the child (the "no internal processes" rule binds only groups that pass controllers down).
+        check_name(name)
+        path = os.path.join(self.path, name)
+        try:
+            os.mkdir(path)
+        except OSError as e:
+            raise SandboxError(f"Cannot create cgroup {self.parent}/{self.name}/{name}: {e.strerror}.") from e
+        return CgroupV2(name, root=self.root, parent=f"{self.parent}/{self.name}", path=path, controllers=())
 
     async def _kill_all(self, deadline: float) -> None:
         if self._has_kill:
