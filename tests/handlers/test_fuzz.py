@@ -78,11 +78,18 @@ class Route:
         return issubclass(self.handler, WebSocketHandler)
 
 
+#: The E2B surface's prefix (kernelhub.handlers.e2b); its rules speak E2B's protocol, not kernelhub's.
+E2B_PREFIX = "/e2b"
+
+
 def served_routes() -> list[Route]:
     """Every rule of the real application (its handlers are only listed, never run, so no hub is needed)."""
     app = make_app(None, None, GatewayConfig())  # type: ignore[arg-type]
     routes = []
     for rule in app.wildcard_router.rules:
+        if rule.matcher.regex.pattern.startswith(E2B_PREFIX):
+            # E2B's protocol, with E2B's own error shapes: fuzzed by tests/handlers/test_e2b_protocol.py.
+            continue
         template = rule.matcher._path.replace("/?", "")
         kinds: list[str] = []
         segments = template.split("/")
