@@ -101,7 +101,19 @@ def _stdin_data(body: dict[str, Any]) -> str | bytes | None:
     return text
 
 
-class CommandsHandler(StreamingMixin, BaseHandler):
+class _CommandStreamHandler(StreamingMixin, BaseHandler):
+    """A command route that can answer with the command's events as NDJSON."""
+
+    async def _stream(self, cmd: Command, *, replay: bool = True) -> bool:
+        self.begin_stream(NDJSON + "; charset=UTF-8")
+        completed = await self.pump(_lines(text_events(cmd, replay=replay)), keepalive=_KEEPALIVE,
+                                    interval=KEEPALIVE_S)
+        if completed:
+            self.finish()
+        return completed
+
+
+class CommandsHandler(_CommandStreamHandler):
     """``POST /v1/sandboxes/{id}/commands`` (command_execute, background, NDJSON) and ``GET`` (the list)."""
 
     async def post(self, sandbox_id: str) -> None:
@@ -135,22 +147,14 @@ class CommandsHandler(StreamingMixin, BaseHandler):
             if not run.done():
                 run.cancel()  # the client went away: the service kills the command
 
-    async def _stream(self, cmd: Command, *, replay: bool = True) -> bool:
-        self.begin_stream(NDJSON + "; charset=UTF-8")
-        completed = await self.pump(_lines(text_events(cmd, replay=replay)), keepalive=_KEEPALIVE,
-                                    interval=KEEPALIVE_S)
-        if completed:
-            self.finish()
-        return completed
-
     def get(self, sandbox_id: str) -> None:
         self.send_json({"commands": [c.to_dict() for c in self.hub.list_commands(self.tenant, sandbox_id)]})
 
 
-class CommandHandler(CommandsHandler):
+class CommandHandler(_CommandStreamHandler):
     """``GET /v1/sandboxes/{id}/commands/{pid}`` (status, or ``?follow=1`` re-attach) and ``DELETE`` (kill)."""
 
-    async def get(self, sandbox_id: str, pid: str) -> None:  # type: ignore[override]
+    async def get(self, sandbox_id: str, pid: str) -> None:
         cmd = self.hub.get_command(self.tenant, sandbox_id, pid)
         follow = self.get_query_argument("follow", "") not in ("", "0", "false")
         if follow or wants_ndjson(self.request.headers.get("Accept", "")):

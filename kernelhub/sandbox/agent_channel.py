@@ -37,7 +37,7 @@ from typing import Any, TypeGuard
 
 from ..errors import SandboxError, SandboxNotRunning
 
-__all__ = ["BURST", "MAX_PACKET", "MAX_REPLY", "RATE_PER_S", "SEND_TIMEOUT_S", "AgentChannel"]
+__all__ = ["BURST", "MAX_PACKET", "MAX_REPLY", "RATE_PER_S", "SEND_TIMEOUT_S", "SLOW_REPLY_S", "AgentChannel"]
 
 #: The largest packet the agent reads from the gateway (the agent's own MAX_PACKET).
 MAX_PACKET = 1 << 20
@@ -46,6 +46,8 @@ MAX_PACKET = 1 << 20
 MAX_REPLY = 64 * 1024
 #: Seconds a request may wait for room in the socket before the agent counts as not answering.
 SEND_TIMEOUT_S = 5.0
+#: Seconds a reply may be late before the waiter's ``on_slow`` is called (and again each such interval).
+SLOW_REPLY_S = 1.0
 #: Packets a second read from one agent, and the burst allowed above that rate. An honest agent sends two
 #: per process (``spawned``, ``exit``).
 RATE_PER_S = 500.0
@@ -117,9 +119,12 @@ class AgentChannel:
             self._ready.set_exception(exc)
             self._ready.exception()  # retrieved: nobody may be waiting any more
 
-    async def request(self, msg: dict[str, Any], fds: Sequence[int] = (), *, timeout: float) -> dict[str, Any]:
+    async def request(self, msg: dict[str, Any], fds: Sequence[int] = (), *, timeout: float,
+                      on_slow: Callable[[], None] | None = None) -> dict[str, Any]:
         """Send ``msg`` (whose ``id`` comes from :meth:`next_id`) with ``fds`` and answer the agent's reply to
-        it (``spawned`` or ``failed``). The caller keeps ownership of ``fds``. Raises :class:`SandboxError`
+        it (``spawned`` or ``failed``). The caller keeps ownership of ``fds``. ``on_slow`` is called each
+        :data:`SLOW_REPLY_S` seconds the reply is late (the sandbox: wake an agent its own code stopped, which
+        the process just started may have done before the agent could answer). Raises :class:`SandboxError`
         when the channel is closed or closes meanwhile, or no reply comes within ``timeout`` seconds."""
         req = msg["id"]
         reply: asyncio.Future[dict[str, Any]] = self._loop.create_future()
@@ -127,10 +132,15 @@ class AgentChannel:
         deadline = self._loop.time() + timeout
         try:
             await self._send(msg, fds, min(deadline, self._loop.time() + SEND_TIMEOUT_S))
-            try:
-                return await asyncio.wait_for(reply, max(0.0, deadline - self._loop.time()))
-            except TimeoutError:
-                raise SandboxError(f"The sandbox's agent did not answer within {timeout:g} s.") from None
+            while True:
+                left = deadline - self._loop.time()
+                if left <= 0:
+                    raise SandboxError(f"The sandbox's agent did not answer within {timeout:g} s.")
+                try:
+                    return await asyncio.wait_for(asyncio.shield(reply), min(left, SLOW_REPLY_S))
+                except TimeoutError:
+                    if on_slow is not None:
+                        on_slow()
         finally:
             self._pending.pop(req, None)
 

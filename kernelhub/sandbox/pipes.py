@@ -216,6 +216,9 @@ class PipedProcess:
         :data:`~kernelhub.sandbox.cgroups.KILL_TIMEOUT_S`."""
         if self.tree is not None:
             await self.tree.kill_all()
+            # The tree is gone; its exit still comes from the agent, which the tree may have stopped: the
+            # process's own SIGKILL enforcement (a deadline, then the exit counted as a kill) covers that.
+            await self.process.kill()
             return
         await self.process.kill()
         await self.process.wait()
@@ -270,8 +273,11 @@ async def start_piped(
         for fd in fds:
             os.close(fd)
         if tree is not None:
-            with contextlib.suppress(SandboxError):
-                tree.remove_if_empty()
+            # The process may have started without the agent saying so (the agent stopped, or its reply lost):
+            # whatever joined the command's cgroup is ended from the host before the cgroup goes.
+            with contextlib.suppress(SandboxError, OSError):
+                if not tree.remove_if_empty():
+                    await tree.remove()
         raise
     for fd in (in_r, out_w, err_w):
         os.close(fd)

@@ -458,7 +458,7 @@ class Sandbox:
             reply = await agent.request(
                 {"op": "spawn", "id": req, "argv": list(argv), "env": full_env, "cwd": cwd, "pty": pty,
                  "join": len(join)}, fds + join,
-                timeout=self.factory.start_timeout,
+                timeout=self.factory.start_timeout, on_slow=self.wake_agent,
             )
         except SandboxNotRunning:
             self._procs.pop(req, None)

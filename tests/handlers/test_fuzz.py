@@ -55,7 +55,7 @@ EXAMPLES = 30
 
 #: What a URL group names, from the path segment before it.
 _KINDS = {"sandboxes": "sandbox", "executions": "execution", "sessions": "session", "kernels": "kernel",
-          "kernelspecs": "kernelspec", "files": "path"}
+          "kernelspecs": "kernelspec", "files": "path", "commands": "pid"}
 #: ...and for a group that follows another group.
 _SECOND_KINDS = {"kernel": "action", "kernelspec": "resource"}
 
@@ -107,7 +107,8 @@ ROUTES = served_routes()
 
 
 def _matches(route: Route, documented_path: str) -> bool:
-    sample = re.sub(r"\{[^}]+\}", lambda m: "interrupt" if m.group() == "{action}" else "x", documented_path)
+    samples = {"{action}": "interrupt", "{pid}": "1"}
+    sample = re.sub(r"\{[^}]+\}", lambda m: samples.get(m.group(), "x"), documented_path)
     return re.fullmatch(route.pattern.rstrip("$"), sample) is not None and route.template.count("%s") == \
         documented_path.count("{")
 
@@ -204,6 +205,8 @@ def segment(kind: str, real: dict[str, str], method: str, route: Route) -> st.Se
         choices = [st.sampled_from(BAD_PATHS), st.binary(max_size=12).map(lambda b: quote_from_bytes(b, safe="/"))]
     elif kind == "action":
         choices = [st.sampled_from(["interrupt", "interrupt", "restart"])]
+    elif kind == "pid":  # a command's pid inside the sandbox: digits, or the shapes of BAD_IDS (a 404)
+        choices.append(st.sampled_from(["1", "0", "2", "99999999999999999999", "007"]))
     elif kind == "resource":
         choices.append(st.sampled_from(["logo-64x64.png", "kernel.json", "..", ".hidden", "%2e%2e%2fkernel.json"]))
     if kind in real and method not in REAL_SAFE.get(route.handler.__name__, ()):
@@ -309,7 +312,7 @@ def clean_up(fuzz: Any, request: Request, answer: Any) -> None:
 def real_ids(fuzz: Any) -> dict[str, str]:
     return {"sandbox": fuzz.sandbox, "session": fuzz.terminal, "jupyter_session": fuzz.jupyter_session,
             "execution": fuzz.execution, "kernel": fuzz.kernel, "kernelspec": "kernelhub-python",
-            "action": "interrupt", "resource": "logo-64x64.png"}
+            "action": "interrupt", "resource": "logo-64x64.png", "pid": "1"}
 
 
 # -- the tests -----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from kernelhub.errors import SandboxError
-from kernelhub.sandbox.agent_channel import BURST, MAX_PACKET, MAX_REPLY, RATE_PER_S, AgentChannel
+from kernelhub.sandbox.agent_channel import BURST, MAX_PACKET, MAX_REPLY, RATE_PER_S, SLOW_REPLY_S, AgentChannel
 
 
 class Agent:
@@ -186,6 +186,37 @@ def test_a_flood_is_read_at_a_bounded_rate_and_honest_replies_still_arrive(agent
         # Never faster than the budget allows: BURST at once, then RATE_PER_S a second.
         assert elapsed >= (flood - BURST) / RATE_PER_S * 0.9
         assert channel.dropped == flood
+        channel.close()
+
+    asyncio.run(main())
+
+
+def test_a_late_reply_calls_on_slow_until_it_comes(agent: Agent) -> None:
+    """A process the agent just started may stop the agent (same uid) before the agent says ``spawned``: the
+    waiter's ``on_slow`` (the sandbox: SIGCONT the agent from the host) runs each second the reply is late, and
+    the reply that then comes is answered; without one, the deadline still holds."""
+
+    async def main() -> None:
+        channel = agent.channel()
+        woken: list[float] = []
+        wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_slow() -> None:
+            woken.append(loop.time())
+            wake.set()
+
+        req = channel.next_id()
+        reply = asyncio.ensure_future(channel.request({"op": "spawn", "id": req}, timeout=30, on_slow=on_slow))
+        await agent.hear()
+        await wake.wait()  # the agent "stopped": no reply until the waiter has woken it
+        agent.say({"op": "spawned", "id": req, "pid": 7})
+        assert (await reply)["pid"] == 7 and len(woken) == 1
+        woken.clear()
+        with pytest.raises(SandboxError, match="did not answer within"):
+            await channel.request({"op": "spawn", "id": channel.next_id()}, timeout=SLOW_REPLY_S * 2.5,
+                                  on_slow=lambda: woken.append(loop.time()))
+        assert len(woken) == 2
         channel.close()
 
     asyncio.run(main())
