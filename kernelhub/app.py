@@ -445,8 +445,10 @@ KERNELHUB_TOKEN=KEY KERNELHUB_STATE_DIR=/srv/kernelhub kernelhub serve
                               hub.factory.state_dir)
                 if generated:
                     print(f"kernelhub: token for tenant 'default': {self.token}\n"
-                          f"    {url}/v1/sandboxes?token={self.token}", flush=True)
-                print(f"kernelhub: listening on {url}", flush=True)
+                          f"    {url}/v1/sandboxes?token={self.token}\n"
+                          "    (a new one at every start: keep one with --token KEY, KERNELHUB_TOKEN or --api-keys "
+                          "FILE)", flush=True)
+                print(f"kernelhub: listening on {url}; Ctrl-C or SIGTERM stops it and every sandbox", flush=True)
                 try:
                     await stop.wait()
                 finally:

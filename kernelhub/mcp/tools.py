@@ -361,7 +361,7 @@ async def _file_download(b: Backend, a: dict[str, Any], p: Progress | None) -> T
         # Once, as image content (format "base64" gives the base64 in the structured result instead).
         images.append((mime, encoded))
         out.update(mime_type=mime, attached=image_note(1, encoded))
-        return ToolOutput(out, f"{path} is a {mime} image ({len(data)} bytes), attached as image content; ask "
+        return ToolOutput(out, f"{path} is an image ({mime}, {len(data)} bytes), attached as image content; ask "
                                "for format 'base64' to get its bytes in the structured result.", images)
     out["content_base64"] = encoded
     return ToolOutput(out, f"{path} is binary ({len(data)} bytes); content_base64 in the structured result "
