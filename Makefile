@@ -5,13 +5,13 @@ PYTEST_ARGS ?=
 .PHONY: install test serve lint bench
 
 install:
-	bash scripts/install.sh
+	@bash scripts/install.sh
 
 test: install
-	.venv/bin/python -m pytest $(PYTEST_ARGS)
+	@.venv/bin/python -m pytest $(PYTEST_ARGS)
 
 serve: install
-	.venv/bin/kernelhub serve $(ARGS)
+	@.venv/bin/kernelhub serve $(ARGS)
 
 lint: install
 	.venv/bin/ruff check kernelhub tests benchmarks

@@ -39,7 +39,7 @@ from traitlets.utils.text import wrap_paragraphs
 
 from . import __version__, redaction
 from .errors import IsolationUnavailable, KernelHubError
-from .handlers import commands, e2b, jupyter, rest, streams, terminal
+from .handlers import commands, e2b, jupyter, ops, rest, streams, terminal
 from .handlers.base import GatewayConfig, NotFoundHandler
 from .mcp import http as mcp_http
 from .sandbox import doctor
@@ -57,7 +57,7 @@ def make_app(hub: Hub, tenants: TenantRegistry, config: GatewayConfig, **setting
     """The tornado application with every surface mounted; used by ``serve`` and by tests."""
     deps = {"hub": hub, "tenants": tenants, "config": config}
     routes: list[Any] = []
-    for module in (rest, commands, streams, terminal, jupyter, e2b):
+    for module in (rest, commands, streams, terminal, jupyter, e2b, ops):
         for spec in getattr(module, "default_handlers", []):
             pattern, handler = spec[0], spec[1]
             extra = spec[2] if len(spec) > 2 else {}
@@ -114,6 +114,9 @@ class KernelHubApp(Application):
 
     config_file = Unicode("", help="A traitlets config file (.py or .json), e.g. "
                           "c.Hub.default_limits = {'memory_mb': 1024}.", config=True).tag(env="KERNELHUB_CONFIG")
+    # Jupyter's shape, with the date: a line says when, how bad and where (the logger: the app's class,
+    # kernelhub.services, tornado.access, ...).
+    log_format = Unicode("[%(levelname)1.1s %(asctime)s.%(msecs)03d %(name)s] %(message)s")
     log_level = CaselessStrEnum(("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), "WARNING",
                                 help="What is logged to stderr.", config=True).tag(env="KERNELHUB_LOG_LEVEL")
 
@@ -231,11 +234,13 @@ class KernelHubApp(Application):
     # -- logging ------------------------------------------------------------------------------------------
 
     def get_default_logging_config(self) -> dict[str, Any]:
-        """traitlets' console logging (stderr), extended to kernelhub's own module loggers."""
+        """traitlets' console logging (stderr, at ``--log-level``), extended to kernelhub's own module loggers
+        (``kernelhub.services`` has a line per sandbox lifecycle event at INFO) and tornado's (``tornado.access``
+        has a line per request at INFO, and one per 4xx at WARNING)."""
         config: dict[str, Any] = super().get_default_logging_config()
         if "loggers" in config:
-            config["loggers"]["kernelhub"] = {"level": "DEBUG", "handlers": ["console"], "propagate": False}
-            config["loggers"]["tornado"] = {"level": "DEBUG", "handlers": ["console"], "propagate": False}
+            for name in ("kernelhub", "tornado"):
+                config["loggers"][name] = {"level": "DEBUG", "handlers": ["console"], "propagate": False}
         # Whatever any of them logs, no API key or header value reaches the console (kernelhub.redaction).
         config.setdefault("filters", {})["redact"] = {"()": "kernelhub.redaction.RedactingFilter"}
         for handler in config.get("handlers", {}).values():
@@ -376,6 +381,7 @@ KERNELHUB_TOKEN=KEY KERNELHUB_STATE_DIR=/srv/kernelhub kernelhub serve
         "allow-origin": "ServeApp.allow_origin",
         "max-sandboxes": "Hub.max_sandboxes_per_tenant",
         "log-level": "KernelHubApp.log_level",
+        "operator-tenant": "ServeApp.operator_tenant",
     }
 
     ip = Unicode("127.0.0.1", help="Interface to listen on.", config=True).tag(env="KERNELHUB_IP")
@@ -386,6 +392,9 @@ KERNELHUB_TOKEN=KEY KERNELHUB_STATE_DIR=/srv/kernelhub kernelhub serve
                             config=True).tag(env="KERNELHUB_API_KEYS")
     allow_origin = Unicode("", help="Access-Control-Allow-Origin for REST answers; empty disables CORS.",
                            config=True).tag(env="KERNELHUB_ALLOW_ORIGIN")
+    operator_tenant = Unicode("default", help="The tenant whose keys may read GET /metrics (every tenant's "
+                              "activity in aggregate); 'default' is the tenant of --token.", config=True).tag(
+        env="KERNELHUB_OPERATOR_TENANT")
     allowed_ws_origins = List(Unicode(), help="Origins allowed to open websockets besides the gateway's own "
                               "host; '*' allows any.", config=True).tag(env="KERNELHUB_WS_ORIGINS")
     header_timeout = Float(10.0, help="Seconds a new connection may take to send its first request's headers "
@@ -442,7 +451,8 @@ KERNELHUB_TOKEN=KEY KERNELHUB_STATE_DIR=/srv/kernelhub kernelhub serve
             async with self.running_hub() as hub:
                 config = GatewayConfig(allow_origin=self.allow_origin,
                                        allowed_ws_origins=tuple(self.allowed_ws_origins),
-                                       debug=self.log.isEnabledFor(logging.DEBUG))
+                                       debug=self.log.isEnabledFor(logging.DEBUG),
+                                       operator_tenant=self.operator_tenant)
                 # Half the descriptors at most go to connections: sandboxes need theirs (pipes, sockets).
                 fd_limit = raise_fd_limit()
                 server = GatewayServer(make_app(hub, tenants, config), max_body_size=MAX_BODY_BYTES,
@@ -456,8 +466,10 @@ KERNELHUB_TOKEN=KEY KERNELHUB_STATE_DIR=/srv/kernelhub kernelhub serve
                               hub.factory.state_dir)
                 if generated:
                     print(f"kernelhub: token for tenant 'default': {self.token}\n"
-                          f"    {url}/v1/sandboxes?token={self.token}", flush=True)
-                print(f"kernelhub: listening on {url}", flush=True)
+                          f"    {url}/v1/sandboxes?token={self.token}\n"
+                          "    (a new one at every start: keep one with --token KEY, KERNELHUB_TOKEN or --api-keys "
+                          "FILE)", flush=True)
+                print(f"kernelhub: listening on {url}; Ctrl-C or SIGTERM stops it and every sandbox", flush=True)
                 try:
                     await stop.wait()
                 finally:

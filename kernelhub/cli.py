@@ -150,7 +150,7 @@ def provisioner_problem(prefix: str) -> str | None:
     last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
     return (f"its Python ({python}) cannot load the {PROVISIONER_NAME!r} kernel provisioner (entry point group "
             f"{PROVISIONER_GROUP}): {last}. Install kernelhub into that environment first "
-            f"({python} -m pip install kernelhub), or install the kernelspecs where kernelhub is installed")
+            f"({python} -m pip install 'kernelhub[server]'), or install the kernelspecs where kernelhub is installed")
 
 
 def install_kernelspecs(prefix: str | None = None, user: bool = False) -> list[str]:

@@ -6,10 +6,27 @@
 #   - the gateway's virtualenv in .venv, with the test extra (pytest, Jupyter Server, JupyterLab, Playwright),
 #   - the kernels' runtime in $KERNELHUB_RUNTIME_DIR (default /opt/kernelhub/runtime), kept apart from the
 #     gateway so that the sandbox's read-only view holds only what kernels need.
+# It says one line per step it takes, with roughly how long that step takes the first time (measured on a 2-core
+# machine with a fast network), and nothing else: each tool's own output goes to $LOG, shown when a step fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNTIME="${KERNELHUB_RUNTIME_DIR:-/opt/kernelhub/runtime}"
 PY="${PYTHON:-python3}"
+LOG="${KERNELHUB_INSTALL_LOG:-$PWD/.install.log}"
+: >"$LOG"
+did=0
+
+# step "what it does" "how long": says what comes next.
+step() { echo "install: $1 ($2)"; did=1; }
+# quietly CMD...: runs CMD with its output in $LOG; on failure shows the end of it and stops.
+quietly() {
+  echo "+ $*" >>"$LOG"
+  if ! "$@" >>"$LOG" 2>&1; then
+    echo "install: failed: $*; the last lines of $LOG:" >&2
+    tail -n 40 "$LOG" >&2
+    exit 1
+  fi
+}
 
 need_apt=()
 command -v bwrap >/dev/null || need_apt+=(bubblewrap)
@@ -27,18 +44,19 @@ ls /usr/lib/*/libseccomp.so.2 /lib/*/libseccomp.so.2 >/dev/null 2>&1 || need_apt
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then echo "install: need root to apt-get install ${need_apt[*]}" >&2; exit 1; fi
-  echo "install: apt-get install ${need_apt[*]} (system packages; about a minute, Chromium most of it)"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  step "system packages: apt-get install ${need_apt[*]}" "about a minute"
+  quietly apt-get update -qq
+  quietly env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
 
 # The gateway.
-if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 stamp=.venv/.kernelhub-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "install: .venv: kernelhub and its test extra (pytest, Jupyter Server, JupyterLab, Playwright; 1-2 minutes)"
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[test]'
+  step "the gateway and its test tools (pytest, Jupyter Server, JupyterLab, Playwright) into .venv (pip)" \
+    "1 to 3 minutes the first time"
+  if [ ! -x .venv/bin/python ]; then quietly "$PY" -m venv .venv; fi
+  quietly .venv/bin/pip install -q --upgrade pip
+  quietly .venv/bin/pip install -q -e '.[server,test]'
   touch "$stamp"
 fi
 
@@ -48,20 +66,23 @@ mkdir -p "$RUNTIME"
 chmod 755 "$RUNTIME"
 rstamp="$RUNTIME/.python-installed"
 if [ ! -f "$rstamp" ] || [ scripts/runtime-requirements.txt -nt "$rstamp" ]; then
-  echo "install: $RUNTIME/python: the kernels' python (ipykernel, bash_kernel, numpy, pandas, matplotlib; ~1 minute)"
-  [ -x "$RUNTIME/python/bin/python" ] || /usr/bin/python3 -m venv "$RUNTIME/python"
-  "$RUNTIME/python/bin/pip" install -q --upgrade pip
-  "$RUNTIME/python/bin/pip" install -q -r scripts/runtime-requirements.txt
+  step "the kernels' Python runtime (ipykernel, bash_kernel, numpy, pandas, matplotlib) into $RUNTIME/python (pip)" \
+    "1 to 3 minutes the first time"
+  [ -x "$RUNTIME/python/bin/python" ] || quietly /usr/bin/python3 -m venv "$RUNTIME/python"
+  quietly "$RUNTIME/python/bin/pip" install -q --upgrade pip
+  quietly "$RUNTIME/python/bin/pip" install -q -r scripts/runtime-requirements.txt
   touch "$rstamp"
 fi
 nstamp="$RUNTIME/.node-installed"
 if [ ! -f "$nstamp" ] || [ scripts/runtime-package.json -nt "$nstamp" ]; then
-  echo "install: $RUNTIME/node: the kernels' node packages (tslab, TypeScript; under a minute)"
+  step "the kernels' JavaScript/TypeScript runtime (tslab) into $RUNTIME/node (npm)" "about a minute the first time"
   mkdir -p "$RUNTIME/node"
   cp scripts/runtime-package.json "$RUNTIME/node/package.json"
   # With the node sandboxes run (/usr/bin), so that native add-ons are built for it.
-  (cd "$RUNTIME/node" && PATH=/usr/bin:/bin npm install --no-audit --no-fund --loglevel=error >/dev/null)
+  quietly env -C "$RUNTIME/node" PATH=/usr/bin:/bin npm install --no-audit --no-fund --loglevel=error
   touch "$nstamp"
 fi
 chmod -R a+rX "$RUNTIME"
-echo "install: ok (gateway .venv, runtime $RUNTIME)"
+if [ "$did" = 1 ]; then
+  echo "install: ok: the gateway in .venv (.venv/bin/kernelhub), the kernels' runtime in $RUNTIME"
+fi

@@ -287,7 +287,7 @@ def test_kernelspecs_install_refuses_an_environment_without_the_provisioner(tmp_
     message = result.stderr
     assert message.startswith(f"kernelhub kernelspecs install: not installing into {tmp_path / 'env'}: "), message
     assert "NoSuchKernel" in message and f"its Python ({python})" in message and "'kernelhub-provisioner'" in message
-    assert f"{python} -m pip install kernelhub" in message
+    assert f"{python} -m pip install 'kernelhub[server]'" in message
     assert not (tmp_path / "env" / "share" / "jupyter").exists()
 
 

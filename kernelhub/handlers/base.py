@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 from urllib.parse import urlparse
 
@@ -49,20 +50,27 @@ class GatewayConfig:
     """Settings the surfaces read (from the app's traitlets); plain attributes so tests can build one."""
 
     def __init__(self, *, allow_origin: str = "", allowed_ws_origins: tuple[str, ...] = (),
-                 debug: bool = False) -> None:
+                 debug: bool = False, operator_tenant: str = "default") -> None:
         self.allow_origin = allow_origin
         self.allowed_ws_origins = allowed_ws_origins
         self.debug = debug
+        #: The tenant whose keys may read ``GET /metrics`` (every tenant's activity, in aggregate).
+        self.operator_tenant = operator_tenant
 
 
 def token_from_request(request: httputil.HTTPServerRequest) -> str | None:
-    """``Authorization: Bearer <key>`` or ``token <key>``, else ``?token=``. An empty value is no token."""
+    """``Authorization: Bearer <key>`` or ``token <key>``, else ``?token=``. An empty value is no token.
+
+    Raises :class:`~kernelhub.errors.Unauthorized` saying how to send the key when the header holds something
+    else (a bare key, ``Basic ...``): "a key is required" would mislead someone who did send one."""
     header = request.headers.get("Authorization", "")
     if header:
         scheme, _, value = header.strip().partition(" ")
         if scheme.lower() in ("bearer", "token"):
             return value.strip() or None
-        return None
+        what = "a bare value" if not value.strip() else f"the scheme {scheme[:20]!r}"
+        raise Unauthorized(f"The Authorization header holds {what}; send the API key as 'Authorization: Bearer "
+                           "<key>' (or 'token <key>', or ?token=<key> in the URL).")
     values = request.query_arguments.get("token")
     if values:
         return values[-1].decode(errors="replace").strip() or None
@@ -123,6 +131,9 @@ class JsonErrorsMixin:
 
     def send_error_json(self, status: int, error: str, message: str) -> None:
         handler: Any = self
+        hub = getattr(self, "hub", None)
+        if hub is not None:
+            hub.telemetry.error(error)
         self._close_if_body_unread()
         handler.set_status(status)
         handler.set_header("Content-Type", "application/json; charset=UTF-8")
@@ -259,15 +270,34 @@ class _AnyMethod(tuple[str, ...]):
         return True
 
 
+#: The collections whose members' ids are path segments, with what one member is called in a sentence.
+_ID_SEGMENTS = {"sandboxes": "sandbox", "executions": "execution", "sessions": "session", "kernels": "kernel",
+                "kernelspecs": "kernelspec"}
+_EMPTY_ID = re.compile(r"^/(?:v1|api)/(?P<collection>" + "|".join(_ID_SEGMENTS) + r")/(?P<rest>/.*)$")
+
+
+def missing_id(path: str) -> str | None:
+    """The sentence for a path whose id segment is empty (``/v1/sandboxes//execute``: an unset variable in a
+    script, most often), or None when the path has no such gap."""
+    match = _EMPTY_ID.match(path)
+    if match is None:
+        return None
+    collection = match["collection"]
+    return (f"The {_ID_SEGMENTS[collection]} id is missing in {path[:200]}: it goes between "
+            f"{path[:match.start('rest')]} and {match['rest'][:100]} (is the variable that holds it empty?)")
+
+
 class NotFoundHandler(BaseHandler):
     """Any route no handler matches: a JSON 404 (after auth, so it tells nothing to strangers), whatever the
-    method: there is no route whose methods a 405 could name."""
+    method: there is no route whose methods a 405 could name. A path with an empty id segment says that the
+    id is missing (:func:`missing_id`)."""
 
     SUPPORTED_METHODS = _AnyMethod()
 
     def prepare(self) -> None:
         super().prepare()
-        raise web.HTTPError(404, "No such route: %s", self.request.path[:200])
+        path = self.request.path
+        raise web.HTTPError(404, "%s", missing_id(path) or f"No such route: {path[:200]}")
 
 
 @web.stream_request_body

@@ -212,13 +212,25 @@ def execution_text(ex: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def execution_images(ex: dict[str, Any]) -> list[tuple[str, str]]:
-    images = []
+def image_note(number: int, encoded: str) -> str:
+    """What the structured result holds in place of an image that travels as image content ``number``."""
+    return f"(an image, attached to this result as image content {number}; {len(encoded)} characters of base64)"
+
+
+def detach_images(ex: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The execution with each image's base64 replaced by :func:`image_note`, and the images ``(mime type,
+    base64)`` in order: a result carries each image once, as image content, which a model sees as an image
+    (the REST answer and ``execution_status`` over REST keep the base64 in place)."""
+    images: list[tuple[str, str]] = []
+    results = []
     for result in ex.get("results") or []:
-        for mime, value in (result.get("data") or {}).items():
+        data = dict(result.get("data") or {})
+        for mime, value in data.items():
             if mime in IMAGE_TYPES and isinstance(value, str):
                 images.append((mime, value.replace("\n", "")))
-    return images
+                data[mime] = image_note(len(images), images[-1][1])
+        results.append({**result, "data": data})
+    return ({**ex, "results": results} if images else ex), images
 
 
 #: Execution statuses a running tool reports as a tool error (the structured result still has everything).
@@ -231,7 +243,8 @@ def _execution_output(ex: dict[str, Any], *, failures_are_errors: bool = True) -
     if "output" in ex and "status" not in ex:  # a terminal session's answer
         return ToolOutput(ex, "Terminal output:\n" + _clip(_plain(str(ex.get("output") or ""))))
     failed = failures_are_errors and ex.get("status") in FAILED
-    return ToolOutput(ex, execution_text(ex), execution_images(ex), is_error=failed)
+    structured, images = detach_images(ex)
+    return ToolOutput(structured, execution_text(ex), images, is_error=failed)
 
 
 def _sandbox_text(sb: dict[str, Any]) -> str:
@@ -345,13 +358,16 @@ async def _file_download(b: Backend, a: dict[str, Any], p: Progress | None) -> T
         out["content"] = text
         return ToolOutput(out, f"{path} ({len(data)} bytes):\n" + _clip(text))
     encoded = base64.b64encode(data).decode()
-    out["content_base64"] = encoded
-    mime = next((m for magic, m in _IMAGE_MAGIC if data.startswith(magic)), None)
+    mime = next((m for magic, m in _IMAGE_MAGIC if data.startswith(magic)), None) if fmt == "auto" else None
     if mime:
+        # Once, as image content (format "base64" gives the base64 in the structured result instead).
         images.append((mime, encoded))
-    note = f"; it is a {mime} image (attached)" if mime else ""
-    return ToolOutput(out, f"{path} is binary ({len(data)} bytes){note}; content_base64 in the structured result "
-                           "holds it.", images)
+        out.update(mime_type=mime, attached=image_note(1, encoded))
+        return ToolOutput(out, f"{path} is an image ({mime}, {len(data)} bytes), attached as image content; ask "
+                               "for format 'base64' to get its bytes in the structured result.", images)
+    out["content_base64"] = encoded
+    return ToolOutput(out, f"{path} is binary ({len(data)} bytes); content_base64 in the structured result "
+                           "holds it.")
 
 
 async def _file_list(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
@@ -517,8 +533,9 @@ TOOLS: list[ToolSpec] = [
     ToolSpec(
         "file_download", "Read a file",
         "Read a file from the sandbox's /workspace, e.g. a result the code wrote. Returns {path, size, content} "
-        "for UTF-8 text, or {path, size, content_base64} for binary files (images also come back as image "
-        f"content). At most {MAX_DOWNLOAD_BYTES // (1024 * 1024)} MiB.",
+        "for UTF-8 text, {path, size, content_base64} for binary files, and for PNG, JPEG and GIF images (format "
+        "auto) {path, size, mime_type, attached} with the image as image content. At most "
+        f"{MAX_DOWNLOAD_BYTES // (1024 * 1024)} MiB.",
         _schema({
             "sandbox_id": SANDBOX_ID,
             "path": PATH,

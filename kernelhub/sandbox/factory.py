@@ -23,7 +23,7 @@ from traitlets.config import LoggingConfigurable
 
 from ..errors import IsolationUnavailable, SandboxError
 from . import seccomp
-from .cgroups import open_cgroup
+from .cgroups import detect_version, open_cgroup
 from .limits import Limits
 from .sandbox import Sandbox, unmount_run_dir
 from .uids import UidPool
@@ -218,6 +218,38 @@ class SandboxFactory(LoggingConfigurable):
         if reaped:
             self.log.warning("removed %d sandboxes left by a process that died: %s", len(reaped), reaped)
         return reaped
+
+    def health(self) -> list[str]:
+        """Why :meth:`create` would fail now, as short sentences (empty: it can start sandboxes). For ``GET
+        /healthz``, which anyone may ask, so it is cheap (``stat``/``statvfs`` calls, no process, no sandbox)
+        and names no path: ``kernelhub doctor`` and the gateway's log say more.
+
+        Looks at what every start needs and can go away while the gateway runs: bubblewrap (and ``setpriv``
+        as root), the cgroup hierarchy under strict isolation, a writable state directory with
+        ``min_host_free_mb`` free, and the kernels' runtime."""
+        problems: list[str] = []
+        if self.isolation == "strict" and not self.as_root:
+            problems.append("strict isolation needs the gateway to run as root")
+        if not shutil.which(self.bwrap_path):
+            problems.append("bubblewrap (bwrap) is not installed or not executable")
+        if self.as_root and not shutil.which("setpriv"):
+            problems.append("setpriv (util-linux) is not installed")
+        if self.isolation == "strict" and detect_version(self.cgroup_root) is None:
+            problems.append("no cgroup hierarchy is mounted at the configured cgroup root")
+        state = Path(self.state_dir)
+        existing = next((p for p in (state, *state.parents) if p.exists()), None)
+        try:
+            st = os.statvfs(existing) if existing is not None else None
+        except OSError:
+            st = None
+        if existing is None or st is None or st.f_flag & os.ST_RDONLY or not os.access(existing, os.W_OK):
+            problems.append("the state directory is not writable")
+        elif st.f_bavail * st.f_frsize < self.min_host_free_mb * 1024 * 1024:
+            problems.append(f"the state directory's disk has less than {self.min_host_free_mb} MiB free "
+                            "(min_host_free_mb)")
+        if not (Path(self.runtime_dir) / "python" / "bin" / "python").exists():
+            problems.append("the kernels' runtime is missing (make install)")
+        return problems
 
     def live(self) -> list[Sandbox]:
         return list(self._live.values())

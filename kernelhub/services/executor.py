@@ -107,6 +107,7 @@ class Executor:
         ex = Execution(tenant=tenant.name, sandbox_id=record.id, session_id=session.id, code=code,
                        timeout_s=timeout, output_limit=record.limits.output_bytes)
         ex.input_handler = input_handler
+        self.sandboxes.telemetry.watch(ex)
         if listener is not None:
             ex.add_listener(listener)
         self.executions.add(ex)

@@ -38,6 +38,7 @@ from .executor import Executor
 from .files import Files
 from .kernels import Kernels
 from .sandboxes import Sandboxes
+from .telemetry import PoolState, Telemetry
 from .templates import BUILTIN_TEMPLATES, Template, parse_templates
 from .tokens import SandboxTokens
 
@@ -97,11 +98,13 @@ class Hub(LoggingConfigurable):
         self.maximum = resolve_limits(self.max_limits, DEFAULT_MAXIMUM, DEFAULT_MAXIMUM) \
             if self.max_limits else DEFAULT_MAXIMUM
         self.executions = ExecutionHistory(self.execution_history)
+        self.telemetry = Telemetry(lambda: self.sandboxes.all_records(), self.pool_state)
         self.sandboxes = Sandboxes(
             factory=factory, kernel_spec_manager=self.kernel_spec_manager, templates=self.templates,
             defaults=self.defaults, maximum=self.maximum, max_sandboxes_per_tenant=self.max_sandboxes_per_tenant,
             reap_interval=self.reap_interval, stopped_retention_s=self.stopped_retention_s,
-            executions=self.executions, log=self.log, template_aliases=self.template_aliases)
+            executions=self.executions, log=self.log, template_aliases=self.template_aliases,
+            telemetry=self.telemetry)
         self.executor = Executor(self.sandboxes, self.executions)
         self.commands = Commands(self.sandboxes, output_buffer_bytes=max(1, self.command_output_buffer_kib) * 1024,
                                  max_commands_per_sandbox=max(1, self.max_commands_per_sandbox),
@@ -156,3 +159,14 @@ class Hub(LoggingConfigurable):
         self.interrupt_kernel = jupyter.interrupt_kernel
         self.restart_kernel = jupyter.restart_kernel
         self.shutdown_kernel = jupyter.shutdown_kernel
+
+    def pool_state(self) -> PoolState | None:
+        """What the metrics show of the warm pool: ``self.pool.state()`` (per template ``{ready, starting,
+        size}``, see :data:`~kernelhub.services.telemetry.PoolState`) when this hub has a pool, else None."""
+        pool = getattr(self, "pool", None)
+        return pool.state() if pool is not None else None
+
+    def health(self) -> list[str]:
+        """``GET /healthz``: why this gateway could not start a sandbox now (empty when it can). Cheap: a few
+        ``stat`` calls (:meth:`SandboxFactory.health`), no sandbox started."""
+        return self.factory.health()

@@ -38,6 +38,7 @@ from ..sandbox.limits import Limits, resolve_limits
 from ..sandbox.sandbox import Sandbox
 from .executions import ExecutionHistory
 from .sessions import KERNELSPECS, LANGUAGES, JupyterSession
+from .telemetry import Telemetry
 from .templates import Template
 from .tenants import Tenant
 from .validation import check_env
@@ -137,6 +138,8 @@ class Sandboxes:
     #: Read on stop, to end the sandbox's unfinished executions.
     executions: ExecutionHistory
     log: logging.Logger
+    #: Told of every lifecycle event (its INFO log lines and metrics); one of its own when none is given.
+    telemetry: Telemetry = dataclasses.field(default=None)  # type: ignore[assignment]
     _records: dict[str, SandboxRecord] = dataclasses.field(default_factory=dict, init=False, repr=False)
     _sessions: dict[str, tuple[SandboxRecord, Session]] = dataclasses.field(default_factory=dict, init=False,
                                                                              repr=False)
@@ -148,6 +151,10 @@ class Sandboxes:
                                                                        repr=False)
     #: Other names for templates: ``{alias: template}`` (E2B's ``base`` and ``code-interpreter-v1``, …).
     template_aliases: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.telemetry is None:
+            self.telemetry = Telemetry(self.all_records)
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -179,9 +186,11 @@ class Sandboxes:
                 try:
                     if record.state == "running":
                         if now >= record.expires_at:
+                            self.telemetry.sandbox_reaped(record, "lifetime", record.limits.max_lifetime_s)
                             await self._stop_record(record, "lifetime")
                         elif (not record.running_anything
                               and now - record.last_activity >= record.limits.idle_timeout_s):
+                            self.telemetry.sandbox_reaped(record, "idle", now - record.last_activity)
                             await self._stop_record(record, "idle")
                     elif record.state in ("stopped", "failed") and record.sandbox is None and \
                             now - record.last_activity > self.stopped_retention_s:
@@ -258,9 +267,11 @@ class Sandboxes:
         self._reserve_sandbox(tenant)
         reserved = True
         sandbox: Sandbox | None = None
+        asked = time.monotonic()
         try:
             sandbox = await self._provision(resolved, env_vars)
             record = SandboxRecord(sandbox.id, tenant, tmpl, resolved, metadata)
+            self.telemetry.sandbox_created(record)
             record.sandbox = sandbox
             sandbox.on_exit.append(lambda sb: self._on_sandbox_exit(record))
             # The reservation becomes the record in one step (no await between): counted once, never twice.
@@ -273,8 +284,11 @@ class Sandboxes:
             await session.start()
             record.state = "running"
             record.touch()
+            self.telemetry.sandbox_ready(record, time.monotonic() - asked)
             return record
-        except BaseException:
+        except BaseException as exc:
+            self.telemetry.sandbox_failed(tmpl.name, sandbox.id if sandbox else None,
+                                          getattr(exc, "message", None) or type(exc).__name__)
             if sandbox is not None:
                 record_ = self._records.get(sandbox.id)
                 if record_ is not None:
@@ -292,11 +306,16 @@ class Sandboxes:
         if record.state in ("starting", "running"):
             record.state = "failed"
             record.reason = (sb.reason if sb else None) or "failed"
+            self.telemetry.sandbox_failed(record.template.name, record.id, f"it died ({record.reason})")
             self.spawn(self._stop_record(record, record.reason))
 
     def list_sandboxes(self, tenant: Tenant) -> list[SandboxRecord]:
         """``sandbox_list``: the tenant's sandboxes, stopped ones included until ``stopped_retention_s``."""
         return [r for r in self._records.values() if r.tenant == tenant]
+
+    def all_records(self) -> list[SandboxRecord]:
+        """Every tenant's sandboxes, stopped ones included until ``stopped_retention_s`` (for the metrics)."""
+        return list(self._records.values())
 
     def get_sandbox(self, tenant: Tenant, sandbox_id: object) -> SandboxRecord:
         """``sandbox_info``: the tenant's sandbox ``sandbox_id`` in any state; raises
@@ -338,11 +357,13 @@ class Sandboxes:
         sandbox, record.sandbox = record.sandbox, None
         if sandbox is not None:
             await sandbox.stop(reason)
+            self.telemetry.sandbox_stopped(record, reason or "stopped")
         record.touch()
 
     async def delete_sandbox(self, tenant: Tenant, sandbox_id: object) -> None:
         """``sandbox_delete``: kill everything, free every resource, forget the sandbox."""
         record = self.get_sandbox(tenant, sandbox_id)
+        self.telemetry.sandbox_deleted(record)
         await self._stop_record(record, "deleted")
         self._records.pop(record.id, None)
 

@@ -77,6 +77,21 @@ async def call(session: ClientSession, name: str, **arguments: Any) -> types.Cal
     return await session.call_tool(name, arguments)
 
 
+def check_image_once(result: types.CallToolResult, structured_note: str | None = None) -> bytes:
+    """The one image of ``result``: image content, and nowhere else as base64 (not in the text, not in the
+    structured content, where a note names the image content); answers its bytes."""
+    images = [c for c in result.content if isinstance(c, types.ImageContent)]
+    assert len(images) == 1 and images[0].mime_type == "image/png", result.content
+    data = images[0].data
+    assert data not in json.dumps(result.structured_content) and data not in text_of(result)
+    if structured_note is None:
+        notes = [r["data"]["image/png"] for r in result.structured_content["results"] if "image/png" in r["data"]]
+    else:
+        notes = [result.structured_content[structured_note]]
+    assert len(notes) == 1 and "image content 1" in notes[0], notes
+    return base64.b64decode(data)
+
+
 async def scenario(session: ClientSession, check_owner: Callable[[str], None] | None = None) -> str:
     """Everything the issue asks of every transport; answers the id of the (deleted) sandbox."""
     listed = await session.list_tools()
@@ -110,11 +125,19 @@ async def scenario(session: ClientSession, check_owner: Callable[[str], None] | 
         streamed = "".join(m or "" for _, m in progress)
         assert all(f"line {i}" in streamed for i in range(3)), progress
 
-        # A plot comes back as image content as well as in the structured result.
-        plotted = await call(session, "code_execute", sandbox_id=sandbox_id, code=PLOT)
-        images = [c for c in plotted.content if isinstance(c, types.ImageContent)]
-        assert not plotted.is_error and len(images) == 1 and images[0].mime_type == "image/png"
-        assert base64.b64decode(images[0].data).startswith(PNG)
+        # A plot comes back once: as image content, with a note in its place in the structured result; and so
+        # when the execution is read again, and when the same image is downloaded as a file.
+        plotted = await call(session, "code_execute", sandbox_id=sandbox_id, code=PLOT + "\nplt.savefig('p.png')")
+        assert not plotted.is_error, text_of(plotted)
+        png = check_image_once(plotted)
+        again = await call(session, "execution_status", execution_id=plotted.structured_content["id"])
+        assert check_image_once(again) == png
+        down = await call(session, "file_download", sandbox_id=sandbox_id, path="p.png")
+        assert check_image_once(down, structured_note="attached").startswith(PNG)
+        assert down.structured_content["mime_type"] == "image/png" and "content_base64" not in down.structured_content
+        down = await call(session, "file_download", sandbox_id=sandbox_id, path="p.png", format="base64")
+        assert not [c for c in down.content if isinstance(c, types.ImageContent)]
+        assert base64.b64decode(down.structured_content["content_base64"]).startswith(PNG)
 
         # Files both ways, text and binary.
         up = await call(session, "file_upload", sandbox_id=sandbox_id, path="data/notes.txt", content="héllo\n")
