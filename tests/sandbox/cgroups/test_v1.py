@@ -166,6 +166,46 @@ def test_v1_cpu_quota_holds_two_spinners_to_a_fifth_of_a_core(groups: Groups) ->
 
 
 @real
+def test_v1_cpu_weight_writes_shares_on_a_live_group(groups: Groups) -> None:
+    group = groups.create(Limits(memory_mb=128, pids=32))
+    shares = f"{v1_dir('cpu', group)}/cpu.shares"
+    assert read(shares) == "1024"
+    groups.spawn(group, ["sleep", "1000"])
+    wait_until(lambda: len(group.pids()) == 1)
+    group.set_cpu_weight(10)
+    assert read(shares) == "102"
+    # What a pooled sandbox's hand-out does: default weight, other limits, on the group with its process in it.
+    group.set_cpu_weight(100)
+    group.apply(Limits(memory_mb=256, cpu=0.5, pids=64))
+    assert read(shares) == "1024"
+    assert int(read(f"{v1_dir('memory', group)}/memory.limit_in_bytes")) == 256 * MiB
+    assert read(f"{v1_dir('pids', group)}/pids.max") == "64"
+    assert int(read(f"{v1_dir('cpu', group)}/cpu.cfs_quota_us")) == 50_000
+    with pytest.raises(ValueError, match="CPU weight"):
+        group.set_cpu_weight(0)
+    assert read(shares) == "1024"
+
+
+@real
+def test_v1_cpu_weight_decides_who_waits_on_a_contended_core(groups: Groups) -> None:
+    # Two spinners pinned to the same core, in sibling groups of weight 10 and 100: the heavier one gets about
+    # ten times the time (a quota would not do this: neither group is near its 1-core quota).
+    light, heavy = groups.create(), groups.create()
+    light.set_cpu_weight(10)
+    spin = ["taskset", "-c", "0", "/bin/sh", "-c", "while :; do :; done"]
+    groups.spawn(light, spin)
+    groups.spawn(heavy, spin)
+    wait_until(lambda: len(light.pids()) == 1 and len(heavy.pids()) == 1)
+    time.sleep(0.3)  # both spinning
+    light0, heavy0 = light.metrics().cpu_seconds, heavy.metrics().cpu_seconds
+    time.sleep(2.0)
+    light_used = light.metrics().cpu_seconds - light0
+    heavy_used = heavy.metrics().cpu_seconds - heavy0
+    assert heavy_used > 0.2, heavy_used
+    assert light_used < heavy_used / 3, (light_used, heavy_used)
+
+
+@real
 def test_v1_kill_all_gets_orphans_and_remove_leaves_nothing(groups: Groups) -> None:
     group = groups.create()
     # A double-forked sleep (orphaned to pid 1), one in its own session, one background, one foreground.
