@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import datetime
 import errno
 import json
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import PidsExhausted, SandboxError, SandboxNotRunning
 from . import bwrap, pty
 from .agent_channel import AgentChannel
-from .cgroups import Cgroup, create_cgroup
+from .cgroups import CPU_WEIGHT_DEFAULT, Cgroup, create_cgroup
 from .limits import Limits
 from .pipes import pump_lines
 from .tools import run_tool
@@ -66,6 +67,23 @@ async def unmount_run_dir(path: Path) -> None:
         code, out = await run_tool("umount", "-l", str(path))  # busy: detach, freed with the last user
     if code != 0:
         raise SandboxError(f"Could not unmount {path}: {out}")
+
+
+def tmpfs_sizes(limits: Limits) -> dict[str, int]:
+    """Bytes of each tmpfs of a sandbox (``/tmp``, ``/dev/shm``, the home) for ``limits``: together at most half
+    the memory limit, so a sandbox that fills them all can still run its kernel (their pages are charged to
+    its memory cgroup)."""
+    return {
+        "/tmp": max(limits.memory_bytes // 4, 8 * 1024 * 1024),
+        "/dev/shm": max(limits.memory_bytes // 8, 4 * 1024 * 1024),
+        bwrap.INNER_HOME: max(limits.memory_bytes // 8, 4 * 1024 * 1024),
+    }
+
+
+def rlimits(limits: Limits) -> dict[str, int]:
+    """The rlimits every process of a sandbox runs with (set by the agent on itself, inherited by all it
+    starts); ``nproc`` counts per host uid, which is the sandbox's own (SECURITY.md pitfall 7)."""
+    return {"nofile": 4096, "fsize": limits.max_file_mb * 1024 * 1024, "core": 0, "nproc": limits.pids}
 
 
 # Run inside the sandbox by SandboxProcess.kill_session: kill every process of the session argv[1] until none is
@@ -149,12 +167,14 @@ class Sandbox:
     """One isolation domain. Created by :meth:`SandboxFactory.create`; stopped by :meth:`stop`."""
 
     def __init__(self, factory: SandboxFactory, sandbox_id: str, uid: int, limits: Limits,
-                 env: Mapping[str, str]) -> None:
+                 env: Mapping[str, str], cpu_weight: int = CPU_WEIGHT_DEFAULT) -> None:
         self.factory = factory
         self.id = sandbox_id
         self.uid = self.gid = uid
         self.limits = limits
         self.env = dict(env)
+        #: The cgroup's share of contended CPU (cgroup v2 ``cpu.weight`` units), from the start on.
+        self.cpu_weight = cpu_weight
         self.dir = factory.sandboxes_dir / sandbox_id
         self.run_dir = self.dir / "run"
         self.hostname = f"sandbox-{sandbox_id}"[:63]
@@ -211,7 +231,11 @@ class Sandbox:
         await self.workspace.create()
         self.cgroup = create_cgroup(self.id, self.limits, root=f.cgroup_root, parent=f.cgroup_parent,
                                     require=f.required_controllers())
+        if self.cpu_weight != CPU_WEIGHT_DEFAULT:
+            # Before the launcher joins: bubblewrap, the agent and the first kernel all start at this weight.
+            self.cgroup.set_cpu_weight(self.cpu_weight)
         node_modules = Path(f.runtime_dir) / "node" / "node_modules"
+        sizes = tmpfs_sizes(self.limits)
         self.spec = bwrap.SandboxSpec(
             sandbox_id=self.id,
             uid=self.uid,
@@ -223,22 +247,15 @@ class Sandbox:
             agent_dir=str(f.agent_dir()),
             runtime_dir=f.runtime_dir if Path(f.runtime_dir).is_dir() else None,
             node_modules=str(node_modules) if node_modules.is_dir() else None,
-            # Together at most half the memory limit: a sandbox that fills them all can still run its kernel.
-            tmp_size_bytes=max(self.limits.memory_bytes // 4, 8 * 1024 * 1024),
-            shm_size_bytes=max(self.limits.memory_bytes // 8, 4 * 1024 * 1024),
-            home_size_bytes=max(self.limits.memory_bytes // 8, 4 * 1024 * 1024),
+            tmp_size_bytes=sizes["/tmp"],
+            shm_size_bytes=sizes["/dev/shm"],
+            home_size_bytes=sizes[bwrap.INNER_HOME],
             env=self.env,
         )
         for name, text in bwrap.passwd_files(self.spec).items():
             (etc_dir / name).write_text(text)
             os.chmod(etc_dir / name, 0o644)
-        rlimits = {
-            "nofile": 4096,
-            "fsize": self.limits.max_file_mb * 1024 * 1024,
-            "core": 0,
-            "nproc": self.limits.pids,
-        }
-        command = bwrap.agent_command(f.agent_python) + [json.dumps(rlimits)]
+        command = bwrap.agent_command(f.agent_python) + [json.dumps(rlimits(self.limits))]
         argv = bwrap.launch_argv(self.spec, self.cgroup.procs_files, command, bwrap=f.bwrap_path,
                                  as_root=f.as_root)
         gateway_end, agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -366,6 +383,81 @@ class Sandbox:
         finally:
             os.close(slave)
         return pty.SandboxPty(master, process)
+
+    # -- hand-out ---------------------------------------------------------------------------------------
+
+    def can_retune(self, limits: Limits) -> bool:
+        """Whether :meth:`retune` can give this running sandbox ``limits``: not another workspace size
+        (``disk_mb``) or inode count (``files``), which its ext4 image fixed when it was made, nor a higher
+        ``pids`` or ``max_file_mb`` than it started with (their rlimits can only be lowered: raising one
+        needs ``CAP_SYS_RESOURCE``, which root does not have on every host; the pool starts its sandboxes at
+        the gateway's maximum of both)."""
+        old = self.limits
+        return (self.state == "running" and (limits.disk_mb, limits.files) == (old.disk_mb, old.files)
+                and limits.pids <= old.pids and limits.max_file_mb <= old.max_file_mb)
+
+    async def retune(self, limits: Limits, env: Mapping[str, str]) -> None:
+        """Make this running sandbox what a fresh one of ``limits`` and ``env`` would be, and give it the
+        default CPU weight. Called by the pool when it hands a pre-started sandbox out, before anything of
+        its new owner runs in it.
+
+        Memory, CPU and pids are written into the live cgroup; the tmpfs sizes that follow from memory
+        (:func:`tmpfs_sizes`) are changed by remounting them inside the sandbox's mount namespace; the
+        rlimits that follow from ``pids`` and ``max_file_mb`` (:func:`rlimits`) are lowered by the agent on
+        every process already there (itself and the kernel), so all they start inherits them; ``env``
+        is what every later process gets (a process already running is the caller's to update). Raises
+        :class:`~kernelhub.errors.SandboxError` if any of it cannot be done (:meth:`can_retune` false, or the
+        kernel refusing a value, e.g. a memory limit below what the sandbox already uses): the sandbox is
+        then half-changed and the caller stops it."""
+        if not self.can_retune(limits) or self.cgroup is None or self.spec is None:
+            raise SandboxError(f"Sandbox {self.id} cannot take these limits without a new workspace.")
+        old = self.limits
+        if (limits.memory_mb, limits.cpu, limits.pids) != (old.memory_mb, old.cpu, old.pids):
+            self.cgroup.apply(limits)
+        if limits.memory_mb != old.memory_mb:
+            await self._resize_tmpfs(tmpfs_sizes(limits))
+        if rlimits(limits) != rlimits(old):
+            await self._lower_rlimits(rlimits(limits))
+        if self.cpu_weight != CPU_WEIGHT_DEFAULT:
+            self.cgroup.set_cpu_weight(CPU_WEIGHT_DEFAULT)
+            self.cpu_weight = CPU_WEIGHT_DEFAULT
+        sizes = tmpfs_sizes(limits)
+        self.limits, self.env = limits, dict(env)
+        self.spec = dataclasses.replace(self.spec, env=self.env, tmp_size_bytes=sizes["/tmp"],
+                                        shm_size_bytes=sizes["/dev/shm"], home_size_bytes=sizes[bwrap.INNER_HOME])
+
+    async def _resize_tmpfs(self, sizes: Mapping[str, int]) -> None:
+        # Root may remount the sandbox's mounts from its mount namespace (entered through bubblewrap's pid 1);
+        # a remount resets the per-mount flags it does not name, so nosuid and nodev are named again.
+        inner = self._init_pid()
+        if inner is None:
+            raise SandboxError(f"Sandbox {self.id} has no process to reach its mounts through.")
+        script = " && ".join(f"mount -o remount,nosuid,nodev,size={int(size)} {path}"
+                             for path, size in sizes.items())
+        code, out = await run_tool("nsenter", f"--target={inner}", "--mount", "--", "/bin/sh", "-c", script)
+        if code != 0:
+            raise SandboxError(f"Could not resize the tmpfs mounts of sandbox {self.id}: {out or code}.")
+
+    async def _lower_rlimits(self, values: Mapping[str, int]) -> None:
+        # Through the agent: a process of the sandbox's own uid may lower its fellows' limits without privilege.
+        agent = self._channel()
+        req = agent.next_id()
+        reply = await agent.request({"op": "rlimits", "id": req, "limits": dict(values)},
+                                    timeout=self.factory.start_timeout)
+        if reply.get("op") != "done":
+            raise SandboxError(f"Could not lower the rlimits of sandbox {self.id}: {str(reply.get('message'))[:200]}")
+
+    def _init_pid(self) -> int | None:
+        """Host pid of bubblewrap's pid 1 (the launcher's one child), or None once it is gone."""
+        launcher = self._launcher
+        if launcher is None or launcher.returncode is not None:
+            return None
+        try:
+            with open(f"/proc/{launcher.pid}/task/{launcher.pid}/children") as f:
+                children = f.read().split()
+        except OSError:
+            return None
+        return int(children[0]) if len(children) == 1 else None
 
     # -- state ------------------------------------------------------------------------------------------
 

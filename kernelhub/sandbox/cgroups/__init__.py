@@ -36,7 +36,7 @@ from __future__ import annotations
 from .base import KILL_TIMEOUT_S, Cgroup, CgroupMetrics
 from .detect import CGROUP2_SUPER_MAGIC, CGROUP_SUPER_MAGIC, detect_version, fs_magic, probe
 from .layout import DEFAULT_PARENT, DEFAULT_ROOT
-from .lifecycle import cleanup_stale, create_cgroup, open_cgroup
+from .lifecycle import cleanup_stale, create_cgroup, open_cgroup, parent_memory_headroom
 from .parsing import (
     CPU_PERIOD_US,
     CPU_WEIGHT_DEFAULT,
@@ -78,6 +78,7 @@ __all__ = [
     "detect_version",
     "fs_magic",
     "open_cgroup",
+    "parent_memory_headroom",
     "parse_keyed",
     "parse_limit",
     "parse_pids",
