@@ -17,9 +17,10 @@ What the pool serves, and what takes the cold path instead:
   the gateway-side limits (timeouts, lifetime, output), tenant, metadata, and ``env`` whose variables a running
   kernel can take (set in the kernel before any of the user's code runs, and in every later process);
 - cold: another ``disk_mb`` or ``files`` (the workspace's ext4 image is made with them), another kernel
-  language (the Jupyter API's TypeScript on the node template), and ``env`` naming a variable that a kernel
+  language (the Jupyter API's TypeScript on the node template), ``env`` naming a variable that a kernel
   reads only while it starts (:data:`STARTUP_ONLY_ENV`: ``PYTHON*``, ``LANG``, ``LC_*``, ``HOME``, ``TZ``,
-  ``NODE_*``, …), which no later assignment could make true.
+  ``NODE_*``, …), which no later assignment could make true, and any ``env`` for a kernel that would count
+  the request that sets it (node: :data:`SILENT_ENV_LANGUAGES`).
 
 Refilling runs in the background, at most :attr:`Pool.max_starting` sandboxes at a time, each at a CPU weight
 of :attr:`Pool.cpu_weight` (a tenth of a live sandbox's by default) until it is handed out, so that a burst of
@@ -67,6 +68,10 @@ STARTUP_ONLY_ENV = re.compile(
     r"^(PYTHON\w*|IPYTHON\w*|JUPYTER\w*|JPY_\w*|LANG|LANGUAGE|LC_\w+|HOME|TZ|TMPDIR|MALLOC_\w+|GLIBC_TUNABLES"
     r"|NODE_\w+|TS_NODE_\w+|BASH_ENV|ENV)$"
 )
+#: Languages whose kernels leave no trace of a silent request (ipykernel and bash_kernel count only requests
+#: that are not silent): the environment a request adds is set in their pooled kernel that way. tslab counts
+#: silent requests too, so a node request that adds variables takes the cold path.
+SILENT_ENV_LANGUAGES = frozenset({"python", "bash"})
 #: Seconds between the refill loop's looks at the pool when nothing woke it (a hand-out or a finished start
 #: wakes it at once; this catches memory coming back and retry times passing).
 CHECK_INTERVAL_S = 1.0
@@ -93,6 +98,8 @@ class _Slot:
     limits: Limits
     ready: collections.deque[Pooled] = dataclasses.field(default_factory=collections.deque)
     starting: int = 0
+    #: Sandboxes handed out since the gateway started (a counter for the metrics).
+    handed_out: int = 0
     failures: int = 0
     retry_at: float = 0.0
 
@@ -163,9 +170,11 @@ class Pool(LoggingConfigurable):
     # -- state ------------------------------------------------------------------------------------------
 
     def state(self) -> dict[str, dict[str, int]]:
-        """``{template: {"ready": n, "starting": m, "size": k}}`` for every template (size 0 where it has no
-        pool). Read by ``GET /v1/templates`` and the gateway's metrics."""
-        return {name: {"ready": len(slot.ready), "starting": slot.starting, "size": slot.size}
+        """``{template: {"ready": n, "starting": m, "size": k, "handed_out": total}}`` for every template
+        (size 0 where it has no pool): sandboxes ready now, starting now, the configured size, and how many
+        were handed out since the gateway started. Read by ``GET /v1/templates`` and the gateway's metrics."""
+        return {name: {"ready": len(slot.ready), "starting": slot.starting, "size": slot.size,
+                       "handed_out": slot.handed_out}
                 for name, slot in self._slots.items()}
 
     def list_templates(self) -> list[dict[str, Any]]:
@@ -214,7 +223,7 @@ class Pool(LoggingConfigurable):
             return None
         # What the pooled kernel was started without (a request adds to the template's env, never removes).
         missing = {k: v for k, v in env.items() if template.env.get(k) != v}
-        if any(STARTUP_ONLY_ENV.match(name) for name in missing):
+        if missing and (language not in SILENT_ENV_LANGUAGES or any(STARTUP_ONLY_ENV.match(k) for k in missing)):
             return None
         while slot.ready:
             pooled = slot.ready.popleft()
@@ -232,6 +241,7 @@ class Pool(LoggingConfigurable):
                                  pooled.sandbox.id, exc)
                 self._spawn(self._discard(pooled.sandbox, pooled.session, "failed"))
                 return None
+            slot.handed_out += 1
             return pooled
         return None
 
