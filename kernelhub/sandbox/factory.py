@@ -30,8 +30,10 @@ from .workspace import Workspace
 
 __all__ = ["AGENT_FILES", "SandboxFactory"]
 
-#: Files bound read-only at /opt/kernelhub-agent in every sandbox.
-AGENT_FILES = (Path(__file__).with_name("agent.py"), Path(__file__).with_name("tslab_ipc.js"))
+#: Files bound read-only at /opt/kernelhub-agent in every sandbox: the agent, and what kernelspecs start kernels
+#: with.
+AGENT_FILES = (Path(__file__).with_name("agent.py"), Path(__file__).with_name("tslab_ipc.js"),
+               Path(__file__).with_name("ipykernel_launch.py"))
 
 
 def _mem_available(meminfo: str = "/proc/meminfo") -> int:
