@@ -1,0 +1,453 @@
+"""The warm pool against its peers, all in one run: kernelhub, the Jupyter Kernel Gateway and bare jupyter_client.
+
+Peers: the Jupyter Kernel Gateway (``pip install -e '.[bench]'``) serving the gateway venv's own ipykernel, and
+jupyter_client starting that same ipykernel directly (no gateway, no sandbox: the floor). Figures, each printed
+beside its peers with the ratio:
+
+1. create -> first stdout of ``print(1)``, sequential, p50 and p95: kernelhub ``POST /v1/sandboxes`` then an
+   NDJSON execute, with the default pool warm before each create (the pool is what is measured); the Kernel
+   Gateway ``POST /api/kernels`` then an execute on its websocket; bare ``start_kernel`` then execute;
+2. 20 creates at once, each then printing (kernelhub with ``--pool-size 20``, warm): the time until all 20 have
+   printed, for each of the three;
+3. the websocket execute round trip of ``x = 1`` on a warm sandbox (``/v1/sandboxes/{id}/stream``, until the
+   ``end`` event), idle and while the pool refills after a burst, against the bare floor (jupyter_client
+   ``execute`` until both the reply and the kernel's idle status);
+4. 20 sandboxes executing ``x = 1`` back to back over their websockets for a few seconds, executions per second
+   in all, against 20 bare ipykernels driven by jupyter_client in the same way;
+5. PSS (``/proc/PID/smaps_rollup``) of an idle python sandbox (every process in its cgroup) against a bare
+   ipykernel.
+
+The machine's load (``/proc/loadavg``) is printed at the start and the end: run it when the machine is quiet.
+Run as root: ``.venv/bin/python benchmarks/pool.py [--runs 15] [--seconds 5]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import http.client
+import json
+import os
+import queue
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.manager import AsyncKernelManager
+from websockets.asyncio.client import connect as ws_connect
+from websockets.sync.client import connect as ws_connect_sync
+
+from kernelhub.testing import Gateway, free_port
+
+KG_TOKEN = "kg-bench-token"
+
+
+# -- helpers -----------------------------------------------------------------------------------------------
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:8.1f} ms"
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def pss(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/smaps_rollup") as f:
+            total += sum(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+    return total
+
+
+def execute_msg(code: str, session: str) -> dict[str, Any]:
+    """A Jupyter execute_request as the Kernel Gateway's websocket takes it (legacy JSON framing)."""
+    return {"header": {"msg_id": uuid.uuid4().hex, "username": "bench", "session": session,
+                       "msg_type": "execute_request", "version": "5.3",
+                       "date": datetime.datetime.now(datetime.UTC).isoformat()},
+            "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+            "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+                        "allow_stdin": False, "stop_on_error": True}}
+
+
+# -- kernelhub ---------------------------------------------------------------------------------------------
+
+class Kernelhub:
+    """A kernelhub gateway (``kernelhub.testing.Gateway``) and the calls the figures make on it."""
+
+    def __init__(self, *args: str) -> None:
+        self.gw = Gateway(extra_args=list(args))
+        self.auth = {"Authorization": f"Bearer {self.gw.token}", "Content-Type": "application/json"}
+
+    def pool(self) -> dict[str, int]:
+        _, body = self.gw.request("GET", "/v1/templates")
+        return next(t["pool"] for t in body["templates"] if t["name"] == "python")
+
+    def wait_warm(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while (state := self.pool())["ready"] < state["size"]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the pool did not fill: {state}")
+            time.sleep(0.05)
+
+    def create_and_print(self) -> tuple[str, float]:
+        """POST /v1/sandboxes, then print(1) over NDJSON: (sandbox id, seconds to the first stdout)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.gw.port, timeout=120)
+        t0 = time.perf_counter()
+        conn.request("POST", "/v1/sandboxes", json.dumps({"template": "python"}), self.auth)
+        resp = conn.getresponse()
+        sandbox = json.loads(resp.read())
+        assert resp.status == 201, sandbox
+        conn.request("POST", f"/v1/sandboxes/{sandbox['id']}/execute", json.dumps({"code": "print(1)"}),
+                     {**self.auth, "Accept": "application/x-ndjson"})
+        resp = conn.getresponse()
+        while json.loads(resp.readline())["type"] != "stdout":
+            pass
+        elapsed = time.perf_counter() - t0
+        resp.read()
+        conn.close()
+        return sandbox["id"], elapsed
+
+    def delete(self, sandbox_id: str) -> None:
+        self.gw.request("DELETE", f"/v1/sandboxes/{sandbox_id}")
+
+    def stream_url(self, sandbox_id: str) -> str:
+        return f"ws://127.0.0.1:{self.gw.port}/v1/sandboxes/{sandbox_id}/stream?token={self.gw.token}"
+
+    def sandbox_pids(self, sandbox_id: str) -> list[int]:
+        with open(f"/sys/fs/cgroup/pids/kernelhub/{sandbox_id}/cgroup.procs") as f:
+            return [int(x) for x in f.read().split()]
+
+    def stop(self) -> None:
+        self.gw.stop()
+
+
+async def kh_round_trips(url: str, count: int) -> list[float]:
+    times = []
+    async with ws_connect(url, max_size=None) as ws:
+        for i in range(count):
+            t0 = time.perf_counter()
+            await ws.send(json.dumps({"type": "execute", "code": "x = 1", "request_id": str(i)}))
+            while json.loads(await ws.recv())["type"] != "end":
+                pass
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+async def kh_loop(url: str, stop_at: float) -> int:
+    done = 0
+    async with ws_connect(url, max_size=None) as ws:
+        while time.perf_counter() < stop_at:
+            await ws.send(json.dumps({"type": "execute", "code": "x = 1"}))
+            while json.loads(await ws.recv())["type"] != "end":
+                pass
+            done += 1
+    return done
+
+
+# -- the Jupyter Kernel Gateway ----------------------------------------------------------------------------
+
+class KernelGateway:
+    """``jupyter kernelgateway`` on a free port, serving the venv's own python3 kernelspec."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kernel_gateway", "--KernelGatewayApp.ip=127.0.0.1",
+             f"--KernelGatewayApp.port={self.port}", f"--KernelGatewayApp.auth_token={KG_TOKEN}",
+             "--KernelGatewayApp.log_level=ERROR"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self._request("GET", "/api")
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("the Kernel Gateway did not start") from None
+                time.sleep(0.1)
+
+    def _request(self, method: str, path: str, body: Any = None) -> Any:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method,
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Authorization": f"token {KG_TOKEN}"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            payload = resp.read()
+        return json.loads(payload) if payload else None
+
+    def create_and_print(self) -> tuple[str, float]:
+        t0 = time.perf_counter()
+        kernel = self._request("POST", "/api/kernels", {"name": "python3"})
+        url = f"ws://127.0.0.1:{self.port}/api/kernels/{kernel['id']}/channels?token={KG_TOKEN}"
+        with ws_connect_sync(url, max_size=None) as ws:
+            ws.send(json.dumps(execute_msg("print(1)", uuid.uuid4().hex)))
+            while True:
+                msg = json.loads(ws.recv())
+                if msg.get("msg_type") == "stream" or msg.get("header", {}).get("msg_type") == "stream":
+                    return kernel["id"], time.perf_counter() - t0
+
+    def delete(self, kernel_id: str) -> None:
+        self._request("DELETE", f"/api/kernels/{kernel_id}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+# -- bare jupyter_client -----------------------------------------------------------------------------------
+
+async def bare_start() -> tuple[AsyncKernelManager, AsyncKernelClient]:
+    km = AsyncKernelManager(kernel_name="python3")
+    await km.start_kernel(stderr=subprocess.DEVNULL)  # its "running over TCP" warning, each time
+    kc = km.client()
+    kc.start_channels()
+    # Usable at the first kernel_info_reply once iopub has joined (KERNELS.md), as the gateways wait.
+    while True:
+        try:
+            await kc.kernel_info(reply=True, timeout=0.5)
+            await kc.get_iopub_msg(timeout=0.2)
+            return km, kc
+        except (TimeoutError, queue.Empty):
+            continue
+
+
+async def bare_stop(km: AsyncKernelManager, kc: AsyncKernelClient) -> None:
+    kc.stop_channels()
+    await km.shutdown_kernel(now=True)
+
+
+async def bare_create_and_print() -> float:
+    t0 = time.perf_counter()
+    km, kc = await bare_start()
+    try:
+        kc.execute("print(1)")
+        while (await kc.get_iopub_msg(timeout=30))["msg_type"] != "stream":
+            pass
+        return time.perf_counter() - t0
+    finally:
+        await bare_stop(km, kc)
+
+
+async def bare_execute(kc: AsyncKernelClient, code: str) -> None:
+    """Until both the execute_reply and the idle status of the request (what kernelhub's ``end`` waits for):
+    ipykernel sends the reply, then idle, so each channel is awaited in turn, without polling."""
+    msg_id = kc.execute(code)
+    while (await kc.get_shell_msg(timeout=30))["parent_header"].get("msg_id") != msg_id:
+        pass
+    while True:
+        msg = await kc.get_iopub_msg(timeout=30)
+        if (msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "status"
+                and msg["content"]["execution_state"] == "idle"):
+            return
+
+
+async def bare_round_trips(kc: AsyncKernelClient, count: int) -> list[float]:
+    times = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        await bare_execute(kc, "x = 1")
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+async def bare_loop(kc: AsyncKernelClient, stop_at: float) -> int:
+    done = 0
+    while time.perf_counter() < stop_at:
+        await bare_execute(kc, "x = 1")
+        done += 1
+    return done
+
+
+# -- figures -----------------------------------------------------------------------------------------------
+
+def report(title: str, rows: list[tuple[str, float]], fmt: Callable[[float], str] = ms) -> None:
+    print(title)
+    base = rows[0][1]
+    for name, value in rows:
+        ratio = f"  ({value / base:5.2f}x kernelhub)" if name != rows[0][0] and base else ""
+        print(f"  {name:<44} {fmt(value)}{ratio}")
+
+
+def in_threads(fn: Callable[[], Any], n: int) -> tuple[float, list[Any]]:
+    """Start ``fn`` in ``n`` threads at once; (seconds until the last one returned, their results)."""
+    results: list[Any] = [None] * n
+    barrier = threading.Barrier(n + 1)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = fn()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0, results
+
+
+@contextlib.contextmanager
+def section(name: str) -> Iterator[None]:
+    print(f"[{time.strftime('%H:%M:%S')}] {name} (load {loadavg()})", file=sys.stderr, flush=True)
+    yield
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=15, help="sequential creates of each kind (default 15)")
+    parser.add_argument("--trips", type=int, default=200, help="round trips per figure (default 200)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of the throughput run (default 5)")
+    parser.add_argument("--burst", type=int, default=20, help="creates at once (default 20)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("pool.py: run as root (sandboxes need a uid of their own, cgroups and loop devices)")
+    print(f"load at start: {loadavg()}   ({os.cpu_count()} CPUs)")
+    kg = KernelGateway()
+    kh = Kernelhub()
+    try:
+        # 1. sequential create -> first stdout
+        with section("sequential creates"):
+            kh.wait_warm()
+            kh.delete(kh.create_and_print()[0])  # warm caches on every side
+            kg.delete(kg.create_and_print()[0])
+            asyncio.run(bare_create_and_print())
+            seq: dict[str, list[float]] = {"kernelhub": [], "kg": [], "bare": []}
+            for _ in range(args.runs):
+                kh.wait_warm()
+                sandbox_id, took = kh.create_and_print()
+                seq["kernelhub"].append(took)
+                kh.delete(sandbox_id)
+                kernel_id, took = kg.create_and_print()
+                seq["kg"].append(took)
+                kg.delete(kernel_id)
+                seq["bare"].append(asyncio.run(bare_create_and_print()))
+        for q, label in ((0.5, "p50"), (0.95, "p95")):
+            report(f"create -> first stdout of print(1), sequential, {label} of {args.runs} "
+                   f"(kernelhub: default pool, warm):",
+                   [("kernelhub (REST create + NDJSON execute)", pct(seq["kernelhub"], q)),
+                    ("Jupyter Kernel Gateway (REST + websocket)", pct(seq["kg"], q)),
+                    ("bare jupyter_client (start_kernel)", pct(seq["bare"], q))])
+
+        # 3. websocket round trip, idle and while the pool refills; 5. PSS
+        with section("round trips and memory"):
+            kh.wait_warm()
+            sandbox_id, _ = kh.create_and_print()
+            url = kh.stream_url(sandbox_id)
+            asyncio.run(kh_round_trips(url, 20))
+            idle_trips = asyncio.run(kh_round_trips(url, args.trips))
+
+            async def bare_side() -> tuple[list[float], int]:
+                km, kc = await bare_start()
+                try:
+                    await bare_round_trips(kc, 20)
+                    trips = await bare_round_trips(kc, args.trips)
+                    await asyncio.sleep(2)
+                    return trips, pss([km.provisioner.process.pid])  # type: ignore[union-attr]
+                finally:
+                    await bare_stop(km, kc)
+
+            bare_trips, bare_pss = asyncio.run(bare_side())
+            kh.wait_warm()
+            # A burst that empties the pool, then round trips while it refills.
+            burst = [kh.create_and_print()[0] for _ in range(kh.pool()["size"])]
+            refill_trips: list[float] = []
+            while kh.pool()["starting"] or kh.pool()["ready"] < kh.pool()["size"]:
+                refill_trips += asyncio.run(kh_round_trips(url, 20))
+            for other in burst:
+                kh.delete(other)
+            time.sleep(2)
+            sandbox_pss = pss(kh.sandbox_pids(sandbox_id))
+            kh.delete(sandbox_id)
+        floor = statistics.median(bare_trips)
+        print(f"websocket execute round trip of x = 1 (median of {args.trips}; ratio to the bare floor):")
+        print(f"  bare jupyter_client (reply + idle)            {ms(floor)}")
+        print(f"  kernelhub /stream, idle                       {ms(statistics.median(idle_trips))}  "
+              f"({statistics.median(idle_trips) / floor:5.2f}x floor)")
+        if refill_trips:
+            print(f"  kernelhub /stream, while the pool refills     {ms(statistics.median(refill_trips))}  "
+                  f"({statistics.median(refill_trips) / floor:5.2f}x floor, {len(refill_trips)} trips)")
+        print("PSS of an idle python kernel with everything around it:")
+        print(f"  kernelhub sandbox (bwrap, agent, kernel)      {sandbox_pss / 2**20:8.1f} MiB  "
+              f"({sandbox_pss / bare_pss:5.2f}x bare)")
+        print(f"  bare ipykernel                                {bare_pss / 2**20:8.1f} MiB")
+
+        # 4. throughput of 20 sandboxes against 20 bare kernels
+        with section("throughput"):
+            ids = [kh.create_and_print()[0] for _ in range(args.burst)]
+
+            async def kh_throughput() -> int:
+                stop_at = time.perf_counter() + args.seconds
+                return sum(await asyncio.gather(*(kh_loop(kh.stream_url(i), stop_at) for i in ids)))
+
+            kh_done = asyncio.run(kh_throughput())
+            for sandbox_id in ids:
+                kh.delete(sandbox_id)
+
+            async def bare_throughput() -> int:
+                kernels = await asyncio.gather(*(bare_start() for _ in range(args.burst)))
+                try:
+                    stop_at = time.perf_counter() + args.seconds
+                    return sum(await asyncio.gather(*(bare_loop(kc, stop_at) for _, kc in kernels)))
+                finally:
+                    await asyncio.gather(*(bare_stop(km, kc) for km, kc in kernels))
+
+            bare_done = asyncio.run(bare_throughput())
+        print(f"{args.burst} kernels executing x = 1 back to back for {args.seconds:g} s, executions per second:")
+        print(f"  kernelhub (websockets)                        {kh_done / args.seconds:8.1f}/s  "
+              f"({kh_done / bare_done:5.2f}x bare)")
+        print(f"  bare jupyter_client                           {bare_done / args.seconds:8.1f}/s")
+    finally:
+        kh.stop()
+
+    # 2. a burst of creates with a pool of that size
+    kh20 = Kernelhub("--pool-size", str(args.burst))
+    try:
+        with section(f"{args.burst} creates at once"):
+            kh20.wait_warm()
+            kh_all, kh_made = in_threads(kh20.create_and_print, args.burst)
+            for sandbox_id, _ in kh_made:
+                kh20.delete(sandbox_id)
+            kg_all, kg_made = in_threads(kg.create_and_print, args.burst)
+            for kernel_id, _ in kg_made:
+                kg.delete(kernel_id)
+
+            async def bare_burst() -> float:
+                t0 = time.perf_counter()
+                await asyncio.gather(*(bare_create_and_print() for _ in range(args.burst)))
+                return time.perf_counter() - t0
+
+            bare_all = asyncio.run(bare_burst())
+        report(f"{args.burst} creates at once, each then printing: until the last has printed "
+               f"(kernelhub: --pool-size {args.burst}, warm):",
+               [("kernelhub", kh_all), ("Jupyter Kernel Gateway", kg_all), ("bare jupyter_client", bare_all)])
+        print(f"  kernelhub slowest single create -> print       {ms(max(t for _, t in kh_made))}")
+    finally:
+        kh20.stop()
+        kg.stop()
+    print(f"load at end: {loadavg()}")
+
+
+if __name__ == "__main__":
+    main()
