@@ -236,10 +236,13 @@ class Pool(LoggingConfigurable):
             try:
                 await pooled.sandbox.retune(limits, env)
                 await pooled.session.hand_over(missing)
-            except Exception as exc:  # noqa: BLE001 - whatever failed, the cold path still serves the request
+            except BaseException as exc:
+                # Half made into the request's: it can never be handed out, nor put back.
+                self._spawn(self._discard(pooled.sandbox, pooled.session, "failed"))
+                if not isinstance(exc, Exception):
+                    raise  # the create was cancelled
                 self.log.warning("pooled sandbox %s could not be handed out (%s); creating one instead",
                                  pooled.sandbox.id, exc)
-                self._spawn(self._discard(pooled.sandbox, pooled.session, "failed"))
                 return None
             slot.handed_out += 1
             return pooled
