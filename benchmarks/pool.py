@@ -31,7 +31,6 @@ import http.client
 import json
 import os
 import queue
-import signal
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,7 @@ from jupyter_client.manager import AsyncKernelManager
 from websockets.asyncio.client import connect as ws_connect
 from websockets.sync.client import connect as ws_connect_sync
 
-from kernelhub.testing import Gateway, free_port
+from kernelhub.testing import Gateway, free_port, terminate
 
 KG_TOKEN = "kg-bench-token"
 
@@ -206,13 +205,7 @@ class KernelGateway:
         self._request("DELETE", f"/api/kernels/{kernel_id}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        terminate(self.proc, 30)
 
 
 # -- bare jupyter_client -----------------------------------------------------------------------------------

@@ -49,6 +49,18 @@ def make_state_dir() -> str:
     return path
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """SIGTERM a server started with ``start_new_session=True`` and wait for it; SIGKILL its whole process group
+    if it does not end within ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 class Gateway:
     """A running ``kernelhub serve``; ``request`` is a tiny JSON client for tests."""
 
@@ -120,13 +132,7 @@ class Gateway:
         self._log.close()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        terminate(self.proc)
         self._log.close()
         # The gateway stopped its sandboxes; remove its state dir unless something is still mounted there (then
         # it is left for `kernelhub serve` to reap at its next start, never deleted from under a mount).
