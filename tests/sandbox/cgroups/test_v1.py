@@ -18,6 +18,7 @@ from kernelhub.sandbox.cgroups import (
     cleanup_stale,
     create_cgroup,
     open_cgroup,
+    parent_memory_headroom,
     v1_memory_write_order,
 )
 from kernelhub.sandbox.limits import Limits
@@ -294,3 +295,19 @@ def test_v1_cleanup_stale_removes_only_dead_groups(groups: Groups) -> None:
     assert proc.wait(timeout=10) == -signal.SIGKILL
     assert alive.exists() and not stale_busy.exists() and not stale_idle.exists()
     assert asyncio.run(cleanup_stale({alive.name}, parent=parent)) == []
+
+
+@real
+def test_v1_parent_memory_headroom_is_the_limit_of_the_folder_less_its_use(groups: Groups) -> None:
+    # The pool reads this before each refill: an operator who caps kernelhub's folder caps the pool too.
+    parent = f"kernelhub/{unique('headroom')}"
+    group = groups.create(Limits(memory_mb=256), parent=parent)
+    folder = os.path.dirname(v1_dir("memory", group))
+    groups.folders.update(os.path.dirname(path) for path in group.paths)
+    assert parent_memory_headroom(parent=parent) is None  # no limit of its own yet
+    with open(f"{folder}/memory.limit_in_bytes", "w") as f:
+        f.write(str(512 * MiB))
+    groups.spawn(group, [sys.executable, "-c", "import time; x = bytearray(64 * 2**20); time.sleep(1000)"])
+    wait_until(lambda: int(read(f"{folder}/memory.usage_in_bytes")) > 64 * MiB)
+    headroom = parent_memory_headroom(parent=parent)
+    assert headroom is not None and 384 * MiB < headroom < 448 * MiB, headroom

@@ -14,7 +14,9 @@ from kernelhub.sandbox.cgroups import (
     UNLIMITED,
     CgroupV2,
     create_cgroup,
+    lifecycle,
     open_cgroup,
+    parent_memory_headroom,
 )
 from kernelhub.sandbox.limits import Limits
 from tests.sandbox.cgroups.support import (
@@ -122,3 +124,22 @@ def test_v2_cpu_weight_refused_by_the_kernel_is_a_sandbox_error(tmp_path: Path) 
     (tmp_path / "cpu.weight").mkdir()  # writing fails as a vanished group's would
     with pytest.raises(SandboxError, match="CPU weight"):
         group.set_cpu_weight(10)
+
+
+@real
+def test_v2_parent_memory_headroom_without_a_memory_controller_is_none() -> None:
+    assert parent_memory_headroom(root=V2_ROOT) is None
+
+
+def test_v2_parent_memory_headroom_under_a_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A v2 folder with the memory controller, over plain files (this machine's cgroup2 has no controllers).
+    monkeypatch.setattr(lifecycle, "resolve_version", lambda root, version: 2)
+    folder = tmp_path / "kernelhub"
+    folder.mkdir()
+    (folder / "memory.max").write_text(f"{1024 * 2**20}\n")
+    (folder / "memory.current").write_text(f"{100 * 2**20}\n")
+    assert parent_memory_headroom(root=str(tmp_path)) == 924 * 2**20
+    (folder / "memory.current").write_text(f"{2048 * 2**20}\n")  # over the limit: nothing left, not less
+    assert parent_memory_headroom(root=str(tmp_path)) == 0
+    (folder / "memory.max").write_text("max\n")
+    assert parent_memory_headroom(root=str(tmp_path)) is None
