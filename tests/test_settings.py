@@ -17,6 +17,7 @@ from kernelhub.app import KernelHubApp, ServeApp
 from kernelhub.cli import MainApp
 from kernelhub.sandbox.factory import SandboxFactory
 from kernelhub.services.hub import Hub
+from kernelhub.services.pool import Pool
 from kernelhub.settings import ConfigError, env_config, env_var, parse_text, trait_help
 
 #: Valid non-default values for options whose value the class checks beyond its type.
@@ -24,6 +25,7 @@ SAMPLES: dict[str, Any] = {
     "Hub.default_limits": {"memory_mb": 300},
     "Hub.max_limits": {"memory_mb": 2048},
     "Hub.extra_templates": {"tiny": {"language": "bash", "limits": {"memory_mb": 128}}},
+    "Pool.sizes": {"node": 1},
 }
 
 
@@ -84,6 +86,8 @@ def configured(app: KernelHubApp, cls: type[Configurable]) -> Configurable:
         return app
     if cls is Hub:
         return Hub(SandboxFactory(parent=app), parent=app)
+    if cls is Pool:
+        return Hub(SandboxFactory(parent=app), parent=app).pool
     return cls(parent=app)
 
 
