@@ -137,26 +137,24 @@ class Kernelhub:
         self.gw.stop()
 
 
-async def kh_round_trips(url: str, count: int) -> list[float]:
+async def kh_round_trips(ws: Any, count: int) -> list[float]:
     times = []
-    async with ws_connect(url, max_size=None) as ws:
-        for i in range(count):
-            t0 = time.perf_counter()
-            await ws.send(json.dumps({"type": "execute", "code": "x = 1", "request_id": str(i)}))
-            while json.loads(await ws.recv())["type"] != "end":
-                pass
-            times.append(time.perf_counter() - t0)
+    for i in range(count):
+        t0 = time.perf_counter()
+        await ws.send(json.dumps({"type": "execute", "code": "x = 1", "request_id": str(i)}))
+        while json.loads(await ws.recv())["type"] != "end":
+            pass
+        times.append(time.perf_counter() - t0)
     return times
 
 
-async def kh_loop(url: str, stop_at: float) -> int:
+async def kh_loop(ws: Any, stop_at: float) -> int:
     done = 0
-    async with ws_connect(url, max_size=None) as ws:
-        while time.perf_counter() < stop_at:
-            await ws.send(json.dumps({"type": "execute", "code": "x = 1"}))
-            while json.loads(await ws.recv())["type"] != "end":
-                pass
-            done += 1
+    while time.perf_counter() < stop_at:
+        await ws.send(json.dumps({"type": "execute", "code": "x = 1"}))
+        while json.loads(await ws.recv())["type"] != "end":
+            pass
+        done += 1
     return done
 
 
@@ -274,6 +272,76 @@ async def bare_loop(kc: AsyncKernelClient, stop_at: float) -> int:
 
 # -- figures -----------------------------------------------------------------------------------------------
 
+async def round_trip_figures(kh: Kernelhub, sandbox_id: str, count: int) -> dict[str, list[float]]:
+    """Round trips on a warm sandbox and a bare kernel, in alternating batches so that the machine's noise hits
+    both alike: first with the pool full, then while it refills after a burst of creates that emptied it."""
+    out: dict[str, list[float]] = {"kernelhub idle": [], "bare idle": [], "kernelhub refill": [], "bare refill": []}
+    km, kc = await bare_start()
+    try:
+        async with ws_connect(kh.stream_url(sandbox_id), max_size=None) as ws:
+            await kh_round_trips(ws, 20)
+            await bare_round_trips(kc, 20)
+            for _ in range(10):
+                out["kernelhub idle"] += await kh_round_trips(ws, count // 10)
+                out["bare idle"] += await bare_round_trips(kc, count // 10)
+            await asyncio.to_thread(kh.wait_warm)
+            burst = [(await asyncio.to_thread(kh.create_and_print))[0] for _ in range(kh.pool()["size"])]
+            while (state := await asyncio.to_thread(kh.pool))["starting"] or state["ready"] < state["size"]:
+                out["kernelhub refill"] += await kh_round_trips(ws, 10)
+                out["bare refill"] += await bare_round_trips(kc, 10)
+            for other in burst:
+                await asyncio.to_thread(kh.delete, other)
+    finally:
+        await bare_stop(km, kc)
+    return out
+
+
+async def throughput_figures(kh: Kernelhub, n: int, seconds: float) -> tuple[int, int]:
+    """Executions of ``x = 1`` done by ``n`` sandboxes (one websocket each) and by ``n`` bare kernels (one
+    jupyter_client each), all back to back, in two rounds of ``seconds`` each, alternating."""
+    ids = [(await asyncio.to_thread(kh.create_and_print))[0] for _ in range(n)]
+    kernels = await asyncio.gather(*(bare_start() for _ in range(n)))
+    done = {"kh": 0, "bare": 0}
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            sockets = [await stack.enter_async_context(ws_connect(kh.stream_url(i), max_size=None)) for i in ids]
+            for _ in range(2):
+                stop_at = time.perf_counter() + seconds
+                done["kh"] += sum(await asyncio.gather(*(kh_loop(ws, stop_at) for ws in sockets)))
+                stop_at = time.perf_counter() + seconds
+                done["bare"] += sum(await asyncio.gather(*(bare_loop(kc, stop_at) for _, kc in kernels)))
+    finally:
+        await asyncio.gather(*(bare_stop(km, kc) for km, kc in kernels))
+        for sandbox_id in ids:
+            await asyncio.to_thread(kh.delete, sandbox_id)
+    return done["kh"], done["bare"]
+
+
+def pss_figures(kh: Kernelhub, n: int = 3) -> tuple[float, float]:
+    """Median PSS of ``n`` idle python sandboxes (every process in the cgroup; nothing executed in them) and of
+    ``n`` bare ipykernels, each measured 2 s after it was ready."""
+    kh.wait_warm()
+    ids = []
+    for _ in range(n):
+        status, sandbox = kh.gw.request("POST", "/v1/sandboxes", {"template": "python"})
+        assert status == 201, sandbox
+        ids.append(sandbox["id"])
+    time.sleep(2)
+    sandboxes = [pss(kh.sandbox_pids(i)) for i in ids]
+    for sandbox_id in ids:
+        kh.delete(sandbox_id)
+
+    async def bare() -> list[int]:
+        kernels = [await bare_start() for _ in range(n)]
+        await asyncio.sleep(2)
+        sizes = [pss([km.provisioner.process.pid]) for km, _ in kernels]  # type: ignore[union-attr]
+        for km, kc in kernels:
+            await bare_stop(km, kc)
+        return sizes
+
+    return statistics.median(sandboxes), statistics.median(asyncio.run(bare()))
+
+
 def report(title: str, rows: list[tuple[str, float]], fmt: Callable[[float], str] = ms) -> None:
     print(title)
     base = rows[0][1]
@@ -344,70 +412,35 @@ def main() -> None:
                     ("bare jupyter_client (start_kernel)", pct(seq["bare"], q))])
 
         # 3. websocket round trip, idle and while the pool refills; 5. PSS
-        with section("round trips and memory"):
+        with section("round trips"):
             kh.wait_warm()
             sandbox_id, _ = kh.create_and_print()
-            url = kh.stream_url(sandbox_id)
-            asyncio.run(kh_round_trips(url, 20))
-            idle_trips = asyncio.run(kh_round_trips(url, args.trips))
-
-            async def bare_side() -> tuple[list[float], int]:
-                km, kc = await bare_start()
-                try:
-                    await bare_round_trips(kc, 20)
-                    trips = await bare_round_trips(kc, args.trips)
-                    await asyncio.sleep(2)
-                    return trips, pss([km.provisioner.process.pid])  # type: ignore[union-attr]
-                finally:
-                    await bare_stop(km, kc)
-
-            bare_trips, bare_pss = asyncio.run(bare_side())
-            kh.wait_warm()
-            # A burst that empties the pool, then round trips while it refills.
-            burst = [kh.create_and_print()[0] for _ in range(kh.pool()["size"])]
-            refill_trips: list[float] = []
-            while kh.pool()["starting"] or kh.pool()["ready"] < kh.pool()["size"]:
-                refill_trips += asyncio.run(kh_round_trips(url, 20))
-            for other in burst:
-                kh.delete(other)
-            time.sleep(2)
-            sandbox_pss = pss(kh.sandbox_pids(sandbox_id))
+            trips = asyncio.run(round_trip_figures(kh, sandbox_id, args.trips))
             kh.delete(sandbox_id)
-        floor = statistics.median(bare_trips)
-        print(f"websocket execute round trip of x = 1 (median of {args.trips}; ratio to the bare floor):")
-        print(f"  bare jupyter_client (reply + idle)            {ms(floor)}")
-        print(f"  kernelhub /stream, idle                       {ms(statistics.median(idle_trips))}  "
-              f"({statistics.median(idle_trips) / floor:5.2f}x floor)")
-        if refill_trips:
-            print(f"  kernelhub /stream, while the pool refills     {ms(statistics.median(refill_trips))}  "
-                  f"({statistics.median(refill_trips) / floor:5.2f}x floor, {len(refill_trips)} trips)")
-        print("PSS of an idle python kernel with everything around it:")
+        floor = statistics.median(trips["bare idle"])
+        print("websocket execute round trip of x = 1, median (kernelhub and bare interleaved in batches; "
+              "ratio to the bare floor):")
+        for name, label in (("bare idle", "bare jupyter_client, the floor (reply + idle)"),
+                            ("kernelhub idle", "kernelhub /stream"),
+                            ("bare refill", "bare jupyter_client, while kernelhub's pool refills"),
+                            ("kernelhub refill", "kernelhub /stream, while its pool refills")):
+            values = trips[name]
+            print(f"  {label:<52} {ms(statistics.median(values))}  ({statistics.median(values) / floor:5.2f}x "
+                  f"floor, {len(values)} trips)")
+
+        # 5. memory of an idle sandbox against a bare kernel
+        with section("memory"):
+            sandbox_pss, bare_pss = pss_figures(kh)
+        print("PSS of an idle python kernel with everything around it (median of 3, 2 s after it was ready):")
         print(f"  kernelhub sandbox (bwrap, agent, kernel)      {sandbox_pss / 2**20:8.1f} MiB  "
               f"({sandbox_pss / bare_pss:5.2f}x bare)")
         print(f"  bare ipykernel                                {bare_pss / 2**20:8.1f} MiB")
 
-        # 4. throughput of 20 sandboxes against 20 bare kernels
+        # 4. throughput of 20 sandboxes against 20 bare kernels, in two alternating rounds each
         with section("throughput"):
-            ids = [kh.create_and_print()[0] for _ in range(args.burst)]
-
-            async def kh_throughput() -> int:
-                stop_at = time.perf_counter() + args.seconds
-                return sum(await asyncio.gather(*(kh_loop(kh.stream_url(i), stop_at) for i in ids)))
-
-            kh_done = asyncio.run(kh_throughput())
-            for sandbox_id in ids:
-                kh.delete(sandbox_id)
-
-            async def bare_throughput() -> int:
-                kernels = await asyncio.gather(*(bare_start() for _ in range(args.burst)))
-                try:
-                    stop_at = time.perf_counter() + args.seconds
-                    return sum(await asyncio.gather(*(bare_loop(kc, stop_at) for _, kc in kernels)))
-                finally:
-                    await asyncio.gather(*(bare_stop(km, kc) for km, kc in kernels))
-
-            bare_done = asyncio.run(bare_throughput())
-        print(f"{args.burst} kernels executing x = 1 back to back for {args.seconds:g} s, executions per second:")
+            kh_done, bare_done = asyncio.run(throughput_figures(kh, args.burst, args.seconds / 2))
+        print(f"{args.burst} kernels executing x = 1 back to back for {args.seconds:g} s (two alternating rounds), "
+              "executions per second:")
         print(f"  kernelhub (websockets)                        {kh_done / args.seconds:8.1f}/s  "
               f"({kh_done / bare_done:5.2f}x bare)")
         print(f"  bare jupyter_client                           {bare_done / args.seconds:8.1f}/s")

@@ -85,8 +85,17 @@ class Pooled:
 
     sandbox: Sandbox
     session: JupyterSession
-    #: What the pool appended to ``sandbox.on_exit`` (removed at hand-out).
+    #: What the pool appended to ``sandbox.on_exit``, and the task that waits for the kernel to exit while the
+    #: sandbox waits in the pool (both undone at hand-out).
     on_exit: Any = None
+    watcher: asyncio.Task[None] | None = None
+
+    def release(self) -> None:
+        """Stop the pool's watching: called when the sandbox leaves the pool, handed out or discarded."""
+        with contextlib.suppress(ValueError):
+            self.sandbox.on_exit.remove(self.on_exit)
+        if self.watcher is not None and self.watcher is not asyncio.current_task():
+            self.watcher.cancel()
 
 
 @dataclasses.dataclass(eq=False)
@@ -204,6 +213,8 @@ class Pool(LoggingConfigurable):
         pooled = [p for slot in self._slots.values() for p in slot.ready]
         for slot in self._slots.values():
             slot.ready.clear()
+        for p in pooled:
+            p.release()
         await asyncio.gather(*self._tasks, *(self._discard(p.sandbox, p.session, "shutdown") for p in pooled),
                              return_exceptions=True)
 
@@ -228,8 +239,7 @@ class Pool(LoggingConfigurable):
         while slot.ready:
             pooled = slot.ready.popleft()
             self._wake.set()
-            with contextlib.suppress(ValueError):
-                pooled.sandbox.on_exit.remove(pooled.on_exit)
+            pooled.release()
             if pooled.sandbox.state != "running" or not await pooled.session.km.is_alive():
                 self._spawn(self._discard(pooled.sandbox, pooled.session, "failed"))
                 continue
@@ -315,14 +325,24 @@ class Pool(LoggingConfigurable):
             await self._discard(sandbox, session, "shutdown")
             return
 
-        def exited(_: Sandbox) -> None:
-            with contextlib.suppress(ValueError):
-                slot.ready.remove(pooled)
+        def exited(_: Sandbox | None = None) -> None:
+            """The sandbox or its kernel died while it waited: never hand it out; start another."""
+            if pooled not in slot.ready:
+                return  # already handed out or discarded
+            slot.ready.remove(pooled)
+            pooled.release()
             self._spawn(self._discard(sandbox, session, "failed"))
             self._wake.set()
 
+        async def watch(process: Any) -> None:
+            await process.wait()
+            exited()
+
         pooled.on_exit = exited
         sandbox.on_exit.append(exited)
+        process = getattr(session.km.provisioner, "process", None)
+        if process is not None:
+            pooled.watcher = self._spawn(watch(process))
         slot.ready.append(pooled)
         self._wake.set()
 

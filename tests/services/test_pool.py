@@ -8,8 +8,10 @@ create; the sandbox itself shows no trace of it), and a cold twin of the same re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -48,6 +50,9 @@ def pooled_gateway() -> Iterator[Gateway]:
         yield gw
     finally:
         gw.stop()
+    # Every sandbox stopped with the gateway, the pooled ones included (it removes the state directory only
+    # when nothing is mounted there any more).
+    assert not os.path.exists(gw.state_dir), os.listdir(os.path.join(gw.state_dir, "sandboxes"))
 
 
 def pool_state(gw: Gateway) -> dict[str, dict[str, int]]:
@@ -281,6 +286,43 @@ def test_the_pool_refills_after_a_burst(pooled_gateway: Gateway) -> None:
         assert len(waiting) >= 2
     finally:
         delete(gw, *(s["id"] for s in taken))
+
+
+def pooled_ids(gw: Gateway) -> set[str]:
+    """Sandboxes of the gateway that belong to no tenant: the pool's."""
+    owned = {s["id"] for token in (gw.token, gw.other_token)
+             for s in gw.request("GET", "/v1/sandboxes", token=token)[1]["sandboxes"]}
+    return set(os.listdir(os.path.join(gw.state_dir, "sandboxes"))) - owned
+
+
+def test_a_pooled_sandbox_whose_kernel_died_is_never_handed_out(pooled_gateway: Gateway) -> None:
+    gw = pooled_gateway
+    for template in SIZES:
+        wait_ready(gw, template)
+    killed = 0
+    before_ids = set()
+    for sandbox_id in pooled_ids(gw):
+        with open(f"/sys/fs/cgroup/pids/kernelhub/{sandbox_id}/cgroup.procs") as f:
+            pids = f.read().split()
+        for pid in pids:
+            with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"ipykernel_launch.py" in f.read():
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed += 1
+                    before_ids.add(sandbox_id)
+    assert killed == SIZES["python"]
+    # The pool sees its kernels die, drops those sandboxes and starts others.
+    deadline = time.monotonic() + 60
+    while pooled_ids(gw) & before_ids:
+        assert time.monotonic() < deadline, gw.log()
+        time.sleep(0.05)
+    sandbox = create(gw, {})
+    try:
+        assert sandbox["id"] not in before_ids
+        assert execute(gw, sandbox["id"], "print(6 * 7)")["stdout"] == "42\n"
+        assert "restarted" not in " ".join(gw.request("GET", f"/v1/sandboxes/{sandbox['id']}/logs")[1]["lines"])
+    finally:
+        delete(gw, sandbox["id"])
 
 
 def test_pool_size_zero_and_memory_pressure_keep_the_pool_empty() -> None:
