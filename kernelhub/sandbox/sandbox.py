@@ -412,15 +412,16 @@ class Sandbox:
         if not self.can_retune(limits) or self.cgroup is None or self.spec is None:
             raise SandboxError(f"Sandbox {self.id} cannot take these limits without a new workspace.")
         old = self.limits
+        if self.cpu_weight != CPU_WEIGHT_DEFAULT:
+            # First: the agent, which lowers the rlimits below, must not wait for CPU behind live sandboxes.
+            self.cgroup.set_cpu_weight(CPU_WEIGHT_DEFAULT)
+            self.cpu_weight = CPU_WEIGHT_DEFAULT
         if (limits.memory_mb, limits.cpu, limits.pids) != (old.memory_mb, old.cpu, old.pids):
             self.cgroup.apply(limits)
         if limits.memory_mb != old.memory_mb:
             await self._resize_tmpfs(tmpfs_sizes(limits))
         if rlimits(limits) != rlimits(old):
             await self._lower_rlimits(rlimits(limits))
-        if self.cpu_weight != CPU_WEIGHT_DEFAULT:
-            self.cgroup.set_cpu_weight(CPU_WEIGHT_DEFAULT)
-            self.cpu_weight = CPU_WEIGHT_DEFAULT
         sizes = tmpfs_sizes(limits)
         self.limits, self.env = limits, dict(env)
         self.spec = dataclasses.replace(self.spec, env=self.env, tmp_size_bytes=sizes["/tmp"],
