@@ -14,10 +14,16 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from traitlets.config import Config
 
+from kernelhub.sandbox.factory import SandboxFactory
+from kernelhub.services.hub import Hub
+from kernelhub.services.pool import STARTUP_ONLY_ENV
+from kernelhub.settings import ConfigError
 from kernelhub.testing import Gateway
 
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups, pytest.mark.slow]
@@ -41,6 +47,29 @@ print(json.dumps({
 """
 SHELL_PROBE = ("echo $FOO; hostname; ulimit -u -f -n; df --output=size -B1 /tmp /dev/shm /home/user | tail -n +2; "
                "ls -A /tmp /home/user /workspace; id -u")
+
+
+@pytest.mark.parametrize("name", ["PYTHONPATH", "PYTHONHASHSEED", "LANG", "LC_ALL", "LC_CTYPE", "HOME", "TZ",
+                                  "TMPDIR", "MALLOC_ARENA_MAX", "NODE_OPTIONS", "NODE_PATH", "BASH_ENV",
+                                  "JUPYTER_PATH", "IPYTHONDIR"])
+def test_variables_read_only_at_start_are_known(name: str) -> None:
+    assert STARTUP_ONLY_ENV.match(name)
+
+
+@pytest.mark.parametrize("name", ["FOO", "PATH", "MPLBACKEND", "OPENAI_API_KEY", "MY_PYTHONPATH", "LANGUAGE_MODEL",
+                                  "HOMEPAGE", "MY_TZ", "NODE"])
+def test_other_variables_are_handed_to_a_running_kernel(name: str) -> None:
+    assert not STARTUP_ONLY_ENV.match(name)
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"sizes": {"nope": 1}}, "Pool.sizes names unknown template 'nope'"),
+    ({"cpu_weight": 0}, "Pool.cpu_weight: a CPU weight is a whole number from 1 to 10000"),
+])
+def test_a_pool_configured_wrong_is_refused_by_name(config: dict[str, Any], message: str,
+                                                    tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Hub(SandboxFactory(state_dir=str(tmp_path)), config=Config({"Pool": config}))
 
 
 @pytest.fixture(scope="module")
