@@ -429,7 +429,9 @@ class Sandbox:
 
     async def _resize_tmpfs(self, sizes: Mapping[str, int]) -> None:
         # Root may remount the sandbox's mounts from its mount namespace (entered through bubblewrap's pid 1);
-        # a remount resets the per-mount flags it does not name, so nosuid and nodev are named again.
+        # a remount resets the per-mount flags it does not name, so nosuid and nodev are named again. sh and
+        # mount are found in the sandbox's view: its read-only /usr, the host's. Only pooled sandboxes are
+        # retuned, before anything of anyone ran in them, so nothing there can have been planted either.
         inner = self._init_pid()
         if inner is None:
             raise SandboxError(f"Sandbox {self.id} has no process to reach its mounts through.")
