@@ -11,11 +11,9 @@ process's stdio as file descriptors (``SCM_RIGHTS``), so the gateway owns pipes 
 
 Messages are JSON objects, one a packet.
 gateway -> agent: ``{"op": "spawn", "id", "argv", "env", "cwd", "pty"}`` with 3 fds (stdin, stdout, stderr)
-or 1 fd (a PTY slave, used for all three); ``{"op": "signal", "id", "signal", "group"}``; ``{"op": "rlimits",
-"id", "limits"}`` (lower the rlimits of every process in the sandbox: a pooled sandbox handed out).
-agent -> gateway: ``{"op": "ready"}`` once; ``{"op": "spawned", "id", "pid"}``; ``{"op": "done", "id"}`` (to
-``rlimits``); ``{"op": "failed", "id", "message"}``; ``{"op": "exit", "id", "status"}`` (negative: killed by
-that signal).
+or 1 fd (a PTY slave, used for all three); ``{"op": "signal", "id", "signal", "group"}``.
+agent -> gateway: ``{"op": "ready"}`` once; ``{"op": "spawned", "id", "pid"}``; ``{"op": "failed", "id",
+"message"}``; ``{"op": "exit", "id", "status"}`` (negative: killed by that signal).
 
 Standard library only: it runs on the kernels' runtime Python with ``-I -S``. Single-threaded, so forking is
 safe. The gateway closing its end makes the agent kill everything it started and exit.
@@ -36,25 +34,22 @@ MAX_PACKET = 1 << 20
 MAX_FDS = 3
 
 
-RLIMITS = {
-    "nofile": resource.RLIMIT_NOFILE,
-    "fsize": resource.RLIMIT_FSIZE,
-    "core": resource.RLIMIT_CORE,
-    "nproc": resource.RLIMIT_NPROC,
-    "stack": resource.RLIMIT_STACK,
-}
-
-
-def apply_rlimits(limits, pid=0):
-    """Lower the rlimits of process ``pid`` (0: the agent, whose children inherit them). Lowering needs no
-    privilege for a process of one's own uid; a limit is never raised."""
+def apply_rlimits(limits):
+    """Lower the rlimits every process of the sandbox inherits (lowering needs no privilege)."""
+    names = {
+        "nofile": resource.RLIMIT_NOFILE,
+        "fsize": resource.RLIMIT_FSIZE,
+        "core": resource.RLIMIT_CORE,
+        "nproc": resource.RLIMIT_NPROC,
+        "stack": resource.RLIMIT_STACK,
+    }
     for name, value in limits.items():
-        res = RLIMITS[name]
-        soft, hard = resource.prlimit(pid, res)
+        res = names[name]
+        soft, hard = resource.getrlimit(res)
         value = int(value)
         if hard != resource.RLIM_INFINITY:
             value = min(value, hard)
-        resource.prlimit(pid, res, (value, value))
+        resource.setrlimit(res, (value, value))
 
 
 class Agent:
@@ -122,8 +117,6 @@ class Agent:
                 self.spawn(msg, list(fds))
             elif op == "signal":
                 self.signal(msg)
-            elif op == "rlimits":
-                self.lower_rlimits(msg)
             else:
                 self.send({"op": "failed", "id": msg.get("id"), "message": f"unknown op {op!r}"})
         except Exception as exc:  # a bad message must not end the agent
@@ -214,24 +207,6 @@ class Agent:
                 os.kill(target, sig)
         except (ProcessLookupError, PermissionError):
             pass
-
-    def lower_rlimits(self, msg):
-        """Lower the rlimits of the agent (for what it starts later) and of every process already running in
-        the sandbox (a pooled sandbox's kernel): the gateway starts pooled sandboxes at its highest limits and
-        lowers them to the request's when it hands one out. Raising would need a privilege nobody here has."""
-        try:
-            limits = {str(k): int(v) for k, v in msg["limits"].items() if k in RLIMITS}
-            apply_rlimits(limits)
-        except Exception as exc:
-            self.send({"op": "failed", "id": msg["id"], "message": f"{type(exc).__name__}: {exc}"})
-            return
-        for name in os.listdir("/proc"):
-            if name.isdigit() and int(name) not in (1, os.getpid()):
-                try:
-                    apply_rlimits(limits, int(name))
-                except (ProcessLookupError, PermissionError):
-                    pass  # exited meanwhile, or bubblewrap's pid 1 (not ours to limit; it never forks again)
-        self.send({"op": "done", "id": msg["id"]})
 
     def shutdown(self):
         for pid in list(self.by_pid):

@@ -2,9 +2,8 @@
 
 The socket is one end of a ``SOCK_SEQPACKET`` socketpair whose other end is the agent's fd 0. One JSON object
 is one packet; file descriptors (a new process's stdio) travel with a request as ``SCM_RIGHTS``. The
-messages are the agent's (see its docstring): the gateway sends ``spawn``, ``signal`` and ``rlimits``; the
-agent answers ``ready`` once, ``spawned``, ``done`` or ``failed`` to a request id, and ``exit`` when a process
-it started ends.
+messages are the agent's (see its docstring): the gateway sends ``spawn`` and ``signal``; the agent answers
+``ready`` once, ``spawned`` or ``failed`` to a request id, and ``exit`` when a process it started ends.
 
 The agent runs as the sandbox, so what it says is untrusted: a packet that is not a JSON object, an unknown
 op or an id nobody asked for is dropped, and nothing it sends can affect another sandbox. Every wait has a
@@ -181,7 +180,7 @@ class AgentChannel:
             if not self._ready.done():
                 self._ready.set_result(msg)
             return
-        if op in ("spawned", "done", "failed"):
+        if op in ("spawned", "failed"):
             reply = self._pending.pop(req, None) if isinstance(req, int) else None
             if reply is not None and not reply.done():
                 reply.set_result(msg)

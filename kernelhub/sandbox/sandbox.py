@@ -20,6 +20,7 @@ import errno
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -84,6 +85,22 @@ def rlimits(limits: Limits) -> dict[str, int]:
     """The rlimits every process of a sandbox runs with (set by the agent on itself, inherited by all it
     starts); ``nproc`` counts per host uid, which is the sandbox's own (SECURITY.md pitfall 7)."""
     return {"nofile": 4096, "fsize": limits.max_file_mb * 1024 * 1024, "core": 0, "nproc": limits.pids}
+
+
+def can_raise_rlimits() -> bool:
+    """Whether this process may set another process's rlimits, raising them included: it needs
+    ``CAP_SYS_RESOURCE`` (bit 24 of ``CapEff`` in ``/proc/self/status``), which root lacks on some hosts (in some
+    containers). Without it, only a process of the target's own uid may change them, and only downwards."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> 24 & 1)
+    return False
+
+
+_RAISE_RLIMITS = can_raise_rlimits()
+_RLIMIT_NUMBERS = {"nofile": resource.RLIMIT_NOFILE, "fsize": resource.RLIMIT_FSIZE, "core": resource.RLIMIT_CORE,
+                   "nproc": resource.RLIMIT_NPROC}
 
 
 # Run inside the sandbox by SandboxProcess.kill_session: kill every process of the session argv[1] until none is
@@ -388,13 +405,13 @@ class Sandbox:
 
     def can_retune(self, limits: Limits) -> bool:
         """Whether :meth:`retune` can give this running sandbox ``limits``: not another workspace size
-        (``disk_mb``) or inode count (``files``), which its ext4 image fixed when it was made, nor a higher
-        ``pids`` or ``max_file_mb`` than it started with (their rlimits can only be lowered: raising one
-        needs ``CAP_SYS_RESOURCE``, which root does not have on every host; the pool starts its sandboxes at
-        the gateway's maximum of both)."""
+        (``disk_mb``) or inode count (``files``), which its ext4 image fixed when it was made, nor, where the
+        gateway may not raise another process's rlimits (:func:`can_raise_rlimits`), a higher ``pids`` or
+        ``max_file_mb`` than it started with."""
         old = self.limits
+        raises = limits.pids > old.pids or limits.max_file_mb > old.max_file_mb
         return (self.state == "running" and (limits.disk_mb, limits.files) == (old.disk_mb, old.files)
-                and limits.pids <= old.pids and limits.max_file_mb <= old.max_file_mb)
+                and (not raises or _RAISE_RLIMITS))
 
     async def retune(self, limits: Limits, env: Mapping[str, str]) -> None:
         """Make this running sandbox what a fresh one of ``limits`` and ``env`` would be, and give it the
@@ -403,8 +420,8 @@ class Sandbox:
 
         Memory, CPU and pids are written into the live cgroup; the tmpfs sizes that follow from memory
         (:func:`tmpfs_sizes`) are changed by remounting them inside the sandbox's mount namespace; the
-        rlimits that follow from ``pids`` and ``max_file_mb`` (:func:`rlimits`) are lowered by the agent on
-        every process already there (itself and the kernel), so all they start inherits them; ``env``
+        rlimits that follow from ``pids`` and ``max_file_mb`` (:func:`rlimits`) are set on every process
+        already there (the agent and the kernel), so all they start inherits them; ``env``
         is what every later process gets (a process already running is the caller's to update). Raises
         :class:`~kernelhub.errors.SandboxError` if any of it cannot be done (:meth:`can_retune` false, or the
         kernel refusing a value, e.g. a memory limit below what the sandbox already uses): the sandbox is
@@ -413,7 +430,7 @@ class Sandbox:
             raise SandboxError(f"Sandbox {self.id} cannot take these limits without a new workspace.")
         old = self.limits
         if self.cpu_weight != CPU_WEIGHT_DEFAULT:
-            # First: the agent, which lowers the rlimits below, must not wait for CPU behind live sandboxes.
+            # First: from now on the sandbox is live, and its kernel must not wait for CPU behind the pool's.
             self.cgroup.set_cpu_weight(CPU_WEIGHT_DEFAULT)
             self.cpu_weight = CPU_WEIGHT_DEFAULT
         if (limits.memory_mb, limits.cpu, limits.pids) != (old.memory_mb, old.cpu, old.pids):
@@ -421,7 +438,7 @@ class Sandbox:
         if limits.memory_mb != old.memory_mb:
             await self._resize_tmpfs(tmpfs_sizes(limits))
         if rlimits(limits) != rlimits(old):
-            await self._lower_rlimits(rlimits(limits))
+            await self._set_rlimits({k: v for k, v in rlimits(limits).items() if v != rlimits(old)[k]})
         sizes = tmpfs_sizes(limits)
         self.limits, self.env = limits, dict(env)
         self.spec = dataclasses.replace(self.spec, env=self.env, tmp_size_bytes=sizes["/tmp"],
@@ -441,14 +458,30 @@ class Sandbox:
         if code != 0:
             raise SandboxError(f"Could not resize the tmpfs mounts of sandbox {self.id}: {out or code}.")
 
-    async def _lower_rlimits(self, values: Mapping[str, int]) -> None:
-        # Through the agent: a process of the sandbox's own uid may lower its fellows' limits without privilege.
-        agent = self._channel()
-        req = agent.next_id()
-        reply = await agent.request({"op": "rlimits", "id": req, "limits": dict(values)},
-                                    timeout=self.factory.start_timeout)
-        if reply.get("op") != "done":
-            raise SandboxError(f"Could not lower the rlimits of sandbox {self.id}: {str(reply.get('message'))[:200]}")
+    async def _set_rlimits(self, values: Mapping[str, int]) -> None:
+        """Set ``values`` (:func:`rlimits` names) on the agent and every process it started (bubblewrap's two
+        never fork again). With ``CAP_SYS_RESOURCE``, prlimit(2) from here; without it, prlimit(1) run as the
+        sandbox's uid, outside its namespaces, which may only lower them (:meth:`can_retune` says so)."""
+        assert self.cgroup is not None
+        skip = {self._launcher.pid if self._launcher else None, self._init_pid()}
+        pids = []
+        for pid in sorted(self.cgroup.pids() - skip):
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(f"/proc/{pid}").st_uid == self.uid:
+                    pids.append(pid)
+        if _RAISE_RLIMITS:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    for name, value in values.items():
+                        resource.prlimit(pid, _RLIMIT_NUMBERS[name], (value, value))
+            return
+        as_sandbox = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--"]
+        options = [f"--{name}={int(value)}:{int(value)}" for name, value in values.items()]
+        results = await asyncio.gather(*(run_tool(*as_sandbox, "prlimit", f"--pid={pid}", *options)
+                                         for pid in pids))
+        for pid, (code, out) in zip(pids, results, strict=True):
+            if code != 0 and os.path.exists(f"/proc/{pid}"):
+                raise SandboxError(f"Could not set the rlimits of sandbox {self.id}: {out or code}.")
 
     def _init_pid(self) -> int | None:
         """Host pid of bubblewrap's pid 1 (the launcher's one child), or None once it is gone."""

@@ -78,7 +78,7 @@ class Hub(LoggingConfigurable):
         self.executions = ExecutionHistory(self.execution_history)
         self.pool = Pool(factory, self.kernel_spec_manager, self.templates,
                          {name: t.base_limits(self.defaults, self.maximum) for name, t in self.templates.items()},
-                         self.maximum, parent=self)
+                         parent=self)
         self.sandboxes = Sandboxes(
             factory=factory, kernel_spec_manager=self.kernel_spec_manager, templates=self.templates,
             defaults=self.defaults, maximum=self.maximum, max_sandboxes_per_tenant=self.max_sandboxes_per_tenant,

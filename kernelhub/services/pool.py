@@ -16,7 +16,9 @@ What the pool serves, and what takes the cold path instead:
   cgroup; the tmpfs sizes and rlimits that follow from them are changed too), ``max_file_mb`` (an rlimit),
   the gateway-side limits (timeouts, lifetime, output), tenant, metadata, and ``env`` whose variables a running
   kernel can take (set in the kernel before any of the user's code runs, and in every later process);
-- cold: another ``disk_mb`` or ``files`` (the workspace's ext4 image is made with them), another kernel
+- cold: another ``disk_mb`` or ``files`` (the workspace's ext4 image is made with them), a higher ``pids`` or
+  ``max_file_mb`` than the template's where root lacks ``CAP_SYS_RESOURCE`` (as here: their rlimits could only
+  be lowered, see :meth:`Sandbox.can_retune <kernelhub.sandbox.sandbox.Sandbox.can_retune>`), another kernel
   language (the Jupyter API's TypeScript on the node template), ``env`` naming a variable that a kernel
   reads only while it starts (:data:`STARTUP_ONLY_ENV`: ``PYTHON*``, ``LANG``, ``LC_*``, ``HOME``, ``TZ``,
   ``NODE_*``, …), which no later assignment could make true, and any ``env`` for a kernel that would count
@@ -143,14 +145,11 @@ class Pool(LoggingConfigurable):
         env="KERNELHUB_POOL_CHECK_INTERVAL")
 
     def __init__(self, factory: SandboxFactory, kernel_spec_manager: KernelSpecManager,
-                 templates: Mapping[str, Template], limits: Mapping[str, Limits], maximum: Limits,
-                 **kwargs: Any) -> None:
-        """``templates`` by name, the ``limits`` a sandbox of each gets when the request names none, and the
-        ``maximum`` a request may ask for. A pooled sandbox starts with its template's limits except ``pids``
-        and ``max_file_mb`` at the maximum, since the rlimits that follow from them can be lowered at hand-out
-        but not raised (:meth:`Sandbox.can_retune <kernelhub.sandbox.sandbox.Sandbox.can_retune>`). Raises
-        :class:`~kernelhub.settings.ConfigError` for ``sizes`` that name an unknown template or a CPU weight
-        out of range."""
+                 templates: Mapping[str, Template], limits: Mapping[str, Limits], **kwargs: Any) -> None:
+        """``templates`` by name and the ``limits`` a sandbox of each gets when the request names none (a
+        pooled sandbox starts with them, so that a request that names none changes nothing at hand-out).
+        Raises :class:`~kernelhub.settings.ConfigError` for ``sizes`` that name an unknown template or a CPU
+        weight out of range."""
         super().__init__(**kwargs)
         try:
             check_cpu_weight(self.cpu_weight)
@@ -166,8 +165,7 @@ class Pool(LoggingConfigurable):
         self._slots: dict[str, _Slot] = {}
         for name, template in templates.items():
             size = self.sizes.get(name, self.size if name == "python" else 0)
-            start_limits = dataclasses.replace(limits[name], pids=maximum.pids, max_file_mb=maximum.max_file_mb)
-            self._slots[name] = _Slot(template, int(size), start_limits)
+            self._slots[name] = _Slot(template, int(size), limits[name])
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         #: Starts in flight (cancelled at shutdown) and stops of discarded sandboxes (awaited at shutdown).
@@ -230,8 +228,8 @@ class Pool(LoggingConfigurable):
         slot = self._slots.get(template.name)
         if slot is None or not slot.ready or language != template.language:
             return None
-        if (limits.disk_mb, limits.files) != (slot.limits.disk_mb, slot.limits.files):
-            return None
+        if not slot.ready[0].sandbox.can_retune(limits):
+            return None  # another workspace, or rlimits this host cannot raise (all of a slot start alike)
         # What the pooled kernel was started without (a request adds to the template's env, never removes).
         missing = {k: v for k, v in env.items() if template.env.get(k) != v}
         if missing and (language not in SILENT_ENV_LANGUAGES or any(STARTUP_ONLY_ENV.match(k) for k in missing)):

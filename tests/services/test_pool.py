@@ -21,6 +21,7 @@ import pytest
 from traitlets.config import Config
 
 from kernelhub.sandbox.factory import SandboxFactory
+from kernelhub.sandbox.sandbox import can_raise_rlimits
 from kernelhub.services.hub import Hub
 from kernelhub.services.pool import STARTUP_ONLY_ENV
 from kernelhub.settings import ConfigError
@@ -261,10 +262,13 @@ def test_what_the_pool_cannot_serve_takes_the_cold_path(pooled_gateway: Gateway)
         create_cold(gw, {"limits": {"files": 5000}}),
         create_cold(gw, {"env": {"LC_ALL": "C"}}),
     ]
+    # More pids than the template's: its nproc rlimit could only be raised with CAP_SYS_RESOURCE.
+    made.append((create_pooled if can_raise_rlimits() else create_cold)(gw, {"limits": {"pids": 256}}))
     try:
         out = execute(gw, made[0]["id"], "import sys; print('/opt/elsewhere' in sys.path)")["stdout"]
         assert out.strip() == "True"
         assert execute(gw, made[2]["id"], "import locale; print(locale.setlocale(locale.LC_ALL))")["stdout"] == "C\n"
+        assert command(gw, made[3]["id"], "ulimit -u").strip() == "256"
     finally:
         delete(gw, *(s["id"] for s in made))
     # The Jupyter API's TypeScript runs on the node template, whose pooled kernel is JavaScript.
