@@ -24,7 +24,8 @@ What the pool serves, and what takes the cold path instead:
   ``NODE_*``, …), which no later assignment could make true, and any ``env`` for a kernel that would count
   the request that sets it (node: :data:`SILENT_ENV_LANGUAGES`).
 
-Refilling runs in the background, at most :attr:`Pool.max_starting` sandboxes at a time, each at a CPU weight
+Refilling runs in the background, :attr:`Pool.refill_delay` after a hand-out (the new owner's first requests
+come first), at most :attr:`Pool.max_starting` sandboxes at a time, each at a CPU weight
 of :attr:`Pool.cpu_weight` (a tenth of a live sandbox's by default) until it is handed out, so that a burst of
 refills yields the CPUs to running sandboxes; it pauses while the memory new sandboxes may take
 (:meth:`SandboxFactory.memory_headroom <kernelhub.sandbox.factory.SandboxFactory.memory_headroom>`: the host's
@@ -140,6 +141,9 @@ class Pool(LoggingConfigurable):
     cpu_weight = Integer(10, help="CPU weight of a sandbox while it starts and waits in the pool (cgroup v2 "
                          "cpu.weight units, 1 to 10000; a live sandbox has 100, so refills yield the CPUs to "
                          "live sandboxes).", config=True).tag(env="KERNELHUB_POOL_CPU_WEIGHT")
+    refill_delay = Float(0.25, min=0.0, help="Seconds a template's pool waits after a hand-out before it "
+                         "starts a replacement, so that the new owner's first requests do not compete with the "
+                         "start for the gateway and the CPUs.", config=True).tag(env="KERNELHUB_POOL_REFILL_DELAY")
     check_interval = Float(CHECK_INTERVAL_S, help="Seconds between the refill loop's looks at memory and "
                            "retries when nothing else wakes it.", config=True).tag(
         env="KERNELHUB_POOL_CHECK_INTERVAL")
@@ -236,17 +240,21 @@ class Pool(LoggingConfigurable):
             return None
         while slot.ready:
             pooled = slot.ready.popleft()
-            self._wake.set()
             pooled.release()
             if pooled.sandbox.state != "running" or not await pooled.session.km.is_alive():
                 self._spawn(self._discard(pooled.sandbox, pooled.session, "failed"))
+                self._wake.set()
                 continue
+            # The replacement waits a moment: the new owner's first requests come now.
+            slot.retry_at = max(slot.retry_at, time.monotonic() + self.refill_delay)
+            asyncio.get_running_loop().call_later(self.refill_delay, self._wake.set)
             try:
                 await pooled.sandbox.retune(limits, env)
                 await pooled.session.hand_over(missing)
             except BaseException as exc:
                 # Half made into the request's: it can never be handed out, nor put back.
                 self._spawn(self._discard(pooled.sandbox, pooled.session, "failed"))
+                self._wake.set()
                 if not isinstance(exc, Exception):
                     raise  # the create was cancelled
                 self.log.warning("pooled sandbox %s could not be handed out (%s); creating one instead",
