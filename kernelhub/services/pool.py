@@ -133,7 +133,9 @@ class Pool(LoggingConfigurable):
     sizes = Dict(value_trait=Integer(min=0), help='Ready sandboxes per template, e.g. {"python": 4, "node": 1}; '
                  "a template named here ignores --pool-size, one not named has none (python has --pool-size).",
                  config=True).tag(env="KERNELHUB_POOL_SIZES")
-    max_starting = Integer(2, min=1, help="Pooled sandboxes started at once while refilling.", config=True).tag(
+    max_starting = Integer(1, min=1, help="Pooled sandboxes started at once while refilling. One leaves the other "
+                           "CPUs of a small machine to live sandboxes and the gateway (a start is about 0.5 s of "
+                           "CPU); more refill a large pool faster.", config=True).tag(
         env="KERNELHUB_POOL_MAX_STARTING")
     min_free_mb = Integer(1024, min=0, help="Refilling pauses while the memory new sandboxes may take (the "
                           "host's MemAvailable, or less under a memory limit on kernelhub's parent cgroup) is "
