@@ -1,8 +1,8 @@
 """The warm pool against its peers, all in one run: kernelhub, the Jupyter Kernel Gateway and bare jupyter_client.
 
 Peers: the Jupyter Kernel Gateway (``pip install -e '.[bench]'``) serving the gateway venv's own ipykernel, and
-jupyter_client starting that same ipykernel directly (no gateway, no sandbox: the floor). Figures, each printed
-beside its peers with the ratio:
+jupyter_client starting that same ipykernel directly on ipc sockets (no gateway, no sandbox: the floor).
+Figures, each printed beside its peers with the ratio:
 
 1. create -> first stdout of ``print(1)``, sequential, p50 and p95: kernelhub ``POST /v1/sandboxes`` then an
    NDJSON execute, with the default pool warm before each create (the pool is what is measured); the Kernel
@@ -31,9 +31,11 @@ import http.client
 import json
 import os
 import queue
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -49,6 +51,8 @@ from websockets.sync.client import connect as ws_connect_sync
 from kernelhub.testing import Gateway, free_port, terminate
 
 KG_TOKEN = "kg-bench-token"
+#: Where the bare kernels' ipc sockets go (removed at the end).
+IPC_DIR = tempfile.mkdtemp(prefix="kh-bench-ipc-")
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
@@ -208,19 +212,25 @@ class KernelGateway:
 
 # -- bare jupyter_client -----------------------------------------------------------------------------------
 
-async def bare_start() -> tuple[AsyncKernelManager, AsyncKernelClient]:
-    km = AsyncKernelManager(kernel_name="python3")
-    await km.start_kernel(stderr=subprocess.DEVNULL)  # its "running over TCP" warning, each time
+async def bare_start(timeout: float = 120) -> tuple[AsyncKernelManager, AsyncKernelClient]:
+    """The venv's ipykernel on ipc sockets (tcp ports picked by jupyter_client can collide when many start at
+    once; kernelhub's kernels use ipc too), usable at its first kernel_info_reply once iopub has joined
+    (KERNELS.md), as the gateways wait. Raises TimeoutError if it does not get there."""
+    km = AsyncKernelManager(kernel_name="python3", transport="ipc",
+                            ip=os.path.join(IPC_DIR, uuid.uuid4().hex[:12]))
+    await km.start_kernel(stderr=subprocess.DEVNULL)
     kc = km.client()
     kc.start_channels()
-    # Usable at the first kernel_info_reply once iopub has joined (KERNELS.md), as the gateways wait.
+    deadline = time.monotonic() + timeout
     while True:
         try:
             await kc.kernel_info(reply=True, timeout=0.5)
             await kc.get_iopub_msg(timeout=0.2)
             return km, kc
         except (TimeoutError, queue.Empty):
-            continue
+            if time.monotonic() > deadline or not await km.is_alive():
+                await bare_stop(km, kc)
+                raise TimeoutError("a bare ipykernel did not start") from None
 
 
 async def bare_stop(km: AsyncKernelManager, kc: AsyncKernelClient) -> None:
@@ -476,4 +486,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        shutil.rmtree(IPC_DIR, ignore_errors=True)
