@@ -87,6 +87,18 @@ def rlimits(limits: Limits) -> dict[str, int]:
     return {"nofile": 4096, "fsize": limits.max_file_mb * 1024 * 1024, "core": 0, "nproc": limits.pids}
 
 
+def mount_flags(mountinfo: str) -> dict[str, str]:
+    """Each mount point's per-mount flags (``rw,nosuid,nodev,relatime``) from a ``/proc/PID/mountinfo`` text;
+    a point mounted over keeps its last (visible) mount's. Used to remount a tmpfs with nothing but its size
+    changed."""
+    flags = {}
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) > 5:
+            flags[fields[4].replace("\\040", " ")] = fields[5]
+    return flags
+
+
 def can_raise_rlimits() -> bool:
     """Whether this process may set another process's rlimits, raising them included: it needs
     ``CAP_SYS_RESOURCE`` (bit 24 of ``CapEff`` in ``/proc/self/status``), which root lacks on some hosts (in some
@@ -446,14 +458,16 @@ class Sandbox:
 
     async def _resize_tmpfs(self, sizes: Mapping[str, int]) -> None:
         # Root may remount the sandbox's mounts from its mount namespace (entered through bubblewrap's pid 1);
-        # a remount resets the per-mount flags it does not name, so nosuid and nodev are named again. sh and
+        # a remount resets the per-mount flags it does not name, so each mount's own are named again. sh and
         # mount are found in the sandbox's view: its read-only /usr, the host's. Only pooled sandboxes are
         # retuned, before anything of anyone ran in them, so nothing there can have been planted either.
         inner = self._init_pid()
         if inner is None:
             raise SandboxError(f"Sandbox {self.id} has no process to reach its mounts through.")
-        script = " && ".join(f"mount -o remount,nosuid,nodev,size={int(size)} {path}"
-                             for path, size in sizes.items())
+        flags = self._mount_flags(inner)
+        if not set(sizes) <= set(flags):
+            raise SandboxError(f"Sandbox {self.id} lacks one of the mounts {', '.join(sizes)}.")
+        script = " && ".join(f"mount -o remount,{flags[path]},size={int(size)} {path}" for path, size in sizes.items())
         code, out = await run_tool("nsenter", f"--target={inner}", "--mount", "--", "/bin/sh", "-c", script)
         if code != 0:
             raise SandboxError(f"Could not resize the tmpfs mounts of sandbox {self.id}: {out or code}.")
@@ -482,6 +496,14 @@ class Sandbox:
         for pid, (code, out) in zip(pids, results, strict=True):
             if code != 0 and os.path.exists(f"/proc/{pid}"):
                 raise SandboxError(f"Could not set the rlimits of sandbox {self.id}: {out or code}.")
+
+    def _mount_flags(self, pid: int) -> dict[str, str]:
+        """:func:`mount_flags` of the mount namespace of host pid ``pid``; raises SandboxError."""
+        try:
+            with open(f"/proc/{pid}/mountinfo") as f:
+                return mount_flags(f.read())
+        except OSError as exc:
+            raise SandboxError(f"Could not read the mounts of sandbox {self.id}: {exc}.") from exc
 
     def _init_pid(self) -> int | None:
         """Host pid of bubblewrap's pid 1 (the launcher's one child), or None once it is gone."""

@@ -13,7 +13,7 @@ import pytest
 from kernelhub.errors import SandboxError
 from kernelhub.sandbox.cgroups import CgroupV1
 from kernelhub.sandbox.limits import Limits
-from kernelhub.sandbox.sandbox import can_raise_rlimits
+from kernelhub.sandbox.sandbox import can_raise_rlimits, mount_flags
 
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups]
 
@@ -101,3 +101,14 @@ def test_a_memory_limit_below_what_the_sandbox_uses_fails_cleanly(factory: Any, 
             runner.run(sandbox.retune(dataclasses.replace(sandbox.limits, memory_mb=32), {}))
     finally:
         runner.run(sandbox.stop())
+
+
+def test_mount_flags_reads_each_points_own() -> None:
+    mountinfo = (
+        "329 289 0:317 / /tmp rw,nosuid,nodev,relatime - tmpfs tmpfs rw,size=12060k,mode=755\n"
+        "330 289 0:318 / /home/user rw,nosuid,nodev,noexec,relatime - tmpfs tmpfs rw,size=65536k\n"
+        "331 289 0:319 / /my\\040dir ro,relatime - tmpfs tmpfs rw\n"
+        "332 329 0:320 / /tmp rw,nodev,relatime - tmpfs tmpfs rw\n"  # mounted over: the visible one counts
+    )
+    assert mount_flags(mountinfo) == {"/tmp": "rw,nodev,relatime", "/home/user": "rw,nosuid,nodev,noexec,relatime",
+                                      "/my dir": "ro,relatime"}
