@@ -18,4 +18,6 @@ lint: install
 	.venv/bin/mypy kernelhub
 
 bench: install
+	.venv/bin/pip install -q -e '.[bench]'
 	.venv/bin/python benchmarks/cold_start.py
+	.venv/bin/python benchmarks/pool.py

@@ -46,6 +46,7 @@ from .sandbox import doctor
 from .sandbox.factory import SandboxFactory
 from .server import GatewayServer, raise_fd_limit
 from .services.hub import Hub
+from .services.pool import Pool
 from .services.tenants import TenantRegistry
 from .settings import ConfigError, check_config, env_config, env_var, parse_cli, trait_help
 
@@ -319,7 +320,7 @@ class HubApp(KernelHubApp):
     isolation is strict, the hub's start (which reaps what a crashed process left) and, on the way out, its
     shutdown (every sandbox stopped)."""
 
-    classes = [SandboxFactory, Hub]
+    classes = [SandboxFactory, Hub, Pool]
     #: How this command says what to do when the doctor check fails.
     isolation_hint = "Fix it, or start with --isolation=relaxed to run with less."
 
@@ -380,6 +381,7 @@ KERNELHUB_TOKEN=KEY KERNELHUB_STATE_DIR=/srv/kernelhub kernelhub serve
         "isolation": "SandboxFactory.isolation",
         "allow-origin": "ServeApp.allow_origin",
         "max-sandboxes": "Hub.max_sandboxes_per_tenant",
+        "pool-size": "Pool.size",
         "log-level": "KernelHubApp.log_level",
         "operator-tenant": "ServeApp.operator_tenant",
     }

@@ -49,22 +49,37 @@ def make_state_dir() -> str:
     return path
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """SIGTERM a server started with ``start_new_session=True`` and wait for it; SIGKILL its whole process group
+    if it does not end within ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 class Gateway:
     """A running ``kernelhub serve``; ``request`` is a tiny JSON client for tests."""
 
-    def __init__(self, *, extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *, extra_args: list[str] | None = None, env: dict[str, str] | None = None,
+                 state_dir: str | None = None) -> None:
+        """Start ``kernelhub serve`` with ``extra_args`` and ``env`` added, in ``state_dir`` (a new one by
+        default; give the one of a gateway that died to start its successor)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.token = TOKEN
         self.other_token = OTHER_TOKEN
-        self.state_dir = make_state_dir()
+        self.state_dir = state_dir or make_state_dir()
         keys = os.path.join(self.state_dir, "keys.json")
         with open(keys, "w") as f:
             json.dump({OTHER_TOKEN: "bob"}, f)
         self.log_path = os.path.join(self.state_dir, "gateway.log")
         argv = [sys.executable, "-m", "kernelhub.cli", "serve", "--port", str(self.port), "--token", TOKEN,
                 "--api-keys", keys, "--state-dir", self.state_dir, *(extra_args or [])]
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})}, start_new_session=True,
                                      preexec_fn=_die_with_parent)
@@ -107,14 +122,17 @@ class Gateway:
             return status, json.loads(payload)
         return status, payload
 
-    def stop(self) -> None:
+    def crash(self) -> None:
+        """SIGKILL the gateway, as a crash would: its sandboxes die with it (bubblewrap's --die-with-parent) but
+        leave their directories, cgroups and mounted workspaces for the next gateway on the state directory to
+        reap. The state directory is kept."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+            self.proc.kill()
+        self.proc.wait()
+        self._log.close()
+
+    def stop(self) -> None:
+        terminate(self.proc)
         self._log.close()
         # The gateway stopped its sandboxes; remove its state dir unless something is still mounted there (then
         # it is left for `kernelhub serve` to reap at its next start, never deleted from under a mount).

@@ -17,6 +17,7 @@ from kernelhub.app import KernelHubApp, ServeApp
 from kernelhub.cli import MainApp
 from kernelhub.sandbox.factory import SandboxFactory
 from kernelhub.services.hub import Hub
+from kernelhub.services.pool import Pool
 from kernelhub.settings import ConfigError, env_config, env_var, parse_text, trait_help
 
 #: Valid non-default values for options whose value the class checks beyond its type.
@@ -25,6 +26,7 @@ SAMPLES: dict[str, Any] = {
     "Hub.max_limits": {"memory_mb": 2048},
     "Hub.extra_templates": {"tiny": {"language": "bash", "limits": {"memory_mb": 128}}},
     "Hub.template_aliases": {"sh": "bash"},
+    "Pool.sizes": {"node": 1},
 }
 
 
@@ -85,6 +87,8 @@ def configured(app: KernelHubApp, cls: type[Configurable]) -> Configurable:
         return app
     if cls is Hub:
         return Hub(SandboxFactory(parent=app), parent=app)
+    if cls is Pool:
+        return Hub(SandboxFactory(parent=app), parent=app).pool
     return cls(parent=app)
 
 

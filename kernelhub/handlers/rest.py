@@ -225,7 +225,7 @@ class TemplatesHandler(BaseHandler):
     """``GET /v1/templates``: the templates sandbox_create accepts (an extension of API.md)."""
 
     def get(self) -> None:
-        self.send_json({"templates": [t.to_dict() for t in self.hub.templates.values()]})
+        self.send_json({"templates": self.hub.list_templates()})
 
 
 # -- executions -------------------------------------------------------------------------------------------

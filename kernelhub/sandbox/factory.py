@@ -23,7 +23,7 @@ from traitlets.config import LoggingConfigurable
 
 from ..errors import IsolationUnavailable, SandboxError
 from . import seccomp
-from .cgroups import detect_version, open_cgroup
+from .cgroups import CPU_WEIGHT_DEFAULT, detect_version, open_cgroup, parent_memory_headroom
 from .limits import Limits
 from .sandbox import Sandbox, unmount_run_dir
 from .uids import UidPool
@@ -31,8 +31,18 @@ from .workspace import Workspace
 
 __all__ = ["AGENT_FILES", "SandboxFactory"]
 
-#: Files bound read-only at /opt/kernelhub-agent in every sandbox.
-AGENT_FILES = (Path(__file__).with_name("agent.py"), Path(__file__).with_name("tslab_ipc.js"))
+#: Files bound read-only at /opt/kernelhub-agent in every sandbox: the agent, and what kernelspecs start kernels
+#: with.
+AGENT_FILES = (Path(__file__).with_name("agent.py"), Path(__file__).with_name("tslab_ipc.js"),
+               Path(__file__).with_name("ipykernel_launch.py"))
+
+
+def _mem_available(meminfo: str = "/proc/meminfo") -> int:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (Linux 3.14+; ``MemFree`` on older kernels)."""
+    with open(meminfo) as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    value = fields.get("MemAvailable") or fields["MemFree"]
+    return int(value.split()[0]) * 1024
 
 
 class SandboxFactory(LoggingConfigurable):
@@ -160,8 +170,12 @@ class SandboxFactory(LoggingConfigurable):
         self._state_ready = True
 
     async def create(self, limits: Limits | None = None, env: Mapping[str, str] | None = None,
-                     sandbox_id: str | None = None) -> Sandbox:
-        """Start a new sandbox with its agent running. Called by the service layer and the provisioner."""
+                     sandbox_id: str | None = None, cpu_weight: int = CPU_WEIGHT_DEFAULT) -> Sandbox:
+        """Start a new sandbox with its agent running. Called by the service layer and the provisioner.
+
+        ``cpu_weight`` (cgroup v2 ``cpu.weight`` units, 1 to 10000) is its share of contended CPU from the
+        first process on: the pool starts its sandboxes below the default so that refilling yields to live
+        sandboxes, and :meth:`Sandbox.retune` restores the default at hand-out."""
         if self.isolation == "strict" and not self.as_root:
             raise IsolationUnavailable(
                 "Strict isolation needs root (a host uid per sandbox, cgroups, workspace quotas); run as root "
@@ -171,7 +185,7 @@ class SandboxFactory(LoggingConfigurable):
         limits = limits or Limits()
         sandbox_id = sandbox_id or "sb" + secrets.token_hex(5)
         uid = self.uids.acquire() if self.as_root else os.getuid()
-        sandbox = Sandbox(self, sandbox_id, uid, limits, env or {})
+        sandbox = Sandbox(self, sandbox_id, uid, limits, env or {}, cpu_weight=cpu_weight)
         self._live[sandbox_id] = sandbox
         try:
             await sandbox._start()
@@ -250,6 +264,17 @@ class SandboxFactory(LoggingConfigurable):
         if not (Path(self.runtime_dir) / "python" / "bin" / "python").exists():
             problems.append("the kernels' runtime is missing (make install)")
         return problems
+
+    def memory_headroom(self) -> int:
+        """Bytes new sandboxes may still take: the host's ``MemAvailable`` (``/proc/meminfo``, the kernel's
+        estimate of what can be allocated without swapping), or less when kernelhub's parent cgroup has a
+        memory limit of its own and is nearer to it. Read by the pool before each refill."""
+        available = _mem_available()
+        with contextlib.suppress(OSError, SandboxError, ValueError):
+            headroom = parent_memory_headroom(root=self.cgroup_root, parent=self.cgroup_parent)
+            if headroom is not None:
+                available = min(available, headroom)
+        return available
 
     def live(self) -> list[Sandbox]:
         return list(self._live.values())

@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import datetime
 import errno
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -30,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import PidsExhausted, SandboxError, SandboxNotRunning
 from . import bwrap, pty
 from .agent_channel import AgentChannel
-from .cgroups import Cgroup, create_cgroup
+from .cgroups import CPU_WEIGHT_DEFAULT, Cgroup, create_cgroup
 from .cgroups.base import sigkill_members
 from .limits import Limits
 from .pipes import pump_lines
@@ -67,6 +69,50 @@ async def unmount_run_dir(path: Path) -> None:
         code, out = await run_tool("umount", "-l", str(path))  # busy: detach, freed with the last user
     if code != 0:
         raise SandboxError(f"Could not unmount {path}: {out}")
+
+
+def tmpfs_sizes(limits: Limits) -> dict[str, int]:
+    """Bytes of each tmpfs of a sandbox (``/tmp``, ``/dev/shm``; the home is the workspace) for ``limits``:
+    together 3/8 of the memory limit, so a sandbox that fills them both can still run its kernel (their pages are
+    charged to its memory cgroup)."""
+    return {
+        "/tmp": max(limits.memory_bytes // 4, 8 * 1024 * 1024),
+        "/dev/shm": max(limits.memory_bytes // 8, 4 * 1024 * 1024),
+    }
+
+
+def rlimits(limits: Limits) -> dict[str, int]:
+    """The rlimits every process of a sandbox runs with (set by the agent on itself, inherited by all it
+    starts); ``nproc`` counts per host uid, which is the sandbox's own (SECURITY.md pitfall 7)."""
+    return {"nofile": 4096, "fsize": limits.max_file_mb * 1024 * 1024, "core": 0, "nproc": limits.pids}
+
+
+def mount_flags(mountinfo: str) -> dict[str, str]:
+    """Each mount point's per-mount flags (``rw,nosuid,nodev,relatime``) from a ``/proc/PID/mountinfo`` text;
+    a point mounted over keeps its last (visible) mount's. Used to remount a tmpfs with nothing but its size
+    changed."""
+    flags = {}
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) > 5:
+            flags[fields[4].replace("\\040", " ")] = fields[5]
+    return flags
+
+
+def can_raise_rlimits() -> bool:
+    """Whether this process may set another process's rlimits, raising them included: it needs
+    ``CAP_SYS_RESOURCE`` (bit 24 of ``CapEff`` in ``/proc/self/status``), which root lacks on some hosts (in some
+    containers). Without it, only a process of the target's own uid may change them, and only downwards."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> 24 & 1)
+    return False
+
+
+_RAISE_RLIMITS = can_raise_rlimits()
+_RLIMIT_NUMBERS = {"nofile": resource.RLIMIT_NOFILE, "fsize": resource.RLIMIT_FSIZE, "core": resource.RLIMIT_CORE,
+                   "nproc": resource.RLIMIT_NPROC}
 
 
 # Run inside the sandbox by SandboxProcess.kill_session: kill every process of the session argv[1] until none is
@@ -193,12 +239,14 @@ class Sandbox:
     """One isolation domain. Created by :meth:`SandboxFactory.create`; stopped by :meth:`stop`."""
 
     def __init__(self, factory: SandboxFactory, sandbox_id: str, uid: int, limits: Limits,
-                 env: Mapping[str, str]) -> None:
+                 env: Mapping[str, str], cpu_weight: int = CPU_WEIGHT_DEFAULT) -> None:
         self.factory = factory
         self.id = sandbox_id
         self.uid = self.gid = uid
         self.limits = limits
         self.env = dict(env)
+        #: The cgroup's share of contended CPU (cgroup v2 ``cpu.weight`` units), from the start on.
+        self.cpu_weight = cpu_weight
         self.dir = factory.sandboxes_dir / sandbox_id
         self.run_dir = self.dir / "run"
         self.hostname = f"sandbox-{sandbox_id}"[:63]
@@ -267,7 +315,11 @@ class Sandbox:
         await self.workspace.create()
         self.cgroup = create_cgroup(self.id, self.limits, root=f.cgroup_root, parent=f.cgroup_parent,
                                     require=f.required_controllers())
+        if self.cpu_weight != CPU_WEIGHT_DEFAULT:
+            # Before the launcher joins: bubblewrap, the agent and the first kernel all start at this weight.
+            self.cgroup.set_cpu_weight(self.cpu_weight)
         node_modules = Path(f.runtime_dir) / "node" / "node_modules"
+        sizes = tmpfs_sizes(self.limits)
         self.spec = bwrap.SandboxSpec(
             sandbox_id=self.id,
             uid=self.uid,
@@ -279,20 +331,13 @@ class Sandbox:
             agent_dir=str(agent_dir),
             runtime_dir=f.runtime_dir if Path(f.runtime_dir).is_dir() else None,
             node_modules=str(node_modules) if node_modules.is_dir() else None,
-            # Together 3/8 of the memory limit: a sandbox that fills them both can still run its kernel.
-            tmp_size_bytes=max(self.limits.memory_bytes // 4, 8 * 1024 * 1024),
-            shm_size_bytes=max(self.limits.memory_bytes // 8, 4 * 1024 * 1024),
+            tmp_size_bytes=sizes["/tmp"],
+            shm_size_bytes=sizes["/dev/shm"],
             env=self.env,
         )
         for name, text in bwrap.passwd_files(self.spec).items():
             (etc_dir / name).write_text(text)
             os.chmod(etc_dir / name, 0o644)
-        rlimits = {
-            "nofile": 4096,
-            "fsize": self.limits.max_file_mb * 1024 * 1024,
-            "core": 0,
-            "nproc": self.limits.pids,
-        }
         # Three descriptors besides stdio reach bwrap. bwrap closes two before the sandbox's first process exists:
         # the system-call filter, and its options (host paths), kept out of /proc/1/cmdline. The third, the
         # agent's control socket, bwrap's pid 1 closes and only the agent keeps (never stdio, which pid 1 keeps
@@ -304,7 +349,7 @@ class Sandbox:
         stderr_w = -1
         try:
             gateway_end, agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            command = bwrap.agent_command(f.agent_python) + [json.dumps(rlimits), str(agent_end.fileno())]
+            command = bwrap.agent_command(f.agent_python) + [json.dumps(rlimits(self.limits)), str(agent_end.fileno())]
             args_fd = data_fd("kernelhub-bwrap-args",
                               bwrap.args_data(bwrap.bwrap_options(self.spec, seccomp_fd=seccomp_fd)))
             argv = bwrap.launch_argv(self.spec, self.cgroup.procs_files, command, bwrap=f.bwrap_path,
@@ -508,6 +553,110 @@ class Sandbox:
             return None
         self._commands += 1
         return self.cgroup.child(f"cmd-{self._commands}")
+
+    # -- hand-out ---------------------------------------------------------------------------------------
+
+    def can_retune(self, limits: Limits) -> bool:
+        """Whether :meth:`retune` can give this running sandbox ``limits``: not another workspace size
+        (``disk_mb``) or inode count (``files``), which its ext4 image fixed when it was made, nor, where the
+        gateway may not raise another process's rlimits (:func:`can_raise_rlimits`), a higher ``pids`` or
+        ``max_file_mb`` than it started with."""
+        old = self.limits
+        raises = limits.pids > old.pids or limits.max_file_mb > old.max_file_mb
+        return (self.state == "running" and (limits.disk_mb, limits.files) == (old.disk_mb, old.files)
+                and (not raises or _RAISE_RLIMITS))
+
+    async def retune(self, limits: Limits, env: Mapping[str, str]) -> None:
+        """Make this running sandbox what a fresh one of ``limits`` and ``env`` would be, and give it the
+        default CPU weight. Called by the pool when it hands a pre-started sandbox out, before anything of
+        its new owner runs in it.
+
+        Memory, CPU and pids are written into the live cgroup; the tmpfs sizes that follow from memory
+        (:func:`tmpfs_sizes`) are changed by remounting them inside the sandbox's mount namespace; the
+        rlimits that follow from ``pids`` and ``max_file_mb`` (:func:`rlimits`) are set on every process
+        already there (the agent and the kernel), so all they start inherits them; ``env``
+        is what every later process gets (a process already running is the caller's to update). Raises
+        :class:`~kernelhub.errors.SandboxError` if any of it cannot be done (:meth:`can_retune` false, or the
+        kernel refusing a value, e.g. a memory limit below what the sandbox already uses): the sandbox is
+        then half-changed and the caller stops it."""
+        if not self.can_retune(limits) or self.cgroup is None or self.spec is None:
+            raise SandboxError(f"Sandbox {self.id} cannot take these limits without a new workspace.")
+        old = self.limits
+        if self.cpu_weight != CPU_WEIGHT_DEFAULT:
+            # First: from now on the sandbox is live, and its kernel must not wait for CPU behind the pool's.
+            self.cgroup.set_cpu_weight(CPU_WEIGHT_DEFAULT)
+            self.cpu_weight = CPU_WEIGHT_DEFAULT
+        if (limits.memory_mb, limits.cpu, limits.pids) != (old.memory_mb, old.cpu, old.pids):
+            self.cgroup.apply(limits)
+        if limits.memory_mb != old.memory_mb:
+            await self._resize_tmpfs(tmpfs_sizes(limits))
+        if rlimits(limits) != rlimits(old):
+            await self._set_rlimits({k: v for k, v in rlimits(limits).items() if v != rlimits(old)[k]})
+        sizes = tmpfs_sizes(limits)
+        self.limits, self.env = limits, dict(env)
+        self.spec = dataclasses.replace(self.spec, env=self.env, tmp_size_bytes=sizes["/tmp"],
+                                        shm_size_bytes=sizes["/dev/shm"])
+
+    async def _resize_tmpfs(self, sizes: Mapping[str, int]) -> None:
+        # Root may remount the sandbox's mounts from its mount namespace (entered through bubblewrap's pid 1);
+        # a remount resets the per-mount flags it does not name, so each mount's own are named again. sh and
+        # mount are found in the sandbox's view: its read-only /usr, the host's. Only pooled sandboxes are
+        # retuned, before anything of anyone ran in them, so nothing there can have been planted either.
+        inner = self._init_pid()
+        if inner is None:
+            raise SandboxError(f"Sandbox {self.id} has no process to reach its mounts through.")
+        flags = self._mount_flags(inner)
+        if not set(sizes) <= set(flags):
+            raise SandboxError(f"Sandbox {self.id} lacks one of the mounts {', '.join(sizes)}.")
+        script = " && ".join(f"mount -o remount,{flags[path]},size={int(size)} {path}" for path, size in sizes.items())
+        code, out = await run_tool("nsenter", f"--target={inner}", "--mount", "--", "/bin/sh", "-c", script)
+        if code != 0:
+            raise SandboxError(f"Could not resize the tmpfs mounts of sandbox {self.id}: {out or code}.")
+
+    async def _set_rlimits(self, values: Mapping[str, int]) -> None:
+        """Set ``values`` (:func:`rlimits` names) on the agent and every process it started (bubblewrap's two
+        never fork again). With ``CAP_SYS_RESOURCE``, prlimit(2) from here; without it, prlimit(1) run as the
+        sandbox's uid, outside its namespaces, which may only lower them (:meth:`can_retune` says so)."""
+        assert self.cgroup is not None
+        skip = {self._launcher.pid if self._launcher else None, self._init_pid()}
+        pids = []
+        for pid in sorted(self.cgroup.pids() - skip):
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(f"/proc/{pid}").st_uid == self.uid:
+                    pids.append(pid)
+        if _RAISE_RLIMITS:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    for name, value in values.items():
+                        resource.prlimit(pid, _RLIMIT_NUMBERS[name], (value, value))
+            return
+        as_sandbox = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--"]
+        options = [f"--{name}={int(value)}:{int(value)}" for name, value in values.items()]
+        results = await asyncio.gather(*(run_tool(*as_sandbox, "prlimit", f"--pid={pid}", *options)
+                                         for pid in pids))
+        for pid, (code, out) in zip(pids, results, strict=True):
+            if code != 0 and os.path.exists(f"/proc/{pid}"):
+                raise SandboxError(f"Could not set the rlimits of sandbox {self.id}: {out or code}.")
+
+    def _mount_flags(self, pid: int) -> dict[str, str]:
+        """:func:`mount_flags` of the mount namespace of host pid ``pid``; raises SandboxError."""
+        try:
+            with open(f"/proc/{pid}/mountinfo") as f:
+                return mount_flags(f.read())
+        except OSError as exc:
+            raise SandboxError(f"Could not read the mounts of sandbox {self.id}: {exc}.") from exc
+
+    def _init_pid(self) -> int | None:
+        """Host pid of bubblewrap's pid 1 (the launcher's one child), or None once it is gone."""
+        launcher = self._launcher
+        if launcher is None or launcher.returncode is not None:
+            return None
+        try:
+            with open(f"/proc/{launcher.pid}/task/{launcher.pid}/children") as f:
+                children = f.read().split()
+        except OSError:
+            return None
+        return int(children[0]) if len(children) == 1 else None
 
     # -- state ------------------------------------------------------------------------------------------
 

@@ -14,7 +14,8 @@ The services, each in the module named for its concern:
 - :class:`~kernelhub.services.commands.Commands`: shell commands, foreground and background, by pid;
 - :class:`~kernelhub.services.tokens.SandboxTokens`: the per-sandbox access tokens of the E2B surface;
 - :class:`~kernelhub.services.files.Files`: the workspace's files;
-- :class:`~kernelhub.services.kernels.Kernels`: the Jupyter API's kernels, one sandbox each.
+- :class:`~kernelhub.services.kernels.Kernels`: the Jupyter API's kernels, one sandbox each;
+- :class:`~kernelhub.services.pool.Pool`: ready sandboxes per template, which provisioning hands out.
 
 Created by the app (``kernelhub serve``) and in-process by ``kernelhub mcp``, which call :meth:`Hub.start` once
 the loop runs and :meth:`Hub.shutdown` on exit.
@@ -37,6 +38,7 @@ from .executions import ExecutionHistory
 from .executor import Executor
 from .files import Files
 from .kernels import Kernels
+from .pool import Pool
 from .sandboxes import Sandboxes
 from .telemetry import PoolState, Telemetry
 from .templates import BUILTIN_TEMPLATES, Template, parse_templates
@@ -98,13 +100,16 @@ class Hub(LoggingConfigurable):
         self.maximum = resolve_limits(self.max_limits, DEFAULT_MAXIMUM, DEFAULT_MAXIMUM) \
             if self.max_limits else DEFAULT_MAXIMUM
         self.executions = ExecutionHistory(self.execution_history)
+        self.pool = Pool(factory, self.kernel_spec_manager, self.templates,
+                         {name: t.base_limits(self.defaults, self.maximum) for name, t in self.templates.items()},
+                         parent=self)
         self.telemetry = Telemetry(lambda: self.sandboxes.all_records(), self.pool_state)
         self.sandboxes = Sandboxes(
             factory=factory, kernel_spec_manager=self.kernel_spec_manager, templates=self.templates,
             defaults=self.defaults, maximum=self.maximum, max_sandboxes_per_tenant=self.max_sandboxes_per_tenant,
             reap_interval=self.reap_interval, stopped_retention_s=self.stopped_retention_s,
             executions=self.executions, log=self.log, template_aliases=self.template_aliases,
-            telemetry=self.telemetry)
+            telemetry=self.telemetry, pool=self.pool)
         self.executor = Executor(self.sandboxes, self.executions)
         self.commands = Commands(self.sandboxes, output_buffer_bytes=max(1, self.command_output_buffer_kib) * 1024,
                                  max_commands_per_sandbox=max(1, self.max_commands_per_sandbox),
@@ -117,6 +122,7 @@ class Hub(LoggingConfigurable):
         # What the surfaces call, by the names they call it: each is the one service method that does it.
         sandboxes, executor, files, jupyter = self.sandboxes, self.executor, self.files, self.jupyter
         self.start = sandboxes.start
+        self.list_templates = self.pool.list_templates
         self.shutdown = sandboxes.shutdown
         self.create_sandbox = sandboxes.create_sandbox
         self.list_sandboxes = sandboxes.list_sandboxes

@@ -12,9 +12,10 @@ Built and configured by :class:`~kernelhub.services.hub.Hub` (its traitlets: def
 and by :class:`~kernelhub.services.executor.Executor`, :class:`~kernelhub.services.files.Files` and
 :class:`~kernelhub.services.kernels.Kernels`.
 
-Room for later work: :meth:`Sandboxes._provision` is the one place a sandbox comes from (a warm pool overrides
-it); a :class:`SandboxRecord`'s plain fields are what a durable store would persist, its live fields
-(``sandbox``, ``sessions``, ``busy``) are rebuilt, never stored.
+:meth:`Sandboxes._provision` is the one place a sandbox comes from: a ready one from the warm pool
+(:mod:`kernelhub.services.pool`) when it can serve the request, else a new one. A :class:`SandboxRecord`'s
+plain fields are what a durable store would persist, its live fields (``sandbox``, ``sessions``, ``busy``) are
+rebuilt, never stored; pooled sandboxes have no record until they are handed out, and are never stored.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from .tenants import Tenant
 from .validation import check_env
 
 if TYPE_CHECKING:
+    from .pool import Pool
     from .terminals import TerminalSession
 
 #: A session of either kind, told apart by ``type`` ("jupyter" or "terminal"; mypy narrows on it). Both have
@@ -140,6 +142,8 @@ class Sandboxes:
     log: logging.Logger
     #: Told of every lifecycle event (its INFO log lines and metrics); one of its own when none is given.
     telemetry: Telemetry = dataclasses.field(default=None)  # type: ignore[assignment]
+    #: Ready sandboxes handed out by :meth:`_provision`; None: every sandbox is made when asked for.
+    pool: Pool | None = None
     _records: dict[str, SandboxRecord] = dataclasses.field(default_factory=dict, init=False, repr=False)
     _sessions: dict[str, tuple[SandboxRecord, Session]] = dataclasses.field(default_factory=dict, init=False,
                                                                              repr=False)
@@ -162,11 +166,15 @@ class Sandboxes:
         """Called by the app once the loop runs: reaps what a crash left, starts the idle/lifetime reaper."""
         await self.factory.reap_stale()
         self._reaper = asyncio.ensure_future(self._reap_loop())
+        if self.pool is not None:
+            self.pool.start()
 
     async def shutdown(self) -> None:
         """Called by the app on exit: stops every sandbox (no process, cgroup, mount or uid is left)."""
         if self._reaper is not None:
             self._reaper.cancel()
+        if self.pool is not None:
+            await self.pool.shutdown()
         await asyncio.gather(*(self._stop_record(r, "shutdown") for r in list(self._records.values())),
                              return_exceptions=True)
         await self.factory.stop_all()
@@ -224,9 +232,16 @@ class Sandboxes:
         else:
             self._pending.pop(tenant.name, None)
 
-    async def _provision(self, limits: Limits, env: dict[str, str]) -> Sandbox:
-        """Where every sandbox comes from; a warm pool would hand out a pre-started one here."""
-        return await self.factory.create(limits=limits, env=env)
+    async def _provision(self, template: Template, language: str, limits: Limits,
+                         env: dict[str, str]) -> tuple[Sandbox, JupyterSession | None]:
+        """Where every sandbox comes from: a pooled one already running a started ``language`` kernel (its
+        session is answered too), made into what this request asks for, when the pool can serve it; else a
+        new sandbox (and None: the caller starts its kernel). Raises what the factory raises."""
+        if self.pool is not None:
+            pooled = await self.pool.take(template, language, limits, env)
+            if pooled is not None:
+                return pooled.sandbox, pooled.session
+        return await self.factory.create(limits=limits, env=env), None
 
     async def create_sandbox(self, tenant: Tenant, template: object = "python",
                              limits: Mapping[str, Any] | None = None, env: object = None, metadata: object = None,
@@ -247,7 +262,7 @@ class Sandboxes:
             raise InvalidRequest(f"Unknown template {template!r}; known templates are "
                                  f"{', '.join(sorted(self.templates))}.")
         tmpl = self.templates[template]
-        base = resolve_limits(tmpl.limits, self.defaults, self.maximum) if tmpl.limits else self.defaults
+        base = tmpl.base_limits(self.defaults, self.maximum)
         resolved = resolve_limits(limits, base, self.maximum)
         env_vars = {**tmpl.env, **check_env(env)}
         if metadata is None:
@@ -269,7 +284,7 @@ class Sandboxes:
         sandbox: Sandbox | None = None
         asked = time.monotonic()
         try:
-            sandbox = await self._provision(resolved, env_vars)
+            sandbox, pooled_session = await self._provision(tmpl, language, resolved, env_vars)
             record = SandboxRecord(sandbox.id, tenant, tmpl, resolved, metadata)
             self.telemetry.sandbox_created(record)
             record.sandbox = sandbox
@@ -278,10 +293,11 @@ class Sandboxes:
             self._records[record.id] = record
             self._release_sandbox(tenant)
             reserved = False
-            session = JupyterSession(sandbox, language, self.kernel_spec_manager)
+            session = pooled_session or JupyterSession(sandbox, language, self.kernel_spec_manager)
             record.sessions[session.id] = session
             self._sessions[session.id] = (record, session)
-            await session.start()
+            if pooled_session is None:
+                await session.start()
             record.state = "running"
             record.touch()
             self.telemetry.sandbox_ready(record, time.monotonic() - asked)

@@ -277,6 +277,15 @@ class JupyterSession:
         self.state = "running"
         self.execution_state = "idle"
 
+    async def hand_over(self, env: Mapping[str, str]) -> None:
+        """Called by the pool when it hands this started kernel (the first session of a pre-started sandbox)
+        to its owner, before any of the owner's code runs: ``env`` is set in the kernel's own environment by
+        a silent request (no execution count, no history, no output), and the hand-out counts as the
+        session's first activity. Raises what a silent request raises (SandboxError, TimeoutError)."""
+        if env:
+            await self._run_silent(env_snippet(self.language, env))
+        self.last_activity = time.time()
+
     async def _connect(self, timeout: float = 60.0) -> None:
         self.kc = self.km.client()
         self.kc.start_channels()

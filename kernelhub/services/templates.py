@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import InvalidRequest
+from ..sandbox.limits import Limits, resolve_limits
 from .sessions import LANGUAGES
 
 
@@ -27,6 +28,12 @@ class Template:
     network: str = "none"
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     description: str = ""
+
+    def base_limits(self, defaults: Limits, maximum: Limits) -> Limits:
+        """The limits of a sandbox of this template whose request names none: the template's over the
+        gateway's ``defaults``, within ``maximum``. Raises :class:`~kernelhub.errors.InvalidRequest` for a
+        template limit out of bounds."""
+        return resolve_limits(self.limits, defaults, maximum) if self.limits else defaults
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "language": self.language, "limits": dict(self.limits),

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from kernelhub.errors import IsolationUnavailable
-from kernelhub.sandbox.factory import SandboxFactory
+from kernelhub.sandbox.factory import SandboxFactory, _mem_available
 
 CRASHER = """
 import asyncio, os, sys
@@ -68,3 +68,14 @@ def test_state_dir_under_an_untraversable_parent_is_refused(runner: asyncio.Runn
         os.chmod(closed, 0o700)
         with pytest.raises(IsolationUnavailable):
             runner.run(SandboxFactory(state_dir=f"{closed}/state").create())
+
+
+def test_memory_headroom_reads_memavailable(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   12000000 kB\n")
+    assert _mem_available(str(meminfo)) == 12000000 * 1024
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\n")  # before Linux 3.14
+    assert _mem_available(str(meminfo)) == 1000000 * 1024
+    # Here: kernelhub's own cgroup folder has no memory limit, so the host's figure is the headroom.
+    factory = SandboxFactory(state_dir=str(tmp_path))
+    assert 0 < factory.memory_headroom() <= _mem_available() * 1.1

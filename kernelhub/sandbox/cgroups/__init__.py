@@ -36,13 +36,16 @@ from __future__ import annotations
 from .base import KILL_TIMEOUT_S, Cgroup, CgroupMetrics, signal_members
 from .detect import CGROUP2_SUPER_MAGIC, CGROUP_SUPER_MAGIC, detect_version, fs_magic, probe
 from .layout import DEFAULT_PARENT, DEFAULT_ROOT
-from .lifecycle import cleanup_stale, create_cgroup, open_cgroup
+from .lifecycle import cleanup_stale, create_cgroup, open_cgroup, parent_memory_headroom
 from .parsing import (
     CPU_PERIOD_US,
+    CPU_WEIGHT_DEFAULT,
     LIMIT_CONTROLLERS,
     UNLIMITED,
     V1_CONTROLLERS,
+    check_cpu_weight,
     cpu_quota_us,
+    cpu_shares,
     parse_keyed,
     parse_limit,
     parse_pids,
@@ -56,6 +59,7 @@ __all__ = [
     "CGROUP2_SUPER_MAGIC",
     "CGROUP_SUPER_MAGIC",
     "CPU_PERIOD_US",
+    "CPU_WEIGHT_DEFAULT",
     "KILL_TIMEOUT_S",
     "DEFAULT_PARENT",
     "DEFAULT_ROOT",
@@ -66,12 +70,15 @@ __all__ = [
     "CgroupMetrics",
     "CgroupV1",
     "CgroupV2",
+    "check_cpu_weight",
     "cleanup_stale",
     "cpu_quota_us",
+    "cpu_shares",
     "create_cgroup",
     "detect_version",
     "fs_magic",
     "open_cgroup",
+    "parent_memory_headroom",
     "parse_keyed",
     "parse_limit",
     "parse_pids",

@@ -189,8 +189,22 @@ class Cgroup(abc.ABC):
     def apply(self, limits: Limits) -> None:
         """Write ``limits`` (memory without swap, CPU cores, pids) into the enforced controllers.
 
-        Called by :func:`create_cgroup` (limits do not change after that today). Raises
-        SandboxError if the kernel refuses a value (e.g. a memory limit below what v1 can reclaim).
+        Called by :func:`create_cgroup`, and on a live group by
+        :meth:`Sandbox.retune <kernelhub.sandbox.sandbox.Sandbox.retune>` when a pooled sandbox is handed out
+        with other limits. Raises SandboxError if the kernel refuses a value (e.g. a memory limit below what
+        the group already uses and cannot reclaim).
+        """
+
+    @abc.abstractmethod
+    def set_cpu_weight(self, weight: int) -> None:
+        """Set the group's share of CPU time against its siblings when the CPUs are contended: ``weight`` in
+        cgroup v2 ``cpu.weight`` units (1 to 10000, default :data:`~.parsing.CPU_WEIGHT_DEFAULT`), written as
+        ``cpu.weight`` on v2 and as the proportional ``cpu.shares`` on v1 (:func:`~.parsing.cpu_shares`).
+
+        The quota of :meth:`apply` still caps the group; the weight only decides who waits when the machine
+        is busy. A group without the cpu controller keeps no weight (nothing happens). Called by the sandbox
+        for pooled sandboxes, which start at a low weight and get the default one when handed out. Raises
+        ValueError for a weight out of range, SandboxError if the kernel refuses the write.
         """
 
     @abc.abstractmethod

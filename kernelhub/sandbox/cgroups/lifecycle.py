@@ -10,13 +10,13 @@ from ...errors import IsolationUnavailable, SandboxError
 from ..limits import Limits
 from .base import Cgroup
 from .detect import resolve_version
-from .fs import read
+from .fs import read, read_int, read_limit
 from .layout import DEFAULT_PARENT, DEFAULT_ROOT, NAME_RE, check_name, check_parent, check_require
-from .parsing import LIMIT_CONTROLLERS
+from .parsing import LIMIT_CONTROLLERS, UNLIMITED
 from .v1 import CgroupV1, create_v1, v1_mounts
 from .v2 import CgroupV2, create_v2
 
-__all__ = ["cleanup_stale", "create_cgroup", "open_cgroup"]
+__all__ = ["cleanup_stale", "create_cgroup", "open_cgroup", "parent_memory_headroom"]
 
 log = logging.getLogger("kernelhub.sandbox.cgroups")
 
@@ -131,3 +131,25 @@ async def cleanup_stale(
         removed.append(name)
     return removed
 
+
+def parent_memory_headroom(
+    *, root: str = DEFAULT_ROOT, parent: str = DEFAULT_PARENT, version: int | None = None
+) -> int | None:
+    """Bytes between the memory limit of the folder ``parent`` (which every sandbox's group sits in) and what
+    it uses now, or None when it has no limit (or no memory controller, or does not exist yet). An operator
+    caps all sandboxes together by limiting that folder; the pool reads this before it starts another
+    sandbox. Raises IsolationUnavailable where there are no cgroups at all."""
+    parts = check_parent(parent)
+    if resolve_version(root, version) == 1:
+        mount = v1_mounts(root).get("memory")
+        if mount is None:
+            return None
+        folder = os.path.join(mount, *parts)
+        limit_file, usage_file = "memory.limit_in_bytes", "memory.usage_in_bytes"
+    else:
+        folder = os.path.join(root, *parts)
+        limit_file, usage_file = "memory.max", "memory.current"
+    limit = read_limit(os.path.join(folder, limit_file))
+    if limit == UNLIMITED:
+        return None
+    return max(0, limit - read_int(os.path.join(folder, usage_file)))

@@ -10,10 +10,13 @@ import re
 
 __all__ = [
     "CPU_PERIOD_US",
+    "CPU_WEIGHT_DEFAULT",
     "LIMIT_CONTROLLERS",
     "UNLIMITED",
     "V1_CONTROLLERS",
+    "check_cpu_weight",
     "cpu_quota_us",
+    "cpu_shares",
     "parse_keyed",
     "parse_limit",
     "parse_pids",
@@ -28,6 +31,12 @@ V1_CONTROLLERS: tuple[str, ...] = ("memory", "cpu", "cpuacct", "pids", "freezer"
 
 #: CFS period for CPU quotas. 100 ms is the kernel default; a shorter one costs scheduler overhead.
 CPU_PERIOD_US = 100_000
+#: cgroup v2's ``cpu.weight`` of a group nobody changed (the range is 1 to 10000); v1's ``cpu.shares`` default,
+#: 1024, is the same share.
+CPU_WEIGHT_DEFAULT = 100
+_CPU_WEIGHT_RANGE = (1, 10_000)
+#: v1 ``cpu.shares`` bounds (kernel/sched: MIN_SHARES 2, MAX_SHARES 1 << 18).
+_CPU_SHARES_RANGE = (2, 1 << 18)
 #: The kernel refuses CFS quotas below 1 ms.
 _MIN_CPU_QUOTA_US = 1000
 #: How a limit that is not set (or not enforced) reads in :class:`CgroupMetrics`.
@@ -122,3 +131,22 @@ def v1_memory_write_order(new_limit: int, current_memsw: int) -> tuple[str, str]
         return (limit, memsw)
     return (memsw, limit)
 
+
+def cpu_shares(weight: int) -> int:
+    """The v1 ``cpu.shares`` of a v2 ``cpu.weight`` (1 to 10000, default :data:`CPU_WEIGHT_DEFAULT`): the same
+    proportion of the v1 default 1024, kept inside v1's bounds. Raises ValueError for a weight out of range.
+
+    >>> cpu_shares(100), cpu_shares(10), cpu_shares(1)
+    (1024, 102, 10)
+    """
+    check_cpu_weight(weight)
+    low, high = _CPU_SHARES_RANGE
+    return max(low, min(high, weight * 1024 // CPU_WEIGHT_DEFAULT))
+
+
+def check_cpu_weight(weight: int) -> int:
+    """``weight`` if it is a whole number in cgroup v2's ``cpu.weight`` range (1 to 10000); else ValueError."""
+    low, high = _CPU_WEIGHT_RANGE
+    if isinstance(weight, bool) or not isinstance(weight, int) or not low <= weight <= high:
+        raise ValueError(f"a CPU weight is a whole number from {low} to {high}, not {weight!r}")
+    return weight

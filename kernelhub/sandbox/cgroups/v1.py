@@ -24,6 +24,7 @@ from .parsing import (
     UNLIMITED,
     V1_CONTROLLERS,
     cpu_quota_us,
+    cpu_shares,
     parse_keyed,
     parse_v1_mounts,
     v1_memory_write_order,
@@ -72,6 +73,15 @@ class CgroupV1(Cgroup):
                 write(os.path.join(self._dirs["pids"], "pids.max"), str(limits.pids))
         except OSError as e:
             raise SandboxError(f"Cannot set limits on cgroup {self.parent}/{self.name}: {e}.") from e
+
+    def set_cpu_weight(self, weight: int) -> None:
+        shares = cpu_shares(weight)
+        if "cpu" not in self._dirs:
+            return
+        try:
+            write(os.path.join(self._dirs["cpu"], "cpu.shares"), str(shares))
+        except OSError as e:
+            raise SandboxError(f"Cannot set the CPU weight of cgroup {self.parent}/{self.name}: {e}.") from e
 
     def _apply_memory(self, limit: int) -> None:
         directory = self._dirs["memory"]

@@ -16,7 +16,7 @@ from ..limits import Limits
 from .base import FREEZE_WAIT_S, Cgroup, CgroupMetrics, log, poll_until, sigkill_members
 from .fs import read, read_int, read_keyed, read_limit, write
 from .layout import check_name, in_own_folder, make_parent, require_controllers
-from .parsing import CPU_PERIOD_US, LIMIT_CONTROLLERS, cpu_quota_us
+from .parsing import CPU_PERIOD_US, LIMIT_CONTROLLERS, check_cpu_weight, cpu_quota_us
 
 __all__ = ["CgroupV2", "create_v2", "v2_enable"]
 
@@ -49,6 +49,15 @@ class CgroupV2(Cgroup):
                 write(self._file("pids.max"), str(limits.pids))
         except OSError as e:
             raise SandboxError(f"Cannot set limits on cgroup {self.parent}/{self.name}: {e}.") from e
+
+    def set_cpu_weight(self, weight: int) -> None:
+        check_cpu_weight(weight)
+        if "cpu" not in self.controllers:
+            return
+        try:
+            write(self._file("cpu.weight"), str(weight))
+        except OSError as e:
+            raise SandboxError(f"Cannot set the CPU weight of cgroup {self.parent}/{self.name}: {e}.") from e
 
     def metrics(self) -> CgroupMetrics:
         self._check_metrics_possible()

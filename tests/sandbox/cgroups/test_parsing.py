@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kernelhub.sandbox.cgroups import (
+    CPU_WEIGHT_DEFAULT,
     UNLIMITED,
     cpu_quota_us,
+    cpu_shares,
     parse_keyed,
     parse_limit,
     parse_pids,
@@ -81,6 +85,16 @@ def test_cpu_quota() -> None:
     assert cpu_quota_us(1.5) == 150_000
     assert cpu_quota_us(0.001) == 1000  # the kernel's minimum
     assert cpu_quota_us(0.5, period_us=50_000) == 25_000
+
+
+def test_cpu_shares_is_the_same_proportion_of_the_v1_default() -> None:
+    assert cpu_shares(CPU_WEIGHT_DEFAULT) == 1024  # v1's own default
+    assert cpu_shares(10) == 102
+    assert cpu_shares(1) == 10
+    assert cpu_shares(10_000) == 102_400
+    for bad in (0, -1, 10_001, 1.5, True, "100"):
+        with pytest.raises(ValueError, match="CPU weight"):
+            cpu_shares(bad)  # type: ignore[arg-type]
 
 
 def test_v1_memory_write_order() -> None:

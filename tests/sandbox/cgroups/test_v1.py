@@ -18,6 +18,7 @@ from kernelhub.sandbox.cgroups import (
     cleanup_stale,
     create_cgroup,
     open_cgroup,
+    parent_memory_headroom,
     v1_memory_write_order,
 )
 from kernelhub.sandbox.limits import Limits
@@ -166,6 +167,46 @@ def test_v1_cpu_quota_holds_two_spinners_to_a_fifth_of_a_core(groups: Groups) ->
 
 
 @real
+def test_v1_cpu_weight_writes_shares_on_a_live_group(groups: Groups) -> None:
+    group = groups.create(Limits(memory_mb=128, pids=32))
+    shares = f"{v1_dir('cpu', group)}/cpu.shares"
+    assert read(shares) == "1024"
+    groups.spawn(group, ["sleep", "1000"])
+    wait_until(lambda: len(group.pids()) == 1)
+    group.set_cpu_weight(10)
+    assert read(shares) == "102"
+    # What a pooled sandbox's hand-out does: default weight, other limits, on the group with its process in it.
+    group.set_cpu_weight(100)
+    group.apply(Limits(memory_mb=256, cpu=0.5, pids=64))
+    assert read(shares) == "1024"
+    assert int(read(f"{v1_dir('memory', group)}/memory.limit_in_bytes")) == 256 * MiB
+    assert read(f"{v1_dir('pids', group)}/pids.max") == "64"
+    assert int(read(f"{v1_dir('cpu', group)}/cpu.cfs_quota_us")) == 50_000
+    with pytest.raises(ValueError, match="CPU weight"):
+        group.set_cpu_weight(0)
+    assert read(shares) == "1024"
+
+
+@real
+def test_v1_cpu_weight_decides_who_waits_on_a_contended_core(groups: Groups) -> None:
+    # Two spinners pinned to the same core, in sibling groups of weight 10 and 100: the heavier one gets about
+    # ten times the time (a quota would not do this: neither group is near its 1-core quota).
+    light, heavy = groups.create(), groups.create()
+    light.set_cpu_weight(10)
+    spin = ["taskset", "-c", "0", "/bin/sh", "-c", "while :; do :; done"]
+    groups.spawn(light, spin)
+    groups.spawn(heavy, spin)
+    wait_until(lambda: len(light.pids()) == 1 and len(heavy.pids()) == 1)
+    time.sleep(0.3)  # both spinning
+    light0, heavy0 = light.metrics().cpu_seconds, heavy.metrics().cpu_seconds
+    time.sleep(2.0)
+    light_used = light.metrics().cpu_seconds - light0
+    heavy_used = heavy.metrics().cpu_seconds - heavy0
+    assert heavy_used > 0.2, heavy_used
+    assert light_used < heavy_used / 3, (light_used, heavy_used)
+
+
+@real
 def test_v1_kill_all_gets_orphans_and_remove_leaves_nothing(groups: Groups) -> None:
     group = groups.create()
     # A double-forked sleep (orphaned to pid 1), one in its own session, one background, one foreground.
@@ -254,3 +295,19 @@ def test_v1_cleanup_stale_removes_only_dead_groups(groups: Groups) -> None:
     assert proc.wait(timeout=10) == -signal.SIGKILL
     assert alive.exists() and not stale_busy.exists() and not stale_idle.exists()
     assert asyncio.run(cleanup_stale({alive.name}, parent=parent)) == []
+
+
+@real
+def test_v1_parent_memory_headroom_is_the_limit_of_the_folder_less_its_use(groups: Groups) -> None:
+    # The pool reads this before each refill: an operator who caps kernelhub's folder caps the pool too.
+    parent = f"kernelhub/{unique('headroom')}"
+    group = groups.create(Limits(memory_mb=256), parent=parent)
+    folder = os.path.dirname(v1_dir("memory", group))
+    groups.folders.update(os.path.dirname(path) for path in group.paths)
+    assert parent_memory_headroom(parent=parent) is None  # no limit of its own yet
+    with open(f"{folder}/memory.limit_in_bytes", "w") as f:
+        f.write(str(512 * MiB))
+    groups.spawn(group, [sys.executable, "-c", "import time; x = bytearray(64 * 2**20); time.sleep(1000)"])
+    wait_until(lambda: int(read(f"{folder}/memory.usage_in_bytes")) > 64 * MiB)
+    headroom = parent_memory_headroom(parent=parent)
+    assert headroom is not None and 384 * MiB < headroom < 448 * MiB, headroom

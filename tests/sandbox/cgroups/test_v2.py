@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
-from kernelhub.errors import IsolationUnavailable
+from kernelhub.errors import IsolationUnavailable, SandboxError
 from kernelhub.sandbox.cgroups import (
     UNLIMITED,
     CgroupV2,
     create_cgroup,
+    lifecycle,
     open_cgroup,
+    parent_memory_headroom,
 )
 from kernelhub.sandbox.limits import Limits
 from tests.sandbox.cgroups.support import (
@@ -82,3 +85,61 @@ def test_v2_kill_by_freezing(groups: Groups) -> None:
     assert group.pids() == set()
     assert proc.wait(timeout=10) == -signal.SIGKILL
     assert read(os.path.join(group.paths[0], "cgroup.freeze")) == "0"
+
+
+def fake_v2_group(tmp_path: Path, controllers: set[str]) -> CgroupV2:
+    """A v2 group over plain files: this machine's cgroup2 mount has no controllers, so the files that the
+    memory, cpu and pids controllers would add are made by hand. They start empty: a cgroupfs write replaces
+    the value, a plain file's write over a longer one would not."""
+    for name in ("memory.max", "cpu.max", "cpu.weight", "pids.max", "cgroup.procs"):
+        (tmp_path / name).write_text("")
+    return CgroupV2("fake", root=str(tmp_path), parent="kernelhub", path=str(tmp_path), controllers=controllers)
+
+
+def test_v2_cpu_weight_and_live_limits_with_controllers(tmp_path: Path) -> None:
+    group = fake_v2_group(tmp_path, {"memory", "cpu", "pids"})
+    group.set_cpu_weight(10)
+    assert read(str(tmp_path / "cpu.weight")) == "10"
+    (tmp_path / "cpu.weight").write_text("")
+    group.set_cpu_weight(100)
+    group.apply(Limits(memory_mb=256, cpu=0.5, pids=64))
+    assert read(str(tmp_path / "cpu.weight")) == "100"
+    assert read(str(tmp_path / "memory.max")) == str(256 * 1024 * 1024)
+    assert read(str(tmp_path / "cpu.max")) == "50000 100000"
+    assert read(str(tmp_path / "pids.max")) == "64"
+    with pytest.raises(ValueError, match="CPU weight"):
+        group.set_cpu_weight(10_001)
+    assert read(str(tmp_path / "cpu.weight")) == "100"
+
+
+def test_v2_cpu_weight_without_the_cpu_controller_writes_nothing(tmp_path: Path) -> None:
+    group = fake_v2_group(tmp_path, {"memory", "pids"})
+    group.set_cpu_weight(10)
+    assert read(str(tmp_path / "cpu.weight")) == ""
+
+
+def test_v2_cpu_weight_refused_by_the_kernel_is_a_sandbox_error(tmp_path: Path) -> None:
+    group = fake_v2_group(tmp_path, {"cpu"})
+    (tmp_path / "cpu.weight").unlink()
+    (tmp_path / "cpu.weight").mkdir()  # writing fails as a vanished group's would
+    with pytest.raises(SandboxError, match="CPU weight"):
+        group.set_cpu_weight(10)
+
+
+@real
+def test_v2_parent_memory_headroom_without_a_memory_controller_is_none() -> None:
+    assert parent_memory_headroom(root=V2_ROOT) is None
+
+
+def test_v2_parent_memory_headroom_under_a_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A v2 folder with the memory controller, over plain files (this machine's cgroup2 has no controllers).
+    monkeypatch.setattr(lifecycle, "resolve_version", lambda root, version: 2)
+    folder = tmp_path / "kernelhub"
+    folder.mkdir()
+    (folder / "memory.max").write_text(f"{1024 * 2**20}\n")
+    (folder / "memory.current").write_text(f"{100 * 2**20}\n")
+    assert parent_memory_headroom(root=str(tmp_path)) == 924 * 2**20
+    (folder / "memory.current").write_text(f"{2048 * 2**20}\n")  # over the limit: nothing left, not less
+    assert parent_memory_headroom(root=str(tmp_path)) == 0
+    (folder / "memory.max").write_text("max\n")
+    assert parent_memory_headroom(root=str(tmp_path)) is None
