@@ -41,12 +41,13 @@ print(json.dumps({
     "hostname": socket.gethostname(), "env_hostname": os.environ["HOSTNAME"],
     "uid": os.getuid(), "rlimits": [resource.getrlimit(r) for r in (resource.RLIMIT_NPROC, resource.RLIMIT_FSIZE,
                                                                    resource.RLIMIT_NOFILE, resource.RLIMIT_CORE)],
-    "tmpfs": [os.statvfs(p).f_blocks * os.statvfs(p).f_frsize for p in ("/tmp", "/dev/shm", os.path.expanduser("~"))],
+    "tmpfs": [os.statvfs(p).f_blocks * os.statvfs(p).f_frsize for p in ("/tmp", "/dev/shm")],
     "tmp": tree("/tmp"), "shm": tree("/dev/shm"), "home": tree(os.path.expanduser("~")),
     "workspace": tree("/workspace"), "cwd": os.getcwd(), "argv": sys.argv[1:2],
 }))
 """
-SHELL_PROBE = ("echo $FOO; hostname; ulimit -u -f -n; df --output=size -B1 /tmp /dev/shm /home/user | tail -n +2; "
+# The home is the workspace (an ext4 image sized by disk_mb), not a tmpfs: only /tmp and /dev/shm follow memory.
+SHELL_PROBE = ("echo $FOO; hostname; ulimit -u -f -n; df --output=size -B1 /tmp /dev/shm | tail -n +2; "
                "ls -A /tmp /home/user /workspace; id -u")
 
 
@@ -195,8 +196,9 @@ def test_pooled_and_cold_python_sandboxes_are_indistinguishable(pooled_gateway: 
             "In", "Out", "exit", "get_ipython", "open", "quit"}, p["names"]
         assert p["env"]["FOO"] == "bar" and p["env"]["PATH"] == "/usr/bin:/bin"
         assert p["rlimits"] == [[64, 64], [5 * 2**20, 5 * 2**20], [4096, 4096], [0, 0]]
-        assert p["tmpfs"] == [64 * 2**20, 32 * 2**20, 32 * 2**20]
-        assert p["tmp"] == p["shm"] == p["workspace"] == [] and p["home"] == c["home"]
+        assert p["tmpfs"] == [64 * 2**20, 32 * 2**20]
+        # /tmp holds the kernel's IPython directory (IPYTHONDIR), as a cold one's does; nothing else anywhere.
+        assert p["tmp"] == c["tmp"] and p["shm"] == p["workspace"] == [] and p["home"] == c["home"]
 
         out_p = command(gw, pooled["id"], SHELL_PROBE).replace(pooled["id"], "ID")
         out_c = command(gw, cold["id"], SHELL_PROBE).replace(cold["id"], "ID")
@@ -295,10 +297,11 @@ def test_a_pooled_sandbox_for_bob_holds_nothing_of_alice(pooled_gateway: Gateway
         assert gw.request("GET", f"/v1/sandboxes/{bob['id']}")[0] == 404  # alice's key
         status, listing = gw.request("GET", "/v1/sandboxes", token=gw.other_token)
         assert [s["id"] for s in listing["sandboxes"]] == [bob["id"]]
+        # /tmp holds only bob's own kernel's IPython directory (IPYTHONDIR); the home is the workspace.
         code = ("import os\nprint('secret' in globals(), os.environ.get('SECRET'), os.listdir('/workspace'), "
                 "os.listdir('/tmp'), 'a.txt' in os.listdir(os.path.expanduser('~')))")
         out = execute(gw, bob["id"], code, token=gw.other_token)["stdout"]
-        assert out.strip() == "False None [] [] False"
+        assert out.strip() == "False None [] ['.ipython'] False"
         assert host_uid(gw, bob["id"]) != alice_uid
     finally:
         delete(gw, bob["id"], token=gw.other_token)
