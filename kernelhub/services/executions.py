@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import inspect
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -34,6 +35,8 @@ InputHandler = Callable[[str, bool], Awaitable[str]]
 ENDED = ("ok", "error", "timeout", "killed")
 #: How many display ids a session remembers the execution of (the oldest are forgotten first).
 DISPLAYS_KEPT = 1000
+#: The longest error name kept (characters); the rest of an error counts against the output cap.
+MAX_ERROR_NAME = 256
 
 
 class Displays:
@@ -92,6 +95,8 @@ class Execution:
         self._emit_lock = asyncio.Lock()
         self._error_sent = False
         self._output_bytes = 0
+        #: Bytes of kernel messages read while it ran, beyond each one's envelope (see :meth:`received`).
+        self.received_bytes = 0
         self._done = asyncio.Event()
         self._started = asyncio.Event()
 
@@ -175,6 +180,12 @@ class Execution:
         await self.emit({"type": "end", "execution": self.to_dict()})
         self._done.set()
 
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes this execution keeps: its outputs as counted against the cap, its error and its code (what the
+        execution history counts against its byte bound)."""
+        return self._output_bytes + len(self.code) + (_error_size(self.error) if self.error else 0)
+
     def _take(self, size: int) -> bool:
         """Count output against the cap; False once it is over (the output is dropped, ``truncated`` set and
         :attr:`over_limit` fired, which makes the session stop the execution)."""
@@ -184,6 +195,14 @@ class Execution:
         self._output_bytes += size
         return True
 
+    def received(self, nbytes: int) -> None:
+        """Called by the session for each kernel message read while this execution runs, with its bytes beyond
+        its envelope, before it is parsed: past the output cap the execution is stopped as for output it keeps
+        (messages it would not keep, junk included, cost the gateway too)."""
+        self.received_bytes += nbytes
+        if self.received_bytes > self.output_limit:
+            self._over()
+
     def _over(self) -> None:
         if not self.truncated:
             self.truncated = True
@@ -192,11 +211,21 @@ class Execution:
 
     async def on_iopub(self, msg: dict[str, Any]) -> None:
         """Called by the session's iopub reader for every message whose parent is this execution; messages
-        that come after its end (a stopped flood, a thread still printing) are dropped."""
+        that come after its end (a stopped flood, a thread still printing) are dropped.
+
+        Every byte kept counts against the output cap (API.md ``output_mb``): stream text as it is kept, and a
+        result, a display update or an error by the size of the message content it was made of
+        (``msg["content_bytes"]``, set by the session; measured here when absent), metadata and MIME keys
+        included. An error past the cap is kept cut to fit."""
         if self.ended:
             return
         kind = msg.get("msg_type") or msg.get("header", {}).get("msg_type")
         content = msg.get("content", {})
+        if not isinstance(content, dict):
+            return
+        size = msg.get("content_bytes")
+        if not isinstance(size, int):
+            size = _json_size(content)
         if kind == "stream":
             name = "stderr" if content.get("name") == "stderr" else "stdout"
             text = str(content.get("text", ""))
@@ -212,7 +241,7 @@ class Execution:
             await self.emit({"type": name, "text": text})
         elif kind in ("execute_result", "display_data"):
             data = content.get("data") or {}
-            if not self._take(_size(data)):
+            if not isinstance(data, dict) or not self._take(size):
                 return
             result: dict[str, Any] = {"is_main_result": kind == "execute_result", "data": data}
             if content.get("metadata"):
@@ -229,7 +258,7 @@ class Execution:
         elif kind == "update_display_data":
             display_id = _display_id(content)
             data = content.get("data") or {}
-            if display_id is None or not self._take(_size(data)):
+            if display_id is None or not isinstance(data, dict) or not self._take(size):
                 return  # an update without a display_id updates nothing (Jupyter's messaging spec)
             metadata = content.get("metadata") or None
             owner = self if self._shows(display_id) else (self.displays.owner(display_id) if self.displays else None)
@@ -240,15 +269,31 @@ class Execution:
                 event["metadata"] = metadata
             await self.emit(event)
         elif kind == "error":
-            self.error = {
-                "name": str(content.get("ename", "")),
+            traceback = content.get("traceback")
+            error = {
+                "name": str(content.get("ename", ""))[:MAX_ERROR_NAME],
                 "value": str(content.get("evalue", "")),
-                "traceback": [str(t) for t in content.get("traceback", [])][:200],
+                "traceback": [str(t) for t in traceback[:200]] if isinstance(traceback, list) else [],
             }
-            await self.emit({"type": "error", **self.error})
+            self.keep_error(error, size)
+            await self.emit({"type": "error", **(self.error or error)})
         elif kind == "execute_input":
             if content.get("execution_count") is not None:
                 self.execution_count = content["execution_count"]
+
+    def keep_error(self, error: dict[str, Any], size: int | None = None) -> None:
+        """Keep ``error`` (``{name, value, traceback}``) as this execution's error, counting ``size`` bytes
+        (default: its own) against the output cap; past the cap it is kept cut to the room left (its name kept,
+        its value cut, its traceback dropped) and the execution is marked truncated."""
+        self.error = error if self._take(_error_size(error) if size is None else size) else self._cut_error(error)
+
+    def _cut_error(self, error: dict[str, Any]) -> dict[str, Any]:
+        room = max(0, self.output_limit - self._output_bytes)
+        note = " [cut at the output cap]"
+        value = error["value"].encode()[:max(0, room - len(error["name"]) - len(note))].decode(errors="ignore")
+        self._output_bytes = min(self.output_limit, self._output_bytes + len(value) + len(error["name"]))
+        self._over()
+        return {"name": error["name"], "value": value + note, "traceback": []}
 
     def _shows(self, display_id: str) -> bool:
         return any(r.get("display_id") == display_id for r in self.results)
@@ -293,8 +338,14 @@ def _display_id(content: dict[str, Any]) -> str | None:
     return str(display_id) if display_id not in (None, "") else None
 
 
-def _size(data: dict[str, Any]) -> int:
-    return sum(len(str(v)) for v in data.values())
+def _json_size(value: Any) -> int:
+    """Bytes of ``value`` as JSON (what the session would have read for it)."""
+    return len(json.dumps(value, default=str).encode(errors="replace"))
+
+
+def _error_size(error: dict[str, Any]) -> int:
+    return len(str(error.get("name", ""))) + len(str(error.get("value", ""))) + \
+        sum(len(str(t)) for t in error.get("traceback") or [])
 
 
 class ExecutionHistory:

@@ -27,7 +27,7 @@ import zmq
 import zmq.asyncio
 from jupyter_client.session import Session
 
-from kernelhub.sandbox.sandbox import SandboxFactory
+from kernelhub.sandbox.factory import SandboxFactory
 from kernelhub.services.executions import Execution
 from kernelhub.services.hub import Hub
 from kernelhub.services.sessions import INTERRUPT_GRACE_S, error_object, send_message
