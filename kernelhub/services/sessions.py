@@ -109,6 +109,8 @@ KNOWN_TYPES = frozenset({
     "stream", "display_data", "update_display_data", "execute_input", "execute_result", "error", "status",
     "clear_output", "debug_event", "comm_open", "comm_msg", "comm_close", "input_request", "pyout", "pyerr",
     "pyin", "data_pub", "usage_reply",
+    # ipykernel 7's iopub socket greets each new subscriber (an XPUB welcome message).
+    "iopub_welcome",
 })
 
 _DISK_ERRORS = re.compile(
@@ -249,6 +251,26 @@ def kernelspec_for(language: str) -> str:
         ) from None
 
 
+class TokenBucket:
+    """At most ``rate`` units a second, in bursts of at most ``capacity`` (it starts full)."""
+
+    def __init__(self, capacity: int, rate: float) -> None:
+        self.capacity = capacity
+        self.rate = rate
+        self._level = float(capacity)
+        self._at = time.monotonic()
+
+    def take(self, amount: int) -> bool:
+        """Take ``amount``; False (and nothing taken) when there is not that much left."""
+        now = time.monotonic()
+        self._level = min(self.capacity, self._level + (now - self._at) * self.rate)
+        self._at = now
+        if amount > self._level:
+            return False
+        self._level -= amount
+        return True
+
+
 class _Request:
     """One ``execute_request`` in flight, the execution its outputs go to (None for bookkeeping code), and the
     markers of its end (see the module docstring)."""
@@ -279,6 +301,8 @@ class JupyterSession:
         self.kernel_name = kernelspec_for(language)
         self.state = "starting"
         self.bounds = channel_bounds(sandbox.limits)
+        output = sandbox.limits.output_bytes
+        self.flood = TokenBucket(2 * output + self.bounds.max_message, output)
         self.km = GuardedKernelManager(kernel_name=self.kernel_name, kernel_spec_manager=kernel_spec_manager,
                                        bounds=self.bounds, on_violation=self._violated)
         #: This session's own sockets to the kernel, by channel (while connected).
@@ -434,18 +458,27 @@ class JupyterSession:
                     self._iopub_handled += 1
 
     def _count(self, nbytes: int) -> None:
-        """Count a message of ``nbytes`` (all its frames) read while an execution runs: beyond its
-        :data:`ENVELOPE_BYTES`, against the execution's output cap (past it the execution is stopped, see
-        :meth:`Execution.received <kernelhub.services.executions.Execution.received>`), and a kernel that goes on
-        sending past twice the cap and one largest message is restarted (:meth:`_violated`)."""
+        """Count a message of ``nbytes`` (all its frames), beyond its :data:`ENVELOPE_BYTES`, before it is
+        parsed. While one of this session's executions runs, against that execution's output cap (past it the
+        execution is stopped, see :meth:`Execution.received <kernelhub.services.executions.Execution.received>`),
+        and a kernel that goes on sending past twice the cap and one largest message is restarted
+        (:meth:`_violated`). Otherwise (code a Jupyter client sent over the websocket, a thread between cells)
+        against :attr:`flood`: the sandbox's ``output_mb`` a second, in bursts of twice that and one largest
+        message; a kernel that sends faster for longer is restarted."""
+        billable = max(0, nbytes - ENVELOPE_BYTES)
+        if not billable or self._violation.is_set():
+            return
         req = self._request
         ex = req.ex if req is not None else None
-        if ex is None or ex.ended and not ex.truncated:
-            return
-        ex.received(max(0, nbytes - ENVELOPE_BYTES))
-        if ex.received_bytes > 2 * ex.output_limit + self.bounds.max_message and not self._violation.is_set():
-            self._violated("iopub", f"more than {2 * ex.output_limit + self.bounds.max_message} bytes of messages "
-                           "for one execution (twice its output cap and one largest message)")
+        if ex is not None and not (ex.ended and not ex.truncated):
+            ex.received(billable)
+            if ex.received_bytes > self.flood.capacity:
+                self._violated("iopub", f"more than {self.flood.capacity} bytes of messages for one execution "
+                               "(twice its output cap and one largest message)")
+        elif not self.flood.take(billable):
+            self._violated("iopub", f"more than {self.flood.capacity} bytes of messages at more than "
+                           f"{self.flood.rate:g} bytes a second (its output cap a second) outside the API's "
+                           "executions")
 
     async def _on_iopub(self, msg: dict[str, Any]) -> None:
         self._iopub_seen.set()
