@@ -33,7 +33,7 @@ from jupyter_client.jsonutil import extract_dates, json_default
 from jupyter_client.session import Session
 from tornado.websocket import WebSocketClosedError
 
-from ..errors import InvalidRequest, NotFound
+from ..errors import InvalidRequest, NotFound, QuotaExceeded
 from ..models import iso_micro
 from ..services.sandboxes import SandboxRecord
 from ..services.sessions import JupyterSession, send_message, send_raw_message
@@ -407,6 +407,9 @@ class KernelChannelsHandler(WebSocketBase):
         kernel_id = kwargs.get("kernel_id") or (args[0] if args else "")
         self.record, self.session = self.hub.get_kernel(self.tenant, kernel_id)
         self.kernel_id = kernel_id
+        if self.connections.count(kernel_id) >= self.hub.max_connections_per_kernel:
+            raise QuotaExceeded(f"Kernel {kernel_id} already has {self.hub.max_connections_per_kernel} open "
+                                "websockets, the most it may have; close one first.")
         # Read here, where a bad value is still a JSON 400: after the upgrade it could only end the socket.
         self.client_session = self.get_query_argument("session_id", "") or uuid.uuid4().hex
 
@@ -417,6 +420,11 @@ class KernelChannelsHandler(WebSocketBase):
     async def open(self, kernel_id: str) -> None:  # type: ignore[override]
         super().open()
         self.v1 = self.selected_subprotocol == WS_V1
+        if self.connections.count(kernel_id) >= self.hub.max_connections_per_kernel:
+            # Upgrades that passed the check together: the registry, counted here with no await before add(),
+            # admits the cap and closes the others ("try again later").
+            self.close(1013, "The kernel has as many websockets as it may have; close one first.")
+            return
         km = self.session.km
         self.zsession = Session(key=km.session.key, signature_scheme=km.session.signature_scheme,
                                 session=self.client_session[:128])  # a zmq identity is at most 255 bytes

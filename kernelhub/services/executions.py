@@ -3,8 +3,8 @@
 :class:`Execution` collects what the kernel's iopub stream says about one ``execute_request`` and fans it
 out as events (the NDJSON/websocket event shapes of API.md) to listeners. The session
 (:mod:`kernelhub.services.sessions`) drives it. :class:`~kernelhub.services.executor.Executor` creates
-executions and keeps them in :class:`ExecutionHistory` (``execution_status``); ``Sandboxes`` ends a stopped
-sandbox's unfinished ones from there.
+executions and keeps them in an :class:`ExecutionHistory` (``execution_status``), bounded per tenant in count
+and bytes; ``Sandboxes`` ends a stopped sandbox's unfinished ones from there and drops a deleted sandbox's.
 
 Every listener sees the same events in the same order, and the stored execution (``to_dict``) holds what they
 saw: events go out one at a time (:meth:`Execution.emit`), ``end`` is always last, and an execution that ends
@@ -18,6 +18,7 @@ every result with that id, in this execution or in the earlier one of the same s
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import inspect
@@ -348,27 +349,103 @@ def _error_size(error: dict[str, Any]) -> int:
         sum(len(str(t)) for t in error.get("traceback") or [])
 
 
-class ExecutionHistory:
-    """Executions by id for ``execution_status``: every unfinished one, and the last ``size`` finished."""
+class ExecutionHistory(abc.ABC):
+    """Where executions are kept for ``execution_status``: every unfinished one, and per tenant the most recent
+    finished ones within a count and a byte bound (one tenant's executions never push out another's); a
+    sandbox's executions go when the sandbox is deleted or forgotten.
 
-    def __init__(self, size: int = 1000) -> None:
-        self.size = size
-        self._all: collections.OrderedDict[str, Execution] = collections.OrderedDict()
+    The one interface of the history: :class:`MemoryExecutionHistory` keeps it in this process; a durable one
+    (finished executions in :mod:`kernelhub.services.store`, with the same per-tenant bounds) can take its place
+    behind the same methods. Called by :class:`~kernelhub.services.executor.Executor` (``add``, ``finished``,
+    ``get``) and :class:`~kernelhub.services.sandboxes.Sandboxes` (``for_sandbox`` on stop,
+    ``forget_sandbox`` on delete)."""
+
+    @abc.abstractmethod
+    def add(self, execution: Execution) -> None:
+        """Keep a new (queued) execution; it is not counted against the bounds until it has finished."""
+
+    @abc.abstractmethod
+    def finished(self, execution: Execution) -> None:
+        """``execution`` has ended: count it against its tenant's bounds, dropping that tenant's oldest finished
+        executions past them (the newest is always kept)."""
+
+    @abc.abstractmethod
+    def get(self, tenant: str, execution_id: str) -> Execution:
+        """The tenant's execution; raises :class:`~kernelhub.errors.NotFound` for unknown ids, dropped ones and
+        other tenants' ids."""
+
+    @abc.abstractmethod
+    def for_sandbox(self, sandbox_id: str) -> list[Execution]:
+        """Every execution of the sandbox still kept, oldest first."""
+
+    @abc.abstractmethod
+    def forget_sandbox(self, sandbox_id: str) -> None:
+        """Drop every execution of the sandbox (it was deleted): its output is freed, its ids answer 404."""
+
+    @abc.abstractmethod
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """The tenant's finished executions kept and their bytes (:attr:`Execution.stored_bytes`)."""
+
+
+class MemoryExecutionHistory(ExecutionHistory):
+    """:class:`ExecutionHistory` in memory: per tenant at most ``count`` finished executions and ``max_bytes``
+    bytes of them (what each keeps: outputs, error, code), besides the unfinished ones (each bounded by its
+    output cap, and their number by the per-session queue bound)."""
+
+    def __init__(self, count: int = 1000, max_bytes: int = 256 * 1024 * 1024) -> None:
+        self.count = max(1, count)
+        self.max_bytes = max_bytes
+        self._all: dict[str, Execution] = {}
+        self._by_sandbox: dict[str, dict[str, None]] = {}
+        #: Per tenant: finished executions kept, oldest first, with the bytes each was counted for.
+        self._finished: dict[str, collections.OrderedDict[str, int]] = {}
+        self._bytes: dict[str, int] = {}
 
     def add(self, execution: Execution) -> None:
         self._all[execution.id] = execution
-        self._trim()
+        self._by_sandbox.setdefault(execution.sandbox_id, {})[execution.id] = None
 
-    def _trim(self) -> None:
-        finished = [k for k, ex in self._all.items() if ex.ended]
-        for key in finished[: max(0, len(finished) - self.size)]:
-            del self._all[key]
+    def finished(self, execution: Execution) -> None:
+        if self._all.get(execution.id) is not execution:
+            return
+        kept = self._finished.setdefault(execution.tenant, collections.OrderedDict())
+        if execution.id in kept:
+            return
+        size = execution.stored_bytes
+        kept[execution.id] = size
+        self._bytes[execution.tenant] = self._bytes.get(execution.tenant, 0) + size
+        while len(kept) > 1 and (len(kept) > self.count or self._bytes[execution.tenant] > self.max_bytes):
+            oldest, _ = next(iter(kept.items()))
+            self._drop(oldest)
+
+    def _drop(self, execution_id: str) -> None:
+        execution = self._all.pop(execution_id, None)
+        if execution is None:
+            return
+        in_sandbox = self._by_sandbox.get(execution.sandbox_id)
+        if in_sandbox is not None:
+            in_sandbox.pop(execution_id, None)
+            if not in_sandbox:
+                del self._by_sandbox[execution.sandbox_id]
+        kept = self._finished.get(execution.tenant)
+        if kept is not None and execution_id in kept:
+            self._bytes[execution.tenant] -= kept.pop(execution_id)
+            if not kept:
+                del self._finished[execution.tenant]
+                del self._bytes[execution.tenant]
 
     def get(self, tenant: str, execution_id: str) -> Execution:
         ex = self._all.get(execution_id)
         if ex is None or ex.tenant != tenant:
-            raise NotFound(f"No execution {execution_id!r}.")
+            raise NotFound(f"No execution {execution_id[:64]!r}.")
         return ex
 
     def for_sandbox(self, sandbox_id: str) -> list[Execution]:
-        return [ex for ex in self._all.values() if ex.sandbox_id == sandbox_id]
+        return [self._all[i] for i in self._by_sandbox.get(sandbox_id, {})]
+
+    def forget_sandbox(self, sandbox_id: str) -> None:
+        for execution_id in list(self._by_sandbox.get(sandbox_id, {})):
+            self._drop(execution_id)
+
+    def usage(self, tenant: str) -> tuple[int, int]:
+        return len(self._finished.get(tenant, {})), self._bytes.get(tenant, 0)
