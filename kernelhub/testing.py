@@ -50,9 +50,11 @@ def make_state_dir() -> str:
 
 
 class Gateway:
-    """A running ``kernelhub serve``; ``request`` is a tiny JSON client for tests."""
+    """A running ``kernelhub serve`` (``python -m <module> serve``, ``module`` being kernelhub.cli unless a
+    benchmark runs a variant); ``request`` is a tiny JSON client for tests."""
 
-    def __init__(self, *, extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *, extra_args: list[str] | None = None, env: dict[str, str] | None = None,
+                 module: str = "kernelhub.cli") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.token = TOKEN
@@ -62,7 +64,7 @@ class Gateway:
         with open(keys, "w") as f:
             json.dump({OTHER_TOKEN: "bob"}, f)
         self.log_path = os.path.join(self.state_dir, "gateway.log")
-        argv = [sys.executable, "-m", "kernelhub.cli", "serve", "--port", str(self.port), "--token", TOKEN,
+        argv = [sys.executable, "-m", module, "serve", "--port", str(self.port), "--token", TOKEN,
                 "--api-keys", keys, "--state-dir", self.state_dir, *(extra_args or [])]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
