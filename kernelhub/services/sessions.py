@@ -27,6 +27,20 @@ How an execution ends (:meth:`JupyterSession._run`):
 - An ``input_request`` (stdin) is passed on only after a ``kernel_info_request`` on control has had its status
   published on iopub, so that what the cell printed before asking reaches the listeners first.
 
+What the kernel sends is untrusted (SECURITY.md pitfall 12). Every socket to it reads through the kernel's channel
+guard (:mod:`kernelhub.sandbox.channel_guard`, bounds from :func:`channel_bounds`): a message past the bound is
+cut before the gateway allocates it and the kernel is restarted with the reason in ``sandbox_logs``
+(:meth:`JupyterSession._violated`). Every message this session reads counts, beyond its envelope, against the
+running execution's output cap (:meth:`JupyterSession._count`), or else against :attr:`JupyterSession.flood`;
+malformed ones are dropped into the sandbox's :class:`~kernelhub.sandbox.channel_guard.DropLog`.
+
+What one kernel costs the gateway (measured here): no thread (all kernels share one ZeroMQ context, whose two
+threads the gateway has once); 26 descriptors (five sockets: this session's four and jupyter_client's own
+control socket, each a ZeroMQ socket of two descriptors and a guard link of three, and the kernel's log pipe);
+each Jupyter API websocket adds 21 (four sockets and its own); and at most the guard's window
+(:func:`channel_bounds`, 16 MiB by default) of the kernel's messages per socket, held only while the gateway is
+not reading them. The sandbox around it adds one thread (asyncio's child watcher waits on its launcher).
+
 Messages go out through the asyncio socket's own ``send_multipart`` (:func:`send_message`), never through
 jupyter_client's ``Session.send``: that one writes on a synchronous shadow of an asyncio socket, which takes the
 socket's edge-triggered wake-up without telling pyzmq's event loop, and a reply that came in at that moment is
