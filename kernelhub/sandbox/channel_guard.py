@@ -60,6 +60,9 @@ MAX_COMMAND_BYTES = 64 * 1024
 READ_BYTES = 256 * 1024
 #: How many bytes the asyncio transports may buffer on either side before the other side is paused.
 _WRITE_HIGH = 256 * 1024
+#: Messages a gateway socket queues for a kernel that does not read them (``ZMQ_SNDHWM``); past it a send waits,
+#: and a sender that awaits it (the Jupyter relay) stops reading its client.
+SEND_HWM = 8
 _GREETING = 64
 _MORE, _LONG, _COMMAND = 0x01, 0x02, 0x04
 
@@ -398,6 +401,7 @@ class ChannelGuard:
         try:
             sock = cast(GuardedSocket, context.socket(socket_type, socket_class=GuardedSocket))
             sock.linger = 1000
+            sock.sndhwm = SEND_HWM
             socket_options(sock, self.bounds)
             if identity:
                 sock.identity = identity

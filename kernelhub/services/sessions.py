@@ -165,22 +165,25 @@ def env_snippet(language: str, values: Mapping[str, str | None]) -> str:
 
 
 def send_message(session: Session, socket: zmq.asyncio.Socket, msg: dict[str, Any],
-                 buffers: list[Any] | None = None) -> None:
+                 buffers: list[Any] | None = None) -> asyncio.Future[Any]:
     """Sign ``msg`` (a jupyter_client message dict) with ``session``'s key and send it on an asyncio socket
-    through the socket's own ``send_multipart`` (see the module docstring for why not ``Session.send``)."""
-    _send_parts(socket, [*session.serialize(msg), *(buffers or [])])
+    through the socket's own ``send_multipart`` (see the module docstring for why not ``Session.send``).
+    Answers the send's future: done at once unless the kernel's queue is full (a caller that must not pile up
+    messages for a kernel that does not read awaits it)."""
+    return _send_parts(socket, [*session.serialize(msg), *(buffers or [])])
 
 
-def send_raw_message(session: Session, socket: zmq.asyncio.Socket, msg_list: list[bytes]) -> None:
+def send_raw_message(session: Session, socket: zmq.asyncio.Socket, msg_list: list[bytes]) -> asyncio.Future[Any]:
     """Like :func:`send_message` for a message already packed as ``[header, parent, metadata, content,
     *buffers]`` (the websocket's v1 framing), as ``Session.send_raw`` would sign it."""
-    _send_parts(socket, [DELIM, session.sign(msg_list[:4]), *msg_list])
+    return _send_parts(socket, [DELIM, session.sign(msg_list[:4]), *msg_list])
 
 
-def _send_parts(socket: zmq.asyncio.Socket, parts: list[Any]) -> None:
+def _send_parts(socket: zmq.asyncio.Socket, parts: list[Any]) -> asyncio.Future[Any]:
     sent: asyncio.Future[Any] = socket.send_multipart(parts)  # type: ignore[assignment]
-    # Sent at once unless the peer's queue is full; a send that fails later (the socket closed) is logged.
+    # A send that fails later (the socket closed) is logged.
     sent.add_done_callback(_log_send_failure)
+    return sent
 
 
 def _log_send_failure(sent: asyncio.Future[Any]) -> None:

@@ -419,3 +419,63 @@ def test_malformed_messages_are_dropped_with_a_log_line_a_minute(gw: Gateway, sa
     assert 1 <= len(dropped) <= 2, added[:3000]
     assert len(added) < 20_000, len(added)
     assert_still_works(gw, sandbox["id"])
+
+
+# -- the other way: a kernel that stops reading --------------------------------------------------------------------
+
+
+def test_a_kernel_that_stops_reading_holds_back_its_client_not_the_gateway(gw: Gateway, baseline: int) -> None:
+    """The kernel is stopped (SIGSTOP, from a command in its sandbox) and its client sends 8 MiB messages without
+    end: the gateway queues a few for the kernel and then stops reading the client, whose sends wait in its own
+    buffers."""
+    import threading
+
+    from jupyter_client.session import Session
+    from jupyter_server.services.kernels.connection.base import serialize_binary_message
+
+    status, kernel = gw.request("POST", "/api/kernels", {"name": "kernelhub-python"})
+    assert status == 201, kernel
+    url = gw.url.replace("http", "ws") + f"/api/kernels/{kernel['id']}/channels?session_id={uuid.uuid4().hex}"
+    session = Session()
+    try:
+        with connect(url, additional_headers={"Authorization": f"token {gw.token}"}, open_timeout=30,
+                     max_size=2**27) as ws:
+            ask = jupyter_execute("import os\nprint(os.getpid())", session)
+            ws.send(json.dumps({**ask, "channel": "shell"}, default=str))
+            deadline = time.monotonic() + 30
+            while True:
+                got = json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
+                if got["msg_type"] == "stream" and got["parent_header"].get("msg_id") == ask["header"]["msg_id"]:
+                    pid = int(got["content"]["text"])
+                    break
+            # The kernel's own sandbox stops it (SIGSTOP: alive, reading nothing).
+            sandbox_id = next(s["id"] for s in gw.request("GET", "/v1/sandboxes")[1]["sandboxes"]
+                              if any(se.get("kernel_id") == kernel["id"] for se in s["sessions"]))
+            status, result = gw.request("POST", f"/v1/sandboxes/{sandbox_id}/commands",
+                                        {"command": f"kill -STOP {pid}"})
+            assert status == 200 and result["exit_code"] == 0, result
+            payload = b"\0" * (8 * MiB)
+            sent = 0
+            done = threading.Event()
+
+            def flood() -> None:
+                nonlocal sent
+                try:
+                    while sent < 200 and not done.is_set():
+                        msg = session.msg("comm_msg", {"comm_id": "x", "data": {}})
+                        ws.send(serialize_binary_message({**msg, "channel": "shell", "buffers": [payload]}))
+                        sent += 1
+                except Exception:  # noqa: BLE001 - the socket closed under the sender at the end
+                    pass
+
+            sender = threading.Thread(target=flood, daemon=True)
+            sender.start()
+            sender.join(10)
+            done.set()
+            # The sender is stuck well before 200 messages (1.6 GB): the gateway holds a few of them at most.
+            assert sent < 50, sent
+            assert peak_rss(gw) - baseline < RSS_ALLOWANCE
+            # Deleting the kernel frees the gateway's side at once (and the blocked sender with it).
+            assert gw.request("DELETE", f"/api/kernels/{kernel['id']}")[0] == 204
+    finally:
+        gw.request("DELETE", f"/api/kernels/{kernel['id']}")

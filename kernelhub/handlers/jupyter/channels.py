@@ -55,6 +55,8 @@ from .framing import (
 CHANNELS = ("shell", "control", "stdin", "iopub")
 #: How long a new connection nudges the kernel with kernel_info_request until its iopub subscription is live.
 NUDGE_TIMEOUT_S = 10.0
+#: The most a client may send while its kernel restarts (bytes, held until the new kernel answers).
+MAX_HELD_BYTES = 64 * 1024 * 1024
 
 
 class KernelConnections:
@@ -136,6 +138,7 @@ class KernelChannelsHandler(WebSocketBase):
         self._iopub_seen = asyncio.Event()
         self._nudge_ids: set[str] = set()
         self._held: list[str | bytes] | None = None
+        self._held_bytes = 0
 
     def before_upgrade(self, *args: Any, **kwargs: Any) -> None:
         kernel_id = kwargs.get("kernel_id") or (args[0] if args else "")
@@ -217,6 +220,7 @@ class KernelChannelsHandler(WebSocketBase):
         """Keep the client's messages from now on until :meth:`release` (called around a restart)."""
         if self._held is None:
             self._held = []
+            self._held_bytes = 0
 
     async def release(self) -> None:
         """Nudge the (restarted) kernel, then send what the client sent meanwhile, in order."""
@@ -269,41 +273,49 @@ class KernelChannelsHandler(WebSocketBase):
             return msg, serialize_binary_message(out), True
         return msg, json.dumps(out, default=json_default), False
 
-    def on_message(self, message: str | bytes) -> None:
-        """Client -> kernel: the message is signed again with the kernel's key and sent on its channel."""
+    async def on_message(self, message: str | bytes) -> None:
+        """Client -> kernel: the message is signed again with the kernel's key and sent on its channel. When the
+        kernel does not read (its socket's queue is full), the next client message is not read either (tornado
+        waits for this coroutine): the client's messages wait in its own buffers, not the gateway's. During a
+        restart they are held, at most :data:`MAX_HELD_BYTES`."""
         self.record.touch()
         self.session.last_activity = time.time()
         if self._held is not None:
             self._held.append(message)
+            self._held_bytes += len(message)
+            if self._held_bytes > MAX_HELD_BYTES:
+                self.close(1013, "Too much was sent while the kernel restarted; reconnect.")
             return
-        self._forward(message)
+        sent = self._forward(message)
+        if sent is not None and not sent.done():
+            await asyncio.wait({sent})
 
-    def _forward(self, message: str | bytes) -> None:
+    def _forward(self, message: str | bytes) -> asyncio.Future[Any] | None:
         """Send one client frame to the kernel. A frame that is not a Jupyter message in this connection's
         framing closes the socket (1007, with the reason), as a malformed message ends the connection in
         Jupyter Server; one for a channel a client may not write (iopub, or none of the kernel's) is dropped
-        with a warning, as there."""
+        with a warning, as there. Answers the send's future, or None when nothing was sent."""
         if self.zsession is None or not self.sockets:
-            return
+            return None
         try:
             channel, parts, msg = self._parse_client_frame(message)
         except (ValueError, TypeError, KeyError, struct.error, RecursionError) as exc:
             log.warning("closing a websocket of kernel %s after a malformed message: %s", self.kernel_id,
                         str(exc)[:200])
             self.close(1007, f"Not a Jupyter message: {str(exc)[:80]}.".encode()[:120].decode(errors="ignore"))
-            return
+            return None
         sock = self.sockets.get(channel)
         if sock is None or channel == "iopub":
             log.warning("dropped a message for kernel %s on the channel %r", self.kernel_id, channel[:32])
-            return
+            return None
         try:
             if parts is not None:
-                send_raw_message(self.zsession, sock, parts)
-            else:
-                send_message(self.zsession, sock, msg, msg.pop("buffers", None) or [])
+                return send_raw_message(self.zsession, sock, parts)
+            return send_message(self.zsession, sock, msg, msg.pop("buffers", None) or [])
         except Exception as exc:  # noqa: BLE001 - any field of the client's message may be unpackable
             log.warning("could not send a message to kernel %s: %s: %s", self.kernel_id, type(exc).__name__,
                         str(exc)[:200])
+            return None
 
     def _parse_client_frame(self, message: str | bytes) -> tuple[str, list[bytes] | None, dict[str, Any]]:
         """A client frame as (channel, the v1 parts to send as they are | None, the legacy message to sign)."""
