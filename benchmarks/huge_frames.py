@@ -43,34 +43,18 @@ import tempfile
 import time
 from typing import Any
 
-from kernelhub.testing import Gateway
+from kernelhub.testing import FORGE_PRELUDE, Gateway
 
 MiB = 1024 * 1024
 
-PRELUDE = r'''
-import mmap as _mmap, threading as _threading
-from jupyter_client.session import DELIM as _DELIM
-_k = get_ipython().kernel
-_s = _k.session
-def _forge(buffers):
-    msg = _s.msg("display_data", {"data": {}, "metadata": {}}, parent=_k.get_parent())
-    parts = [_s.pack(msg[k]) for k in ("header", "parent_header", "metadata", "content")]
-    frames = [b"kernel.attack", _DELIM, _s.sign(parts), *parts, *buffers]
-    done = _threading.Event()
-    def send():
-        try:
-            _k.iopub_thread.socket.send_multipart(frames, copy=False)
-        finally:
-            done.set()
-    _k.iopub_thread.schedule(send)
-    done.wait(120)
-'''
+PRELUDE = FORGE_PRELUDE
+EMPTY = "'display_data', {'data': {}, 'metadata': {}}"
 ATTACKS = {
-    "1GiB-frame": PRELUDE + "_forge([memoryview(_mmap.mmap(-1, 1 << 30))])",
-    "100x8MiB-frames": PRELUDE + "_m = memoryview(_mmap.mmap(-1, 8 << 20))\n_forge([_m] * 100)",
+    "1GiB-frame": PRELUDE + f"_forge({EMPTY}, buffers=[memoryview(_mmap.mmap(-1, 1 << 30))])",
+    "100x8MiB-frames": PRELUDE + f"_m = memoryview(_mmap.mmap(-1, 8 << 20))\n_forge({EMPTY}, buffers=[_m] * 100)",
     "near-max-flood": PRELUDE + "_m = memoryview(_mmap.mmap(-1, 16 << 20))\n"
-                      "for _i in range(100):\n    try:\n        _forge([_m])\n    except KeyboardInterrupt:\n"
-                      "        pass\n",
+                      f"for _i in range(100):\n    try:\n        _forge({EMPTY}, buffers=[_m])\n"
+                      "    except KeyboardInterrupt:\n        pass\n",
 }
 
 #: The peer's launcher: kernelhub serve with the gateway's kernel sockets made as jupyter_client makes them.

@@ -27,6 +27,32 @@ TOKEN = "test-token-alice-0123456789"
 OTHER_TOKEN = "test-token-bob-9876543210"
 
 
+#: Python kernel code that defines ``_forge(msg_type, content, buffers=(), metadata=None, parts=None,
+#: signature=None)``: a message signed with the kernel's own key (or ``parts`` and ``signature`` as given) sent on
+#: the kernel's iopub socket from its I/O thread, zero-copy, as the parent of the running cell. What hostile code
+#: in a sandbox can do to the gateway (SECURITY.md pitfall 12); used by the kernel-channel tests and
+#: ``benchmarks/huge_frames.py``. Also imports ``mmap`` as ``_mmap``.
+FORGE_PRELUDE = r'''
+import mmap as _mmap, threading as _threading
+from jupyter_client.session import DELIM as _DELIM
+_k = get_ipython().kernel
+_s = _k.session
+def _forge(msg_type, content, buffers=(), metadata=None, parts=None, signature=None):
+    msg = _s.msg(msg_type, content, parent=_k.get_parent(), metadata=metadata or {})
+    if parts is None:
+        parts = [_s.pack(msg[k]) for k in ("header", "parent_header", "metadata", "content")]
+    frames = [b"kernel.attack", _DELIM, _s.sign(parts) if signature is None else signature, *parts, *buffers]
+    done = _threading.Event()
+    def send():
+        try:
+            _k.iopub_thread.socket.send_multipart(frames, copy=False)
+        finally:
+            done.set()
+    _k.iopub_thread.schedule(send)
+    done.wait(120)
+'''
+
+
 def _die_with_parent() -> None:
     """In the gateway's child before exec: SIGTERM it when the test process dies (a killed pytest run must not
     leave a gateway, with its sandboxes, behind). SIGTERM lets it stop its sandboxes cleanly."""

@@ -27,16 +27,10 @@ HISTORY, HISTORY_MB, QUEUED, QUEUED_CODE_MB, PER_KERNEL = 3, 1, 4, 1, 2
 KiB = 1024
 
 
-@pytest.fixture(scope="module")
-def gw() -> Iterator[Gateway]:
-    gateway = Gateway(extra_args=[
-        f"--Hub.execution_history={HISTORY}", f"--Hub.execution_history_mb={HISTORY_MB}",
-        f"--Hub.max_queued_executions={QUEUED}", f"--Hub.max_queued_code_mb={QUEUED_CODE_MB}",
-        f"--Hub.max_connections_per_kernel={PER_KERNEL}", "--Hub.reap_interval=0.2"])
-    try:
-        yield gateway
-    finally:
-        gateway.stop()
+#: The module's gateway (the ``gw`` fixture of tests/handlers/conftest.py) has small bounds.
+GATEWAY_ARGS = [f"--Hub.execution_history={HISTORY}", f"--Hub.execution_history_mb={HISTORY_MB}",
+                f"--Hub.max_queued_executions={QUEUED}", f"--Hub.max_queued_code_mb={QUEUED_CODE_MB}",
+                f"--Hub.max_connections_per_kernel={PER_KERNEL}", "--Hub.reap_interval=0.2"]
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import pytest
 from websockets.sync.client import connect
 
 from kernelhub.handlers.e2b.base import INTERPRETER_PORT
-from kernelhub.testing import Gateway
+from kernelhub.testing import FORGE_PRELUDE, Gateway
 
 pytestmark = [
     pytest.mark.root,
@@ -38,28 +38,8 @@ MiB = 1024 * 1024
 #: How much the gateway's peak RSS may grow over a whole attack ("a few hundred MiB" at most).
 RSS_ALLOWANCE = 300 * MiB
 
-#: Defines ``_forge(msg_type, content, buffers=(), metadata=None, parts=None)`` in a python kernel: a message
-#: signed with the kernel's key (or ``parts`` as given) sent on the kernel's iopub socket from its I/O thread,
-#: zero-copy, as the parent of the running cell.
-PRELUDE = r'''
-import mmap as _mmap, threading as _threading
-from jupyter_client.session import DELIM as _DELIM
-_k = get_ipython().kernel
-_s = _k.session
-def _forge(msg_type, content, buffers=(), metadata=None, parts=None, signature=None):
-    msg = _s.msg(msg_type, content, parent=_k.get_parent(), metadata=metadata or {})
-    if parts is None:
-        parts = [_s.pack(msg[k]) for k in ("header", "parent_header", "metadata", "content")]
-    frames = [b"kernel.attack", _DELIM, _s.sign(parts) if signature is None else signature, *parts, *buffers]
-    done = _threading.Event()
-    def send():
-        try:
-            _k.iopub_thread.socket.send_multipart(frames, copy=False)
-        finally:
-            done.set()
-    _k.iopub_thread.schedule(send)
-    done.wait(60)
-'''
+#: Defines ``_forge(...)`` in a python kernel: see :data:`kernelhub.testing.FORGE_PRELUDE`.
+PRELUDE = FORGE_PRELUDE
 #: One message with a 1 GiB buffer nobody touched (free for the sandbox, 2 GiB of gateway RSS before).
 HUGE_FRAME = PRELUDE + "_forge('display_data', {'data': {}, 'metadata': {}}, " \
                        "buffers=[memoryview(_mmap.mmap(-1, 1 << 30))])\nprint('sent')"
@@ -85,15 +65,6 @@ def peak_rss(gw: Gateway) -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmHWM")
-
-
-@pytest.fixture(scope="module")
-def gw() -> Iterator[Gateway]:
-    gateway = Gateway()
-    try:
-        yield gateway
-    finally:
-        gateway.stop()
 
 
 @pytest.fixture(scope="module")
@@ -285,8 +256,8 @@ def test_the_jupyter_relay_never_passes_on_or_holds_a_huge_message(gw: Gateway, 
         else:
             ws.send(json.dumps({**msg, "channel": "shell"}, default=json_default))
 
-    def recv(ws: Any) -> tuple[dict[str, Any], int]:
-        data = ws.recv(timeout=120)
+    def recv(ws: Any, timeout: float) -> tuple[dict[str, Any], int]:
+        data = ws.recv(timeout=timeout)
         if v1:
             channel, parts = deserialize_msg_from_ws_v1(data)
             return {"channel": channel, "header": json.loads(parts[0]), "parent_header": json.loads(parts[1]),
@@ -311,7 +282,7 @@ def test_the_jupyter_relay_never_passes_on_or_holds_a_huge_message(gw: Gateway, 
             while "kernel restarted (the kernel sent" not in logs(gw, sandbox_id):  # restarted, not just said
                 assert time.monotonic() < deadline, logs(gw, sandbox_id)[-3000:]
                 try:
-                    _, size = recv(ws)
+                    _, size = recv(ws, 0.5)  # and look at the log again
                     largest = max(largest, size)
                 except TimeoutError:
                     pass
@@ -325,7 +296,7 @@ def test_the_jupyter_relay_never_passes_on_or_holds_a_huge_message(gw: Gateway, 
             out = ""
             while out != "back\n":
                 assert time.monotonic() < deadline, out
-                got, _ = recv(ws)
+                got, _ = recv(ws, 60)
                 if got["parent_header"].get("msg_id") == check["header"]["msg_id"] and \
                         got["header"]["msg_type"] == "stream":
                     out += got["content"]["text"]
