@@ -58,11 +58,14 @@ def make_app(hub: Hub, tenants: TenantRegistry, config: GatewayConfig, **setting
     """The tornado application with every surface mounted; used by ``serve`` and by tests."""
     deps = {"hub": hub, "tenants": tenants, "config": config}
     routes: list[Any] = []
-    for module in (rest, commands, streams, terminal, jupyter, e2b, ops):
+    for module in (rest, commands, streams, terminal, e2b, ops):
         for spec in getattr(module, "default_handlers", []):
             pattern, handler = spec[0], spec[1]
             extra = spec[2] if len(spec) > 2 else {}
             routes.append((pattern, handler, {**deps, **extra}))
+    # Who is connected to which Jupyter kernel: one registry per application, handed to the Jupyter routes.
+    connections = jupyter.KernelConnections(hub.jupyter)
+    routes.extend((pattern, handler, {**deps, **extra}) for pattern, handler, extra in jupyter.handlers(connections))
     routes.extend(mcp_http.handlers(hub, tenants, config))
     return web.Application(
         routes,

@@ -27,6 +27,32 @@ TOKEN = "test-token-alice-0123456789"
 OTHER_TOKEN = "test-token-bob-9876543210"
 
 
+#: Python kernel code that defines ``_forge(msg_type, content, buffers=(), metadata=None, parts=None,
+#: signature=None)``: a message signed with the kernel's own key (or ``parts`` and ``signature`` as given) sent on
+#: the kernel's iopub socket from its I/O thread, zero-copy, as the parent of the running cell. What hostile code
+#: in a sandbox can do to the gateway (SECURITY.md pitfall 12); used by the kernel-channel tests and
+#: ``benchmarks/huge_frames.py``. Also imports ``mmap`` as ``_mmap``.
+FORGE_PRELUDE = r'''
+import mmap as _mmap, threading as _threading
+from jupyter_client.session import DELIM as _DELIM
+_k = get_ipython().kernel
+_s = _k.session
+def _forge(msg_type, content, buffers=(), metadata=None, parts=None, signature=None):
+    msg = _s.msg(msg_type, content, parent=_k.get_parent(), metadata=metadata or {})
+    if parts is None:
+        parts = [_s.pack(msg[k]) for k in ("header", "parent_header", "metadata", "content")]
+    frames = [b"kernel.attack", _DELIM, _s.sign(parts) if signature is None else signature, *parts, *buffers]
+    done = _threading.Event()
+    def send():
+        try:
+            _k.iopub_thread.socket.send_multipart(frames, copy=False)
+        finally:
+            done.set()
+    _k.iopub_thread.schedule(send)
+    done.wait(120)
+'''
+
+
 def _die_with_parent() -> None:
     """In the gateway's child before exec: SIGTERM it when the test process dies (a killed pytest run must not
     leave a gateway, with its sandboxes, behind). SIGTERM lets it stop its sandboxes cleanly."""
@@ -62,10 +88,11 @@ def terminate(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
 
 
 class Gateway:
-    """A running ``kernelhub serve``; ``request`` is a tiny JSON client for tests."""
+    """A running ``kernelhub serve`` (``python -m <module> serve``, ``module`` being kernelhub.cli unless a
+    benchmark runs a variant); ``request`` is a tiny JSON client for tests."""
 
     def __init__(self, *, extra_args: list[str] | None = None, env: dict[str, str] | None = None,
-                 state_dir: str | None = None) -> None:
+                 state_dir: str | None = None, module: str = "kernelhub.cli") -> None:
         """Start ``kernelhub serve`` with ``extra_args`` and ``env`` added, in ``state_dir`` (a new one by
         default; give the one of a gateway that died to start its successor)."""
         self.port = free_port()
@@ -77,7 +104,7 @@ class Gateway:
         with open(keys, "w") as f:
             json.dump({OTHER_TOKEN: "bob"}, f)
         self.log_path = os.path.join(self.state_dir, "gateway.log")
-        argv = [sys.executable, "-m", "kernelhub.cli", "serve", "--port", str(self.port), "--token", TOKEN,
+        argv = [sys.executable, "-m", module, "serve", "--port", str(self.port), "--token", TOKEN,
                 "--api-keys", keys, "--state-dir", self.state_dir, *(extra_args or [])]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,

@@ -139,7 +139,7 @@ class AgentChannel:
                 try:
                     return await asyncio.wait_for(asyncio.shield(reply), min(left, SLOW_REPLY_S))
                 except TimeoutError:
-                    if on_slow is not None:
+                    if on_slow is not None and left > SLOW_REPLY_S:  # not at the deadline: it raises next
                         on_slow()
         finally:
             self._pending.pop(req, None)

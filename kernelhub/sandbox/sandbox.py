@@ -34,6 +34,7 @@ from . import bwrap, pty
 from .agent_channel import AgentChannel
 from .cgroups import CPU_WEIGHT_DEFAULT, Cgroup, create_cgroup
 from .cgroups.base import sigkill_members
+from .channel_guard import DropLog
 from .limits import Limits
 from .pipes import pump_lines
 from .tools import data_fd, run_tool
@@ -265,6 +266,8 @@ class Sandbox:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping: asyncio.Task[None] | None = None
         self.on_exit: list[Callable[[Sandbox], Any]] = []
+        #: Messages dropped from this sandbox's kernels, logged at most once a minute.
+        self.kernel_drops = DropLog(f"sandbox {sandbox_id}")
 
     # -- logs -----------------------------------------------------------------------------------------
 

@@ -3,8 +3,8 @@
 :class:`Execution` collects what the kernel's iopub stream says about one ``execute_request`` and fans it
 out as events (the NDJSON/websocket event shapes of API.md) to listeners. The session
 (:mod:`kernelhub.services.sessions`) drives it. :class:`~kernelhub.services.executor.Executor` creates
-executions and keeps them in :class:`ExecutionHistory` (``execution_status``); ``Sandboxes`` ends a stopped
-sandbox's unfinished ones from there.
+executions and keeps them in an :class:`ExecutionHistory` (``execution_status``), bounded per tenant in count
+and bytes; ``Sandboxes`` ends a stopped sandbox's unfinished ones from there and drops a deleted sandbox's.
 
 Every listener sees the same events in the same order, and the stored execution (``to_dict``) holds what they
 saw: events go out one at a time (:meth:`Execution.emit`), ``end`` is always last, and an execution that ends
@@ -18,9 +18,11 @@ every result with that id, in this execution or in the earlier one of the same s
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import inspect
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -34,6 +36,8 @@ InputHandler = Callable[[str, bool], Awaitable[str]]
 ENDED = ("ok", "error", "timeout", "killed")
 #: How many display ids a session remembers the execution of (the oldest are forgotten first).
 DISPLAYS_KEPT = 1000
+#: The longest error name kept (characters); the rest of an error counts against the output cap.
+MAX_ERROR_NAME = 256
 
 
 class Displays:
@@ -92,6 +96,8 @@ class Execution:
         self._emit_lock = asyncio.Lock()
         self._error_sent = False
         self._output_bytes = 0
+        #: Bytes of kernel messages read while it ran, beyond each one's envelope (see :meth:`received`).
+        self.received_bytes = 0
         self._done = asyncio.Event()
         self._started = asyncio.Event()
 
@@ -175,6 +181,12 @@ class Execution:
         await self.emit({"type": "end", "execution": self.to_dict()})
         self._done.set()
 
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes this execution keeps: its outputs as counted against the cap, its error and its code (what the
+        execution history counts against its byte bound)."""
+        return self._output_bytes + len(self.code) + (_error_size(self.error) if self.error else 0)
+
     def _take(self, size: int) -> bool:
         """Count output against the cap; False once it is over (the output is dropped, ``truncated`` set and
         :attr:`over_limit` fired, which makes the session stop the execution)."""
@@ -184,6 +196,14 @@ class Execution:
         self._output_bytes += size
         return True
 
+    def received(self, nbytes: int) -> None:
+        """Called by the session for each kernel message read while this execution runs, with its bytes beyond
+        its envelope, before it is parsed: past the output cap the execution is stopped as for output it keeps
+        (messages it would not keep, junk included, cost the gateway too)."""
+        self.received_bytes += nbytes
+        if self.received_bytes > self.output_limit:
+            self._over()
+
     def _over(self) -> None:
         if not self.truncated:
             self.truncated = True
@@ -192,11 +212,21 @@ class Execution:
 
     async def on_iopub(self, msg: dict[str, Any]) -> None:
         """Called by the session's iopub reader for every message whose parent is this execution; messages
-        that come after its end (a stopped flood, a thread still printing) are dropped."""
+        that come after its end (a stopped flood, a thread still printing) are dropped.
+
+        Every byte kept counts against the output cap (API.md ``output_mb``): stream text as it is kept, and a
+        result, a display update or an error by the size of the message content it was made of
+        (``msg["content_bytes"]``, set by the session; measured here when absent), metadata and MIME keys
+        included. An error past the cap is kept cut to fit."""
         if self.ended:
             return
         kind = msg.get("msg_type") or msg.get("header", {}).get("msg_type")
         content = msg.get("content", {})
+        if not isinstance(content, dict):
+            return
+        size = msg.get("content_bytes")
+        if not isinstance(size, int):
+            size = _json_size(content)
         if kind == "stream":
             name = "stderr" if content.get("name") == "stderr" else "stdout"
             text = str(content.get("text", ""))
@@ -212,7 +242,7 @@ class Execution:
             await self.emit({"type": name, "text": text})
         elif kind in ("execute_result", "display_data"):
             data = content.get("data") or {}
-            if not self._take(_size(data)):
+            if not isinstance(data, dict) or not self._take(size):
                 return
             result: dict[str, Any] = {"is_main_result": kind == "execute_result", "data": data}
             if content.get("metadata"):
@@ -229,7 +259,7 @@ class Execution:
         elif kind == "update_display_data":
             display_id = _display_id(content)
             data = content.get("data") or {}
-            if display_id is None or not self._take(_size(data)):
+            if display_id is None or not isinstance(data, dict) or not self._take(size):
                 return  # an update without a display_id updates nothing (Jupyter's messaging spec)
             metadata = content.get("metadata") or None
             owner = self if self._shows(display_id) else (self.displays.owner(display_id) if self.displays else None)
@@ -240,15 +270,31 @@ class Execution:
                 event["metadata"] = metadata
             await self.emit(event)
         elif kind == "error":
-            self.error = {
-                "name": str(content.get("ename", "")),
+            traceback = content.get("traceback")
+            error = {
+                "name": str(content.get("ename", ""))[:MAX_ERROR_NAME],
                 "value": str(content.get("evalue", "")),
-                "traceback": [str(t) for t in content.get("traceback", [])][:200],
+                "traceback": [str(t) for t in traceback[:200]] if isinstance(traceback, list) else [],
             }
-            await self.emit({"type": "error", **self.error})
+            self.keep_error(error, size)
+            await self.emit({"type": "error", **(self.error or error)})
         elif kind == "execute_input":
             if content.get("execution_count") is not None:
                 self.execution_count = content["execution_count"]
+
+    def keep_error(self, error: dict[str, Any], size: int | None = None) -> None:
+        """Keep ``error`` (``{name, value, traceback}``) as this execution's error, counting ``size`` bytes
+        (default: its own) against the output cap; past the cap it is kept cut to the room left (its name kept,
+        its value cut, its traceback dropped) and the execution is marked truncated."""
+        self.error = error if self._take(_error_size(error) if size is None else size) else self._cut_error(error)
+
+    def _cut_error(self, error: dict[str, Any]) -> dict[str, Any]:
+        room = max(0, self.output_limit - self._output_bytes)
+        note = " [cut at the output cap]"
+        value = error["value"].encode()[:max(0, room - len(error["name"]) - len(note))].decode(errors="ignore")
+        self._output_bytes = min(self.output_limit, self._output_bytes + len(value) + len(error["name"]))
+        self._over()
+        return {"name": error["name"], "value": value + note, "traceback": []}
 
     def _shows(self, display_id: str) -> bool:
         return any(r.get("display_id") == display_id for r in self.results)
@@ -293,45 +339,113 @@ def _display_id(content: dict[str, Any]) -> str | None:
     return str(display_id) if display_id not in (None, "") else None
 
 
-def _size(data: dict[str, Any]) -> int:
-    return sum(len(str(v)) for v in data.values())
+def _json_size(value: Any) -> int:
+    """Bytes of ``value`` as JSON (what the session would have read for it)."""
+    return len(json.dumps(value, default=str).encode(errors="replace"))
 
 
-class ExecutionHistory:
-    """Executions by id for ``execution_status``: every unfinished one, and the last ``size`` finished."""
+def _error_size(error: dict[str, Any]) -> int:
+    return len(str(error.get("name", ""))) + len(str(error.get("value", ""))) + \
+        sum(len(str(t)) for t in error.get("traceback") or [])
 
-    def __init__(self, size: int = 1000) -> None:
-        self.size = size
-        self._all: collections.OrderedDict[str, Execution] = collections.OrderedDict()
-        #: Ids that had not ended when last looked at: few (one queue per session), so counting the finished
-        #: ones never walks the whole history, which was a tenth of a core at 300 executions a second.
-        self._unfinished: set[str] = set()
+
+class ExecutionHistory(abc.ABC):
+    """Where executions are kept for ``execution_status``: every unfinished one, and per tenant the most recent
+    finished ones within a count and a byte bound (one tenant's executions never push out another's); a
+    sandbox's executions go when the sandbox is deleted or forgotten.
+
+    The one interface of the history: :class:`MemoryExecutionHistory` keeps it in this process; a durable one
+    (finished executions in :mod:`kernelhub.services.store`, with the same per-tenant bounds) can take its place
+    behind the same methods. Called by :class:`~kernelhub.services.executor.Executor` (``add``, ``finished``,
+    ``get``) and :class:`~kernelhub.services.sandboxes.Sandboxes` (``for_sandbox`` on stop,
+    ``forget_sandbox`` on delete)."""
+
+    @abc.abstractmethod
+    def add(self, execution: Execution) -> None:
+        """Keep a new (queued) execution; it is not counted against the bounds until it has finished."""
+
+    @abc.abstractmethod
+    def finished(self, execution: Execution) -> None:
+        """``execution`` has ended: count it against its tenant's bounds, dropping that tenant's oldest finished
+        executions past them (the newest is always kept)."""
+
+    @abc.abstractmethod
+    def get(self, tenant: str, execution_id: str) -> Execution:
+        """The tenant's execution; raises :class:`~kernelhub.errors.NotFound` for unknown ids, dropped ones and
+        other tenants' ids."""
+
+    @abc.abstractmethod
+    def for_sandbox(self, sandbox_id: str) -> list[Execution]:
+        """Every execution of the sandbox still kept, oldest first."""
+
+    @abc.abstractmethod
+    def forget_sandbox(self, sandbox_id: str) -> None:
+        """Drop every execution of the sandbox (it was deleted): its output is freed, its ids answer 404."""
+
+    @abc.abstractmethod
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """The tenant's finished executions kept and their bytes (:attr:`Execution.stored_bytes`)."""
+
+
+class MemoryExecutionHistory(ExecutionHistory):
+    """:class:`ExecutionHistory` in memory: per tenant at most ``count`` finished executions and ``max_bytes``
+    bytes of them (what each keeps: outputs, error, code), besides the unfinished ones (each bounded by its
+    output cap, and their number by the per-session queue bound)."""
+
+    def __init__(self, count: int = 1000, max_bytes: int = 256 * 1024 * 1024) -> None:
+        self.count = max(1, count)
+        self.max_bytes = max_bytes
+        self._all: dict[str, Execution] = {}
+        self._by_sandbox: dict[str, dict[str, None]] = {}
+        #: Per tenant: finished executions kept, oldest first, with the bytes each was counted for.
+        self._finished: dict[str, collections.OrderedDict[str, int]] = {}
+        self._bytes: dict[str, int] = {}
 
     def add(self, execution: Execution) -> None:
         self._all[execution.id] = execution
-        self._unfinished.add(execution.id)
-        self._trim()
+        self._by_sandbox.setdefault(execution.sandbox_id, {})[execution.id] = None
 
-    def _trim(self) -> None:
-        self._unfinished = {k for k in self._unfinished if k in self._all and not self._all[k].ended}
-        excess = len(self._all) - len(self._unfinished) - self.size
-        if excess <= 0:
+    def finished(self, execution: Execution) -> None:
+        if self._all.get(execution.id) is not execution:
             return
-        # The oldest finished ones go; executions end about in the order they came, so this stops near the front.
-        doomed: list[str] = []
-        for key, ex in self._all.items():
-            if len(doomed) == excess:
-                break
-            if ex.ended:
-                doomed.append(key)
-        for key in doomed:
-            del self._all[key]
+        kept = self._finished.setdefault(execution.tenant, collections.OrderedDict())
+        if execution.id in kept:
+            return
+        size = execution.stored_bytes
+        kept[execution.id] = size
+        self._bytes[execution.tenant] = self._bytes.get(execution.tenant, 0) + size
+        while len(kept) > 1 and (len(kept) > self.count or self._bytes[execution.tenant] > self.max_bytes):
+            oldest, _ = next(iter(kept.items()))
+            self._drop(oldest)
+
+    def _drop(self, execution_id: str) -> None:
+        execution = self._all.pop(execution_id, None)
+        if execution is None:
+            return
+        in_sandbox = self._by_sandbox.get(execution.sandbox_id)
+        if in_sandbox is not None:
+            in_sandbox.pop(execution_id, None)
+            if not in_sandbox:
+                del self._by_sandbox[execution.sandbox_id]
+        kept = self._finished.get(execution.tenant)
+        if kept is not None and execution_id in kept:
+            self._bytes[execution.tenant] -= kept.pop(execution_id)
+            if not kept:
+                del self._finished[execution.tenant]
+                del self._bytes[execution.tenant]
 
     def get(self, tenant: str, execution_id: str) -> Execution:
         ex = self._all.get(execution_id)
         if ex is None or ex.tenant != tenant:
-            raise NotFound(f"No execution {execution_id!r}.")
+            raise NotFound(f"No execution {execution_id[:64]!r}.")
         return ex
 
     def for_sandbox(self, sandbox_id: str) -> list[Execution]:
-        return [ex for ex in self._all.values() if ex.sandbox_id == sandbox_id]
+        return [self._all[i] for i in self._by_sandbox.get(sandbox_id, {})]
+
+    def forget_sandbox(self, sandbox_id: str) -> None:
+        for execution_id in list(self._by_sandbox.get(sandbox_id, {})):
+            self._drop(execution_id)
+
+    def usage(self, tenant: str) -> tuple[int, int]:
+        return len(self._finished.get(tenant, {})), self._bytes.get(tenant, 0)

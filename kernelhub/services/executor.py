@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 from typing import Any
 
-from ..errors import Conflict, InvalidRequest, NotFound
+from ..errors import Conflict, InvalidRequest, NotFound, QuotaExceeded
 from .executions import Execution, ExecutionHistory, InputHandler, Listener
 from .sandboxes import Sandboxes, SandboxRecord
 from .sessions import KERNELSPECS, LANGUAGES, JupyterSession
@@ -32,9 +32,15 @@ class Executor:
     """Runs code and keystrokes in the sandboxes of :class:`~kernelhub.services.sandboxes.Sandboxes`
     and keeps executions in ``executions`` for ``execution_status``."""
 
-    def __init__(self, sandboxes: Sandboxes, executions: ExecutionHistory) -> None:
+    def __init__(self, sandboxes: Sandboxes, executions: ExecutionHistory, *, max_queued: int = 100,
+                 max_queued_code_bytes: int = 32 * 1024 * 1024) -> None:
         self.sandboxes = sandboxes
         self.executions = executions
+        #: Unfinished executions a jupyter session may hold, and bytes of their code a sandbox may hold.
+        self.max_queued = max_queued
+        self.max_queued_code_bytes = max_queued_code_bytes
+        self._queued: dict[str, int] = {}
+        self._queued_code: dict[str, int] = {}
 
     # -- sessions ---------------------------------------------------------------------------------------
 
@@ -104,6 +110,11 @@ class Executor:
         except BaseException:
             record.busy -= 1
             raise
+        try:
+            code_bytes = self._hold(record.id, session.id, len(code.encode()))
+        except BaseException:
+            record.busy -= 1
+            raise
         ex = Execution(tenant=tenant.name, sandbox_id=record.id, session_id=session.id, code=code,
                        timeout_s=timeout, output_limit=record.limits.output_bytes)
         ex.input_handler = input_handler
@@ -118,7 +129,8 @@ class Executor:
             finally:
                 record.busy -= 1
                 record.touch()
-                self.executions._trim()
+                self._release(record.id, session.id, code_bytes)
+                self.executions.finished(ex)
 
         if not wait:
             self.sandboxes.spawn(run())
@@ -133,6 +145,29 @@ class Executor:
             raise
         return ex
 
+    def _hold(self, sandbox_id: str, session_id: str, code_bytes: int) -> int:
+        """Count one more unfinished execution of ``code_bytes`` in the session and its sandbox, or refuse it
+        (:class:`~kernelhub.errors.QuotaExceeded`) past ``max_queued`` or ``max_queued_code_bytes``; check and
+        count happen with no await between them, so concurrent requests cannot all pass."""
+        if self._queued.get(session_id, 0) >= self.max_queued:
+            raise QuotaExceeded(f"Session {session_id} already has {self.max_queued} executions waiting or "
+                                "running, the most it may have; wait for some to end.")
+        if self._queued_code.get(sandbox_id, 0) + code_bytes > self.max_queued_code_bytes:
+            raise QuotaExceeded(f"Sandbox {sandbox_id}'s waiting and running executions already hold "
+                                f"{self._queued_code.get(sandbox_id, 0)} bytes of code; at most "
+                                f"{self.max_queued_code_bytes} may wait at once. Wait for some to end.")
+        self._queued[session_id] = self._queued.get(session_id, 0) + 1
+        self._queued_code[sandbox_id] = self._queued_code.get(sandbox_id, 0) + code_bytes
+        return code_bytes
+
+    def _release(self, sandbox_id: str, session_id: str, code_bytes: int) -> None:
+        for counts, key, amount in ((self._queued, session_id, 1), (self._queued_code, sandbox_id, code_bytes)):
+            left = counts.get(key, 0) - amount
+            if left > 0:
+                counts[key] = left
+            else:
+                counts.pop(key, None)
+
     async def _interrupt(self, session: JupyterSession, ex: Execution) -> None:
         """A queued execution ends ``killed``/``cancelled``; a running one is interrupted, escalating to a
         kernel restart (``killed``/``interrupted``, state lost) if the kernel ignores the signal."""
@@ -143,8 +178,9 @@ class Executor:
                 await session.interrupt(escalate=True)
 
     def get_execution(self, tenant: Tenant, execution_id: object) -> Execution:
-        """``execution_status``: the tenant's execution, running or among the last ``execution_history``
-        finished; raises :class:`~kernelhub.errors.NotFound` otherwise."""
+        """``execution_status``: the tenant's execution, unfinished or still in its tenant's history (bounded
+        per tenant by ``execution_history`` and ``execution_history_mb``, and freed with its sandbox); raises
+        :class:`~kernelhub.errors.NotFound` otherwise."""
         if not isinstance(execution_id, str):
             raise NotFound("No such execution.")
         ex = self.executions.get(tenant.name, execution_id)

@@ -34,7 +34,7 @@ from ..sandbox.factory import SandboxFactory
 from ..sandbox.limits import DEFAULT_MAXIMUM, Limits, resolve_limits
 from ..sandbox.provisioner import KERNELSPECS_DIR
 from .commands import Commands
-from .executions import ExecutionHistory
+from .executions import MemoryExecutionHistory
 from .executor import Executor
 from .files import Files
 from .kernels import Kernels
@@ -62,8 +62,20 @@ class Hub(LoggingConfigurable):
         env="KERNELHUB_MAX_LIMITS")
     max_sandboxes_per_tenant = Integer(20, help="Live sandboxes a tenant may have at once, starting ones "
                                        "included.", config=True).tag(env="KERNELHUB_MAX_SANDBOXES_PER_TENANT")
-    execution_history = Integer(1000, help="Finished executions kept for execution_status.", config=True).tag(
+    execution_history = Integer(1000, help="Finished executions kept for execution_status, per tenant (the "
+                                "oldest go first; one tenant's never push out another's).", config=True).tag(
         env="KERNELHUB_EXECUTION_HISTORY")
+    execution_history_mb = Float(256.0, help="MiB of finished executions (their outputs, errors and code) kept "
+                                 "for execution_status, per tenant.", config=True).tag(
+        env="KERNELHUB_EXECUTION_HISTORY_MB")
+    max_queued_executions = Integer(100, help="Executions that may wait or run at once in one jupyter session; "
+                                    "more are refused (429).", config=True).tag(
+        env="KERNELHUB_MAX_QUEUED_EXECUTIONS")
+    max_queued_code_mb = Float(32.0, help="MiB of code that may wait or run at once in one sandbox's executions; "
+                               "more is refused (429).", config=True).tag(env="KERNELHUB_MAX_QUEUED_CODE_MB")
+    max_connections_per_kernel = Integer(16, help="Websockets that may be open at once to one kernel of the "
+                                         "Jupyter API; more are refused (429).", config=True).tag(
+        env="KERNELHUB_MAX_CONNECTIONS_PER_KERNEL")
     reap_interval = Float(1.0, help="Seconds between idle/lifetime checks.", config=True).tag(
         env="KERNELHUB_REAP_INTERVAL")
     extra_templates = Dict(help="Templates besides the built-in ones: {name: {language, limits, network, env, "
@@ -99,7 +111,8 @@ class Hub(LoggingConfigurable):
         self.defaults = resolve_limits(self.default_limits, Limits(), DEFAULT_MAXIMUM)
         self.maximum = resolve_limits(self.max_limits, DEFAULT_MAXIMUM, DEFAULT_MAXIMUM) \
             if self.max_limits else DEFAULT_MAXIMUM
-        self.executions = ExecutionHistory(self.execution_history)
+        self.executions = MemoryExecutionHistory(self.execution_history,
+                                                 int(self.execution_history_mb * 1024 * 1024))
         self.pool = Pool(factory, self.kernel_spec_manager, self.templates,
                          {name: t.base_limits(self.defaults, self.maximum) for name, t in self.templates.items()},
                          parent=self)
@@ -110,7 +123,8 @@ class Hub(LoggingConfigurable):
             reap_interval=self.reap_interval, stopped_retention_s=self.stopped_retention_s,
             executions=self.executions, log=self.log, template_aliases=self.template_aliases,
             telemetry=self.telemetry, pool=self.pool)
-        self.executor = Executor(self.sandboxes, self.executions)
+        self.executor = Executor(self.sandboxes, self.executions, max_queued=max(1, self.max_queued_executions),
+                                 max_queued_code_bytes=int(self.max_queued_code_mb * 1024 * 1024))
         self.commands = Commands(self.sandboxes, output_buffer_bytes=max(1, self.command_output_buffer_kib) * 1024,
                                  max_commands_per_sandbox=max(1, self.max_commands_per_sandbox),
                                  ended_kept=max(0, self.ended_commands_kept),

@@ -98,11 +98,20 @@ class SandboxRecord:
     def touch(self) -> None:
         self.last_activity = time.time()
 
-    @property
-    def running_anything(self) -> bool:
-        # A kernel busy with code a Jupyter client sent straight over its websocket counts as running too.
-        return self.busy > 0 or any(s.busy or (s.type == "jupyter" and s.execution_state == "busy")
-                                    for s in self.sessions.values())
+    def idle_deadline(self) -> float | None:
+        """When the reaper may stop this sandbox as idle (Unix seconds): ``idle_timeout_s`` after its last
+        activity, or None while the gateway itself runs something in it (an API call, an execution: each bounded
+        by its own timeout).
+
+        A kernel that says it is busy (its iopub ``status``, e.g. code a Jupyter client sent over the websocket)
+        holds the sandbox at most ``execution_timeout_s`` longer: the claim is the sandbox's own word, which its
+        code can forge for ever, and no execution may run longer than that."""
+        if self.busy > 0 or any(s.busy for s in self.sessions.values()):
+            return None
+        deadline = self.last_activity + self.limits.idle_timeout_s
+        if any(s.type == "jupyter" and s.execution_state == "busy" for s in self.sessions.values()):
+            deadline += self.limits.execution_timeout_s
+        return deadline
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -137,7 +146,7 @@ class Sandboxes:
     #: Seconds between the reaper's rounds, and how long a stopped sandbox stays listed.
     reap_interval: float
     stopped_retention_s: float
-    #: Read on stop, to end the sandbox's unfinished executions.
+    #: Read on stop, to end the sandbox's unfinished executions; told when a sandbox is deleted or forgotten.
     executions: ExecutionHistory
     log: logging.Logger
     #: Told of every lifecycle event (its INFO log lines and metrics); one of its own when none is given.
@@ -193,16 +202,17 @@ class Sandboxes:
             for record in list(self._records.values()):
                 try:
                     if record.state == "running":
+                        idle_at = record.idle_deadline()
                         if now >= record.expires_at:
                             self.telemetry.sandbox_reaped(record, "lifetime", record.limits.max_lifetime_s)
                             await self._stop_record(record, "lifetime")
-                        elif (not record.running_anything
-                              and now - record.last_activity >= record.limits.idle_timeout_s):
+                        elif idle_at is not None and now >= idle_at:
                             self.telemetry.sandbox_reaped(record, "idle", now - record.last_activity)
                             await self._stop_record(record, "idle")
                     elif record.state in ("stopped", "failed") and record.sandbox is None and \
                             now - record.last_activity > self.stopped_retention_s:
                         self._records.pop(record.id, None)
+                        self.executions.forget_sandbox(record.id)
                 except Exception:
                     self.log.exception("reaping %s failed", record.id)
 
@@ -382,6 +392,7 @@ class Sandboxes:
         self.telemetry.sandbox_deleted(record)
         await self._stop_record(record, "deleted")
         self._records.pop(record.id, None)
+        self.executions.forget_sandbox(record.id)
 
     def set_deadline(self, tenant: Tenant, sandbox_id: object, seconds: object, *,
                      extend_only: bool = False) -> SandboxRecord:

@@ -27,6 +27,20 @@ How an execution ends (:meth:`JupyterSession._run`):
 - An ``input_request`` (stdin) is passed on only after a ``kernel_info_request`` on control has had its status
   published on iopub, so that what the cell printed before asking reaches the listeners first.
 
+What the kernel sends is untrusted (SECURITY.md pitfall 12). Every socket to it reads through the kernel's channel
+guard (:mod:`kernelhub.sandbox.channel_guard`, bounds from :func:`channel_bounds`): a message past the bound is
+cut before the gateway allocates it and the kernel is restarted with the reason in ``sandbox_logs``
+(:meth:`JupyterSession._violated`). Every message this session reads counts, beyond its envelope, against the
+running execution's output cap (:meth:`JupyterSession._count`), or else against :attr:`JupyterSession.flood`;
+malformed ones are dropped into the sandbox's :class:`~kernelhub.sandbox.channel_guard.DropLog`.
+
+What one kernel costs the gateway (measured here): no thread (all kernels share one ZeroMQ context, whose two
+threads the gateway has once); 26 descriptors (five sockets: this session's four and jupyter_client's own
+control socket, each a ZeroMQ socket of two descriptors and a guard link of three, and the kernel's log pipe);
+each Jupyter API websocket adds 21 (four sockets and its own); and at most the guard's window
+(:func:`channel_bounds`, 16 MiB by default) of the kernel's messages per socket, held only while the gateway is
+not reading them. The sandbox around it adds one thread (asyncio's child watcher waits on its launcher).
+
 Messages go out through the asyncio socket's own ``send_multipart`` (:func:`send_message`), never through
 jupyter_client's ``Session.send``: that one writes on a synchronous shadow of an asyncio socket, which takes the
 socket's edge-triggered wake-up without telling pyzmq's event loop, and a reply that came in at that moment is
@@ -49,11 +63,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import zmq
 from jupyter_client.kernelspec import KernelSpecManager
-from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.session import DELIM, Session
 
 from ..errors import InvalidRequest, SandboxError
 from ..models import new_id
+from ..sandbox.channel_guard import ChannelBounds
+from ..sandbox.kernel_manager import GuardedKernelManager
+from ..sandbox.limits import Limits
 from .executions import Displays, Execution
 
 if TYPE_CHECKING:
@@ -89,6 +105,27 @@ REFUSED = ("abort", "aborted")
 DEFAULT_ERROR_NAMES = {"bash": "BashError"}
 _JS_ERROR_LINE = re.compile(r"^(?:Uncaught )?((?:[A-Za-z_$][\w$.]*)?(?:Error|Exception))(?:: ?(.*))?$")
 _TS_DIAGNOSTIC = re.compile(r"^(?:\S+ )?\d+:\d+ - (.*)$")
+
+#: The smallest bound on one message from a kernel (bytes, all its frames): a sandbox's output cap, when that is
+#: larger, plus room for the message's envelope. Anything larger restarts the kernel (see :func:`channel_bounds`).
+MIN_MESSAGE_BYTES = 16 * 1024 * 1024
+#: Bytes of each message from a kernel that are not counted against an execution's output cap: the envelope
+#: (identities, signature, header, parent header, metadata) of an ordinary message is about 700 bytes. What a
+#: message holds beyond this counts, whatever its type, so that junk the gateway only parses and drops is bounded
+#: like output it keeps.
+ENVELOPE_BYTES = 2048
+#: Channels the gateway reads from a kernel, in the order they are opened.
+CHANNELS = ("iopub", "shell", "stdin", "control")
+#: Messages a Jupyter kernel may send (Jupyter's messaging spec, 5.4); any other type is dropped and counted.
+KNOWN_TYPES = frozenset({
+    "execute_reply", "inspect_reply", "complete_reply", "history_reply", "is_complete_reply", "comm_info_reply",
+    "kernel_info_reply", "shutdown_reply", "interrupt_reply", "debug_reply", "connect_reply", "object_info_reply",
+    "stream", "display_data", "update_display_data", "execute_input", "execute_result", "error", "status",
+    "clear_output", "debug_event", "comm_open", "comm_msg", "comm_close", "input_request", "pyout", "pyerr",
+    "pyin", "data_pub", "usage_reply",
+    # ipykernel 7's iopub socket greets each new subscriber (an XPUB welcome message).
+    "iopub_welcome",
+})
 
 _DISK_ERRORS = re.compile(
     r"\[Errno (27|28|122)\]|No space left on device|Disk quota exceeded|File too large|ENOSPC|EDQUOT|EFBIG"
@@ -128,22 +165,25 @@ def env_snippet(language: str, values: Mapping[str, str | None]) -> str:
 
 
 def send_message(session: Session, socket: zmq.asyncio.Socket, msg: dict[str, Any],
-                 buffers: list[Any] | None = None) -> None:
+                 buffers: list[Any] | None = None) -> asyncio.Future[Any]:
     """Sign ``msg`` (a jupyter_client message dict) with ``session``'s key and send it on an asyncio socket
-    through the socket's own ``send_multipart`` (see the module docstring for why not ``Session.send``)."""
-    _send_parts(socket, [*session.serialize(msg), *(buffers or [])])
+    through the socket's own ``send_multipart`` (see the module docstring for why not ``Session.send``).
+    Answers the send's future: done at once unless the kernel's queue is full (a caller that must not pile up
+    messages for a kernel that does not read awaits it)."""
+    return _send_parts(socket, [*session.serialize(msg), *(buffers or [])])
 
 
-def send_raw_message(session: Session, socket: zmq.asyncio.Socket, msg_list: list[bytes]) -> None:
+def send_raw_message(session: Session, socket: zmq.asyncio.Socket, msg_list: list[bytes]) -> asyncio.Future[Any]:
     """Like :func:`send_message` for a message already packed as ``[header, parent, metadata, content,
     *buffers]`` (the websocket's v1 framing), as ``Session.send_raw`` would sign it."""
-    _send_parts(socket, [DELIM, session.sign(msg_list[:4]), *msg_list])
+    return _send_parts(socket, [DELIM, session.sign(msg_list[:4]), *msg_list])
 
 
-def _send_parts(socket: zmq.asyncio.Socket, parts: list[Any]) -> None:
+def _send_parts(socket: zmq.asyncio.Socket, parts: list[Any]) -> asyncio.Future[Any]:
     sent: asyncio.Future[Any] = socket.send_multipart(parts)  # type: ignore[assignment]
-    # Sent at once unless the peer's queue is full; a send that fails later (the socket closed) is logged.
+    # A send that fails later (the socket closed) is logged.
     sent.add_done_callback(_log_send_failure)
+    return sent
 
 
 def _log_send_failure(sent: asyncio.Future[Any]) -> None:
@@ -192,6 +232,33 @@ def _js_error(stderr: str, last_stderr: str) -> tuple[str, str, list[str]] | Non
     return "Error", "\n".join(chunk).strip()[:2000], chunk[:200]
 
 
+def channel_bounds(limits: Limits) -> ChannelBounds:
+    """What a kernel of a sandbox with ``limits`` may send the gateway: one message (all its frames) of at most
+    its output cap or :data:`MIN_MESSAGE_BYTES`, whichever is larger, plus an envelope's room; and as much again
+    passed on to one gateway socket and not yet read (:class:`~kernelhub.sandbox.channel_guard.ChannelBounds`)."""
+    largest = max(limits.output_bytes, MIN_MESSAGE_BYTES) + 64 * 1024
+    return ChannelBounds(max_message=largest, window=largest)
+
+
+def parse_message(session: Session, parts: list[bytes]) -> dict[str, Any]:
+    """A message read from a kernel's socket, signature checked and every field of the shape the gateway relies
+    on (header, parent_header, metadata and content objects, a string msg_type); raises :class:`ValueError` with
+    the reason otherwise (jupyter_client's own errors are turned into one)."""
+    try:
+        _, msg_list = session.feed_identities(parts)
+        msg: dict[str, Any] = session.deserialize(msg_list)
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any field of the kernel's message may fail to parse
+        raise ValueError(f"{type(exc).__name__}: {str(exc)[:120]}") from None
+    for key in ("header", "parent_header", "metadata", "content"):
+        if not isinstance(msg.get(key), dict):
+            raise ValueError(f"its {key} is not a JSON object")
+    if not isinstance(msg.get("msg_type"), str) or msg["msg_type"] not in KNOWN_TYPES:
+        raise ValueError(f"an unknown message type {str(msg.get('msg_type'))[:40]!r}")
+    return msg
+
+
 def kernelspec_for(language: str) -> str:
     try:
         return KERNELSPECS[language]
@@ -199,6 +266,26 @@ def kernelspec_for(language: str) -> str:
         raise InvalidRequest(
             f"Unknown language {language!r}; use one of {', '.join(LANGUAGES)}."
         ) from None
+
+
+class TokenBucket:
+    """At most ``rate`` units a second, in bursts of at most ``capacity`` (it starts full)."""
+
+    def __init__(self, capacity: int, rate: float) -> None:
+        self.capacity = capacity
+        self.rate = rate
+        self._level = float(capacity)
+        self._at = time.monotonic()
+
+    def take(self, amount: int) -> bool:
+        """Take ``amount``; False (and nothing taken) when there is not that much left."""
+        now = time.monotonic()
+        self._level = min(self.capacity, self._level + (now - self._at) * self.rate)
+        self._at = now
+        if amount > self._level:
+            return False
+        self._level -= amount
+        return True
 
 
 class _Request:
@@ -230,8 +317,17 @@ class JupyterSession:
         self.language = "node" if language == "javascript" else language
         self.kernel_name = kernelspec_for(language)
         self.state = "starting"
-        self.km = AsyncKernelManager(kernel_name=self.kernel_name, kernel_spec_manager=kernel_spec_manager)
-        self.kc: Any = None
+        self.bounds = channel_bounds(sandbox.limits)
+        output = sandbox.limits.output_bytes
+        self.flood = TokenBucket(2 * output + self.bounds.max_message, output)
+        self.km = GuardedKernelManager(kernel_name=self.kernel_name, kernel_spec_manager=kernel_spec_manager,
+                                       bounds=self.bounds, on_violation=self._violated)
+        #: This session's own sockets to the kernel, by channel (while connected).
+        self.sockets: dict[str, Any] = {}
+        #: Set when the kernel sent something past its bounds; the reason says what (see :meth:`_violated`).
+        self._violation = asyncio.Event()
+        self._violation_reason = ""
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.last_activity = time.time()
         self.execution_state = "starting"
         self.displays = Displays()
@@ -287,15 +383,15 @@ class JupyterSession:
         self.last_activity = time.time()
 
     async def _connect(self, timeout: float = 60.0) -> None:
-        self.kc = self.km.client()
-        self.kc.start_channels()
-        self._readers = [
-            asyncio.ensure_future(self._read(self.kc.iopub_channel, self._on_iopub, iopub=True)),
-            asyncio.ensure_future(self._read(self.kc.shell_channel, self._on_shell)),
-            asyncio.ensure_future(self._read(self.kc.stdin_channel, self._on_stdin)),
-            # Control replies (to the barriers) are read and dropped like unawaited shell replies.
-            asyncio.ensure_future(self._read(self.kc.control_channel, self._on_shell)),
-        ]
+        km, identity = self.km, self.km.session.bsession
+        # shell, stdin and control share the session's identity, as jupyter_client's clients do: the kernel sends
+        # an input_request to the stdin socket of the identity that sent the execute_request.
+        self.sockets = {"iopub": km.connect_iopub(), "shell": km.connect_shell(identity=identity),
+                        "stdin": km.connect_stdin(identity=identity), "control": km.connect_control(identity=identity)}
+        handlers = {"iopub": self._on_iopub, "shell": self._on_shell, "stdin": self._on_stdin,
+                    # Control replies (to the barriers) are read and dropped like unawaited shell replies.
+                    "control": self._on_shell}
+        self._readers = [asyncio.ensure_future(self._read(channel, handlers[channel])) for channel in CHANNELS]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         self._iopub_seen = asyncio.Event()
@@ -334,14 +430,14 @@ class JupyterSession:
         for fut in self._shell_waiters.values():
             fut.cancel()
         self._shell_waiters.clear()
-        if self.kc is not None:
-            self.kc.stop_channels()
-            self.kc = None
+        sockets, self.sockets = self.sockets, {}
+        for sock in sockets.values():
+            sock.close(linger=0)
 
     def _send(self, channel: str, msg_type: str, content: dict[str, Any]) -> str:
-        """Send a request on the client's ``shell`` or ``stdin`` socket; answers its msg_id."""
-        msg = self.kc.session.msg(msg_type, content)
-        send_message(self.kc.session, getattr(self.kc, f"{channel}_channel").socket, msg)
+        """Send a request on this session's ``shell``, ``stdin`` or ``control`` socket; answers its msg_id."""
+        msg = self.km.session.msg(msg_type, content)
+        send_message(self.km.session, self.sockets[channel], msg)
         return str(msg["header"]["msg_id"])
 
     def _send_shell(self, msg_type: str, content: dict[str, Any]) -> tuple[str, asyncio.Future[dict[str, Any]]]:
@@ -353,25 +449,62 @@ class JupyterSession:
         fut.add_done_callback(lambda _: self._shell_waiters.pop(msg_id, None))
         return msg_id, fut
 
-    async def _read(self, channel: Any, handler: Any, *, iopub: bool = False) -> None:
+    async def _read(self, channel: str, handler: Any) -> None:
+        """Read one of this session's sockets until cancelled. Every message counts against the running
+        execution's output cap before it is parsed (:meth:`_count`); one that does not parse, is badly signed or
+        of no known type is dropped and counted in the sandbox's :class:`~kernelhub.sandbox.channel_guard.DropLog`
+        (one log line a minute, not one a message)."""
+        sock = self.sockets[channel]
+        iopub = channel == "iopub"
+        drops = self.sandbox.kernel_drops
         while True:
             try:
-                msg = await channel.get_msg()
+                parts = await sock.recv_multipart()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # a malformed or badly signed message: drop it, keep reading
-                log.debug("dropped a kernel message: %s", exc)
-                await asyncio.sleep(0)
+            except zmq.ZMQError as exc:  # the socket was closed under the reader
+                log.debug("reading the %s socket of %s: %s", channel, self.sandbox_id, exc)
+                return
+            self._count(sum(len(p) for p in parts))
+            try:
+                msg = parse_message(self.km.session, parts)
+            except ValueError as exc:
+                drops.note(f"{channel}: {exc}")
                 continue
+            # The size of its content: what a result or an error made of it keeps at most.
+            msg["content_bytes"] = len(parts[-1 - len(msg.get("buffers") or [])]) if parts else 0
             self._iopub_handling = iopub
             try:
                 await handler(msg)
-            except Exception:
-                log.exception("error handling a kernel message")
+            except Exception as exc:  # noqa: BLE001 - a message of a shape no handler expected: drop it
+                drops.note(f"{channel} {msg.get('msg_type')}: {type(exc).__name__}: {str(exc)[:120]}")
             finally:
                 if iopub:
                     self._iopub_handling = False
                     self._iopub_handled += 1
+
+    def _count(self, nbytes: int) -> None:
+        """Count a message of ``nbytes`` (all its frames), beyond its :data:`ENVELOPE_BYTES`, before it is
+        parsed. While one of this session's executions runs, against that execution's output cap (past it the
+        execution is stopped, see :meth:`Execution.received <kernelhub.services.executions.Execution.received>`),
+        and a kernel that goes on sending past twice the cap and one largest message is restarted
+        (:meth:`_violated`). Otherwise (code a Jupyter client sent over the websocket, a thread between cells)
+        against :attr:`flood`: the sandbox's ``output_mb`` a second, in bursts of twice that and one largest
+        message; a kernel that sends faster for longer is restarted."""
+        billable = max(0, nbytes - ENVELOPE_BYTES)
+        if not billable or self._violation.is_set():
+            return
+        req = self._request
+        ex = req.ex if req is not None else None
+        if ex is not None and not (ex.ended and not ex.truncated):
+            ex.received(billable)
+            if ex.received_bytes > self.flood.capacity:
+                self._violated("iopub", f"more than {self.flood.capacity} bytes of messages for one execution "
+                               "(twice its output cap and one largest message)")
+        elif not self.flood.take(billable):
+            self._violated("iopub", f"more than {self.flood.capacity} bytes of messages at more than "
+                           f"{self.flood.rate:g} bytes a second (its output cap a second) outside the API's "
+                           "executions")
 
     async def _on_iopub(self, msg: dict[str, Any]) -> None:
         self._iopub_seen.set()
@@ -426,18 +559,18 @@ class JupyterSession:
                 value = await ex.input_handler(str(content.get("prompt", "")), bool(content.get("password")))
             except Exception:
                 value = ""
-        if self.kc is not None:
+        if self.sockets:
             self._send("stdin", "input_reply", {"value": value})
 
     async def _iopub_barrier(self) -> None:
         """Wait (at most :data:`DONE_GRACE_S`) until every iopub message the kernel published so far has been
         handled: a kernel_info_request on control, which ipykernel answers in its control thread even while the
         shell waits (for input), publishes its status after them."""
-        msg = self.kc.session.msg("kernel_info_request", {})
+        msg = self.km.session.msg("kernel_info_request", {})
         msg_id = str(msg["header"]["msg_id"])
         seen = self._iopub_markers[msg_id] = asyncio.Event()
         try:
-            send_message(self.kc.session, self.kc.control_channel.socket, msg)
+            send_message(self.km.session, self.sockets["control"], msg)
             await asyncio.wait_for(seen.wait(), DONE_GRACE_S)
         except TimeoutError:
             log.debug("the kernel published no status for the control barrier %s", msg_id)
@@ -450,11 +583,11 @@ class JupyterSession:
         silent = ex is None
         content = {"code": code, "silent": silent, "store_history": not silent, "user_expressions": {},
                    "allow_stdin": ex is not None and ex.input_handler is not None, "stop_on_error": False}
-        msg = self.kc.session.msg("execute_request", content)
+        msg = self.km.session.msg("execute_request", content)
         req = _Request(str(msg["header"]["msg_id"]), ex)
         self._shell_waiters[req.msg_id] = req.reply
         self._request = req
-        send_message(self.kc.session, self.kc.shell_channel.socket, msg)
+        send_message(self.km.session, self.sockets["shell"], msg)
         return req
 
     def _end_request(self) -> None:
@@ -521,7 +654,9 @@ class JupyterSession:
             ex.error = {"name": "SandboxStopped", "value": f"The sandbox is {sandbox.state}.", "traceback": []}
             await ex.finish("killed", sandbox.reason or "stopped")
             return
-        if not await self.km.is_alive():
+        if self._violation.is_set():
+            await self._restart(self._violation_reason)
+        elif not await self.km.is_alive():
             await self._restart("the kernel had died")
         oom0, pids0 = sandbox.oom_kills(), sandbox.pids_max_hits()
         loop = asyncio.get_running_loop()
@@ -562,13 +697,18 @@ class JupyterSession:
         done = asyncio.ensure_future(self._wait_done(req))
         escalate = asyncio.ensure_future(self._escalate.wait())
         over = asyncio.ensure_future(ex.over_limit.wait())
+        violated = asyncio.ensure_future(self._violation.wait())
         try:
-            finished, _ = await asyncio.wait({done, died, escalate, over}, timeout=max(0.0, deadline - loop.time()),
+            finished, _ = await asyncio.wait({done, died, escalate, over, violated},
+                                             timeout=max(0.0, deadline - loop.time()),
                                              return_when=asyncio.FIRST_COMPLETED)
             if done in finished:
                 return done.result()
             if died in finished:
                 await self._kernel_died(ex, oom0)
+                return None
+            if violated in finished:
+                await self._end_for_violation(ex)
                 return None
             if over in finished:
                 # Output past the cap: the execution ends now, whatever the kernel does; then the kernel is
@@ -612,7 +752,7 @@ class JupyterSession:
             await ex.finish("timeout", "timeout")
             return None
         finally:
-            for task in (done, escalate, over):
+            for task in (done, escalate, over, violated):
                 task.cancel()
 
     async def _settle(self, ex: Execution, done: asyncio.Future[Any], died: asyncio.Future[Any],
@@ -620,11 +760,20 @@ class JupyterSession:
         """After a SIGINT: wait up to :data:`INTERRUPT_GRACE_S` for the request to end; restart the kernel if it
         did not. Answers ``"done"``, ``"died"`` or ``"restarted"``. No second signal: a kernel that took the
         first one may still be formatting its traceback, and a second one would land in that."""
-        finished, _ = await asyncio.wait({done, died}, timeout=INTERRUPT_GRACE_S, return_when=asyncio.FIRST_COMPLETED)
+        violated = asyncio.ensure_future(self._violation.wait())
+        try:
+            finished, _ = await asyncio.wait({done, died, violated}, timeout=INTERRUPT_GRACE_S,
+                                             return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            violated.cancel()
         if done in finished:
             return "done"
         if died in finished:
             return "died"
+        if violated in finished:
+            self._end_request()
+            await self._restart(self._violation_reason)
+            return "restarted"
         self.sandbox.log(f"execution {ex.id}: the kernel ignored the interrupt; restarting it (state lost)")
         self._end_request()
         await self._restart(why)
@@ -684,7 +833,7 @@ class JupyterSession:
                             "value": f"The kernel answered {content['status']!r} to every attempt to run the "
                                      "code; it did not run.", "traceback": []}
             else:
-                ex.error = error_object(self.language, content, ex.stderr, ex.last_stderr)
+                ex.keep_error(error_object(self.language, content, ex.stderr, ex.last_stderr))
         reason = None
         if status == "error" and ex.error is not None:
             text = f"{ex.error.get('name')}: {ex.error.get('value')}"
@@ -717,7 +866,40 @@ class JupyterSession:
             with contextlib.suppress(Exception):
                 await self._restart(reason)
 
+    def _violated(self, channel: str, reason: str) -> None:
+        """The kernel sent more than it may: called by the kernel's guard (one message past
+        :attr:`bounds`; that connection was cut already) and by :meth:`_count` (a flood past twice the running
+        execution's output cap). The kernel is restarted (its state is lost) with the reason in the sandbox's
+        log: by the running execution's supervisor, which ends that execution ``killed``/``output_truncated``,
+        or at once when none runs."""
+        if self._violation.is_set() or self.state in ("closed", "failed"):
+            return
+        self._violation_reason = f"the kernel sent {reason} on its {channel} channel"
+        self.sandbox.log(f"{self.language} kernel: {self._violation_reason}; restarting it (its state is lost)")
+        self._violation.set()
+        if self.state == "running" and not self._lock.locked():
+            task = asyncio.ensure_future(self._restart_after_violation())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _restart_after_violation(self) -> None:
+        async with self._lock:
+            if self._violation.is_set() and self.state == "running":
+                with contextlib.suppress(Exception):
+                    await self._restart(self._violation_reason)
+
+    async def _end_for_violation(self, ex: Execution) -> None:
+        ex.error = {"name": "OutputLimitExceeded",
+                    "value": f"Stopped: {self._violation_reason}, more than the gateway takes for an output cap of "
+                             f"{ex.output_limit} bytes (output_mb). The kernel was restarted; its state (variables, "
+                             "imports) was lost.", "traceback": []}
+        ex.truncated = True
+        await ex.finish("killed", "output_truncated")
+        self._end_request()
+        await self._restart(self._violation_reason)
+
     async def _restart(self, why: str) -> None:
+        self._violation.clear()
         self.restarts += 1
         self.state = "restarting"
         await self._disconnect()
@@ -761,6 +943,8 @@ class JupyterSession:
         if self.state == "closed":
             return
         self.state = "closed"
+        for task in self._tasks:
+            task.cancel()
         req = self._request
         if req is not None and req.ex is not None and not req.ex.ended:
             await req.ex.finish("killed", "closed")

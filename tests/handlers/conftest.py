@@ -23,6 +23,17 @@ SandboxMaker = Callable[..., dict[str, Any]]
 
 
 @pytest.fixture(scope="module")
+def gw(request: pytest.FixtureRequest) -> Iterator[Gateway]:
+    """A gateway of the module's own, started with the module's ``GATEWAY_ARGS`` (options, if any), so that its
+    log, its memory and its bounds are that module's alone."""
+    own = Gateway(extra_args=list(getattr(request.module, "GATEWAY_ARGS", [])))
+    try:
+        yield own
+    finally:
+        own.stop()
+
+
+@pytest.fixture(scope="module")
 def sandboxes(gateway: Gateway) -> Iterator[SandboxMaker]:  # noqa: F811
     """``make(template="python", **fields)`` creates a sandbox through REST; all are deleted at module end."""
     made: list[str] = []

@@ -1,4 +1,4 @@
-"""The Jupyter API (``kernelhub/handlers/jupyter.py``) against a real gateway with real kernels in sandboxes:
+"""The Jupyter API (``kernelhub/handlers/jupyter/``) against a real gateway with real kernels in sandboxes:
 every route's shape (Jupyter Server's), tenants kept apart, and the websocket in both framings, checked with
 Jupyter Server's own (de)serializers so that the bytes are what Jupyter clients expect.
 """
@@ -561,3 +561,25 @@ def test_framings_match_jupyter_server() -> None:
     assert jupyter_handlers.serialize_binary_message(msg) == ref.serialize_binary_message(msg)
     back = jupyter_handlers.deserialize_binary_message(ref.serialize_binary_message(msg))
     assert back["buffers"] == [b"ab"] and back["header"] == {"msg_id": "1"}
+
+
+@pytest.mark.parametrize("name", ["kernelhub-python", "kernelhub-javascript", "kernelhub-typescript",
+                                  "kernelhub-bash"])
+def test_a_reconnect_with_the_same_session_id_is_answered(gateway: Gateway, name: str) -> None:  # noqa: F811
+    """What JupyterLab does after a failed first handshake: a second websocket with the same session id while
+    the first is still open (60 ms later), then kernel_info_request on the new one. Each connection's sockets
+    used the session id as their ZeroMQ identity, and the new ones connected before the stale ones closed:
+    ipykernel hands the identity over (ZMQ_ROUTER_HANDOVER), tslab never answered the new connection."""
+    kid = start_kernel(gateway, name)["id"]
+    try:
+        sid = uuid.uuid4().hex
+        with ws_connect(gateway, kid, session_id=sid) as old:
+            time.sleep(0.06)
+            with ws_connect(gateway, kid, session_id=sid) as new:
+                info = run(new, new_msg("kernel_info_request", {}), timeout=30)
+                assert reply(info)["msg_type"] == "kernel_info_reply"
+                with pytest.raises(ConnectionClosed):
+                    for _ in range(1000):
+                        old.recv(timeout=10)
+    finally:
+        gateway.request("DELETE", f"/api/kernels/{kid}")
