@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_from_bytes
@@ -30,6 +31,8 @@ from tornado.websocket import WebSocketHandler
 import kernelhub
 from kernelhub.app import make_app
 from kernelhub.handlers.base import MAX_JSON_BODY, GatewayConfig, allowed_methods
+from kernelhub.sandbox.factory import SandboxFactory
+from kernelhub.services.hub import Hub
 
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups]
 
@@ -83,8 +86,10 @@ E2B_PREFIX = "/e2b"
 
 
 def served_routes() -> list[Route]:
-    """Every rule of the real application (its handlers are only listed, never run, so no hub is needed)."""
-    app = make_app(None, None, GatewayConfig())  # type: ignore[arg-type]
+    """Every rule of the real application, built over a hub that is never started (its handlers are only
+    listed here, never run)."""
+    with tempfile.TemporaryDirectory(prefix="kernelhub-fuzz-routes-") as state_dir:
+        app = make_app(Hub(SandboxFactory(state_dir=state_dir)), None, GatewayConfig())  # type: ignore[arg-type]
     routes = []
     for rule in app.wildcard_router.rules:
         if rule.matcher.regex.pattern.startswith(E2B_PREFIX):
