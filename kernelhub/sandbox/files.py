@@ -591,12 +591,14 @@ class WorkspaceFiles(abc.ABC):
         return self.list_page(rel)[0]
 
     def list_page(self, rel: str = "", *, limit: int | None = None,
-                  after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+                  after: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
         """The first ``limit`` entries (all with None) of a directory whose names sort after ``after``, shaped
-        and sorted as in :meth:`list_dir`, and whether more follow. One ``readdir`` pass picks the page's names
-        (``O(n log limit)``); only those are ``lstat``ed. Paging by name is stable: an entry present throughout
-        is listed exactly once, whatever is added or removed meanwhile. Blocking: the service runs it in a
-        thread. Raises what :meth:`list_dir` raises."""
+        and sorted as in :meth:`list_dir`, and the name to page on from when more follow (else None): the name
+        as the file system has it (``os.fsdecode``: bytes that are not UTF-8 as surrogates), not the shown one,
+        in which every such byte is U+FFFD and two names can look alike. One ``readdir`` pass picks the page's
+        names (``O(n log limit)``); only those are ``lstat``ed. Paging by name is stable: an entry present
+        throughout is listed exactly once, whatever is added or removed meanwhile. Blocking: the service runs
+        it in a thread. Raises what :meth:`list_dir` raises."""
         parts = split_workspace_path(rel)
         shown = _join(parts)
         entries: list[dict[str, Any]] = []
@@ -609,6 +611,7 @@ class WorkspaceFiles(abc.ABC):
                         names = (name for name in names if name > after)
                     page = sorted(names) if limit is None else heapq.nsmallest(limit + 1, names)
                 more = limit is not None and len(page) > limit
+                following = page[:limit][-1] if more and limit else None
                 for name in page[:limit]:
                     try:
                         st = os.stat(name, dir_fd=fd, follow_symlinks=False)
@@ -617,7 +620,7 @@ class WorkspaceFiles(abc.ABC):
                     entries.append(_entry([*parts, name], st))
             finally:
                 os.close(fd)
-        return entries, more
+        return entries, following
 
     def stat(self, rel: str) -> dict[str, Any]:
         """One entry shaped as in :meth:`list_dir` (``lstat``: a symlink as the last component is reported as

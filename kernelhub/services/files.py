@@ -70,13 +70,12 @@ class Files:
         workspace = self._workspace(tenant, sandbox_id)
         where = "/".join(split_workspace_path(path))
         after = self._read_cursor(cursor, str(sandbox_id), where) if cursor not in (None, "") else None
-        entries, more = await asyncio.to_thread(workspace.list_page, path, limit=page_size, after=after)
-        following = None
-        if more and entries:
-            following = self._make_cursor(str(sandbox_id), where, entries[-1]["name"])
+        entries, last = await asyncio.to_thread(workspace.list_page, path, limit=page_size, after=after)
+        following = self._make_cursor(str(sandbox_id), where, last) if last is not None else None
         return {"entries": entries, "next": following}
 
     def _make_cursor(self, sandbox_id: str, where: str, last: str) -> str:
+        # ``last`` may hold surrogates (a name that is not UTF-8): JSON escapes them (``\udce9``) and gives them back.
         payload = base64.urlsafe_b64encode(json.dumps([sandbox_id, where, last]).encode()).rstrip(b"=")
         mac = hmac.new(self._cursor_key, payload, hashlib.sha256).digest()[:16]
         return payload.decode() + "." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()

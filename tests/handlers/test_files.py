@@ -311,6 +311,25 @@ def test_file_list_pages_with_an_opaque_cursor(gateway: Gateway, sandbox: dict[s
     command(gateway, sandbox, "rm -rf /workspace/paged /workspace/other")
 
 
+def test_file_list_pages_through_names_that_are_not_utf8(gateway: Gateway, sandbox: dict[str, Any]) -> None:
+    # Three names shown alike ("caf\ufffd"): the cursor pages on the names' bytes, so each is listed once and
+    # none is skipped, one a page.
+    command(gateway, sandbox, "mkdir -p /workspace/latin && cd /workspace/latin && "
+            "touch \"$(printf 'caf\\350')\" \"$(printf 'caf\\351')\" \"$(printf 'caf\\377')\" cafe")
+    seen: list[str] = []
+    cursor = None
+    while True:
+        status, page = list_page(gateway, sandbox, "latin", limit=1, **({"cursor": cursor} if cursor else {}))
+        assert status == 200 and len(page["entries"]) == 1, page
+        entry = page["entries"][0]
+        seen.append(entry.get("url_path", entry["path"]))  # url_path: only for names that are not UTF-8
+        cursor = page["next"]
+        if cursor is None:
+            break
+    assert seen == ["latin/cafe", "latin/caf%E8", "latin/caf%E9", "latin/caf%FF"], seen
+    command(gateway, sandbox, "rm -rf /workspace/latin")
+
+
 def test_a_huge_directory_stalls_no_other_tenant(gateway: Gateway, sandboxes: Any) -> None:
     big = sandboxes("python", limits={"files": 160_000, "disk_mb": 1024})
     result = command(gateway, big, "python3 -c \"import os\nos.mkdir('huge')\nfor i in range(150000): "
