@@ -144,7 +144,8 @@ def test_metrics_count_sandboxes_executions_and_errors(gateway: Gateway) -> None
 
 
 class StubPool:
-    """Stands for the warm pool of another branch: what the metrics need of it is ``state()``."""
+    """Stands for a warm pool that has sandboxes ready and starting (the pool of a hub that was never started
+    has none): what the metrics need of it is ``state()``."""
 
     def state(self) -> dict[str, Any]:
         return {"python": {"ready": 2, "starting": 1, "size": 3}, "bash": {"ready": 0, "starting": 0, "size": 1}}
@@ -159,7 +160,10 @@ def test_a_hub_with_a_pool_shows_its_state_and_hubs_keep_registries_apart(tmp_pa
     assert 'kernelhub_pool_size{template="bash"} 1.0' in text
     hubs[0].telemetry.error("not_found")
     other = generate_latest(hubs[1].telemetry.registry).decode()
-    assert "kernelhub_pool_" not in other and 'kernelhub_errors_total{code="not_found"}' not in other
+    # The other hub shows its own (unstarted, empty) pool, and none of the first hub's figures.
+    assert 'kernelhub_pool_ready{template="python"} 0.0' in other
+    assert 'kernelhub_pool_ready{template="python"} 2.0' not in other
+    assert 'kernelhub_errors_total{code="not_found"}' not in other
     # A pool that reports per template with attributes rather than keys reads the same.
     attrs = type("Entry", (), {"ready": 4, "starting": 0, "size": 4})()
     solo = Telemetry(lambda: [], lambda: {"node": attrs})

@@ -1,61 +1,117 @@
-"""ExecutionHistory (kernelhub.services.executions): every unfinished execution and the last ``size`` finished."""
+"""MemoryExecutionHistory (kernelhub.services.executions): every unfinished execution, and per tenant the most
+recent finished ones within a count and a byte bound; a sandbox's executions go with it."""
 
 from __future__ import annotations
 
 import asyncio
 
 from kernelhub.errors import NotFound
-from kernelhub.services.executions import Execution, ExecutionHistory
+from kernelhub.services.executions import Execution, ExecutionHistory, MemoryExecutionHistory
 
 
-def new() -> Execution:
-    return Execution(tenant="t", sandbox_id="sb", session_id="se", code="x = 1", timeout_s=10, output_limit=1000)
+def new(tenant: str = "t", sandbox_id: str = "sb", code: str = "x = 1") -> Execution:
+    return Execution(tenant=tenant, sandbox_id=sandbox_id, session_id="se", code=code, timeout_s=10,
+                     output_limit=1000)
 
 
 def kept(history: ExecutionHistory, executions: list[Execution]) -> list[int]:
     out = []
     for i, ex in enumerate(executions):
         try:
-            history.get("t", ex.id)
+            assert history.get(ex.tenant, ex.id) is ex
             out.append(i)
         except NotFound:
             pass
     return out
 
 
+async def finish(history: ExecutionHistory, ex: Execution, status: str = "ok") -> None:
+    """What the executor does when an execution ends."""
+    await ex.finish(status)
+    history.finished(ex)
+
+
 def test_keeps_every_unfinished_and_the_last_finished() -> None:
     async def scenario() -> None:
-        history = ExecutionHistory(size=3)
+        history = MemoryExecutionHistory(count=3)
         made = [new() for _ in range(6)]
         for ex in made:
             history.add(ex)
-        assert kept(history, made) == [0, 1, 2, 3, 4, 5]  # none finished: all kept, whatever the size
+        assert kept(history, made) == [0, 1, 2, 3, 4, 5]  # none finished: all kept, whatever the count
         for i in (1, 2, 4, 5):  # 0 and 3 still run
-            await made[i].finish("ok")
-        history.add(later := new())
-        made.append(later)
-        # Four finished, three may stay: the oldest finished (1) goes; the old unfinished one (0) stays.
-        assert kept(history, made) == [0, 2, 3, 4, 5, 6]
-        await made[0].finish("error")
-        await made[6].finish("ok")
-        history.add(last := new())
-        made.append(last)
-        # Finished now: 0, 2, 4, 5, 6; the three newest of them stay, with the unfinished 3 and 7.
-        assert kept(history, made) == [3, 4, 5, 6, 7]
+            await finish(history, made[i])
+        # Four finished, three may stay: the first to finish (1) goes; the unfinished 0 and 3 stay.
+        assert kept(history, made) == [0, 2, 3, 4, 5]
+        await finish(history, made[0], "error")
+        # 0 finished last, so it is the newest: 2 goes.
+        assert kept(history, made) == [0, 3, 4, 5]
+        assert history.usage("t")[0] == 3
 
     asyncio.run(scenario())
 
 
-def test_a_long_run_keeps_the_history_at_its_size() -> None:
+def test_a_long_run_keeps_the_history_at_its_count() -> None:
     async def scenario() -> None:
-        history = ExecutionHistory(size=50)
+        history = MemoryExecutionHistory(count=50)
         made = []
         for _ in range(500):
             ex = new()
             history.add(ex)
             made.append(ex)
-            await ex.finish("ok")
-        history.add(new())
+            await finish(history, ex)
         assert kept(history, made) == list(range(450, 500))
+        assert history.usage("t")[0] == 50
+
+    asyncio.run(scenario())
+
+
+def test_the_byte_bound_drops_the_oldest_but_keeps_the_newest() -> None:
+    async def scenario() -> None:
+        history = MemoryExecutionHistory(count=1000, max_bytes=1000)
+        made = [new(code="x" * 300) for _ in range(5)]
+        for ex in made:
+            history.add(ex)
+            await finish(history, ex)
+        assert kept(history, made) == [2, 3, 4]  # 3 x 300 bytes fit in 1000, 4 do not
+        assert history.usage("t") == (3, sum(ex.stored_bytes for ex in made[2:]))
+        huge = new(code="y" * 5000)
+        history.add(huge)
+        await finish(history, huge)
+        assert kept(history, [*made, huge]) == [5]  # over the bound alone, and still kept: it is the newest
+
+    asyncio.run(scenario())
+
+
+def test_one_tenant_never_pushes_out_another() -> None:
+    async def scenario() -> None:
+        history = MemoryExecutionHistory(count=2)
+        alice = [new("alice") for _ in range(2)]
+        bob = [new("bob") for _ in range(10)]
+        for ex in [*alice, *bob]:
+            history.add(ex)
+            await finish(history, ex)
+        assert kept(history, alice) == [0, 1] and kept(history, bob) == [8, 9]
+        try:
+            history.get("bob", alice[0].id)
+        except NotFound:
+            pass
+        else:
+            raise AssertionError("a tenant read another's execution")
+
+    asyncio.run(scenario())
+
+
+def test_a_deleted_sandbox_takes_its_executions_with_it() -> None:
+    async def scenario() -> None:
+        history = MemoryExecutionHistory(count=10)
+        gone = [new(sandbox_id="sb1") for _ in range(3)]
+        stays = [new(sandbox_id="sb2") for _ in range(2)]
+        for ex in [*gone, *stays]:
+            history.add(ex)
+        await finish(history, gone[0])
+        assert history.for_sandbox("sb1") == gone
+        history.forget_sandbox("sb1")
+        assert kept(history, gone) == [] and kept(history, stays) == [0, 1]
+        assert history.for_sandbox("sb1") == [] and history.usage("t") == (0, 0)
 
     asyncio.run(scenario())
