@@ -35,7 +35,10 @@ class TenantRegistry:
 
     @classmethod
     def from_file(cls, path: str | Path, default_token: str | None = None) -> TenantRegistry:
-        """Read ``{"<key>": "<tenant name>", ...}``; ``default_token`` is the tenant ``default``'s key."""
+        """Read ``{"<key>": "<tenant name>", ...}``; ``default_token`` is the tenant ``default``'s key. Raises
+        :class:`~kernelhub.errors.InvalidRequest` when the file cannot be read or is not such an object, and when
+        the file gives ``default_token`` to another tenant: one key names one tenant, and silently making that
+        tenant's key the operator's would show it every tenant's activity (``/metrics``)."""
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
@@ -44,6 +47,11 @@ class TenantRegistry:
             raise InvalidRequest(f"The API keys file {path} must hold a JSON object of key: tenant name.")
         keys = dict(data)
         if default_token:
+            other = keys.get(default_token, "default")
+            if other != "default":
+                raise InvalidRequest(f"The API keys file {path} gives the key of --token (KERNELHUB_TOKEN) to the "
+                                     f"tenant {other!r}, but --token is the key of the tenant 'default' (the "
+                                     "operator's); give each tenant a key of its own.")
             keys[default_token] = "default"
         return cls(keys)
 
