@@ -106,6 +106,17 @@ def allowed_methods(handler_class: type) -> list[str]:
     return [m for m in _METHODS if getattr(handler_class, m.lower(), unimplemented) is not unimplemented]
 
 
+def method_not_allowed(handler: web.RequestHandler) -> str:
+    """The sentence of a 405 for ``handler``'s request, naming the methods its route allows; also sets the
+    ``Allow`` header. Used by every surface's ``write_error`` (REST's and E2B's shapes alike)."""
+    allowed = allowed_methods(type(handler))
+    handler.set_header("Allow", ", ".join(allowed))
+    shown = [m for m in allowed if m not in ("HEAD", "OPTIONS")] or allowed
+    method = handler.request.method or ""
+    return (f"{method[:32]} is not allowed on {handler.request.path[:200]}; this route allows "
+            f"{' and '.join(shown) if len(shown) < 3 else ', '.join(shown[:-1]) + ' and ' + shown[-1]}.")
+
+
 class JsonErrorsMixin:
     """The one place where failures become ``{"error", "message"}`` answers, for plain and websocket handlers
     alike (a websocket route answers JSON too until it is upgraded).
@@ -168,12 +179,7 @@ class JsonErrorsMixin:
         if isinstance(exc, web.HTTPError) and exc.log_message and status_code < 500:
             message = exc.log_message % exc.args if exc.args else exc.log_message
         if status_code == 405:
-            allowed = allowed_methods(type(self))
-            handler.set_header("Allow", ", ".join(allowed))
-            shown = [m for m in allowed if m not in ("HEAD", "OPTIONS")] or allowed
-            method = self.request.method or ""
-            message = (f"{method[:32]} is not allowed on {self.request.path[:200]}; this route allows "
-                       f"{' and '.join(shown) if len(shown) < 3 else ', '.join(shown[:-1]) + ' and ' + shown[-1]}.")
+            message = method_not_allowed(handler)
         elif status_code >= 500:
             message = "The gateway hit an internal error; the sandbox and your data are unaffected."
         message = str(message)
