@@ -19,6 +19,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote, quote_from_bytes
 
@@ -83,8 +84,11 @@ E2B_PREFIX = "/e2b"
 
 
 def served_routes() -> list[Route]:
-    """Every rule of the real application (its handlers are only listed, never run, so no hub is needed)."""
-    app = make_app(None, None, GatewayConfig())  # type: ignore[arg-type]
+    """Every rule of the real application (its handlers are only listed, never run, so no real hub is needed:
+    only what building the application reads of one, the Jupyter kernels service that the websocket registry
+    subscribes to)."""
+    hub = SimpleNamespace(jupyter=SimpleNamespace(add_listener=lambda listener: None))
+    app = make_app(hub, None, GatewayConfig())  # type: ignore[arg-type]
     routes = []
     for rule in app.wildcard_router.rules:
         if rule.matcher.regex.pattern.startswith(E2B_PREFIX):
