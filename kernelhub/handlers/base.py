@@ -336,10 +336,16 @@ class WebSocketBase(AuthMixin, JsonErrorsMixin, websocket.WebSocketHandler):
             self.authenticate()
             self._check_handshake()
             self.before_upgrade(*args, **kwargs)
+            # Each open websocket holds a descriptor of the gateway: without a cap one tenant's sockets could
+            # take them all (Hub.max_websockets_per_tenant).
+            self.hub.hold_websocket(self.tenant)
         except KernelHubError as exc:
             self._handle_request_exception(exc)
             return
-        await super().get(*args, **kwargs)
+        try:
+            await super().get(*args, **kwargs)  # returns once the socket is closed, or the upgrade failed
+        finally:
+            self.hub.release_websocket(self.tenant)
 
     def _check_handshake(self) -> None:
         """Refuse, with JSON and a sentence, every handshake tornado would refuse with plain text or no body

@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..errors import InvalidRequest, Unauthorized
+from ..errors import InvalidRequest, QuotaExceeded, Unauthorized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,3 +71,33 @@ class TenantRegistry:
 
     def tenants(self) -> list[Tenant]:
         return [t for _, t in self._keys]
+
+
+class TenantHolds:
+    """How many of one resource (``what``, e.g. "open websockets") each tenant holds, at most ``cap`` each.
+
+    :meth:`hold` checks and counts with no await between, so concurrent holders cannot all pass the check;
+    every hold is given back once with :meth:`release`. Built by the hub; used by the surfaces for what they
+    hold open on a tenant's behalf (websockets)."""
+
+    def __init__(self, cap: int, what: str) -> None:
+        self.cap = cap
+        self.what = what
+        self._held: dict[str, int] = {}
+
+    def held(self, tenant: Tenant) -> int:
+        return self._held.get(tenant.name, 0)
+
+    def hold(self, tenant: Tenant) -> None:
+        """Count one more for ``tenant``; raises :class:`~kernelhub.errors.QuotaExceeded` (429) at the cap."""
+        if self.held(tenant) >= self.cap:
+            raise QuotaExceeded(f"Tenant {tenant.name!r} already has {self.cap} {self.what}, the most it may "
+                                "have; close one first.")
+        self._held[tenant.name] = self.held(tenant) + 1
+
+    def release(self, tenant: Tenant) -> None:
+        left = self.held(tenant) - 1
+        if left > 0:
+            self._held[tenant.name] = left
+        else:
+            self._held.pop(tenant.name, None)

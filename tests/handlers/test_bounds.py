@@ -23,14 +23,15 @@ from kernelhub.testing import Gateway
 
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups]
 
-HISTORY, HISTORY_MB, QUEUED, QUEUED_CODE_MB, PER_KERNEL = 3, 1, 4, 1, 2
+HISTORY, HISTORY_MB, QUEUED, QUEUED_CODE_MB, PER_KERNEL, PER_TENANT = 3, 1, 4, 1, 2, 8
 KiB = 1024
 
 
 #: The module's gateway (the ``gw`` fixture of tests/handlers/conftest.py) has small bounds.
 GATEWAY_ARGS = [f"--Hub.execution_history={HISTORY}", f"--Hub.execution_history_mb={HISTORY_MB}",
                 f"--Hub.max_queued_executions={QUEUED}", f"--Hub.max_queued_code_mb={QUEUED_CODE_MB}",
-                f"--Hub.max_connections_per_kernel={PER_KERNEL}", "--Hub.reap_interval=0.2"]
+                f"--Hub.max_connections_per_kernel={PER_KERNEL}", f"--Hub.max_websockets_per_tenant={PER_TENANT}",
+                "--Hub.reap_interval=0.2"]
 
 
 @pytest.fixture
@@ -174,6 +175,42 @@ def test_websockets_per_kernel_are_capped_under_concurrency(gw: Gateway) -> None
             assert open_one()[0] == 429
     finally:
         gw.request("DELETE", f"/api/kernels/{kernel['id']}")
+
+
+def test_websockets_per_tenant_are_capped_under_concurrency(gw: Gateway,
+                                                            make: Callable[..., dict[str, Any]]) -> None:
+    """/stream and terminal websockets had no cap: one tenant held 19,700 of them, every descriptor of the
+    gateway, and other tenants' requests were reset. A tenant holds at most PER_TENANT on all surfaces together;
+    the others are refused before the upgrade, another tenant is unaffected, and a closed one frees its place."""
+    alice, bob = make(), make(token=gw.other_token)
+    status, terminal = gw.request("POST", f"/v1/sandboxes/{alice['id']}/sessions", {"type": "terminal"})
+    assert status == 201, terminal
+    base = gw.url.replace("http", "ws")
+    stream = f"{base}/v1/sandboxes/{alice['id']}/stream"
+
+    def open_one(stack: contextlib.ExitStack, url: str = stream, token: str = gw.token) -> tuple[int, Any]:
+        try:
+            stack.enter_context(connect(url, additional_headers={"Authorization": f"Bearer {token}"},
+                                        open_timeout=30))
+        except InvalidStatus as exc:
+            return exc.response.status_code, json.loads(exc.response.body or b"{}")
+        return 101, None
+
+    with contextlib.ExitStack() as stack:
+        answers = at_once([lambda: open_one(stack)] * (PER_TENANT + 4))
+        assert [status for status, _ in answers].count(101) == PER_TENANT, answers
+        assert all(body["error"] == "quota_exceeded" for status, body in answers if status != 101), answers
+        # Every surface counts against the same cap; another tenant has places of its own.
+        assert open_one(stack, f"{base}/v1/sessions/{terminal['id']}/terminal")[0] == 429
+        assert open_one(stack, f"{base}/v1/sandboxes/{bob['id']}/stream", gw.other_token)[0] == 101
+    # Closed sockets give their places back, once the gateway has seen them close.
+    with contextlib.ExitStack() as stack:
+        deadline = time.monotonic() + 10
+        opened = 0
+        while opened < PER_TENANT:
+            status, body = open_one(stack)
+            opened += status == 101
+            assert status == 101 or (status == 429 and time.monotonic() < deadline), (opened, body)
 
 
 # -- a kernel that claims to be busy for ever --------------------------------------------------------------------
