@@ -204,6 +204,9 @@ class BaseHandler(AuthMixin, JsonErrorsMixin, web.RequestHandler):
     auth_required = True
     _body: bytearray
     _body_size = 0
+    #: Bytes of the body held against the tenant's Hub.max_request_body_mb_per_tenant, given back at the end.
+    _body_held = 0
+    _body_refused: KernelHubError | None = None
 
     def set_default_headers(self) -> None:
         self.set_header("Cache-Control", "no-store")
@@ -240,14 +243,41 @@ class BaseHandler(AuthMixin, JsonErrorsMixin, web.RequestHandler):
     def data_received(self, chunk: bytes) -> Any:
         self._body_size += len(chunk)
         limit = self.body_limit()
-        if limit is not None and self._body_size <= limit:
+        if limit is not None and self._body_size <= limit and self._body_refused is None:
+            tenant = getattr(self, "tenant", None)
+            if tenant is not None:
+                # What is buffered whole counts against the tenant's share: without it, one key's connections
+                # each held a 96 MiB MCP body, unfinished, for as long as they liked.
+                try:
+                    self.hub.hold_request_body(tenant, len(chunk))
+                except KernelHubError as exc:
+                    self._body_refused = exc
+                    self._release_body()
+                    return
+                self._body_held += len(chunk)
             self._body += chunk
 
+    def _release_body(self) -> None:
+        if self._body_held:
+            self.hub.release_request_body(self.tenant, self._body_held)
+            self._body_held = 0
+        self._body = bytearray()
+
+    def on_finish(self) -> None:
+        self._release_body()
+
+    def on_connection_close(self) -> None:
+        self._release_body()
+        super().on_connection_close()
+
     def body(self) -> bytes:
-        """The whole request body (read before the method runs); a 413 when it was over :meth:`body_limit`."""
+        """The whole request body (read before the method runs); a 413 when it was over :meth:`body_limit`, a
+        429 when the tenant's requests had ``Hub.max_request_body_mb_per_tenant`` buffered already."""
         limit = self.body_limit()
         if limit is not None and self._body_size > limit:
             raise PayloadTooLarge(f"The request body may be at most {limit} bytes.")
+        if self._body_refused is not None:
+            raise self._body_refused
         return bytes(self._body)
 
     def json_body(self, *, required: bool = True) -> dict[str, Any]:

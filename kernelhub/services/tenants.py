@@ -74,29 +74,31 @@ class TenantRegistry:
 
 
 class TenantHolds:
-    """How many of one resource (``what``, e.g. "open websockets") each tenant holds, at most ``cap`` each.
+    """How much of one resource (``what``, e.g. "open websockets") each tenant holds, at most ``cap`` each.
 
     :meth:`hold` checks and counts with no await between, so concurrent holders cannot all pass the check;
-    every hold is given back once with :meth:`release`. Built by the hub; used by the surfaces for what they
-    hold open on a tenant's behalf (websockets)."""
+    every hold is given back once, with the same amount, with :meth:`release`. Built by the hub; used by the
+    surfaces for what they hold on a tenant's behalf (websockets; bytes of request bodies being received)."""
 
-    def __init__(self, cap: int, what: str) -> None:
+    def __init__(self, cap: int, what: str, unit: str = "") -> None:
         self.cap = cap
         self.what = what
+        self.unit = unit
         self._held: dict[str, int] = {}
 
     def held(self, tenant: Tenant) -> int:
         return self._held.get(tenant.name, 0)
 
-    def hold(self, tenant: Tenant) -> None:
-        """Count one more for ``tenant``; raises :class:`~kernelhub.errors.QuotaExceeded` (429) at the cap."""
-        if self.held(tenant) >= self.cap:
-            raise QuotaExceeded(f"Tenant {tenant.name!r} already has {self.cap} {self.what}, the most it may "
-                                "have; close one first.")
-        self._held[tenant.name] = self.held(tenant) + 1
+    def hold(self, tenant: Tenant, amount: int = 1) -> None:
+        """Count ``amount`` more for ``tenant``; raises :class:`~kernelhub.errors.QuotaExceeded` (429) when that
+        would pass the cap (nothing is counted then)."""
+        if self.held(tenant) + amount > self.cap:
+            raise QuotaExceeded(f"Tenant {tenant.name!r} already has {self.held(tenant)}{self.unit} {self.what} "
+                                f"of the {self.cap}{self.unit} it may have at once; wait for some to end.")
+        self._held[tenant.name] = self.held(tenant) + amount
 
-    def release(self, tenant: Tenant) -> None:
-        left = self.held(tenant) - 1
+    def release(self, tenant: Tenant, amount: int = 1) -> None:
+        left = self.held(tenant) - amount
         if left > 0:
             self._held[tenant.name] = left
         else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ from kernelhub.testing import Gateway
 
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups]
 
-HISTORY, HISTORY_MB, QUEUED, QUEUED_CODE_MB, PER_KERNEL, PER_TENANT = 3, 1, 4, 1, 2, 8
+HISTORY, HISTORY_MB, QUEUED, QUEUED_CODE_MB, PER_KERNEL, PER_TENANT, BODIES_MB = 3, 1, 4, 1, 2, 8, 2
 KiB = 1024
 
 
@@ -31,7 +32,7 @@ KiB = 1024
 GATEWAY_ARGS = [f"--Hub.execution_history={HISTORY}", f"--Hub.execution_history_mb={HISTORY_MB}",
                 f"--Hub.max_queued_executions={QUEUED}", f"--Hub.max_queued_code_mb={QUEUED_CODE_MB}",
                 f"--Hub.max_connections_per_kernel={PER_KERNEL}", f"--Hub.max_websockets_per_tenant={PER_TENANT}",
-                "--Hub.reap_interval=0.2"]
+                f"--Hub.max_request_body_mb_per_tenant={BODIES_MB}", "--Hub.reap_interval=0.2"]
 
 
 @pytest.fixture
@@ -211,6 +212,35 @@ def test_websockets_per_tenant_are_capped_under_concurrency(gw: Gateway,
             status, body = open_one(stack)
             opened += status == 101
             assert status == 101 or (status == 429 and time.monotonic() < deadline), (opened, body)
+
+
+def test_request_bodies_being_received_are_capped_per_tenant(gw: Gateway) -> None:
+    """A JSON or MCP body is read whole before it is parsed, and a client may stop sending one midway: one key's
+    connections held 6 unfinished 90 MiB MCP bodies, 540 MiB of the gateway, for as long as they liked. What a
+    tenant's requests have buffered is capped (BODIES_MB here); past it they get 429, other tenants do not, and
+    a connection that goes away gives its share back."""
+    host, port = gw.url.split("//")[1].split(":")
+    stalled = socket.create_connection((host, int(port)))
+    length = (BODIES_MB * 1024 - 100) * KiB
+    stalled.sendall(f"POST /v1/sandboxes HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {gw.token}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n".encode())
+    stalled.sendall(b" " * (length - 1))  # all but the last byte: the gateway holds it, waiting for the rest
+    big = {"template": "python", "metadata": {"a": "x" * (300 * KiB)}}  # refused as too much metadata (400)
+
+    def status(token: str | None) -> tuple[int, Any]:
+        return gw.request("POST", "/v1/sandboxes", big, token=token)
+
+    try:
+        deadline = time.monotonic() + 10
+        while (answer := status("default"))[0] != 429:  # once the gateway has read what was sent
+            assert answer[0] == 400 and time.monotonic() < deadline, answer
+        assert answer[1]["error"] == "quota_exceeded" and "request bodies" in answer[1]["message"], answer
+        assert status(gw.other_token)[0] == 400  # Bob's requests are read as before
+    finally:
+        stalled.close()
+    deadline = time.monotonic() + 10
+    while (answer := status("default"))[0] != 400:
+        assert answer[0] == 429 and time.monotonic() < deadline, answer
 
 
 # -- a kernel that claims to be busy for ever --------------------------------------------------------------------
