@@ -106,6 +106,17 @@ def allowed_methods(handler_class: type) -> list[str]:
     return [m for m in _METHODS if getattr(handler_class, m.lower(), unimplemented) is not unimplemented]
 
 
+def method_not_allowed(handler: web.RequestHandler) -> str:
+    """The sentence of a 405 for ``handler``'s request, naming the methods its route allows; also sets the
+    ``Allow`` header. Used by every surface's ``write_error`` (REST's and E2B's shapes alike)."""
+    allowed = allowed_methods(type(handler))
+    handler.set_header("Allow", ", ".join(allowed))
+    shown = [m for m in allowed if m not in ("HEAD", "OPTIONS")] or allowed
+    method = handler.request.method or ""
+    return (f"{method[:32]} is not allowed on {handler.request.path[:200]}; this route allows "
+            f"{' and '.join(shown) if len(shown) < 3 else ', '.join(shown[:-1]) + ' and ' + shown[-1]}.")
+
+
 class JsonErrorsMixin:
     """The one place where failures become ``{"error", "message"}`` answers, for plain and websocket handlers
     alike (a websocket route answers JSON too until it is upgraded).
@@ -168,12 +179,7 @@ class JsonErrorsMixin:
         if isinstance(exc, web.HTTPError) and exc.log_message and status_code < 500:
             message = exc.log_message % exc.args if exc.args else exc.log_message
         if status_code == 405:
-            allowed = allowed_methods(type(self))
-            handler.set_header("Allow", ", ".join(allowed))
-            shown = [m for m in allowed if m not in ("HEAD", "OPTIONS")] or allowed
-            method = self.request.method or ""
-            message = (f"{method[:32]} is not allowed on {self.request.path[:200]}; this route allows "
-                       f"{' and '.join(shown) if len(shown) < 3 else ', '.join(shown[:-1]) + ' and ' + shown[-1]}.")
+            message = method_not_allowed(handler)
         elif status_code >= 500:
             message = "The gateway hit an internal error; the sandbox and your data are unaffected."
         message = str(message)
@@ -198,6 +204,9 @@ class BaseHandler(AuthMixin, JsonErrorsMixin, web.RequestHandler):
     auth_required = True
     _body: bytearray
     _body_size = 0
+    #: Bytes of the body held against the tenant's Hub.max_request_body_mb_per_tenant, given back at the end.
+    _body_held = 0
+    _body_refused: KernelHubError | None = None
 
     def set_default_headers(self) -> None:
         self.set_header("Cache-Control", "no-store")
@@ -234,14 +243,41 @@ class BaseHandler(AuthMixin, JsonErrorsMixin, web.RequestHandler):
     def data_received(self, chunk: bytes) -> Any:
         self._body_size += len(chunk)
         limit = self.body_limit()
-        if limit is not None and self._body_size <= limit:
+        if limit is not None and self._body_size <= limit and self._body_refused is None:
+            tenant = getattr(self, "tenant", None)
+            if tenant is not None:
+                # What is buffered whole counts against the tenant's share: without it, one key's connections
+                # each held a 96 MiB MCP body, unfinished, for as long as they liked.
+                try:
+                    self.hub.hold_request_body(tenant, len(chunk))
+                except KernelHubError as exc:
+                    self._body_refused = exc
+                    self._release_body()
+                    return
+                self._body_held += len(chunk)
             self._body += chunk
 
+    def _release_body(self) -> None:
+        if self._body_held:
+            self.hub.release_request_body(self.tenant, self._body_held)
+            self._body_held = 0
+        self._body = bytearray()
+
+    def on_finish(self) -> None:
+        self._release_body()
+
+    def on_connection_close(self) -> None:
+        self._release_body()
+        super().on_connection_close()
+
     def body(self) -> bytes:
-        """The whole request body (read before the method runs); a 413 when it was over :meth:`body_limit`."""
+        """The whole request body (read before the method runs); a 413 when it was over :meth:`body_limit`, a
+        429 when the tenant's requests had ``Hub.max_request_body_mb_per_tenant`` buffered already."""
         limit = self.body_limit()
         if limit is not None and self._body_size > limit:
             raise PayloadTooLarge(f"The request body may be at most {limit} bytes.")
+        if self._body_refused is not None:
+            raise self._body_refused
         return bytes(self._body)
 
     def json_body(self, *, required: bool = True) -> dict[str, Any]:
@@ -330,10 +366,16 @@ class WebSocketBase(AuthMixin, JsonErrorsMixin, websocket.WebSocketHandler):
             self.authenticate()
             self._check_handshake()
             self.before_upgrade(*args, **kwargs)
+            # Each open websocket holds a descriptor of the gateway: without a cap one tenant's sockets could
+            # take them all (Hub.max_websockets_per_tenant).
+            self.hub.hold_websocket(self.tenant)
         except KernelHubError as exc:
             self._handle_request_exception(exc)
             return
-        await super().get(*args, **kwargs)
+        try:
+            await super().get(*args, **kwargs)  # returns once the socket is closed, or the upgrade failed
+        finally:
+            self.hub.release_websocket(self.tenant)
 
     def _check_handshake(self) -> None:
         """Refuse, with JSON and a sentence, every handshake tornado would refuse with plain text or no body

@@ -378,6 +378,7 @@ class FilesHandler(BaseHandler):
     def on_finish(self) -> None:
         if self._writer is not None and not self._writer.closed:
             self._writer.abort()
+        super().on_finish()
 
     async def put(self, sandbox_id: str, path: str) -> None:
         if self._error is not None:

@@ -92,6 +92,7 @@ class MCPHandler(BaseHandler):
 
     def on_finish(self) -> None:
         self._disconnected.set()
+        super().on_finish()
 
     async def post(self) -> None:
         # Only POST: the manager runs stateless, so there is no session to stream to (GET) or end (DELETE),

@@ -42,6 +42,7 @@ from .pool import Pool
 from .sandboxes import Sandboxes
 from .telemetry import PoolState, Telemetry
 from .templates import BUILTIN_TEMPLATES, Template, parse_templates
+from .tenants import TenantHolds
 from .tokens import SandboxTokens
 
 
@@ -76,6 +77,15 @@ class Hub(LoggingConfigurable):
     max_connections_per_kernel = Integer(16, help="Websockets that may be open at once to one kernel of the "
                                          "Jupyter API; more are refused (429).", config=True).tag(
         env="KERNELHUB_MAX_CONNECTIONS_PER_KERNEL")
+    max_websockets_per_tenant = Integer(512, help="Websockets one tenant may hold open at once, on every "
+                                        "surface together (/stream, terminals, the Jupyter API); more are refused "
+                                        "(429). Each costs the gateway a descriptor.", config=True).tag(
+        env="KERNELHUB_MAX_WEBSOCKETS_PER_TENANT")
+    max_request_body_mb_per_tenant = Float(256.0, help="MiB of request bodies a tenant's requests may have "
+                                           "buffered in the gateway at once (JSON and MCP bodies, read whole "
+                                           "before they are parsed; uploads stream to disk and do not count); more "
+                                           "is refused (429).", config=True).tag(
+        env="KERNELHUB_MAX_REQUEST_BODY_MB_PER_TENANT")
     reap_interval = Float(1.0, help="Seconds between idle/lifetime checks.", config=True).tag(
         env="KERNELHUB_REAP_INTERVAL")
     extra_templates = Dict(help="Templates besides the built-in ones: {name: {language, limits, network, env, "
@@ -130,6 +140,9 @@ class Hub(LoggingConfigurable):
                                  ended_kept=max(0, self.ended_commands_kept),
                                  kill_grace_s=max(0.0, self.command_kill_grace_s))
         self.tokens = SandboxTokens(self.sandboxes)
+        self.websockets = TenantHolds(max(1, self.max_websockets_per_tenant), "open websockets")
+        self.request_bodies = TenantHolds(max(1, int(self.max_request_body_mb_per_tenant * 1024 * 1024)),
+                                          "of request bodies being received", " bytes")
         self.files = Files(self.sandboxes)
         self.jupyter = Kernels(self.sandboxes, self.templates)
 
@@ -179,6 +192,10 @@ class Hub(LoggingConfigurable):
         self.interrupt_kernel = jupyter.interrupt_kernel
         self.restart_kernel = jupyter.restart_kernel
         self.shutdown_kernel = jupyter.shutdown_kernel
+        self.hold_websocket = self.websockets.hold
+        self.release_websocket = self.websockets.release
+        self.hold_request_body = self.request_bodies.hold
+        self.release_request_body = self.request_bodies.release
 
     def pool_state(self) -> PoolState | None:
         """What the metrics show of the warm pool: ``self.pool.state()`` (per template ``{ready, starting,

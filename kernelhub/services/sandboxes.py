@@ -204,7 +204,8 @@ class Sandboxes:
                     if record.state == "running":
                         idle_at = record.idle_deadline()
                         if now >= record.expires_at:
-                            self.telemetry.sandbox_reaped(record, "lifetime", record.limits.max_lifetime_s)
+                            # Its deadline, which E2B's timeout may have moved before max_lifetime_s.
+                            self.telemetry.sandbox_reaped(record, "lifetime", record.expires_at - record.created_at)
                             await self._stop_record(record, "lifetime")
                         elif idle_at is not None and now >= idle_at:
                             self.telemetry.sandbox_reaped(record, "idle", now - record.last_activity)

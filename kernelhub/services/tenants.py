@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..errors import InvalidRequest, Unauthorized
+from ..errors import InvalidRequest, QuotaExceeded, Unauthorized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +35,10 @@ class TenantRegistry:
 
     @classmethod
     def from_file(cls, path: str | Path, default_token: str | None = None) -> TenantRegistry:
-        """Read ``{"<key>": "<tenant name>", ...}``; ``default_token`` is the tenant ``default``'s key."""
+        """Read ``{"<key>": "<tenant name>", ...}``; ``default_token`` is the tenant ``default``'s key. Raises
+        :class:`~kernelhub.errors.InvalidRequest` when the file cannot be read or is not such an object, and when
+        the file gives ``default_token`` to another tenant: one key names one tenant, and silently making that
+        tenant's key the operator's would show it every tenant's activity (``/metrics``)."""
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
@@ -44,6 +47,11 @@ class TenantRegistry:
             raise InvalidRequest(f"The API keys file {path} must hold a JSON object of key: tenant name.")
         keys = dict(data)
         if default_token:
+            other = keys.get(default_token, "default")
+            if other != "default":
+                raise InvalidRequest(f"The API keys file {path} gives the key of --token (KERNELHUB_TOKEN) to the "
+                                     f"tenant {other!r}, but --token is the key of the tenant 'default' (the "
+                                     "operator's); give each tenant a key of its own.")
             keys[default_token] = "default"
         return cls(keys)
 
@@ -63,3 +71,35 @@ class TenantRegistry:
 
     def tenants(self) -> list[Tenant]:
         return [t for _, t in self._keys]
+
+
+class TenantHolds:
+    """How much of one resource (``what``, e.g. "open websockets") each tenant holds, at most ``cap`` each.
+
+    :meth:`hold` checks and counts with no await between, so concurrent holders cannot all pass the check;
+    every hold is given back once, with the same amount, with :meth:`release`. Built by the hub; used by the
+    surfaces for what they hold on a tenant's behalf (websockets; bytes of request bodies being received)."""
+
+    def __init__(self, cap: int, what: str, unit: str = "") -> None:
+        self.cap = cap
+        self.what = what
+        self.unit = unit
+        self._held: dict[str, int] = {}
+
+    def held(self, tenant: Tenant) -> int:
+        return self._held.get(tenant.name, 0)
+
+    def hold(self, tenant: Tenant, amount: int = 1) -> None:
+        """Count ``amount`` more for ``tenant``; raises :class:`~kernelhub.errors.QuotaExceeded` (429) when that
+        would pass the cap (nothing is counted then)."""
+        if self.held(tenant) + amount > self.cap:
+            raise QuotaExceeded(f"Tenant {tenant.name!r} already has {self.held(tenant)}{self.unit} {self.what} "
+                                f"of the {self.cap}{self.unit} it may have at once; wait for some to end.")
+        self._held[tenant.name] = self.held(tenant) + amount
+
+    def release(self, tenant: Tenant, amount: int = 1) -> None:
+        left = self.held(tenant) - amount
+        if left > 0:
+            self._held[tenant.name] = left
+        else:
+            self._held.pop(tenant.name, None)

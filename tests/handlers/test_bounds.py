@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,14 +24,15 @@ from kernelhub.testing import Gateway
 
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups]
 
-HISTORY, HISTORY_MB, QUEUED, QUEUED_CODE_MB, PER_KERNEL = 3, 1, 4, 1, 2
+HISTORY, HISTORY_MB, QUEUED, QUEUED_CODE_MB, PER_KERNEL, PER_TENANT, BODIES_MB = 3, 1, 4, 1, 2, 8, 2
 KiB = 1024
 
 
 #: The module's gateway (the ``gw`` fixture of tests/handlers/conftest.py) has small bounds.
 GATEWAY_ARGS = [f"--Hub.execution_history={HISTORY}", f"--Hub.execution_history_mb={HISTORY_MB}",
                 f"--Hub.max_queued_executions={QUEUED}", f"--Hub.max_queued_code_mb={QUEUED_CODE_MB}",
-                f"--Hub.max_connections_per_kernel={PER_KERNEL}", "--Hub.reap_interval=0.2"]
+                f"--Hub.max_connections_per_kernel={PER_KERNEL}", f"--Hub.max_websockets_per_tenant={PER_TENANT}",
+                f"--Hub.max_request_body_mb_per_tenant={BODIES_MB}", "--Hub.reap_interval=0.2"]
 
 
 @pytest.fixture
@@ -174,6 +176,71 @@ def test_websockets_per_kernel_are_capped_under_concurrency(gw: Gateway) -> None
             assert open_one()[0] == 429
     finally:
         gw.request("DELETE", f"/api/kernels/{kernel['id']}")
+
+
+def test_websockets_per_tenant_are_capped_under_concurrency(gw: Gateway,
+                                                            make: Callable[..., dict[str, Any]]) -> None:
+    """/stream and terminal websockets had no cap: one tenant held 19,700 of them, every descriptor of the
+    gateway, and other tenants' requests were reset. A tenant holds at most PER_TENANT on all surfaces together;
+    the others are refused before the upgrade, another tenant is unaffected, and a closed one frees its place."""
+    alice, bob = make(), make(token=gw.other_token)
+    status, terminal = gw.request("POST", f"/v1/sandboxes/{alice['id']}/sessions", {"type": "terminal"})
+    assert status == 201, terminal
+    base = gw.url.replace("http", "ws")
+    stream = f"{base}/v1/sandboxes/{alice['id']}/stream"
+
+    def open_one(stack: contextlib.ExitStack, url: str = stream, token: str = gw.token) -> tuple[int, Any]:
+        try:
+            stack.enter_context(connect(url, additional_headers={"Authorization": f"Bearer {token}"},
+                                        open_timeout=30))
+        except InvalidStatus as exc:
+            return exc.response.status_code, json.loads(exc.response.body or b"{}")
+        return 101, None
+
+    with contextlib.ExitStack() as stack:
+        answers = at_once([lambda: open_one(stack)] * (PER_TENANT + 4))
+        assert [status for status, _ in answers].count(101) == PER_TENANT, answers
+        assert all(body["error"] == "quota_exceeded" for status, body in answers if status != 101), answers
+        # Every surface counts against the same cap; another tenant has places of its own.
+        assert open_one(stack, f"{base}/v1/sessions/{terminal['id']}/terminal")[0] == 429
+        assert open_one(stack, f"{base}/v1/sandboxes/{bob['id']}/stream", gw.other_token)[0] == 101
+    # Closed sockets give their places back, once the gateway has seen them close.
+    with contextlib.ExitStack() as stack:
+        deadline = time.monotonic() + 10
+        opened = 0
+        while opened < PER_TENANT:
+            status, body = open_one(stack)
+            opened += status == 101
+            assert status == 101 or (status == 429 and time.monotonic() < deadline), (opened, body)
+
+
+def test_request_bodies_being_received_are_capped_per_tenant(gw: Gateway) -> None:
+    """A JSON or MCP body is read whole before it is parsed, and a client may stop sending one midway: one key's
+    connections held 6 unfinished 90 MiB MCP bodies, 540 MiB of the gateway, for as long as they liked. What a
+    tenant's requests have buffered is capped (BODIES_MB here); past it they get 429, other tenants do not, and
+    a connection that goes away gives its share back."""
+    host, port = gw.url.split("//")[1].split(":")
+    stalled = socket.create_connection((host, int(port)))
+    length = (BODIES_MB * 1024 - 100) * KiB
+    stalled.sendall(f"POST /v1/sandboxes HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {gw.token}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n".encode())
+    stalled.sendall(b" " * (length - 1))  # all but the last byte: the gateway holds it, waiting for the rest
+    big = {"template": "python", "metadata": {"a": "x" * (300 * KiB)}}  # refused as too much metadata (400)
+
+    def status(token: str | None) -> tuple[int, Any]:
+        return gw.request("POST", "/v1/sandboxes", big, token=token)
+
+    try:
+        deadline = time.monotonic() + 10
+        while (answer := status("default"))[0] != 429:  # once the gateway has read what was sent
+            assert answer[0] == 400 and time.monotonic() < deadline, answer
+        assert answer[1]["error"] == "quota_exceeded" and "request bodies" in answer[1]["message"], answer
+        assert status(gw.other_token)[0] == 400  # Bob's requests are read as before
+    finally:
+        stalled.close()
+    deadline = time.monotonic() + 10
+    while (answer := status("default"))[0] != 400:
+        assert answer[0] == 429 and time.monotonic() < deadline, answer
 
 
 # -- a kernel that claims to be busy for ever --------------------------------------------------------------------

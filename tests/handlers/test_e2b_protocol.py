@@ -99,6 +99,18 @@ def test_control_plane_errors(gateway: Gateway, sandbox: dict[str, Any]) -> None
                                  (f"/sandboxes/{sandbox['sandboxID']}/timeout", {"timeout": 10 ** 9}, "at most")):
         status, body, _ = control(gateway, "POST", path, payload)
         assert status == 400 and body["code"] == 400 and words in body["message"], (payload, body)
+    # A timeout no sandbox may live is refused before one is taken: the answer names no sandbox the caller
+    # never got, and none was created (and deleted) for it.
+    def created() -> list[bytes]:
+        status, text = gateway.request("GET", "/metrics")
+        assert status == 200, text
+        return [line for line in text.splitlines() if line.startswith(b"kernelhub_sandboxes_created_total")]
+
+    before = created()
+    for timeout in (1e300, 10 ** 7):
+        status, body, _ = control(gateway, "POST", "/v2/sandboxes", {"timeout": timeout})
+        assert status == 400 and "timeout may be at most" in body["message"] and "sb" not in body["message"], body
+    assert created() == before
     status, body, _ = _send(gateway, "POST", "/e2b/v2/sandboxes", None,
                             {"X-API-Key": gateway.token, "Content-Type": "application/json"}, b"{not json")
     assert status == 400 and body["code"] == 400

@@ -64,3 +64,26 @@ def test_an_unknown_route_is_still_named(gateway: Gateway) -> None:  # noqa: F81
 def test_a_wrong_method_names_the_allowed_ones(gateway: Gateway) -> None:  # noqa: F811
     status, body = gateway.request("PUT", "/v1/sandboxes", {})
     assert status == 405 and body["message"] == "PUT is not allowed on /v1/sandboxes; this route allows GET and POST."
+
+
+def test_a_wrong_method_on_the_e2b_surface_names_the_allowed_ones(gateway: Gateway) -> None:  # noqa: F811
+    """E2B's routes answered a bare "Method Not Allowed"; the sentence and the Allow header are /v1's, in E2B's
+    error shape, on the control plane and the sandbox plane alike."""
+    key = {"X-API-Key": gateway.token}
+    status, created = gateway.request("POST", "/e2b/v2/sandboxes", {"templateID": "base"}, token=None, headers=key)
+    assert status == 201, created
+    sid = created["sandboxID"]
+    envd = {"E2b-Sandbox-Id": sid, "E2b-Sandbox-Port": "49983", "X-Access-Token": created["envdAccessToken"]}
+    interpreter = {**envd, "E2b-Sandbox-Port": "49999"}
+    try:
+        for method, path, headers, allowed in (
+                ("PUT", "/e2b/v2/sandboxes", key, "GET and POST"),
+                ("PATCH", f"/e2b/sandboxes/{sid}/timeout", key, "POST"),
+                ("PUT", "/e2b/files", envd, "GET and POST"),
+                ("GET", "/e2b/execute", interpreter, "POST")):
+            status, body = gateway.request(method, path, {} if method != "GET" else None, token=None,
+                                           headers=headers)
+            message = f"{method} is not allowed on {path}; this route allows {allowed}."
+            assert (status, body) == (405, {"code": 405, "message": message}), path
+    finally:
+        gateway.request("DELETE", f"/v1/sandboxes/{sid}")

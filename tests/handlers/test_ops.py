@@ -180,10 +180,17 @@ def test_each_lifecycle_event_is_an_info_line_without_keys_or_code() -> None:
         assert status == 201, sb
         assert gw.request("POST", f"/v1/sandboxes/{sb['id']}/execute", {"code": secret})[0] == 200
         wait_for(lambda: gw.request("GET", f"/v1/sandboxes/{sb['id']}")[1].get("reason") == "idle", "the idle reap")
+        # A deadline that E2B's timeout set: the line gives that lifetime, not max_lifetime_s (86400 s).
+        status, e2b = gw.request("POST", "/e2b/v2/sandboxes", {"templateID": "base", "timeout": 2}, token=None,
+                                 headers={"X-API-Key": gw.token})
+        assert status == 201, e2b
+        wait_for(lambda: gw.request("GET", f"/v1/sandboxes/{e2b['sandboxID']}")[1].get("reason") == "lifetime",
+                 "the lifetime reap")
         status, other = gw.request("POST", "/v1/sandboxes", {"template": "bash"}, token=gw.other_token)
         assert status == 201, other
         assert gw.request("DELETE", f"/v1/sandboxes/{other['id']}", token=gw.other_token)[0] == 204
-        log = gw.log()
+        with open(gw.log_path, errors="replace") as f:  # all of it: gw.log() keeps the last 5000 characters
+            log = f.read()
     finally:
         gw.stop()
     lines = [line for line in log.splitlines() if "kernelhub.services]" in line]
@@ -196,6 +203,9 @@ def test_each_lifecycle_event_is_an_info_line_without_keys_or_code() -> None:
     assert said(sb["id"], "ready in")
     assert said(sb["id"], "reaped: idle for")
     assert said(sb["id"], "stopped (idle)")
+    # 2 s from when the deadline was set, which is a little after the record's creation.
+    reaped = [line for line in lines if e2b["sandboxID"] in line and "reaped: its lifetime of " in line]
+    assert len(reaped) == 1 and 2 <= int(reaped[0].split("lifetime of ")[1].split(" s")[0]) <= 10, reaped
     assert said(other["id"], "created for tenant bob", "template bash")
     assert said(other["id"], "deleted by tenant bob")
     assert said(other["id"], "stopped (deleted)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -210,6 +211,19 @@ def test_tenant_registry_keys() -> None:
     for bad in (None, "", "k3", "k1 "):
         with pytest.raises(Exception, match="key"):
             reg.authenticate(bad)
+
+
+def test_tenant_registry_from_a_file_refuses_the_operator_key_for_another_tenant(tmp_path: Any) -> None:
+    """A key of the file that is also --token named another tenant, which then silently became the operator
+    ('default'); it is refused with a sentence instead, and a file that names that key 'default' is fine."""
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"k1": "alice", "op": "mallory"}))
+    with pytest.raises(InvalidRequest, match="--token.*'mallory'"):
+        TenantRegistry.from_file(keys, default_token="op")
+    keys.write_text(json.dumps({"k1": "alice", "op": "default"}))
+    reg = TenantRegistry.from_file(keys, default_token="op")
+    assert reg.authenticate("op") == Tenant("default") and reg.authenticate("k1") == ALICE
+    assert TenantRegistry.from_file(keys).authenticate("op") == Tenant("default")
 
 
 def _provisioner(hub: Hub) -> Any:

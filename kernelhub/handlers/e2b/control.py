@@ -128,10 +128,15 @@ class CreateHandler(_SandboxAnswer):
         timeout = _timeout(body, DEFAULT_TIMEOUT_S)
         metadata = body.get("metadata")
         env = body.get("envVars")
+        assert timeout is not None
+        longest = self.hub.maximum.max_lifetime_s
+        if timeout > longest:
+            # Refused before a sandbox is taken: no sandbox of this gateway may live that long.
+            raise InvalidRequest(f"timeout may be at most {longest:g} s on this gateway (the longest "
+                                 "max_lifetime_s a sandbox may have).")
         limits = {"idle_timeout_s": self.hub.maximum.idle_timeout_s}
         record = await self.hub.create_sandbox(self.tenant, template, limits, env, metadata, _network(body))
         try:
-            assert timeout is not None
             self.hub.set_deadline(self.tenant, record.id, timeout)
         except BaseException:
             await self.hub.delete_sandbox(self.tenant, record.id)
