@@ -30,6 +30,8 @@ from tornado.websocket import WebSocketHandler
 import kernelhub
 from kernelhub.app import make_app
 from kernelhub.handlers.base import MAX_JSON_BODY, GatewayConfig, allowed_methods
+from kernelhub.sandbox.factory import SandboxFactory
+from kernelhub.services.hub import Hub
 
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups]
 
@@ -83,8 +85,9 @@ E2B_PREFIX = "/e2b"
 
 
 def served_routes() -> list[Route]:
-    """Every rule of the real application (its handlers are only listed, never run, so no hub is needed)."""
-    app = make_app(None, None, GatewayConfig())  # type: ignore[arg-type]
+    """Every rule of the real application. Its handlers are only listed, never run: the hub is built (the app
+    subscribes to its kernels' events) but never started, so it touches nothing of the OS."""
+    app = make_app(Hub(SandboxFactory()), None, GatewayConfig())  # type: ignore[arg-type]
     routes = []
     for rule in app.wildcard_router.rules:
         if rule.matcher.regex.pattern.startswith(E2B_PREFIX):
