@@ -11,7 +11,6 @@ never takes the server down.
 from __future__ import annotations
 
 import base64
-import binascii
 import dataclasses
 import json
 import logging
@@ -21,6 +20,15 @@ from typing import Any
 
 from .. import json_input
 from ..errors import InvalidRequest, KernelHubError
+from ..models import (
+    parse_command_run,
+    parse_command_stdin,
+    parse_execute,
+    parse_file_write,
+    parse_sandbox_create,
+    parse_session_create,
+    parse_session_input,
+)
 from .backends import Backend, EventSink
 
 log = logging.getLogger("kernelhub.mcp")
@@ -259,8 +267,8 @@ def _sandbox_text(sb: dict[str, Any]) -> str:
 # -- the tools ----------------------------------------------------------------------------------------------
 
 async def _sandbox_create(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
-    sb = await b.sandbox_create(a.get("template"), a.get("limits"), a.get("env"), a.get("metadata"),
-                                a.get("network"))
+    req = parse_sandbox_create(a)
+    sb = await b.sandbox_create(req.template, req.limits, req.env, req.metadata, req.network)
     text = (f"Created sandbox {sb.get('id')} (template {sb.get('template')}, {sb.get('state')}). Run code in it "
             f"with code_execute(sandbox_id={sb.get('id')!r}, code=...); delete it with sandbox_delete when done.\n\n"
             + _json(sb))
@@ -287,14 +295,15 @@ async def _sandbox_delete(b: Backend, a: dict[str, Any], p: Progress | None) -> 
 
 
 async def _code_execute(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
-    ex = await b.code_execute(a["sandbox_id"], a["code"], a.get("language"), a.get("session_id"),
-                              a.get("timeout_s"), a.get("env"), p)
+    req = parse_execute(a, extra=("sandbox_id",))
+    ex = await b.code_execute(a["sandbox_id"], req.code, req.language, req.session_id, req.timeout_s, req.env, p)
     return _execution_output(ex)
 
 
 async def _code_execute_async(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
-    answer = await b.code_execute_async(a["sandbox_id"], a["code"], a.get("language"), a.get("session_id"),
-                                        a.get("timeout_s"), a.get("env"))
+    req = parse_execute(a, extra=("sandbox_id",))
+    answer = await b.code_execute_async(a["sandbox_id"], req.code, req.language, req.session_id, req.timeout_s,
+                                        req.env)
     return ToolOutput(answer, f"Started execution {answer.get('id')} ({answer.get('status')}). Read its "
                               f"progress and outputs with execution_status(execution_id={answer.get('id')!r}).")
 
@@ -305,8 +314,7 @@ async def _execution_status(b: Backend, a: dict[str, Any], p: Progress | None) -
 
 
 async def _command_execute(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
-    r = await b.command_execute(a["sandbox_id"], a["command"], a.get("cwd"), a.get("env"), a.get("timeout_s"),
-                                a.get("stdin"))
+    r = await b.command_execute(a["sandbox_id"], **parse_command_run(a, extra=("sandbox_id",)).run_args())
     head = f"exit code {r.get('exit_code')}"
     # A non-zero exit is an ordinary answer (grep finding nothing); a limit ending the command is a failure.
     stopped = bool(r.get("reason")) and r.get("reason") != "output_truncated"
@@ -323,19 +331,8 @@ async def _command_execute(b: Backend, a: dict[str, Any], p: Progress | None) ->
 
 
 async def _file_upload(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
-    has_text, has_b64 = "content" in a, "content_base64" in a
-    if has_text == has_b64:
-        raise InvalidRequest("Give exactly one of content (text) or content_base64 (binary).")
-    if has_text:
-        data = a["content"].encode()
-    else:
-        try:
-            data = base64.b64decode(a["content_base64"], validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidRequest("content_base64 is not valid base64.") from None
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise InvalidRequest(f"file_upload takes at most {MAX_UPLOAD_BYTES} bytes over MCP.")
-    answer = await b.file_upload(a["sandbox_id"], a["path"], data)
+    req = parse_file_write(a, max_bytes=MAX_UPLOAD_BYTES, extra=("sandbox_id",))
+    answer = await b.file_upload(a["sandbox_id"], req.path, req.data)
     return ToolOutput(answer, f"Wrote {answer.get('size')} bytes to /workspace/{answer.get('path')}.")
 
 
@@ -388,7 +385,8 @@ async def _file_delete(b: Backend, a: dict[str, Any], p: Progress | None) -> Too
 
 
 async def _session_create(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
-    s = await b.session_create(a["sandbox_id"], a.get("type", "jupyter"), a.get("language"))
+    req = parse_session_create(a, extra=("sandbox_id",))
+    s = await b.session_create(a["sandbox_id"], req.type, req.language)
     use = ("session_execute(session_id=..., input='<code>')" if s.get("type") == "jupyter"
            else "session_execute(session_id=..., input='<keystrokes, e.g. ls\\n>')")
     return ToolOutput(s, f"Started {s.get('type')} session {s.get('id')}"
@@ -397,7 +395,8 @@ async def _session_create(b: Backend, a: dict[str, Any], p: Progress | None) -> 
 
 
 async def _session_execute(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
-    answer = await b.session_execute(a["session_id"], a["input"], a.get("timeout_s"), p)
+    req = parse_session_input(a, extra=("session_id",))
+    answer = await b.session_execute(a["session_id"], req.input, req.timeout_s, p)
     return _execution_output(answer)
 
 
@@ -626,8 +625,9 @@ def _command_text(c: dict[str, Any]) -> str:
 
 
 async def _command_start(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
-    c = await b.command_start(a["sandbox_id"], a["command"], a.get("cwd"), a.get("env"), a.get("timeout_s"),
-                              a.get("stdin"), bool(a.get("stdin_open")))
+    req = parse_command_run(a, extra=("sandbox_id",))
+    c = await b.command_start(a["sandbox_id"], req.command, req.cwd, req.env, req.timeout_s, req.stdin,
+                              req.stdin_open)
     return ToolOutput(c, _command_text(c) + "\nRead its output with command_status(sandbox_id, pid).")
 
 
@@ -643,7 +643,8 @@ async def _command_status(b: Backend, a: dict[str, Any], p: Progress | None) -> 
 
 
 async def _command_send_stdin(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
-    c = await b.command_stdin(a["sandbox_id"], a["pid"], a.get("data"), bool(a.get("eof")))
+    req = parse_command_stdin(a, extra=("sandbox_id", "pid"))
+    c = await b.command_stdin(a["sandbox_id"], a["pid"], req.data, req.eof)
     return ToolOutput(c, _command_text(c))
 
 
