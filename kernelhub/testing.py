@@ -7,6 +7,7 @@ with two tenants (``alice`` with :data:`TOKEN`, ``bob`` with :data:`OTHER_TOKEN`
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -169,8 +170,23 @@ class Gateway:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
+async def until(check: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """Poll ``check`` every 10 ms until it holds or ``timeout`` seconds pass; answer its last value. For a state
+    that no event announces (a sandbox reaped, a cgroup's counter): tests wait on it instead of sleeping a fixed
+    time, and say ``assert await until(...)``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        await asyncio.sleep(0.01)
+    return check()
+
+
 @pytest.fixture(scope="session")
 def gateway() -> Iterator[Gateway]:
+    """The run's one shared test gateway, started on first use and stopped at the end of the run. Registered by
+    ``pytest_plugins = ["kernelhub.testing"]`` in ``tests/conftest.py``; a test module must not import it
+    (pytest would register, and start, one per importing module)."""
     gw = Gateway()
     try:
         yield gw

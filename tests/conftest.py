@@ -2,7 +2,8 @@
 :class:`SandboxFactory` whose teardown proves that nothing it made is left (process, cgroup, mount, uid lock).
 
 No pytest-asyncio: tests are synchronous and drive coroutines with ``runner.run(...)`` (one loop per module,
-so a sandbox created in one test can serve the next). Two helpers come as fixtures: ``sh`` runs a shell
+so a sandbox created in one test can serve the next). The one test gateway of the run, ``gateway``, comes from
+:mod:`kernelhub.testing` through ``pytest_plugins``. Two helpers come as fixtures: ``sh`` runs a shell
 command in a sandbox, ``kernels`` starts kernels through jupyter_client with kernelhub's kernelspecs (installed by
 its CLI into a prefix on JUPYTER_PATH) and executes code in them.
 """
@@ -27,6 +28,11 @@ from jupyter_client.manager import AsyncKernelManager
 
 from kernelhub.sandbox.factory import SandboxFactory
 from kernelhub.sandbox.sandbox import Sandbox
+
+# kernelhub.testing's fixtures, registered once for the whole run: one `gateway` (session-scoped) shared by every
+# module that asks for it. Importing the fixture into a module instead registers it per module, and pytest then
+# starts one gateway per importing module.
+pytest_plugins = ["kernelhub.testing"]
 
 
 def pytest_configure(config: pytest.Config) -> None:

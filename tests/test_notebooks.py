@@ -30,7 +30,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from kernelhub.testing import Gateway, gateway  # noqa: F401
+from kernelhub.testing import Gateway
 
 pytestmark = [
     pytest.mark.root,
@@ -67,7 +67,7 @@ def load_demo() -> Any:
 
 
 @pytest.fixture
-def gateway_client(gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:  # noqa: F811
+def gateway_client(gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """Jupyter Server's GatewayClient pointed at our gateway, as ``--GatewayClient.url/auth_token`` would."""
     from jupyter_server.gateway import managers
     from jupyter_server.gateway.gateway_client import GatewayClient
@@ -96,7 +96,7 @@ def gateway_client(gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> Iterato
         GatewayClient.clear_instance()
 
 
-def test_demo_notebook_through_the_gateway(gateway: Gateway, gateway_client: Any) -> None:  # noqa: F811
+def test_demo_notebook_through_the_gateway(gateway: Gateway, gateway_client: Any) -> None:
     from jupyter_server.gateway.managers import GatewayKernelManager
 
     nb = load_demo()
@@ -226,7 +226,7 @@ def running_sandboxes(gw: Gateway) -> set[str]:
 
 
 @pytest.mark.parametrize("name", DEMOS)
-def test_demo_drives_a_live_gateway(name: str, gateway: Gateway, plain_kernel: str,  # noqa: F811
+def test_demo_drives_a_live_gateway(name: str, gateway: Gateway, plain_kernel: str,
                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     saved = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     assert saved.metadata.kernelspec.name == "python3"

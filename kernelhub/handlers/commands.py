@@ -24,8 +24,6 @@ client's ``request_id``. Closing the socket kills the foreground commands it sta
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -34,15 +32,17 @@ from typing import Any
 from tornado import websocket
 
 from ..errors import InvalidRequest, KernelHubError
+from ..models import CommandRun, fields, optional, parse_command_run, parse_command_stdin, parse_signal
 from ..services.commands import Command, text_events
 from ..services.hub import Hub
 from ..services.tenants import Tenant
 from .base import BaseHandler, WebSocketBase
-from .rest import ID, KEEPALIVE_S, NDJSON, fields, optional, wants_ndjson
+from .rest import ID, KEEPALIVE_S, NDJSON, wants_ndjson
 from .streaming import StreamingMixin
 
 _KEEPALIVE = b'{"type": "keepalive"}\n'
-_START_FIELDS = ("command", "cwd", "env", "timeout_s", "stdin", "stdin_open", "background", "tag")
+#: The fields every websocket message may have besides its own.
+_MESSAGE_FIELDS = ("type", "request_id")
 
 
 def _line(event: dict[str, Any]) -> bytes:
@@ -54,31 +54,12 @@ async def _lines(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
         yield _line(event)
 
 
-def _start_args(body: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments of ``Hub.start_command`` from a request body (REST or websocket message)."""
-    return {
-        "command": optional(body, "command", str, "a string"),
-        "cwd": optional(body, "cwd", str, "a path string"),
-        "env": optional(body, "env", dict, "a JSON object of strings"),
-        "timeout_s": optional(body, "timeout_s", (int, float), "a number of seconds"),
-        "stdin": optional(body, "stdin", str, "a string"),
-        "stdin_open": bool(optional(body, "stdin_open", bool, "true or false")),
-        "tag": optional(body, "tag", str, "a string"),
-    }
-
-
-def _foreground_args(args: dict[str, Any]) -> None:
-    """Drop the background-only arguments from ``args``, refusing them when they were given."""
-    if args.pop("stdin_open") or args.pop("tag") is not None:
-        raise InvalidRequest("stdin_open and tag apply to background commands; a foreground command's stdin is "
-                             "the stdin field.")
-
-
 async def start_foreground(hub: Hub, tenant: Tenant, sandbox_id: str,
-                           args: dict[str, Any]) -> tuple[Command, asyncio.Task[dict[str, Any]]]:
+                           req: CommandRun) -> tuple[Command, asyncio.Task[dict[str, Any]]]:
     """Start a foreground command through ``Hub.run_command`` and answer it once it runs, with the task that
     waits for it: cancelling that task is what kills the command when its client goes away (the service's
     rule). An error before it started is raised here."""
+    args = req.run_args()
     started: asyncio.Future[Command] = asyncio.get_running_loop().create_future()
     run = asyncio.ensure_future(hub.run_command(tenant, sandbox_id, listener=started.set_result, **args))
     first: set[asyncio.Future[Any]] = {run, started}
@@ -88,17 +69,11 @@ async def start_foreground(hub: Hub, tenant: Tenant, sandbox_id: str,
     return started.result(), run
 
 
-def _stdin_data(body: dict[str, Any]) -> str | bytes | None:
-    text = optional(body, "data", str, "a string")
-    encoded = optional(body, "data_base64", str, "base64 text")
-    if text is not None and encoded is not None:
-        raise InvalidRequest("Give data or data_base64, not both.")
-    if encoded is not None:
-        try:
-            return base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidRequest("data_base64 is not valid base64.") from None
-    return text
+def _message_pid(msg: dict[str, Any]) -> object:
+    """The ``pid`` a websocket command message names (the REST routes have it in their path)."""
+    if msg.get("pid") is None:
+        raise InvalidRequest("The field 'pid' is required.")
+    return msg["pid"]
 
 
 class _CommandStreamHandler(StreamingMixin, BaseHandler):
@@ -117,20 +92,17 @@ class CommandsHandler(_CommandStreamHandler):
     """``POST /v1/sandboxes/{id}/commands`` (command_execute, background, NDJSON) and ``GET`` (the list)."""
 
     async def post(self, sandbox_id: str) -> None:
-        body = fields(self.json_body(), allowed=_START_FIELDS, required=("command",))
-        args = _start_args(body)
-        background = bool(optional(body, "background", bool, "true or false"))
-        if background:
-            cmd = await self.hub.start_command(self.tenant, sandbox_id, background=True, **args)
+        req = parse_command_run(self.json_body())
+        if req.background:
+            cmd = await self.hub.start_command(self.tenant, sandbox_id, background=True, **req.start_args())
             self.set_header("Location", f"/v1/sandboxes/{sandbox_id}/commands/{cmd.pid}")
             if wants_ndjson(self.request.headers.get("Accept", "")):
                 await self._stream(cmd)
                 return
             self.send_json(cmd.to_dict(), 202)
             return
-        _foreground_args(args)
         if not wants_ndjson(self.request.headers.get("Accept", "")):
-            task = asyncio.ensure_future(self.hub.run_command(self.tenant, sandbox_id, **args))
+            task = asyncio.ensure_future(self.hub.run_command(self.tenant, sandbox_id, **req.run_args()))
             waiting: set[asyncio.Future[Any]] = {task, self.gone}
             done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if task not in done:
@@ -138,7 +110,7 @@ class CommandsHandler(_CommandStreamHandler):
                 return
             self.send_json(task.result())
             return
-        cmd, run = await start_foreground(self.hub, self.tenant, sandbox_id, args)
+        cmd, run = await start_foreground(self.hub, self.tenant, sandbox_id, req)
         try:
             if await self._stream(cmd):
                 with contextlib.suppress(KernelHubError):
@@ -173,9 +145,8 @@ class CommandStdinHandler(BaseHandler):
     """``POST /v1/sandboxes/{id}/commands/{pid}/stdin``: ``{data?, data_base64?, eof?}``."""
 
     async def post(self, sandbox_id: str, pid: str) -> None:
-        body = fields(self.json_body(), allowed=("data", "data_base64", "eof"))
-        eof = bool(optional(body, "eof", bool, "true or false"))
-        cmd = await self.hub.command_stdin(self.tenant, sandbox_id, pid, _stdin_data(body), eof=eof)
+        req = parse_command_stdin(self.json_body())
+        cmd = await self.hub.command_stdin(self.tenant, sandbox_id, pid, req.data, eof=req.eof)
         self.send_json(cmd.to_dict())
 
 
@@ -183,9 +154,7 @@ class CommandSignalHandler(BaseHandler):
     """``POST /v1/sandboxes/{id}/commands/{pid}/signal``: ``{signal}`` to every process of the command's tree."""
 
     async def post(self, sandbox_id: str, pid: str) -> None:
-        body = fields(self.json_body(), allowed=("signal",), required=("signal",))
-        count = await self.hub.signal_command(self.tenant, sandbox_id, pid,
-                                              optional(body, "signal", str, "a signal name such as SIGTERM"))
+        count = await self.hub.signal_command(self.tenant, sandbox_id, pid, parse_signal(self.json_body()))
         self.send_json({"pid": int(pid), "signalled": count})
 
 
@@ -206,29 +175,25 @@ class CommandStreamMixin(WebSocketBase):
         answer as ``rejected``."""
         kind = msg.get("type")
         if kind == "command":
-            body = fields({k: v for k, v in msg.items() if k not in ("type", "request_id")},
-                          allowed=_START_FIELDS, required=("command",))
-            args = _start_args(body)
-            if optional(body, "background", bool, "true or false"):
-                cmd = await self.hub.start_command(self.tenant, self.sandbox_id, background=True, **args)
+            req = parse_command_run(msg, extra=_MESSAGE_FIELDS)
+            if req.background:
+                cmd = await self.hub.start_command(self.tenant, self.sandbox_id, background=True,
+                                                   **req.start_args())
             else:
-                _foreground_args(args)
-                cmd, run = await start_foreground(self.hub, self.tenant, self.sandbox_id, args)
+                cmd, run = await start_foreground(self.hub, self.tenant, self.sandbox_id, req)
                 self._hold(run)
             self._send_command_events(cmd, request_id, replay=True)
         elif kind == "command_attach":
-            fields(msg, allowed=("type", "request_id", "pid", "replay"), required=("pid",))
+            fields(msg, allowed=(*_MESSAGE_FIELDS, "pid", "replay"), required=("pid",))
             cmd = self.hub.get_command(self.tenant, self.sandbox_id, msg.get("pid"))
             replay = optional(msg, "replay", bool, "true or false")
             self._send_command_events(cmd, request_id, replay=replay is not False)
         elif kind == "command_stdin":
-            fields(msg, allowed=("type", "request_id", "pid", "data", "data_base64", "eof"), required=("pid",))
-            eof = bool(optional(msg, "eof", bool, "true or false"))
-            await self.hub.command_stdin(self.tenant, self.sandbox_id, msg.get("pid"), _stdin_data(msg), eof=eof)
+            stdin = parse_command_stdin(msg, extra=(*_MESSAGE_FIELDS, "pid"))
+            await self.hub.command_stdin(self.tenant, self.sandbox_id, _message_pid(msg), stdin.data, eof=stdin.eof)
         else:
-            fields(msg, allowed=("type", "request_id", "pid", "signal"), required=("pid", "signal"))
-            await self.hub.signal_command(self.tenant, self.sandbox_id, msg.get("pid"),
-                                          optional(msg, "signal", str, "a signal name such as SIGTERM"))
+            signal = parse_signal(msg, extra=(*_MESSAGE_FIELDS, "pid"))
+            await self.hub.signal_command(self.tenant, self.sandbox_id, _message_pid(msg), signal)
 
     def _send_command_events(self, cmd: Command, request_id: Any, *, replay: bool) -> None:
         async def send() -> None:

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 from tornado import iostream
 from tornado.http1connection import HTTP1Connection
 
-from ..errors import InvalidRequest, KernelHubError, PayloadTooLarge
+from ..errors import KernelHubError, PayloadTooLarge
+from ..models import parse_execute, parse_sandbox_create, parse_session_create, parse_session_input
 from ..sandbox.files import path_fields
 from ..services.executions import Execution, Listener
 from .base import MAX_JSON_BODY, BaseHandler, json_text
@@ -38,30 +39,7 @@ KEEPALIVE_S = 10.0
 ID = r"([^/]+)"
 
 
-# -- request parsing --------------------------------------------------------------------------------------
-
-def fields(body: dict[str, Any], *, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The body's fields, refusing unknown names (a typo such as ``limit`` must not be silently ignored)."""
-    unknown = sorted(set(body) - set(allowed))
-    if unknown:
-        raise InvalidRequest(f"Unknown field {unknown[0]!r}; this route accepts {', '.join(allowed)}.")
-    for name in required:
-        if body.get(name) is None:
-            raise InvalidRequest(f"The field {name!r} is required.")
-    return body
-
-
-def optional(body: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> Any:
-    """``body[name]`` if present and of ``kind`` (None when absent); an InvalidRequest naming ``what`` else."""
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise InvalidRequest(f"{name} must be {what}.")
-    if not isinstance(value, kind):
-        raise InvalidRequest(f"{name} must be {what}.")
-    return value
-
+# -- content negotiation (requests are parsed by kernelhub.models) ----------------------------------------
 
 def wants_ndjson(accept: str) -> bool:
     return any(part.split(";")[0].strip().lower() == NDJSON for part in accept.split(","))
@@ -160,33 +138,15 @@ class StreamingExecutionHandler(BaseHandler):
             self.finish()
 
 
-def _execution_args(body: dict[str, Any]) -> dict[str, Any]:
-    fields(body, allowed=("code", "language", "session_id", "timeout_s", "env"), required=("code",))
-    return {
-        "code": optional(body, "code", str, "a string of code"),
-        "language": optional(body, "language", str, "a language name (python, node, typescript, bash)"),
-        "session_id": optional(body, "session_id", str, "a session id"),
-        "timeout_s": optional(body, "timeout_s", (int, float), "a number of seconds"),
-        "env": optional(body, "env", dict, "a JSON object of strings"),
-    }
-
-
 # -- sandboxes --------------------------------------------------------------------------------------------
 
 class SandboxesHandler(BaseHandler):
     """``POST /v1/sandboxes`` (sandbox_create) and ``GET /v1/sandboxes`` (sandbox_list)."""
 
     async def post(self) -> None:
-        body = fields(self.json_body(required=False),
-                      allowed=("template", "limits", "env", "metadata", "network"))
-        record = await self.hub.create_sandbox(
-            self.tenant,
-            template=optional(body, "template", str, "a template name"),
-            limits=optional(body, "limits", dict, "a JSON object of limits"),
-            env=optional(body, "env", dict, "a JSON object of strings"),
-            metadata=optional(body, "metadata", dict, "a JSON object"),
-            network=optional(body, "network", str, "a network mode"),
-        )
+        req = parse_sandbox_create(self.json_body(required=False))
+        record = await self.hub.create_sandbox(self.tenant, template=req.template, limits=req.limits, env=req.env,
+                                               metadata=req.metadata, network=req.network)
         self.set_header("Location", f"/v1/sandboxes/{record.id}")
         self.send_json(record.to_dict(), 201)
 
@@ -234,10 +194,10 @@ class ExecuteHandler(StreamingExecutionHandler):
     """``POST /v1/sandboxes/{id}/execute`` (code_execute), whole or as NDJSON events."""
 
     async def post(self, sandbox_id: str) -> None:
-        args = _execution_args(self.json_body())
+        req = parse_execute(self.json_body())
 
         def call(listener: Listener | None) -> Awaitable[Execution]:
-            return self.hub.execute(self.tenant, sandbox_id, listener=listener, wait=True, **args)
+            return self.hub.execute(self.tenant, sandbox_id, listener=listener, wait=True, **vars(req))
 
         await self.run_execution(call, lambda ex: ex.to_dict())
 
@@ -246,8 +206,8 @@ class ExecutionsHandler(BaseHandler):
     """``POST /v1/sandboxes/{id}/executions`` (code_execute_async): 202 ``{id, status}``."""
 
     async def post(self, sandbox_id: str) -> None:
-        args = _execution_args(self.json_body())
-        ex = await self.hub.execute(self.tenant, sandbox_id, wait=False, **args)
+        req = parse_execute(self.json_body())
+        ex = await self.hub.execute(self.tenant, sandbox_id, wait=False, **vars(req))
         self.set_header("Location", f"/v1/executions/{ex.id}")
         self.send_json({"id": ex.id, "status": ex.status}, 202)
 
@@ -273,12 +233,8 @@ class SessionsHandler(BaseHandler):
     """``POST /v1/sandboxes/{id}/sessions`` (session_create)."""
 
     async def post(self, sandbox_id: str) -> None:
-        body = fields(self.json_body(required=False), allowed=("type", "language"))
-        session = await self.hub.create_session(
-            self.tenant, sandbox_id,
-            type=optional(body, "type", str, '"jupyter" or "terminal"') or "jupyter",
-            language=optional(body, "language", str, "a language name (python, node, typescript, bash)"),
-        )
+        req = parse_session_create(self.json_body(required=False))
+        session = await self.hub.create_session(self.tenant, sandbox_id, type=req.type, language=req.language)
         self.send_json(session.to_dict(), 201)
 
 
@@ -299,12 +255,11 @@ class SessionExecuteHandler(StreamingExecutionHandler):
     """``POST /v1/sessions/{id}/execute`` (session_execute): an execution, or ``{output}`` for terminals."""
 
     async def post(self, session_id: str) -> None:
-        body = fields(self.json_body(), allowed=("input", "timeout_s"), required=("input",))
-        text = optional(body, "input", str, "a string")
-        timeout = optional(body, "timeout_s", (int, float), "a number of seconds")
+        req = parse_session_input(self.json_body())
 
         def call(listener: Listener | None) -> Awaitable[Any]:
-            return self.hub.session_execute(self.tenant, session_id, text, timeout_s=timeout, listener=listener)
+            return self.hub.session_execute(self.tenant, session_id, req.input, timeout_s=req.timeout_s,
+                                            listener=listener)
 
         def shape(result: Any) -> Any:
             if isinstance(result, Execution):

@@ -24,6 +24,7 @@ from tornado import websocket
 
 from .. import json_input
 from ..errors import ExecutionEnded, InvalidRequest, KernelHubError, NoInputRequested, NotFound
+from ..models import Execute, parse_execute, required
 from ..services.executions import Execution
 from ..services.hub import Hub
 from ..services.tenants import TenantRegistry
@@ -31,7 +32,6 @@ from .base import GatewayConfig, json_text
 from .commands import CommandStreamMixin
 
 MAX_REQUEST_ID = 256
-_EXECUTE_FIELDS = ("type", "code", "session_id", "language", "timeout_s", "env", "request_id")
 
 
 def _request_id(msg: dict[str, Any]) -> Any:
@@ -39,17 +39,6 @@ def _request_id(msg: dict[str, Any]) -> Any:
     if rid is None or (isinstance(rid, (str, int)) and not isinstance(rid, bool) and len(str(rid)) <= MAX_REQUEST_ID):
         return rid
     return None
-
-
-def _string(msg: dict[str, Any], name: str, what: str, *, required: bool = False) -> str | None:
-    value = msg.get(name)
-    if value is None:
-        if required:
-            raise InvalidRequest(f"The field {name!r} is required.")
-        return None
-    if not isinstance(value, str):
-        raise InvalidRequest(f"{name} must be {what}.")
-    return value
 
 
 class SandboxStreamHandler(CommandStreamMixin):
@@ -118,30 +107,15 @@ class SandboxStreamHandler(CommandStreamMixin):
             await self._reject(request_id, exc)
 
     def _start(self, msg: dict[str, Any], request_id: Any) -> None:
-        unknown = sorted(set(msg) - set(_EXECUTE_FIELDS))
-        if unknown:
-            raise InvalidRequest(f"Unknown field {unknown[0]!r}; execute accepts {', '.join(_EXECUTE_FIELDS)}.")
-        timeout = msg.get("timeout_s")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))):
-            raise InvalidRequest("timeout_s must be a number of seconds.")
-        env = msg.get("env")
-        if env is not None and not isinstance(env, dict):
-            raise InvalidRequest("env must be a JSON object of strings.")
-        args = {
-            "code": _string(msg, "code", "a string of code", required=True),
-            "session_id": _string(msg, "session_id", "a session id"),
-            "language": _string(msg, "language", "a language name (python, node, typescript, bash)"),
-            "timeout_s": timeout,
-            "env": env,
-        }
-        self._background(self._run_execution(args, request_id))
+        req = parse_execute(msg, extra=("type", "request_id"), who="execute")
+        self._background(self._run_execution(req, request_id))
 
     def _background(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)  # held so that it is not garbage-collected while it runs
         task.add_done_callback(self._tasks.discard)
 
-    async def _run_execution(self, args: dict[str, Any], request_id: Any) -> None:
+    async def _run_execution(self, req: Execute, request_id: Any) -> None:
         """One execution from accept to end; runs in its own task."""
         holder: dict[str, Execution] = {}
 
@@ -160,7 +134,7 @@ class SandboxStreamHandler(CommandStreamMixin):
 
         try:
             ex = await self.hub.execute(self.tenant, self.sandbox_id, listener=listener,
-                                        input_handler=input_handler, wait=False, **args)
+                                        input_handler=input_handler, wait=False, **vars(req))
         except KernelHubError as exc:
             await self._reject(request_id, exc)
             return
@@ -185,7 +159,7 @@ class SandboxStreamHandler(CommandStreamMixin):
                     await self.hub.interrupt_execution(self.tenant, ex.id)
 
     def _owned(self, msg: dict[str, Any]) -> Execution:
-        execution_id = _string(msg, "execution_id", "an execution id", required=True)
+        execution_id = required(msg, "execution_id", str, "an execution id")
         ex = self.hub.get_execution(self.tenant, execution_id)
         if ex.sandbox_id != self.sandbox_id:
             raise NotFound(f"No execution {str(execution_id)[:64]!r} in sandbox {self.sandbox_id}.")

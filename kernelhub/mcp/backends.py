@@ -66,7 +66,7 @@ class Backend(Protocol):
                             timeout_s: float | None, stdin: str | None, stdin_open: bool) -> dict[str, Any]: ...
     async def command_list(self, sandbox_id: str) -> dict[str, Any]: ...
     async def command_status(self, sandbox_id: str, pid: int) -> dict[str, Any]: ...
-    async def command_stdin(self, sandbox_id: str, pid: int, data: str | None, eof: bool) -> dict[str, Any]: ...
+    async def command_stdin(self, sandbox_id: str, pid: int, data: str | bytes | None, eof: bool) -> dict[str, Any]: ...
     async def command_signal(self, sandbox_id: str, pid: int, signal: str) -> dict[str, Any]: ...
     async def command_kill(self, sandbox_id: str, pid: int) -> dict[str, Any]: ...
 
@@ -179,7 +179,7 @@ class HubBackend:
         cmd = self.hub.get_command(self.tenant, sandbox_id, pid)
         return {**cmd.to_dict(), **cmd.kept_output()}
 
-    async def command_stdin(self, sandbox_id: str, pid: int, data: str | None, eof: bool) -> dict[str, Any]:
+    async def command_stdin(self, sandbox_id: str, pid: int, data: str | bytes | None, eof: bool) -> dict[str, Any]:
         return (await self.hub.command_stdin(self.tenant, sandbox_id, pid, data, eof=eof)).to_dict()
 
     async def command_signal(self, sandbox_id: str, pid: int, signal: str) -> dict[str, Any]:
@@ -296,7 +296,7 @@ class RemoteBackend:
     async def command_status(self, sandbox_id: str, pid: int) -> dict[str, Any]:
         return await self.api.call(_api.get_command(sandbox_id, pid, output=True))  # type: ignore[no-any-return]
 
-    async def command_stdin(self, sandbox_id: str, pid: int, data: str | None, eof: bool) -> dict[str, Any]:
+    async def command_stdin(self, sandbox_id: str, pid: int, data: str | bytes | None, eof: bool) -> dict[str, Any]:
         return await self.api.call(_api.command_stdin(sandbox_id, pid, data, eof))  # type: ignore[no-any-return]
 
     async def command_signal(self, sandbox_id: str, pid: int, signal: str) -> dict[str, Any]:

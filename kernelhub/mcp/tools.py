@@ -1,9 +1,10 @@
-"""The MCP tools (API.md's seventeen, then the command tools): names, JSON schemas, descriptions, and how
-answers become tool results.
+"""The MCP tools (API.md's seventeen, then the command tools): names, descriptions, and the coroutines that call
+the services.
 
-A tool is a :class:`ToolSpec`: its schema and description for ``tools/list`` and a coroutine that validates the
-arguments, calls one :class:`~kernelhub.mcp.backends.Backend` operation and shapes the REST-shaped answer into a
-:class:`ToolOutput` (structured content, readable text, images). :func:`call_tool` turns every
+A tool is a :class:`ToolSpec`: its schema (built from :mod:`.schemas`) and description for ``tools/list`` and a
+coroutine that parses the arguments (:mod:`kernelhub.models`), calls one :class:`~kernelhub.mcp.backends.Backend`
+operation and shapes the REST-shaped answer into a :class:`~kernelhub.mcp.rendering.ToolOutput` (structured
+content, readable text, images; :mod:`.rendering`). :func:`call_tool` turns every
 :class:`~kernelhub.errors.KernelHubError` into a tool error carrying the gateway's message, so a failing tool
 never takes the server down.
 """
@@ -11,17 +12,33 @@ never takes the server down.
 from __future__ import annotations
 
 import base64
-import binascii
 import dataclasses
-import json
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .. import json_input
 from ..errors import InvalidRequest, KernelHubError
+from ..models import (
+    parse_command_run,
+    parse_command_stdin,
+    parse_execute,
+    parse_file_write,
+    parse_sandbox_create,
+    parse_session_create,
+    parse_session_input,
+)
 from .backends import Backend, EventSink
+from .rendering import (
+    ToolOutput,
+    _clip,
+    _command_text,
+    _execution_output,
+    _json,
+    _sandbox_text,
+    error_output,
+    image_note,
+)
+from .schemas import _CODE_ARGS, ENV, LIMITS, PATH, PID, SANDBOX_ID, SESSION_ID, TIMEOUT, _schema, check_arguments
 
 log = logging.getLogger("kernelhub.mcp")
 
@@ -29,22 +46,6 @@ log = logging.getLogger("kernelhub.mcp")
 MAX_DOWNLOAD_BYTES = 16 * 1024 * 1024
 #: Largest decoded upload file_upload accepts over MCP.
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
-#: How much of stdout/stderr/text the readable text of a result shows; structured content has all of it.
-MAX_TEXT_CHARS = 40_000
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-@dataclasses.dataclass
-class ToolOutput:
-    """A tool's answer: ``structured`` (the REST shape), ``text`` for people and models, ``images`` as
-    ``(mime type, base64)``, and ``is_error``."""
-
-    structured: dict[str, Any]
-    text: str
-    images: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-    is_error: bool = False
 
 
 Progress = EventSink
@@ -69,198 +70,11 @@ class ToolSpec:
                 "idempotentHint": self.idempotent, "openWorldHint": False}
 
 
-# -- schemas ----------------------------------------------------------------------------------------------
-
-SANDBOX_ID = {"type": "string", "minLength": 1,
-              "description": "The sandbox's id (starts with 'sb'), as sandbox_create or sandbox_list answered it."}
-SESSION_ID = {"type": "string", "minLength": 1,
-              "description": "A session's id (starts with 'se'), as session_create or sandbox_info answered it."}
-ENV = {"type": "object", "additionalProperties": {"type": "string"},
-       "description": "Environment variables to set, as {NAME: value}."}
-TIMEOUT = {"type": "number", "exclusiveMinimum": 0, "maximum": 3600,
-           "description": "Seconds before it is stopped (status 'timeout'); default and maximum are the sandbox's "
-                          "execution_timeout_s (300 unless the sandbox was created with another)."}
-PATH = {"type": "string", "minLength": 1, "description": "A path relative to /workspace, e.g. 'data/input.csv'. "
-        "Absolute paths and '..' are refused."}
-LANGUAGE = {"type": "string", "enum": ["python", "node", "javascript", "typescript", "bash"],
-            "description": "Language of the code. Omitted: the sandbox's first kernel (its template's language). "
-                           "Another language starts a kernel of it in the same sandbox on first use."}
-LIMITS = {
-    "type": "object",
-    "description": "Resource limits for this sandbox; each may lower the gateway's default or raise it up to "
-                   "the configured maximum. Omitted limits take the defaults.",
-    "properties": {
-        "memory_mb": {"type": "integer", "minimum": 1, "description": "Memory in MiB (default 512)."},
-        "cpu": {"type": "number", "exclusiveMinimum": 0, "description": "CPU cores (default 1.0)."},
-        "pids": {"type": "integer", "minimum": 1, "description": "Processes and threads (default 128)."},
-        "disk_mb": {"type": "integer", "minimum": 1, "description": "Workspace quota in MiB (default 1024)."},
-        "files": {"type": "integer", "minimum": 1, "description": "Files in the workspace (default 10000)."},
-        "max_file_mb": {"type": "integer", "minimum": 1, "description": "Largest file in MiB (default 100)."},
-        "execution_timeout_s": {"type": "number", "exclusiveMinimum": 0,
-                                "description": "Longest execution or command, seconds (default 300, max 3600)."},
-        "idle_timeout_s": {"type": "number", "exclusiveMinimum": 0,
-                           "description": "Stopped after this long without API activity (default 300)."},
-        "max_lifetime_s": {"type": "number", "exclusiveMinimum": 0,
-                           "description": "Stopped after this long whatever happens (default 86400)."},
-        "output_mb": {"type": "number", "exclusiveMinimum": 0,
-                      "description": "Output kept per execution in MiB (default 10); more is truncated."},
-    },
-    "additionalProperties": False,
-}
-
-
-def _schema(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
-    return {"type": "object", "properties": properties, "required": list(required), "additionalProperties": False}
-
-
-# -- argument checks ----------------------------------------------------------------------------------------
-
-_JSON_TYPES: dict[str, Callable[[Any], bool]] = {
-    "string": lambda v: isinstance(v, str),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "boolean": lambda v: isinstance(v, bool),
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-}
-
-
-def check_arguments(spec: ToolSpec, arguments: dict[str, Any] | None) -> dict[str, Any]:
-    """The arguments checked against the tool's schema (top-level names, types, enums, required) and the rules
-    of :func:`kernelhub.json_input.check_value`; nested values (limits, env) are judged by the service, which
-    says precisely what is wrong."""
-    if arguments is not None and not isinstance(arguments, dict):
-        raise InvalidRequest(f"{spec.name} takes its arguments as a JSON object.")
-    args = dict(arguments or {})
-    # The SDK parsed the JSON: its depth, numbers and strings are judged here as REST's parser judges them.
-    json_input.check_value(args, "An argument")
-    props: dict[str, Any] = spec.schema["properties"]
-    for name in args:
-        if name not in props:
-            raise InvalidRequest(f"{spec.name} has no argument {name!r}; it takes {', '.join(props) or 'none'}.")
-    for name in spec.schema.get("required", []):
-        if args.get(name) is None:
-            raise InvalidRequest(f"{spec.name} needs the argument {name!r}.")
-    for name, value in list(args.items()):
-        if value is None:
-            del args[name]
-            continue
-        prop = props[name]
-        kind = prop.get("type")
-        if kind and not _JSON_TYPES[kind](value):
-            raise InvalidRequest(f"{name} must be a{'n' if kind[0] in 'aeiou' else ''} {kind}.")
-        if "enum" in prop and value not in prop["enum"]:
-            raise InvalidRequest(f"{name} must be one of {', '.join(map(str, prop['enum']))}.")
-        if kind == "string" and prop.get("minLength") and not value:
-            raise InvalidRequest(f"{name} must not be empty.")
-    return args
-
-
-# -- readable text ------------------------------------------------------------------------------------------
-
-def _clip(text: str, limit: int = MAX_TEXT_CHARS) -> str:
-    if len(text) <= limit:
-        return text
-    return text[:limit] + f"\n… ({len(text) - limit} more characters in the structured result)"
-
-
-def _json(data: Any) -> str:
-    return _clip(json.dumps(data, indent=2, ensure_ascii=False, default=str))
-
-
-def _plain(text: str) -> str:
-    return _ANSI.sub("", text)
-
-
-def execution_text(ex: dict[str, Any]) -> str:
-    """An execution as a model reads it best: status, then outputs, then the error."""
-    status = ex.get("status")
-    head = f"Execution {ex.get('id')} in sandbox {ex.get('sandbox_id')}: {status}"
-    if ex.get("reason"):
-        head += f" (reason: {ex['reason']})"
-    if ex.get("duration_ms") is not None:
-        head += f", {ex['duration_ms']} ms"
-    parts = [head]
-    if status in ("queued", "running"):
-        parts.append("Still running: call execution_status with this execution_id to read it again.")
-    if ex.get("stdout"):
-        parts.append("stdout:\n" + _clip(ex["stdout"].rstrip("\n")))
-    if ex.get("stderr"):
-        parts.append("stderr:\n" + _clip(_plain(ex["stderr"]).rstrip("\n")))
-    for result in ex.get("results") or []:
-        data = result.get("data") or {}
-        label = "result" if result.get("is_main_result") else "display"
-        images = [m for m in data if m in IMAGE_TYPES]
-        if images:
-            caption = f" ({data['text/plain']})" if "text/plain" in data else ""
-            parts.append(f"{label}: {', '.join(images)} image, attached{_clip(caption, 200)}")
-        elif "text/markdown" in data:
-            parts.append(f"{label} (markdown):\n" + _clip(str(data["text/markdown"])))
-        elif "text/plain" in data:
-            parts.append(f"{label}:\n" + _clip(str(data["text/plain"])))
-        elif "text/html" in data:
-            parts.append(f"{label} (html):\n" + _clip(str(data["text/html"]), 4000))
-        elif data:
-            parts.append(f"{label}: {', '.join(data)} (in the structured result)")
-    error = ex.get("error")
-    if error:
-        trace = _plain("\n".join(error.get("traceback") or [])) or f"{error.get('name')}: {error.get('value')}"
-        parts.append(f"error: {error.get('name')}: {error.get('value')}\n" + _clip(trace, 8000))
-    if ex.get("truncated"):
-        parts.append("Output reached the sandbox's output_mb limit: the execution was stopped there and the rest "
-                     "of its output dropped.")
-    return "\n\n".join(parts)
-
-
-def image_note(number: int, encoded: str) -> str:
-    """What the structured result holds in place of an image that travels as image content ``number``."""
-    return f"(an image, attached to this result as image content {number}; {len(encoded)} characters of base64)"
-
-
-def detach_images(ex: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
-    """The execution with each image's base64 replaced by :func:`image_note`, and the images ``(mime type,
-    base64)`` in order: a result carries each image once, as image content, which a model sees as an image
-    (the REST answer and ``execution_status`` over REST keep the base64 in place)."""
-    images: list[tuple[str, str]] = []
-    results = []
-    for result in ex.get("results") or []:
-        data = dict(result.get("data") or {})
-        for mime, value in data.items():
-            if mime in IMAGE_TYPES and isinstance(value, str):
-                images.append((mime, value.replace("\n", "")))
-                data[mime] = image_note(len(images), images[-1][1])
-        results.append({**result, "data": data})
-    return ({**ex, "results": results} if images else ex), images
-
-
-#: Execution statuses a running tool reports as a tool error (the structured result still has everything).
-FAILED = ("error", "timeout", "killed")
-
-
-def _execution_output(ex: dict[str, Any], *, failures_are_errors: bool = True) -> ToolOutput:
-    """An execution as a tool result. The code raising, a timeout or a kill is a tool error (``isError``) for
-    the tools that ran it, so a model sees at once that it has something to correct."""
-    if "output" in ex and "status" not in ex:  # a terminal session's answer
-        return ToolOutput(ex, "Terminal output:\n" + _clip(_plain(str(ex.get("output") or ""))))
-    failed = failures_are_errors and ex.get("status") in FAILED
-    structured, images = detach_images(ex)
-    return ToolOutput(structured, execution_text(ex), images, is_error=failed)
-
-
-def _sandbox_text(sb: dict[str, Any]) -> str:
-    sessions = ", ".join(f"{s.get('id')} ({s.get('type')}{'/' + s['language'] if s.get('language') else ''}, "
-                         f"{s.get('state')})" for s in sb.get("sessions") or []) or "none"
-    text = (f"Sandbox {sb.get('id')}: template {sb.get('template')}, state {sb.get('state')}"
-            f"{' (reason: ' + sb['reason'] + ')' if sb.get('reason') else ''}, expires {sb.get('expires_at')}.\n"
-            f"Sessions: {sessions}.")
-    return text + "\n\n" + _json(sb)
-
-
 # -- the tools ----------------------------------------------------------------------------------------------
 
 async def _sandbox_create(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
-    sb = await b.sandbox_create(a.get("template"), a.get("limits"), a.get("env"), a.get("metadata"),
-                                a.get("network"))
+    req = parse_sandbox_create(a)
+    sb = await b.sandbox_create(req.template, req.limits, req.env, req.metadata, req.network)
     text = (f"Created sandbox {sb.get('id')} (template {sb.get('template')}, {sb.get('state')}). Run code in it "
             f"with code_execute(sandbox_id={sb.get('id')!r}, code=...); delete it with sandbox_delete when done.\n\n"
             + _json(sb))
@@ -287,14 +101,15 @@ async def _sandbox_delete(b: Backend, a: dict[str, Any], p: Progress | None) -> 
 
 
 async def _code_execute(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
-    ex = await b.code_execute(a["sandbox_id"], a["code"], a.get("language"), a.get("session_id"),
-                              a.get("timeout_s"), a.get("env"), p)
+    req = parse_execute(a, extra=("sandbox_id",))
+    ex = await b.code_execute(a["sandbox_id"], req.code, req.language, req.session_id, req.timeout_s, req.env, p)
     return _execution_output(ex)
 
 
 async def _code_execute_async(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
-    answer = await b.code_execute_async(a["sandbox_id"], a["code"], a.get("language"), a.get("session_id"),
-                                        a.get("timeout_s"), a.get("env"))
+    req = parse_execute(a, extra=("sandbox_id",))
+    answer = await b.code_execute_async(a["sandbox_id"], req.code, req.language, req.session_id, req.timeout_s,
+                                        req.env)
     return ToolOutput(answer, f"Started execution {answer.get('id')} ({answer.get('status')}). Read its "
                               f"progress and outputs with execution_status(execution_id={answer.get('id')!r}).")
 
@@ -305,8 +120,7 @@ async def _execution_status(b: Backend, a: dict[str, Any], p: Progress | None) -
 
 
 async def _command_execute(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
-    r = await b.command_execute(a["sandbox_id"], a["command"], a.get("cwd"), a.get("env"), a.get("timeout_s"),
-                                a.get("stdin"))
+    r = await b.command_execute(a["sandbox_id"], **parse_command_run(a, extra=("sandbox_id",)).run_args())
     head = f"exit code {r.get('exit_code')}"
     # A non-zero exit is an ordinary answer (grep finding nothing); a limit ending the command is a failure.
     stopped = bool(r.get("reason")) and r.get("reason") != "output_truncated"
@@ -323,19 +137,8 @@ async def _command_execute(b: Backend, a: dict[str, Any], p: Progress | None) ->
 
 
 async def _file_upload(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
-    has_text, has_b64 = "content" in a, "content_base64" in a
-    if has_text == has_b64:
-        raise InvalidRequest("Give exactly one of content (text) or content_base64 (binary).")
-    if has_text:
-        data = a["content"].encode()
-    else:
-        try:
-            data = base64.b64decode(a["content_base64"], validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidRequest("content_base64 is not valid base64.") from None
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise InvalidRequest(f"file_upload takes at most {MAX_UPLOAD_BYTES} bytes over MCP.")
-    answer = await b.file_upload(a["sandbox_id"], a["path"], data)
+    req = parse_file_write(a, max_bytes=MAX_UPLOAD_BYTES, extra=("sandbox_id",))
+    answer = await b.file_upload(a["sandbox_id"], req.path, req.data)
     return ToolOutput(answer, f"Wrote {answer.get('size')} bytes to /workspace/{answer.get('path')}.")
 
 
@@ -388,7 +191,8 @@ async def _file_delete(b: Backend, a: dict[str, Any], p: Progress | None) -> Too
 
 
 async def _session_create(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
-    s = await b.session_create(a["sandbox_id"], a.get("type", "jupyter"), a.get("language"))
+    req = parse_session_create(a, extra=("sandbox_id",))
+    s = await b.session_create(a["sandbox_id"], req.type, req.language)
     use = ("session_execute(session_id=..., input='<code>')" if s.get("type") == "jupyter"
            else "session_execute(session_id=..., input='<keystrokes, e.g. ls\\n>')")
     return ToolOutput(s, f"Started {s.get('type')} session {s.get('id')}"
@@ -397,7 +201,8 @@ async def _session_create(b: Backend, a: dict[str, Any], p: Progress | None) -> 
 
 
 async def _session_execute(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
-    answer = await b.session_execute(a["session_id"], a["input"], a.get("timeout_s"), p)
+    req = parse_session_input(a, extra=("session_id",))
+    answer = await b.session_execute(a["session_id"], req.input, req.timeout_s, p)
     return _execution_output(answer)
 
 
@@ -431,17 +236,6 @@ async def _sandbox_metrics(b: Backend, a: dict[str, Any], p: Progress | None) ->
             f"disk {part('disk_bytes', 'disk_limit_bytes', mib, ' MiB')}, oom kills {m.get('oom_kills')}.")
     return ToolOutput(m, text)
 
-
-_CODE_ARGS = {
-    "sandbox_id": SANDBOX_ID,
-    "code": {"type": "string", "description": "The code to run, as in a notebook cell: the value of the last "
-                                              "expression is returned as the result."},
-    "language": LANGUAGE,
-    "session_id": {**SESSION_ID, "description": "Run in this jupyter session (to keep a separate kernel's "
-                                                "state); omitted: the sandbox's kernel for the language."},
-    "timeout_s": TIMEOUT,
-    "env": {**ENV, "description": "Environment variables set in the kernel before this code runs."},
-}
 
 TOOLS: list[ToolSpec] = [
     ToolSpec(
@@ -609,25 +403,10 @@ TOOLS: list[ToolSpec] = [
 
 # -- commands by pid (background commands; the README's command routes) --------------------------------------
 
-PID = {"type": "integer", "minimum": 1, "description": "The command's pid, as command_start or command_list "
-                                                       "answered it."}
-
-
-def _command_text(c: dict[str, Any]) -> str:
-    state = (f"running for {c.get('duration_ms')} ms" if c.get("status") == "running"
-             else f"exited with code {c.get('exit_code')}" + (f" (reason: {c['reason']})" if c.get("reason") else ""))
-    parts = [f"Command {c.get('pid')} in sandbox {c.get('sandbox_id')}: {state}. {c.get('command') or ''}".rstrip()]
-    if c.get("dropped_bytes"):
-        parts.append(f"(the first {c['dropped_bytes']} bytes of its output are no longer kept)")
-    for name in ("stdout", "stderr"):
-        if c.get(name):
-            parts.append(f"{name}:\n" + _clip(_plain(c[name]).rstrip("\n")))
-    return "\n".join(parts)
-
-
 async def _command_start(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
-    c = await b.command_start(a["sandbox_id"], a["command"], a.get("cwd"), a.get("env"), a.get("timeout_s"),
-                              a.get("stdin"), bool(a.get("stdin_open")))
+    req = parse_command_run(a, extra=("sandbox_id",))
+    c = await b.command_start(a["sandbox_id"], req.command, req.cwd, req.env, req.timeout_s, req.stdin,
+                              req.stdin_open)
     return ToolOutput(c, _command_text(c) + "\nRead its output with command_status(sandbox_id, pid).")
 
 
@@ -643,7 +422,8 @@ async def _command_status(b: Backend, a: dict[str, Any], p: Progress | None) -> 
 
 
 async def _command_send_stdin(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
-    c = await b.command_stdin(a["sandbox_id"], a["pid"], a.get("data"), bool(a.get("eof")))
+    req = parse_command_stdin(a, extra=("sandbox_id", "pid"))
+    c = await b.command_stdin(a["sandbox_id"], a["pid"], req.data, req.eof)
     return ToolOutput(c, _command_text(c))
 
 
@@ -711,12 +491,6 @@ TOOLS.extend([
 
 TOOLS_BY_NAME = {tool.name: tool for tool in TOOLS}
 
-
-def error_output(exc: KernelHubError) -> ToolOutput:
-    """A failure as a tool error: the REST error body (``exc.to_dict()``, the code from :mod:`kernelhub.errors`'
-    registry) as structured content, and ``code: message`` as text. The same for the hub's errors and, under
-    :class:`~kernelhub.mcp.backends.RemoteBackend`, the client's, which are the same classes."""
-    return ToolOutput(exc.to_dict(), f"{exc.error}: {exc.message}", is_error=True)
 
 
 async def call_tool(backend: Backend, name: str, arguments: dict[str, Any] | None,

@@ -23,6 +23,7 @@ from .executions import Execution, ExecutionHistory, InputHandler, Listener
 from .sandboxes import Sandboxes, SandboxRecord
 from .sessions import KERNELSPECS, LANGUAGES, JupyterSession
 from .tenants import Tenant
+from .terminals import TerminalSession
 from .validation import check_env, check_timeout
 
 MAX_CODE_BYTES = 2 * 1024 * 1024
@@ -50,7 +51,7 @@ class Executor:
         record, session = self.sandboxes.get_session(tenant, session_id)
         if not isinstance(input, str):
             raise InvalidRequest("input must be a string.")
-        if session.type == "terminal":
+        if isinstance(session, TerminalSession):
             timeout = check_timeout(timeout_s, record.limits.execution_timeout_s) if timeout_s else 1.0
             record.busy += 1
             try:
@@ -70,13 +71,13 @@ class Executor:
             if found is None or found[0] is not record:
                 raise NotFound(f"No session {str(session_id)[:64]!r} in sandbox {record.id}.")
             session = found[1]
-            if session.type != "jupyter":
+            if not isinstance(session, JupyterSession):
                 raise InvalidRequest("Code runs in jupyter sessions; use session_execute for terminals.")
             if language is not None and language not in (session.language,) and \
                     not (language == "javascript" and session.language == "node"):
                 raise InvalidRequest(f"Session {session.id} runs {session.language}, not {language}.")
             return session
-        jupyter = [s for s in record.sessions.values() if s.type == "jupyter" and s.state != "closed"]
+        jupyter = [s for s in record.sessions.values() if isinstance(s, JupyterSession) and s.state != "closed"]
         if language is None:
             if not jupyter:
                 raise Conflict(f"Sandbox {record.id} has no jupyter session; create one first.")
@@ -193,6 +194,7 @@ class Executor:
         """Stop a queued (ends ``killed``, reason ``cancelled``) or running (SIGINT to its kernel) execution."""
         ex = self.get_execution(tenant, execution_id)
         found = self.sandboxes.find_session(ex.session_id)
-        if found is not None and found[1].type == "jupyter" and not ex.ended:
-            await self._interrupt(found[1], ex)
+        session = found[1] if found is not None else None
+        if isinstance(session, JupyterSession) and not ex.ended:
+            await self._interrupt(session, ex)
         return ex

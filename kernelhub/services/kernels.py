@@ -136,7 +136,8 @@ class Kernels:
         """Called by :class:`Sandboxes` as a sandbox stops (deleted, reaped, failed, the gateway exiting): its
         kernels' restarters stop, and the listeners are told ``shutdown``."""
         for session in record.sessions.values():
-            restarter = self._restarters.pop(session.kernel_id or "", None) if session.type == "jupyter" else None
+            restarter = self._restarters.pop(session.kernel_id or "", None) \
+                if isinstance(session, JupyterSession) else None
             if restarter is not None:
                 restarter.stop()
                 self.sandboxes.spawn(self.tell(restarter.kernel_id, "shutdown"))
@@ -180,7 +181,7 @@ class Kernels:
             template = "node"
         record = await self.sandboxes.create_sandbox(tenant, template, env=kernel_env, kernel_language=language)
         record.jupyter_api = True
-        session = next(s for s in record.sessions.values() if s.type == "jupyter")
+        session = next(s for s in record.sessions.values() if isinstance(s, JupyterSession))
         restarter = self._restarters[session.kernel_id or ""] = KernelRestarter(
             self, record, session, interval=self.poll_interval, limit=self.restart_limit, window=self.restart_window)
         restarter.start()
@@ -192,7 +193,7 @@ class Kernels:
         for record in self.sandboxes.list_sandboxes(tenant):
             if record.jupyter_api and record.state == "running":
                 for s in record.sessions.values():
-                    if s.type == "jupyter":
+                    if isinstance(s, JupyterSession):
                         out.append((record, s))
         return out
 

@@ -48,7 +48,7 @@ import contextlib
 import dataclasses
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager
@@ -58,7 +58,7 @@ from traitlets.config import LoggingConfigurable
 from ..sandbox.cgroups import check_cpu_weight
 from ..sandbox.factory import SandboxFactory
 from ..sandbox.limits import Limits
-from ..sandbox.sandbox import Sandbox
+from ..sandbox.sandbox import Sandbox, SandboxProcess
 from ..settings import ConfigError
 from .sessions import JupyterSession
 from .templates import Template
@@ -90,13 +90,14 @@ class Pooled:
     session: JupyterSession
     #: What the pool appended to ``sandbox.on_exit``, and the task that waits for the kernel to exit while the
     #: sandbox waits in the pool (both undone at hand-out).
-    on_exit: Any = None
+    on_exit: Callable[[Sandbox], None] | None = None
     watcher: asyncio.Task[None] | None = None
 
     def release(self) -> None:
         """Stop the pool's watching: called when the sandbox leaves the pool, handed out or discarded."""
-        with contextlib.suppress(ValueError):
-            self.sandbox.on_exit.remove(self.on_exit)
+        if self.on_exit is not None:
+            with contextlib.suppress(ValueError):
+                self.sandbox.on_exit.remove(self.on_exit)
         if self.watcher is not None and self.watcher is not asyncio.current_task():
             self.watcher.cancel()
 
@@ -175,8 +176,8 @@ class Pool(LoggingConfigurable):
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         #: Starts in flight (cancelled at shutdown) and stops of discarded sandboxes (awaited at shutdown).
-        self._fills: set[asyncio.Task[Any]] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._fills: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._short_of_memory = False
 
@@ -342,7 +343,7 @@ class Pool(LoggingConfigurable):
             self._spawn(self._discard(sandbox, session, "failed"))
             self._wake.set()
 
-        async def watch(process: Any) -> None:
+        async def watch(process: SandboxProcess) -> None:
             await process.wait()
             exited()
 
@@ -362,7 +363,7 @@ class Pool(LoggingConfigurable):
         with contextlib.suppress(Exception):
             await sandbox.stop(reason)
 
-    def _spawn(self, coro: Any, *, fill: bool = False) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Coroutine[Any, Any, None], *, fill: bool = False) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
         tasks = self._fills if fill else self._tasks
         tasks.add(task)

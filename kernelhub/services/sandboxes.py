@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from jupyter_client.kernelspec import KernelSpecManager
 
@@ -42,17 +42,57 @@ from .sessions import KERNELSPECS, LANGUAGES, JupyterSession
 from .telemetry import Telemetry
 from .templates import Template
 from .tenants import Tenant
+from .terminals import TerminalSession
 from .validation import check_env
 
 if TYPE_CHECKING:
     from .pool import Pool
-    from .terminals import TerminalSession
 
-#: A session of either kind, told apart by ``type`` ("jupyter" or "terminal"; mypy narrows on it). Both have
-#: ``id``, ``sandbox_id``, ``type``, ``language``, ``state``, ``busy``, ``last_activity``, ``to_dict()``,
-#: ``start()`` and ``close()``; what ``execute`` takes and answers differs (an Execution for a kernel,
-#: keystrokes and ``{"output"}`` for a terminal).
-Session: TypeAlias = "JupyterSession | TerminalSession"
+
+class Session(Protocol):
+    """What every session of a sandbox is, whatever runs in it: implemented by
+    :class:`~kernelhub.services.sessions.JupyterSession` (a kernel) and
+    :class:`~kernelhub.services.terminals.TerminalSession` (a shell on a PTY). The registry, the reaper, the
+    metrics and the surfaces' listings need no more; what ``execute`` takes and answers differs (an
+    :class:`~kernelhub.services.executions.Execution` for a kernel, keystrokes and ``{"output"}`` for a
+    terminal), so code that drives one kind narrows with ``isinstance``."""
+
+    @property
+    def id(self) -> str:
+        """``se`` and 16 hex digits, unique in the gateway."""
+
+    @property
+    def sandbox_id(self) -> str: ...
+
+    @property
+    def type(self) -> str:
+        """``jupyter`` or ``terminal`` (:data:`SESSION_TYPES`)."""
+
+    @property
+    def language(self) -> str | None:
+        """The kernel's language (API.md names); None for a terminal."""
+
+    @property
+    def state(self) -> str:
+        """``starting``, ``running`` or ``closed`` (a kernel also ``restarting`` and ``dead``)."""
+
+    @property
+    def last_activity(self) -> float:
+        """Unix seconds of the last input or output."""
+
+    @property
+    def busy(self) -> bool:
+        """True while the gateway itself runs something in it: the reaper does not stop its sandbox as idle."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The session as API.md shapes it: ``{id, sandbox_id, type, language, state}`` and a kernel's
+        ``kernel_id``."""
+
+    async def start(self) -> None:
+        """Start the kernel or shell; called once by :meth:`Sandboxes.create_session` (or the pool)."""
+
+    async def close(self) -> None:
+        """Stop it and free what it holds; idempotent. Called on ``session_close`` and as its sandbox stops."""
 
 #: Session types (API.md).
 SESSION_TYPES = ("jupyter", "terminal")
@@ -109,7 +149,7 @@ class SandboxRecord:
         if self.busy > 0 or any(s.busy for s in self.sessions.values()):
             return None
         deadline = self.last_activity + self.limits.idle_timeout_s
-        if any(s.type == "jupyter" and s.execution_state == "busy" for s in self.sessions.values()):
+        if any(isinstance(s, JupyterSession) and s.execution_state == "busy" for s in self.sessions.values()):
             deadline += self.limits.execution_timeout_s
         return deadline
 
@@ -451,8 +491,6 @@ class Sandboxes:
         else:
             if language is not None:
                 raise InvalidRequest("language applies only to jupyter sessions.")
-            from .terminals import TerminalSession
-
             session = TerminalSession(sandbox)
         # Counted like sandboxes: a session still starting holds its place, and becomes a session in one step.
         if len(record.sessions) + record.starting_sessions >= MAX_SESSIONS:
@@ -490,11 +528,11 @@ class Sandboxes:
         record.sessions.pop(session.id, None)
         await session.close()
 
-    async def restart_session(self, tenant: Tenant, session_id: object) -> Session:
+    async def restart_session(self, tenant: Tenant, session_id: object) -> JupyterSession:
         """A fresh kernel for a jupyter session (its state is lost; same id); E2B's ``restart_code_context``.
         Raises :class:`~kernelhub.errors.NotFound`, or :class:`~kernelhub.errors.InvalidRequest` for a terminal."""
         record, session = self.get_session(tenant, session_id)
-        if session.type != "jupyter":
+        if not isinstance(session, JupyterSession):
             raise InvalidRequest("Only jupyter sessions restart.")
         record.busy += 1
         try:

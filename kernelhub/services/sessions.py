@@ -58,7 +58,7 @@ import logging
 import re
 import shlex
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import zmq
@@ -449,7 +449,7 @@ class JupyterSession:
         fut.add_done_callback(lambda _: self._shell_waiters.pop(msg_id, None))
         return msg_id, fut
 
-    async def _read(self, channel: str, handler: Any) -> None:
+    async def _read(self, channel: str, handler: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
         """Read one of this session's sockets until cancelled. Every message counts against the running
         execution's output cap before it is parsed (:meth:`_count`); one that does not parse, is badly signed or
         of no known type is dropped and counted in the sandbox's :class:`~kernelhub.sandbox.channel_guard.DropLog`

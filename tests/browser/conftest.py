@@ -31,7 +31,7 @@ import pytest
 from playwright.sync_api import BrowserContext, Page, Playwright, WebSocket, expect, sync_playwright
 
 from kernelhub.handlers.jupyter import deserialize_binary_message
-from kernelhub.testing import Gateway, free_port, gateway  # noqa: F401  (the session-scoped fixture)
+from kernelhub.testing import Gateway, free_port
 
 CHROMIUM = os.environ.get("KERNELHUB_CHROMIUM", "/usr/bin/chromium")
 #: As root Chromium needs --no-sandbox; the rest keep it from reaching for the network (updates, sync, QUIC,
@@ -231,7 +231,7 @@ class Frames:
 
 
 @pytest.fixture(scope="module")
-def lab(gateway: Gateway) -> Iterator[JupyterLab]:  # noqa: F811
+def lab(gateway: Gateway) -> Iterator[JupyterLab]:
     server = JupyterLab(gateway)
     try:
         yield server

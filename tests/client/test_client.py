@@ -26,7 +26,7 @@ from kernelhub.client import (
     TerminalOutput,
     UnauthorizedError,
 )
-from kernelhub.testing import Gateway, gateway  # noqa: F401
+from kernelhub.testing import Gateway
 
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups]
 
@@ -35,7 +35,7 @@ STREAMED = "import sys, time\nfor i in range(4):\n    print(f'tick {i}', flush=T
 
 
 @pytest.fixture(scope="module")
-def sandbox(gateway: Gateway) -> Iterator[Sandbox]:  # noqa: F811
+def sandbox(gateway: Gateway) -> Iterator[Sandbox]:
     with Sandbox.create("python", url=gateway.url, token=gateway.token) as sb:
         yield sb
 
@@ -178,7 +178,7 @@ def test_sessions(sandbox: Sandbox) -> None:
         sandbox.sessions.close(terminal["id"])
 
 
-def test_info_metrics_logs_and_listing(sandbox: Sandbox, gateway: Gateway) -> None:  # noqa: F811
+def test_info_metrics_logs_and_listing(sandbox: Sandbox, gateway: Gateway) -> None:
     info = sandbox.info()
     assert info["id"] == sandbox.id == sandbox.sandbox_id and info["state"] == "running"
     assert sandbox.is_running() and sandbox.template == "python"
@@ -192,7 +192,7 @@ def test_info_metrics_logs_and_listing(sandbox: Sandbox, gateway: Gateway) -> No
     assert execution.id is not None and sandbox.get_execution(execution.id).status == "ok"
 
 
-def test_defaults_from_the_environment(gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_defaults_from_the_environment(gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KERNELHUB_URL", gateway.url)
     monkeypatch.setenv("KERNELHUB_TOKEN", gateway.token)
     with Sandbox.create(limits={"memory_mb": 256}, timeout=600) as sb:
@@ -204,7 +204,7 @@ def test_defaults_from_the_environment(gateway: Gateway, monkeypatch: pytest.Mon
         Sandbox.connect(sandbox_id)
 
 
-def test_typed_errors(gateway: Gateway, sandbox: Sandbox) -> None:  # noqa: F811
+def test_typed_errors(gateway: Gateway, sandbox: Sandbox) -> None:
     url, token = gateway.url, gateway.token
     with pytest.raises(NotFoundError) as missing:
         Sandbox.connect("sbnosuchsandbox", url=url, token=token)
@@ -229,7 +229,7 @@ def test_typed_errors(gateway: Gateway, sandbox: Sandbox) -> None:  # noqa: F811
         Sandbox.list(url="http://127.0.0.1:9", token=token)
 
 
-def test_stopped_sandbox_is_a_conflict(gateway: Gateway) -> None:  # noqa: F811
+def test_stopped_sandbox_is_a_conflict(gateway: Gateway) -> None:
     with Sandbox.create(timeout=1, url=gateway.url, token=gateway.token) as sb:
         deadline = time.monotonic() + 20
         while sb.info()["state"] == "running" and time.monotonic() < deadline:
@@ -249,7 +249,7 @@ def test_stopped_sandbox_is_a_conflict(gateway: Gateway) -> None:  # noqa: F811
 
 # -- async --------------------------------------------------------------------------------------------------
 
-def test_async_sandbox(gateway: Gateway) -> None:  # noqa: F811
+def test_async_sandbox(gateway: Gateway) -> None:
     async def main() -> None:
         async with AsyncSandbox.create("python", url=gateway.url, token=gateway.token) as sb:
             chunks: list[str] = []
@@ -318,7 +318,7 @@ def test_async_sandbox(gateway: Gateway) -> None:  # noqa: F811
     asyncio.run(main())
 
 
-def test_async_errors(gateway: Gateway) -> None:  # noqa: F811
+def test_async_errors(gateway: Gateway) -> None:
     async def main() -> None:
         with pytest.raises(NotFoundError):
             await AsyncSandbox.connect("sbnosuchsandbox", url=gateway.url, token=gateway.token)
@@ -339,7 +339,7 @@ def test_async_errors(gateway: Gateway) -> None:  # noqa: F811
     asyncio.run(main())
 
 
-def test_async_cancel_interrupts_the_execution(gateway: Gateway) -> None:  # noqa: F811
+def test_async_cancel_interrupts_the_execution(gateway: Gateway) -> None:
     async def main() -> None:
         async with AsyncSandbox.create(url=gateway.url, token=gateway.token) as sb:
             started = asyncio.Event()

@@ -34,7 +34,7 @@ from kernelhub.client import (
     UnauthorizedError,
     _api,
 )
-from kernelhub.testing import Gateway, free_port, gateway  # noqa: F401
+from kernelhub.testing import Gateway, free_port
 
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups]
 
@@ -43,7 +43,7 @@ TEN_MIB = bytes(range(256)) * (10 * MiB // 256)
 
 
 @pytest.fixture(scope="module")
-def small(gateway: Gateway) -> Iterator[Sandbox]:  # noqa: F811
+def small(gateway: Gateway) -> Iterator[Sandbox]:
     """A sandbox whose files may have 8 MiB at most, on a 16 MiB workspace."""
     with Sandbox.create("python", limits={"max_file_mb": 8, "disk_mb": 16}, url=gateway.url,
                         token=gateway.token) as sb:
@@ -119,7 +119,7 @@ async def every_shape_async(sb: AsyncSandbox, raises: type[BaseException], big_f
 
 
 @pytest.mark.parametrize("case", ["missing sandbox 404", "bad key 401"])
-def test_every_shape_of_request_raises_the_typed_error(case: str, gateway: Gateway, small: Sandbox,  # noqa: F811
+def test_every_shape_of_request_raises_the_typed_error(case: str, gateway: Gateway, small: Sandbox,
                                                        big_file: str) -> None:
     sandbox_id, token, raises = {
         "missing sandbox 404": ("sbnosuchsandbox", gateway.token, NotFoundError),
@@ -134,7 +134,7 @@ def test_every_shape_of_request_raises_the_typed_error(case: str, gateway: Gatew
     asyncio.run(main())
 
 
-def test_oversized_upload_is_payload_too_large(small: Sandbox, gateway: Gateway, big_file: str) -> None:  # noqa: F811
+def test_oversized_upload_is_payload_too_large(small: Sandbox, gateway: Gateway, big_file: str) -> None:
     """issue 7 item 7: 10 MiB into max_file_mb 8 was reported as a broken pipe; the gateway had answered 413."""
     sources: list[tuple[str, Callable[[], Any]]] = [
         ("bytes", lambda: TEN_MIB),
@@ -193,7 +193,7 @@ def test_full_workspace_mid_upload_is_disk_quota(small: Sandbox) -> None:
     small.commands.run("rm -f fill*.bin", check=True)
 
 
-def test_bad_requests_are_invalid_request(gateway: Gateway, small: Sandbox) -> None:  # noqa: F811
+def test_bad_requests_are_invalid_request(gateway: Gateway, small: Sandbox) -> None:
     with pytest.raises(InvalidRequestError) as bad:
         Sandbox.create("no-such-template", url=gateway.url, token=gateway.token)
     assert bad.value.status == 400 and bad.value.error == "invalid_request"
@@ -219,7 +219,7 @@ def test_bad_requests_are_invalid_request(gateway: Gateway, small: Sandbox) -> N
     asyncio.run(main())
 
 
-def test_quota_is_429(gateway: Gateway) -> None:  # noqa: F811
+def test_quota_is_429(gateway: Gateway) -> None:
     """A sandbox holds at most 16 sessions: the next is refused 429 (quota_exceeded), sync and async."""
     with Sandbox.create("python", url=gateway.url, token=gateway.token) as sb:
         with pytest.raises(QuotaExceededError) as refused:
@@ -301,7 +301,7 @@ def test_no_answer_in_time_is_a_response_timeout(big_file: str) -> None:
         asyncio.run(main())
 
 
-def test_sync_client_inside_a_running_event_loop(gateway: Gateway) -> None:  # noqa: F811
+def test_sync_client_inside_a_running_event_loop(gateway: Gateway) -> None:
     """As in a Jupyter cell: the calling thread runs an event loop; the sync client still works, and its
     callbacks run in the calling thread."""
     caller = threading.get_ident()
@@ -325,7 +325,7 @@ def test_sync_client_inside_a_running_event_loop(gateway: Gateway) -> None:  # n
     assert threads == {caller}
 
 
-def test_sync_callback_error_interrupts_the_execution(gateway: Gateway) -> None:  # noqa: F811
+def test_sync_callback_error_interrupts_the_execution(gateway: Gateway) -> None:
     """A sync callback that raises ends run_code with that error, and the execution is interrupted (the kernel
     serves the next one at once rather than after the sleep), as cancelling the async call does."""
 
@@ -343,7 +343,7 @@ def test_sync_callback_error_interrupts_the_execution(gateway: Gateway) -> None:
         assert time.monotonic() - began < 15
 
 
-def test_sync_client_after_fork(gateway: Gateway) -> None:  # noqa: F811
+def test_sync_client_after_fork(gateway: Gateway) -> None:
     """A forked child has no loop thread of its parent's: the sync client starts its own there."""
     Sandbox.list(url=gateway.url, token=gateway.token)  # the parent's loop thread is running
     with warnings.catch_warnings():
@@ -360,7 +360,7 @@ def test_sync_client_after_fork(gateway: Gateway) -> None:  # noqa: F811
     assert os.waitstatus_to_exitcode(status) == 0
 
 
-def test_refusals_before_the_body_say_connection_close(gateway: Gateway, small: Sandbox) -> None:  # noqa: F811
+def test_refusals_before_the_body_say_connection_close(gateway: Gateway, small: Sandbox) -> None:
     """The gateway ends a connection whose request it refused before reading it whole, and says so, so that no
     client sends its next request down it; a refusal after the request was read keeps the connection."""
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kernelhub.testing import Gateway, gateway  # noqa: F401
+from kernelhub.testing import Gateway
 
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups, pytest.mark.slow]
 
@@ -45,7 +45,7 @@ def run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
                           **kwargs)  # type: ignore[call-overload]
 
 
-def test_the_client_installs_alone_and_drives_a_gateway(gateway: Gateway, tmp_path: Path) -> None:  # noqa: F811
+def test_the_client_installs_alone_and_drives_a_gateway(gateway: Gateway, tmp_path: Path) -> None:
     # The wheel, built as pip builds it for any install from this tree (an isolated build with the
     # build-system's setuptools); -v shows the backend's output, where setuptools writes its warnings.
     built = run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "-w", str(tmp_path / "wheels"), str(REPO)])

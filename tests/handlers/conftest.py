@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from kernelhub.testing import Gateway, gateway  # noqa: F401  (the session-scoped fixture)
+from kernelhub.testing import Gateway
 
 SandboxMaker = Callable[..., dict[str, Any]]
 
@@ -34,7 +34,7 @@ def gw(request: pytest.FixtureRequest) -> Iterator[Gateway]:
 
 
 @pytest.fixture(scope="module")
-def sandboxes(gateway: Gateway) -> Iterator[SandboxMaker]:  # noqa: F811
+def sandboxes(gateway: Gateway) -> Iterator[SandboxMaker]:
     """``make(template="python", **fields)`` creates a sandbox through REST; all are deleted at module end."""
     made: list[str] = []
 
@@ -56,7 +56,7 @@ def python_sandbox(sandboxes: SandboxMaker) -> dict[str, Any]:
 
 
 @pytest.fixture
-def execute(gateway: Gateway) -> Callable[..., dict[str, Any]]:  # noqa: F811
+def execute(gateway: Gateway) -> Callable[..., dict[str, Any]]:
     """``execute(sandbox_id, code, **fields)``: code_execute through REST, asserting a 200."""
 
     def run(sandbox_id: str, code: str, **fields: Any) -> dict[str, Any]:
@@ -94,7 +94,7 @@ class NdjsonStream:
 
 
 @pytest.fixture
-def ndjson(gateway: Gateway) -> Iterator[Callable[..., NdjsonStream]]:  # noqa: F811
+def ndjson(gateway: Gateway) -> Iterator[Callable[..., NdjsonStream]]:
     """``ndjson(method, path, body, token=None, timeout=60)``: a streamed request; closed after the test."""
     opened: list[NdjsonStream] = []
 

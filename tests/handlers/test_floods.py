@@ -14,20 +14,20 @@ from typing import Any
 import pytest
 from websockets.sync.client import connect
 
-from kernelhub.testing import Gateway, gateway  # noqa: F401
+from kernelhub.testing import Gateway
 
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups]
 
 
 @pytest.fixture(scope="module")
-def sid(gateway: Gateway) -> Any:  # noqa: F811
+def sid(gateway: Gateway) -> Any:
     status, body = gateway.request("POST", "/v1/sandboxes", {"template": "python"})
     assert status == 201, body
     yield body["id"]
     gateway.request("DELETE", f"/v1/sandboxes/{body['id']}")
 
 
-def test_a_burst_of_mixed_requests_is_answered_one_by_one(gateway: Gateway, sid: str) -> None:  # noqa: F811
+def test_a_burst_of_mixed_requests_is_answered_one_by_one(gateway: Gateway, sid: str) -> None:
     calls: list[tuple[str, str, Any, dict[str, Any]]] = [
         ("GET", "/v1/sandboxes", None, {"token": None}),  # no key
         ("GET", "/v1/sandboxes", None, {"token": "wrong"}),  # a bad key
@@ -54,7 +54,7 @@ def test_a_burst_of_mixed_requests_is_answered_one_by_one(gateway: Gateway, sid:
     assert status == 200 and ex["stdout"] == "after the burst\n"
 
 
-def test_a_websocket_message_flood_is_rejected_message_by_message(gateway: Gateway, sid: str) -> None:  # noqa: F811
+def test_a_websocket_message_flood_is_rejected_message_by_message(gateway: Gateway, sid: str) -> None:
     url = gateway.url.replace("http", "ws") + f"/v1/sandboxes/{sid}/stream"
     with connect(url, additional_headers={"Authorization": f"Bearer {gateway.token}"}, open_timeout=30) as ws:
         for i in range(500):
@@ -75,7 +75,7 @@ def test_a_websocket_message_flood_is_rejected_message_by_message(gateway: Gatew
                 break
 
 
-def test_many_queued_executions_run_in_order(gateway: Gateway, sid: str) -> None:  # noqa: F811
+def test_many_queued_executions_run_in_order(gateway: Gateway, sid: str) -> None:
     # 100 executions queued at once on one kernel: each ends, in order, none lost (the kernel takes one at a
     # time; KERNELS.md: pipelined requests lose replies on tslab).
     ids = []

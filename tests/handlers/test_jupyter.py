@@ -21,7 +21,7 @@ from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Origin, Subprotocol
 
 from kernelhub.handlers import jupyter as jupyter_handlers
-from kernelhub.testing import Gateway, gateway  # noqa: F401
+from kernelhub.testing import Gateway
 
 pytestmark = [
     pytest.mark.root,
@@ -170,7 +170,7 @@ def wait_for(check: Callable[[], bool], timeout: float = 10, what: str = "condit
 
 
 @pytest.fixture(scope="module")
-def kernel(gateway: Gateway) -> Iterator[dict[str, Any]]:  # noqa: F811
+def kernel(gateway: Gateway) -> Iterator[dict[str, Any]]:
     model = start_kernel(gateway)
     yield model
     gateway.request("DELETE", f"/api/kernels/{model['id']}")
@@ -179,13 +179,13 @@ def kernel(gateway: Gateway) -> Iterator[dict[str, Any]]:  # noqa: F811
 # -- REST --------------------------------------------------------------------------------------------------
 
 
-def test_api_version_needs_no_token(gateway: Gateway) -> None:  # noqa: F811
+def test_api_version_needs_no_token(gateway: Gateway) -> None:
     status, body = gateway.request("GET", "/api", token=None)
     assert status == 200
     assert set(body) == {"version"} and body["version"].count(".") == 2
 
 
-def test_every_other_route_needs_a_token(gateway: Gateway, kernel: dict[str, Any]) -> None:  # noqa: F811
+def test_every_other_route_needs_a_token(gateway: Gateway, kernel: dict[str, Any]) -> None:
     for method, path in [("GET", "/api/kernelspecs"), ("GET", "/api/kernelspecs/kernelhub-python"),
                          ("GET", "/kernelspecs/kernelhub-python/logo-64x64.png"), ("GET", "/api/kernels"),
                          ("POST", "/api/kernels"), ("GET", f"/api/kernels/{kernel['id']}"),
@@ -202,7 +202,7 @@ def test_every_other_route_needs_a_token(gateway: Gateway, kernel: dict[str, Any
     assert status == 401
 
 
-def test_kernelspecs(gateway: Gateway) -> None:  # noqa: F811
+def test_kernelspecs(gateway: Gateway) -> None:
     status, body = gateway.request("GET", "/api/kernelspecs")
     assert status == 200
     assert body["default"] == "kernelhub-python"
@@ -221,7 +221,7 @@ def test_kernelspecs(gateway: Gateway) -> None:  # noqa: F811
     assert status == 404 and err["error"] == "not_found"
 
 
-def test_kernelspec_logo(gateway: Gateway) -> None:  # noqa: F811
+def test_kernelspec_logo(gateway: Gateway) -> None:
     status, png = gateway.request("GET", "/kernelspecs/kernelhub-python/logo-64x64.png")
     assert status == 200
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
@@ -243,13 +243,13 @@ def test_kernelspec_logo(gateway: Gateway) -> None:  # noqa: F811
     "/kernelspecs/kernelhub-python/no-such-logo.png",
     "/kernelspecs/no-such-kernel/logo-64x64.png",
 ])
-def test_kernelspec_files_refuse_traversal(gateway: Gateway, path: str) -> None:  # noqa: F811
+def test_kernelspec_files_refuse_traversal(gateway: Gateway, path: str) -> None:
     status, body = gateway.request("GET", path)
     assert status == 404, (path, status, body)
     assert b"root:" not in json.dumps(body).encode()
 
 
-def test_kernel_lifecycle(gateway: Gateway) -> None:  # noqa: F811
+def test_kernel_lifecycle(gateway: Gateway) -> None:
     status, model = gateway.request("POST", "/api/kernels", {"name": "kernelhub-python", "path": "nb/x.ipynb",
                                                              "env": {"KERNEL_USERNAME": "alice"}})
     assert status == 201, model
@@ -286,7 +286,7 @@ def test_kernel_lifecycle(gateway: Gateway) -> None:  # noqa: F811
     assert status == 404
 
 
-def test_post_kernel_defaults_and_errors(gateway: Gateway) -> None:  # noqa: F811
+def test_post_kernel_defaults_and_errors(gateway: Gateway) -> None:
     # No body: the default kernelspec. The answer says where the kernel lives, as Jupyter Server's does.
     req = urllib.request.Request(gateway.url + "/api/kernels", data=b"", method="POST",
                                  headers={"Authorization": f"Bearer {gateway.token}"})
@@ -306,7 +306,7 @@ def test_post_kernel_defaults_and_errors(gateway: Gateway) -> None:  # noqa: F81
     assert status == 400
 
 
-def test_tenants_do_not_see_each_others_kernels(gateway: Gateway, kernel: dict[str, Any]) -> None:  # noqa: F811
+def test_tenants_do_not_see_each_others_kernels(gateway: Gateway, kernel: dict[str, Any]) -> None:
     kid = kernel["id"]
     bob = gateway.other_token
     status, listed = gateway.request("GET", "/api/kernels", token=bob)
@@ -324,7 +324,7 @@ def test_tenants_do_not_see_each_others_kernels(gateway: Gateway, kernel: dict[s
     assert status == 200 and model["execution_state"] != "dead"
 
 
-def test_websocket_needs_a_token(gateway: Gateway, kernel: dict[str, Any]) -> None:  # noqa: F811
+def test_websocket_needs_a_token(gateway: Gateway, kernel: dict[str, Any]) -> None:
     with pytest.raises(InvalidStatus) as info:
         connect(ws_url(gateway, kernel["id"]), open_timeout=30)
     assert info.value.response.status_code == 401
@@ -344,7 +344,7 @@ def test_websocket_needs_a_token(gateway: Gateway, kernel: dict[str, Any]) -> No
 # -- websocket ---------------------------------------------------------------------------------------------
 
 
-def test_legacy_framing_execute(gateway: Gateway, kernel: dict[str, Any]) -> None:  # noqa: F811
+def test_legacy_framing_execute(gateway: Gateway, kernel: dict[str, Any]) -> None:
     with ws_connect(gateway, kernel["id"]) as ws:
         assert ws.subprotocol is None
         wait_for(lambda: gateway.request("GET", f"/api/kernels/{kernel['id']}")[1]["connections"] == 1,
@@ -366,7 +366,7 @@ def test_legacy_framing_execute(gateway: Gateway, kernel: dict[str, Any]) -> Non
              what="connections == 0")
 
 
-def test_legacy_binary_buffers_both_ways(gateway: Gateway, kernel: dict[str, Any]) -> None:  # noqa: F811
+def test_legacy_binary_buffers_both_ways(gateway: Gateway, kernel: dict[str, Any]) -> None:
     code = ("from comm import create_comm\n"
             "c = create_comm(target_name='kh-test', data={'x': 1}, buffers=[b'abc', b'\\x00\\xff'])\n")
     with ws_connect(gateway, kernel["id"]) as ws:
@@ -392,7 +392,7 @@ def test_legacy_binary_buffers_both_ways(gateway: Gateway, kernel: dict[str, Any
         assert stdout(msgs) == "[[b'xyz']]\n"
 
 
-def test_v1_protocol_execute(gateway: Gateway, kernel: dict[str, Any]) -> None:  # noqa: F811
+def test_v1_protocol_execute(gateway: Gateway, kernel: dict[str, Any]) -> None:
     with ws_connect(gateway, kernel["id"], v1=True) as ws:
         assert ws.subprotocol == V1
         msg = execute_request("import sys; print(6*7); print('oops', file=sys.stderr)")
@@ -406,7 +406,7 @@ def test_v1_protocol_execute(gateway: Gateway, kernel: dict[str, Any]) -> None: 
         assert any(m["channel"] == "control" and m["msg_type"] == "kernel_info_reply" for m in info)
 
 
-def test_stdin_round_trip(gateway: Gateway, kernel: dict[str, Any]) -> None:  # noqa: F811
+def test_stdin_round_trip(gateway: Gateway, kernel: dict[str, Any]) -> None:
     with ws_connect(gateway, kernel["id"]) as ws:
         msg = execute_request("name = input('who? ')\nprint('hello', name)", allow_stdin=True)
 
@@ -423,7 +423,7 @@ def test_stdin_round_trip(gateway: Gateway, kernel: dict[str, Any]) -> None:  # 
         assert stdout(msgs) == "hello kernelhub\n"
 
 
-def test_two_connections_each_get_their_replies(gateway: Gateway, kernel: dict[str, Any]) -> None:  # noqa: F811
+def test_two_connections_each_get_their_replies(gateway: Gateway, kernel: dict[str, Any]) -> None:
     with ws_connect(gateway, kernel["id"]) as a, ws_connect(gateway, kernel["id"], v1=True) as b:
         wait_for(lambda: gateway.request("GET", f"/api/kernels/{kernel['id']}")[1]["connections"] == 2,
                  what="connections == 2")
@@ -441,7 +441,7 @@ def test_two_connections_each_get_their_replies(gateway: Gateway, kernel: dict[s
         assert all(m["channel"] == "iopub" for m in seen if m["parent_header"].get("msg_id") == msg["msg_id"])
 
 
-def test_same_session_id_replaces_the_stale_connection(gateway: Gateway, kernel: dict[str, Any]) -> None:  # noqa: F811
+def test_same_session_id_replaces_the_stale_connection(gateway: Gateway, kernel: dict[str, Any]) -> None:
     sid = uuid.uuid4().hex
     with ws_connect(gateway, kernel["id"], session_id=sid) as old:
         with ws_connect(gateway, kernel["id"], session_id=sid) as new:
@@ -453,7 +453,7 @@ def test_same_session_id_replaces_the_stale_connection(gateway: Gateway, kernel:
 
 
 @pytest.mark.parametrize("v1", [False, True], ids=["legacy", "v1"])
-def test_requests_sent_the_instant_the_socket_opens_are_answered(gateway: Gateway, v1: bool) -> None:  # noqa: F811
+def test_requests_sent_the_instant_the_socket_opens_are_answered(gateway: Gateway, v1: bool) -> None:
     """What JupyterLab does on opening a notebook (and "Run All"): kernel_info_request and an execute_request
     the moment the socket is open, on a kernel that has just started, then again right after a restart. A
     reply that came in while the next request went out used to be lost for good on that connection (the cell
@@ -484,7 +484,7 @@ def test_requests_sent_the_instant_the_socket_opens_are_answered(gateway: Gatewa
         gateway.request("DELETE", f"/api/kernels/{kid}")
 
 
-def test_restart_and_interrupt_while_connected(gateway: Gateway) -> None:  # noqa: F811
+def test_restart_and_interrupt_while_connected(gateway: Gateway) -> None:
     model = start_kernel(gateway)
     kid = model["id"]
     try:
@@ -522,7 +522,7 @@ def test_restart_and_interrupt_while_connected(gateway: Gateway) -> None:  # noq
         gateway.request("DELETE", f"/api/kernels/{kid}")
 
 
-def test_a_dead_kernel_is_restarted(gateway: Gateway) -> None:  # noqa: F811
+def test_a_dead_kernel_is_restarted(gateway: Gateway) -> None:
     model = start_kernel(gateway)
     kid = model["id"]
     try:
@@ -540,7 +540,7 @@ def test_a_dead_kernel_is_restarted(gateway: Gateway) -> None:  # noqa: F811
         gateway.request("DELETE", f"/api/kernels/{kid}")
 
 
-def test_deleting_the_kernel_closes_its_websockets(gateway: Gateway) -> None:  # noqa: F811
+def test_deleting_the_kernel_closes_its_websockets(gateway: Gateway) -> None:
     model = start_kernel(gateway)
     with ws_connect(gateway, model["id"]) as ws:
         status, _ = gateway.request("DELETE", f"/api/kernels/{model['id']}")
@@ -565,7 +565,7 @@ def test_framings_match_jupyter_server() -> None:
 
 @pytest.mark.parametrize("name", ["kernelhub-python", "kernelhub-javascript", "kernelhub-typescript",
                                   "kernelhub-bash"])
-def test_a_reconnect_with_the_same_session_id_is_answered(gateway: Gateway, name: str) -> None:  # noqa: F811
+def test_a_reconnect_with_the_same_session_id_is_answered(gateway: Gateway, name: str) -> None:
     """What JupyterLab does after a failed first handshake: a second websocket with the same session id while
     the first is still open (60 ms later), then kernel_info_request on the new one. Each connection's sockets
     used the session id as their ZeroMQ identity, and the new ones connected before the stale ones closed:

@@ -26,7 +26,7 @@ from jupyter_client.session import Session
 from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
-from kernelhub.testing import Gateway, free_port, gateway  # noqa: F401
+from kernelhub.testing import Gateway, free_port
 
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups, pytest.mark.slow]
 
@@ -112,7 +112,7 @@ class JupyterServer:
 
 
 @pytest.fixture(scope="module")
-def server(gateway: Gateway) -> Iterator[JupyterServer]:  # noqa: F811
+def server(gateway: Gateway) -> Iterator[JupyterServer]:
     js = JupyterServer(gateway)
     try:
         yield js
@@ -160,7 +160,7 @@ def test_kernelspecs_through_jupyter_server(server: JupyterServer) -> None:
     assert status == 200 and one["name"] == "kernelhub-python"
 
 
-def test_kernel_through_jupyter_server(server: JupyterServer, gateway: Gateway) -> None:  # noqa: F811
+def test_kernel_through_jupyter_server(server: JupyterServer, gateway: Gateway) -> None:
     status, model = server.request("POST", "/api/kernels", {"name": "kernelhub-python"})
     assert status == 201, (model, server.log())
     kernel_id = model["id"]
@@ -218,7 +218,7 @@ def send_at_once(ws: ClientConnection, msgs: list[dict[str, Any]]) -> None:
         ws.send(json.dumps({**msg, "channel": "shell"}, default=json_default))
 
 
-def test_notebook_session_through_jupyter_server(server: JupyterServer, gateway: Gateway) -> None:  # noqa: F811
+def test_notebook_session_through_jupyter_server(server: JupyterServer, gateway: Gateway) -> None:
     """JupyterLab opens a notebook with POST /api/sessions; the server starts the kernel on the gateway."""
     status, session = server.request("POST", "/api/sessions", {
         "path": "demo.ipynb", "name": "demo.ipynb", "type": "notebook", "kernel": {"name": "kernelhub-python"}})

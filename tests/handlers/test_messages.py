@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kernelhub.testing import Gateway, gateway  # noqa: F401
+from kernelhub.testing import Gateway
 
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups]
 
@@ -17,7 +17,7 @@ ROUTES = [("GET", "/v1/sandboxes"), ("POST", "/v1/sandboxes/sbx/execute"), ("GET
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)
 @pytest.mark.parametrize("header", ["{key}", "Basic {key}", "Key {key}"])
-def test_a_key_without_bearer_says_how_to_send_it(gateway: Gateway, method: str, path: str,  # noqa: F811
+def test_a_key_without_bearer_says_how_to_send_it(gateway: Gateway, method: str, path: str,
                                                   header: str) -> None:
     status, body = gateway.request(method, path, {} if method == "POST" else None, token=None,
                                    headers={"Authorization": header.format(key=gateway.token)})
@@ -27,7 +27,7 @@ def test_a_key_without_bearer_says_how_to_send_it(gateway: Gateway, method: str,
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)
-def test_no_key_and_a_wrong_key_are_told_apart(gateway: Gateway, method: str, path: str) -> None:  # noqa: F811
+def test_no_key_and_a_wrong_key_are_told_apart(gateway: Gateway, method: str, path: str) -> None:
     data = {} if method == "POST" else None
     status, body = gateway.request(method, path, data, token=None)
     assert status == 401 and body["message"] == "An API key is required: send 'Authorization: Bearer <key>'."
@@ -49,19 +49,19 @@ def test_no_key_and_a_wrong_key_are_told_apart(gateway: Gateway, method: str, pa
     ("GET", "/v1/sessions//terminal", "session"),
     ("POST", "/api/kernels//interrupt", "kernel"),
 ])
-def test_an_empty_id_segment_says_the_id_is_missing(gateway: Gateway, method: str, path: str,  # noqa: F811
+def test_an_empty_id_segment_says_the_id_is_missing(gateway: Gateway, method: str, path: str,
                                                     what: str) -> None:
     status, body = gateway.request(method, path, {} if method in ("POST", "PUT") else None)
     assert status == 404 and body["error"] == "not_found", body
     assert body["message"].startswith(f"The {what} id is missing in {path}: it goes between "), body
 
 
-def test_an_unknown_route_is_still_named(gateway: Gateway) -> None:  # noqa: F811
+def test_an_unknown_route_is_still_named(gateway: Gateway) -> None:
     status, body = gateway.request("GET", "/v1/nothing/here")
     assert (status, body["message"]) == (404, "No such route: /v1/nothing/here.")
 
 
-def test_a_wrong_method_names_the_allowed_ones(gateway: Gateway) -> None:  # noqa: F811
+def test_a_wrong_method_names_the_allowed_ones(gateway: Gateway) -> None:
     status, body = gateway.request("PUT", "/v1/sandboxes", {})
     assert status == 405 and body["message"] == "PUT is not allowed on /v1/sandboxes; this route allows GET and POST."
 

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kernelhub.sandbox.factory import SandboxFactory
 from kernelhub.services.hub import Hub
 from kernelhub.services.telemetry import Telemetry
-from kernelhub.testing import Gateway, gateway  # noqa: F401
+from kernelhub.testing import Gateway
 
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups]
 
@@ -49,7 +49,7 @@ def wait_for(check: Any, what: str, timeout: float = 60) -> Any:
 
 # -- /healthz ---------------------------------------------------------------------------------------------
 
-def test_healthz_needs_no_key_and_says_ok(gateway: Gateway) -> None:  # noqa: F811
+def test_healthz_needs_no_key_and_says_ok(gateway: Gateway) -> None:
     assert gateway.request("GET", "/healthz", token=None) == (200, {"status": "ok"})
     assert gateway.request("HEAD", "/healthz", token=None)[0] == 200
     # A key that is wrong does not matter either (a probe may carry one meant for another service).
@@ -98,7 +98,7 @@ def test_factory_health_reads_the_state_disk(read_only_dir: str, tmp_path: Any) 
 
 # -- /metrics ---------------------------------------------------------------------------------------------
 
-def test_metrics_are_for_the_operator_only(gateway: Gateway) -> None:  # noqa: F811
+def test_metrics_are_for_the_operator_only(gateway: Gateway) -> None:
     status, body = gateway.request("GET", "/metrics", token=None)
     assert status == 401
     status, body = gateway.request("GET", "/metrics", token=gateway.other_token)
@@ -107,7 +107,7 @@ def test_metrics_are_for_the_operator_only(gateway: Gateway) -> None:  # noqa: F
     assert status == 200 and b"# TYPE kernelhub_sandboxes gauge" in body
 
 
-def test_metrics_count_sandboxes_executions_and_errors(gateway: Gateway) -> None:  # noqa: F811
+def test_metrics_count_sandboxes_executions_and_errors(gateway: Gateway) -> None:
     before = samples(gateway)
     status, sb = gateway.request("POST", "/v1/sandboxes", {"template": "python"})
     assert status == 201, sb

@@ -125,10 +125,11 @@ def test_ndjson_errors_before_the_start_are_plain_json(gateway: Gateway, sandbox
 
 
 def test_ndjson_disconnect_interrupts(gateway: Gateway, sandbox: dict[str, Any], ndjson: Any) -> None:
-    stream = ndjson("POST", f"/v1/sandboxes/{sandbox['id']}/execute", {"code": LONG_LOOP})
-    first = next(stream.events())
+    stream = ndjson("POST", f"/v1/sandboxes/{sandbox['id']}/execute", {"code": PRINTING_LOOP})
+    events = stream.events()
+    first = next(events)
     assert first["type"] == "start"
-    time.sleep(0.3)  # well inside the loop
+    next(e for e in events if e["type"] == "stdout")  # inside the loop
     stream.close()
     assert_prompt(gateway, sandbox["id"])
     status, ex = gateway.request("GET", f"/v1/executions/{first['execution_id']}")
@@ -358,10 +359,11 @@ def test_ws_auth_before_upgrade(gateway: Gateway, sandbox: dict[str, Any]) -> No
 def test_ws_disconnect_interrupts(gateway: Gateway, sandbox: dict[str, Any]) -> None:
     url = f"ws://127.0.0.1:{gateway.port}/v1/sandboxes/{sandbox['id']}/stream"
     with connect(url, additional_headers={"Authorization": f"Bearer {gateway.token}"}) as conn:
-        conn.send(json.dumps({"type": "execute", "code": LONG_LOOP, "request_id": "gone"}))
+        conn.send(json.dumps({"type": "execute", "code": PRINTING_LOOP, "request_id": "gone"}))
         accepted = recv(conn)
         assert recv(conn)["type"] == "start"
-        time.sleep(0.3)
+        while recv(conn)["type"] != "stdout":  # inside the loop
+            pass
     assert_prompt(gateway, sandbox["id"])
     status, ex = gateway.request("GET", f"/v1/executions/{accepted['execution_id']}")
     assert ex["status"] == "error" and ex["reason"] == "interrupted"

@@ -26,7 +26,7 @@ from mcp import Client, ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
-from kernelhub.testing import Gateway, gateway  # noqa: F401
+from kernelhub.testing import Gateway
 
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups]
 
@@ -304,7 +304,7 @@ def test_stdio_embedded() -> None:
         shutil.rmtree(state, ignore_errors=True)
 
 
-def test_stdio_remote(gateway: Gateway) -> None:  # noqa: F811
+def test_stdio_remote(gateway: Gateway) -> None:
     def owned_by_alice(sandbox_id: str) -> None:
         assert gateway.request("GET", f"/v1/sandboxes/{sandbox_id}")[0] == 200
         assert gateway.request("GET", f"/v1/sandboxes/{sandbox_id}", token=gateway.other_token)[0] == 404
@@ -331,7 +331,7 @@ def test_stdio_remote_unreachable_gateway_is_a_tool_error() -> None:
     run(main)
 
 
-def test_streamable_http(gateway: Gateway) -> None:  # noqa: F811
+def test_streamable_http(gateway: Gateway) -> None:
     def owned_by_alice(sandbox_id: str) -> None:
         assert gateway.request("GET", f"/v1/sandboxes/{sandbox_id}")[0] == 200
 
@@ -344,7 +344,7 @@ def test_streamable_http(gateway: Gateway) -> None:  # noqa: F811
     run(main)
 
 
-def test_streamable_http_runs_as_the_callers_tenant(gateway: Gateway) -> None:  # noqa: F811
+def test_streamable_http_runs_as_the_callers_tenant(gateway: Gateway) -> None:
     status, sandbox = gateway.request("POST", "/v1/sandboxes", {"template": "python"})
     assert status == 201
     try:
@@ -363,7 +363,7 @@ def test_streamable_http_runs_as_the_callers_tenant(gateway: Gateway) -> None:  
         gateway.request("DELETE", f"/v1/sandboxes/{sandbox['id']}")
 
 
-def test_streamable_http_modern_protocol_and_query_token(gateway: Gateway) -> None:  # noqa: F811
+def test_streamable_http_modern_protocol_and_query_token(gateway: Gateway) -> None:
     """The SDK's default client negotiates the 2026-07-28 protocol (one request per exchange); the key may
     come as ``?token=`` as on every other route."""
 
@@ -385,7 +385,7 @@ def test_streamable_http_modern_protocol_and_query_token(gateway: Gateway) -> No
 
 
 @pytest.mark.parametrize("token", [None, "", "not-a-key"])
-def test_streamable_http_needs_a_key(gateway: Gateway, token: str | None) -> None:  # noqa: F811
+def test_streamable_http_needs_a_key(gateway: Gateway, token: str | None) -> None:
     initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
                   "params": {"protocolVersion": "2025-11-25", "capabilities": {},
                              "clientInfo": {"name": "test", "version": "1"}}}

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from kernelhub.sandbox.sandbox import KILL_DEADLINE_S, Sandbox
-from kernelhub.testing import Gateway, gateway  # noqa: F401
+from kernelhub.testing import Gateway
 
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups]
 
@@ -58,7 +58,7 @@ def command(gw: Gateway, sid: str, script: str, **fields: Any) -> dict[str, Any]
     return body
 
 
-def test_the_agent_cannot_be_traced_or_robbed_of_its_socket(gateway: Gateway, sid: str) -> None:  # noqa: F811
+def test_the_agent_cannot_be_traced_or_robbed_of_its_socket(gateway: Gateway, sid: str) -> None:
     for run in ("command", "kernel"):
         if run == "command":
             body = command(gateway, sid, "python3 -", stdin=STEAL)
@@ -77,7 +77,7 @@ def test_the_agent_cannot_be_traced_or_robbed_of_its_socket(gateway: Gateway, si
         }, run
 
 
-def test_a_stopped_agent_hangs_no_command_past_its_timeout(gateway: Gateway, sid: str) -> None:  # noqa: F811
+def test_a_stopped_agent_hangs_no_command_past_its_timeout(gateway: Gateway, sid: str) -> None:
     started = time.monotonic()
     body = command(gateway, sid, "echo before; kill -STOP 2; sleep 60", timeout_s=2)
     elapsed = time.monotonic() - started
@@ -91,7 +91,7 @@ def test_a_stopped_agent_hangs_no_command_past_its_timeout(gateway: Gateway, sid
     assert status == 200 and ex["stdout"] == "kernel ok\n"
 
 
-def test_killing_the_agent_fails_the_sandbox_and_leaves_nothing(gateway: Gateway) -> None:  # noqa: F811
+def test_killing_the_agent_fails_the_sandbox_and_leaves_nothing(gateway: Gateway) -> None:
     status, sb = gateway.request("POST", "/v1/sandboxes", {"template": "python"})
     assert status == 201
     try:

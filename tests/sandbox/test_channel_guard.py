@@ -19,6 +19,7 @@ import zmq
 import zmq.asyncio
 
 from kernelhub.sandbox.channel_guard import READ_BYTES, ChannelBounds, ChannelGuard, DropLog
+from kernelhub.testing import until
 
 MiB = 1024 * 1024
 BOUNDS = ChannelBounds(max_message=4 * MiB, window=8 * MiB)
@@ -39,15 +40,6 @@ def run(tmp_path: Path, body: Callable[[ChannelGuard, zmq.asyncio.Context, Path,
 
     asyncio.run(asyncio.wait_for(main(), 60))
     return violations
-
-
-async def until(check: Callable[[], bool], timeout: float = 30) -> None:
-    """Poll ``check`` (a state of the guard no event announces) until it holds."""
-    for _ in range(int(timeout * 100)):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the condition never held")
 
 
 def test_messages_pass_both_ways_with_identities(tmp_path: Path) -> None:
@@ -88,7 +80,7 @@ def test_a_message_past_the_bound_is_cut_before_it_is_allocated(tmp_path: Path, 
             except TimeoutError:
                 pass
         await pub.send_multipart(frames)
-        await until(lambda: bool(violations))
+        assert await until(lambda: bool(violations))
         link = sub.link
         assert link is not None and link.outstanding <= READ_BYTES
         # The socket reconnects through the guard, and the next message gets through.
@@ -121,7 +113,7 @@ def test_the_window_holds_back_a_kernel_the_gateway_does_not_read(tmp_path: Path
             router.send_multipart([b"me", chunk], copy=False)
         link = dealer.link
         assert link is not None
-        await until(lambda: link.received >= BOUNDS.window)
+        assert await until(lambda: link.received >= BOUNDS.window)
         await asyncio.sleep(0.5)
         assert link.received <= BOUNDS.window + READ_BYTES
         # Reading lets the rest through, all of it, in order.
@@ -145,7 +137,7 @@ def test_anything_but_zmtp3_is_refused(tmp_path: Path) -> None:
         loop = asyncio.get_running_loop()
         conn, _ = await loop.sock_accept(server)
         await loop.sock_sendall(conn, b"GET / HTTP/1.1\r\n\r\n" + b"\x00" * 100)
-        await until(lambda: bool(violations))
+        assert await until(lambda: bool(violations))
         conn.close()
         server.close()
         dealer.close(linger=0)

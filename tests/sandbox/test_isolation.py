@@ -27,6 +27,7 @@ from kernelhub.errors import InvalidRequest, SandboxError
 from kernelhub.sandbox import bwrap
 from kernelhub.sandbox.limits import Limits
 from kernelhub.sandbox.sandbox import Sandbox
+from kernelhub.testing import until
 
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups]
 
@@ -228,7 +229,7 @@ def test_kill_everything_inside_stays_inside(factory: Any, other: Sandbox, runne
             # This kills the victim's own agent too, often before it could even report the spawn.
             with contextlib.suppress(SandboxError):
                 runner.run(sh(victim, "kill -9 -1; kill -KILL -1; kill -9 1"))
-            runner.run(asyncio.sleep(0.5))
+            runner.run(until(lambda: victim.state == "failed"))  # its sandbox process is reaped
             assert victim.state == "failed"  # it did kill: everything of its own
             assert host_same_uid.poll() is None
             assert neighbour.returncode is None
@@ -311,7 +312,7 @@ def test_fork_bomb_in_one_sandbox_does_not_stop_another(factory: Any, other: San
                                     stdout=devnull, stderr=devnull)
         finally:
             os.close(devnull)
-        await asyncio.sleep(1)
+        await until(lambda: bomb.pids_max_hits() > 0)  # the bomb is at its pids limit
         times = []
         for _ in range(5):
             start = time.monotonic()
@@ -646,7 +647,13 @@ def test_a_runaway_process_is_killed_with_its_children(sb: Sandbox, runner: asyn
                                   stdin=devnull, stdout=devnull, stderr=devnull)
         finally:
             os.close(devnull)
-        await asyncio.sleep(0.5)
+        # Both children run before the kill: it must reach them, not only the loop.
+        children = ("for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done "
+                    "| grep -c '^sleep 100[01]'")
+        for _ in range(300):
+            if (await sh(sb, children))[1].split() == ["2"]:
+                break
+            await asyncio.sleep(0.05)
         start = time.monotonic()
         await proc.kill()
         code = await asyncio.wait_for(proc.wait(), 5)

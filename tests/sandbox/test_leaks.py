@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from kernelhub.testing import Gateway, gateway  # noqa: F401
+from kernelhub.testing import Gateway
 
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups]
 
@@ -37,7 +37,7 @@ def host_uid(gw: Gateway, sandbox_id: str) -> str:
     return found[0]
 
 
-def test_no_host_path_uid_or_device_inside(gateway: Gateway, gateway_sandbox: str) -> None:  # noqa: F811
+def test_no_host_path_uid_or_device_inside(gateway: Gateway, gateway_sandbox: str) -> None:
     sid = gateway_sandbox
     uid = host_uid(gateway, sid)
     for how in ("command", "kernel"):

@@ -115,10 +115,16 @@ def test_interrupt_stops_a_busy_loop_and_keeps_state(own_factory: list[Any], ker
         try:
             assert (await kernels.execute(kc, "x = 41"))[0]["status"] == "ok"
             busy = kc.execute("print('spinning', flush=True)\nwhile True: pass")
-            await asyncio.sleep(1.0)
+            # The interrupt must land inside the loop: once 'spinning' is out, the loop is next.
+            seen = ""
+            while "spinning" not in seen:
+                msg = await kc.get_iopub_msg(timeout=30)
+                if msg["parent_header"].get("msg_id") == busy and msg["msg_type"] == "stream":
+                    seen += msg["content"]["text"]
             assert await km.is_alive()
             await km.interrupt_kernel()
-            reply, out = await kernels.collect(kc, busy, timeout=15)
+            reply, rest = await kernels.collect(kc, busy, timeout=15)
+            out = seen + rest
             assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt"
             assert out.startswith("spinning\n") and "KeyboardInterrupt" in out
             assert await km.is_alive()

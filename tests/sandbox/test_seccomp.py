@@ -16,7 +16,7 @@ import pytest
 from kernelhub.errors import IsolationUnavailable
 from kernelhub.sandbox import seccomp
 from kernelhub.sandbox.factory import SandboxFactory
-from kernelhub.testing import Gateway, gateway  # noqa: F401
+from kernelhub.testing import Gateway
 
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups]
 
@@ -102,7 +102,7 @@ def test_the_policy_allows_none_of_the_denied_calls() -> None:
     assert program and len(program) % 8 == 0 and seccomp.program() is program  # compiled once
 
 
-def test_denied_calls_answer_eperm_to_a_command_that_lives_on(gateway: Gateway, sid: str) -> None:  # noqa: F811
+def test_denied_calls_answer_eperm_to_a_command_that_lives_on(gateway: Gateway, sid: str) -> None:
     script = PROBE_SCRIPT.replace("'", "'\\''")
     status, body = gateway.request("POST", f"/v1/sandboxes/{sid}/commands",
                                    {"command": f"python3 -c '{script}' '{probe_args()}'", "timeout_s": 60})
@@ -112,7 +112,7 @@ def test_denied_calls_answer_eperm_to_a_command_that_lives_on(gateway: Gateway, 
     assert json.loads(lines[0]) == expected()
 
 
-def test_denied_calls_answer_eperm_to_a_kernel_that_lives_on(gateway: Gateway, sid: str) -> None:  # noqa: F811
+def test_denied_calls_answer_eperm_to_a_kernel_that_lives_on(gateway: Gateway, sid: str) -> None:
     code = f"import sys\nsys.argv = ['probe', {probe_args()!r}]\n" + PROBE_SCRIPT
     status, ex = gateway.request("POST", f"/v1/sandboxes/{sid}/execute", {"code": code, "timeout_s": 60})
     assert status == 200 and ex["status"] == "ok", ex
@@ -123,7 +123,7 @@ def test_denied_calls_answer_eperm_to_a_kernel_that_lives_on(gateway: Gateway, s
     assert status == 200 and ex["stdout"] == "42\n"
 
 
-def test_runtimes_work_under_the_filter(gateway: Gateway, sid: str) -> None:  # noqa: F811
+def test_runtimes_work_under_the_filter(gateway: Gateway, sid: str) -> None:
     # Threads (clone3 -> clone), processes, name lookups (netlink route), sockets, io_uring's absence.
     py = ("import threading, multiprocessing, socket, subprocess\n"
           "t = threading.Thread(target=lambda: None); t.start(); t.join()\n"

@@ -22,6 +22,7 @@ from kernelhub.errors import Conflict, InvalidRequest, KernelHubError, NotFound,
 from kernelhub.sandbox.factory import SandboxFactory
 from kernelhub.services.hub import Hub
 from kernelhub.services.tenants import Tenant, TenantRegistry
+from kernelhub.testing import until
 
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups]
 
@@ -193,7 +194,8 @@ def test_idle_and_lifetime_reaping(run: Any) -> None:
         busy = await hub.create_sandbox(ALICE, "python", limits={"idle_timeout_s": 2})
         ex = await hub.execute(ALICE, busy.id, "import time; time.sleep(4)")
         assert ex.status == "ok"
-        await asyncio.sleep(4)
+        # The reaper (every 0.2 s) stops both: idle 2 s after its creation, old 3 s after its own.
+        await until(lambda: (idle.state, old.state) == ("stopped", "stopped"))
         assert (idle.state, idle.reason) == ("stopped", "idle")
         assert (old.state, old.reason) == ("stopped", "lifetime")
         info = hub.get_sandbox(ALICE, idle.id).to_dict()

@@ -26,6 +26,7 @@ from kernelhub.sandbox.sandbox import Sandbox
 from kernelhub.services.hub import Hub
 from kernelhub.services.tenants import Tenant
 from kernelhub.services.terminals import TerminalSession
+from kernelhub.testing import until
 
 pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups]
 
@@ -52,15 +53,6 @@ def terminal(runner: asyncio.Runner, sandbox: Sandbox) -> Iterator[TerminalSessi
 def lines(text: str) -> list[str]:
     """The terminal's lines without control sequences (bracketed-paste toggles and the like)."""
     return [line.strip() for line in re.split(r"\r\n|\r|\n", re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text))]
-
-
-async def until(check: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        await asyncio.sleep(0.05)
-    return check()
 
 
 def test_shell_identity_tty_and_cwd(runner: asyncio.Runner, terminal: TerminalSession, sandbox: Sandbox) -> None:
