@@ -185,7 +185,7 @@ class SandboxesHandler(BaseHandler):
             limits=optional(body, "limits", dict, "a JSON object of limits"),
             env=optional(body, "env", dict, "a JSON object of strings"),
             metadata=optional(body, "metadata", dict, "a JSON object"),
-            network=optional(body, "network", str, "a network mode"),
+            network=body.get("network"),  # a string or an object: the policy module says what is wrong
         )
         self.set_header("Location", f"/v1/sandboxes/{record.id}")
         self.send_json(record.to_dict(), 201)
@@ -195,10 +195,16 @@ class SandboxesHandler(BaseHandler):
 
 
 class SandboxHandler(BaseHandler):
-    """``GET /v1/sandboxes/{id}`` (sandbox_info) and ``DELETE`` (sandbox_delete)."""
+    """``GET /v1/sandboxes/{id}`` (sandbox_info), ``PATCH`` (sandbox_update: its network policy) and ``DELETE``
+    (sandbox_delete)."""
 
     def get(self, sandbox_id: str) -> None:
         self.send_json(self.hub.get_sandbox(self.tenant, sandbox_id).to_dict())
+
+    async def patch(self, sandbox_id: str) -> None:
+        body = fields(self.json_body(), allowed=("network",), required=("network",))
+        record = await self.hub.update_sandbox(self.tenant, sandbox_id, body["network"])
+        self.send_json(record.to_dict())
 
     async def delete(self, sandbox_id: str) -> None:
         await self.hub.delete_sandbox(self.tenant, sandbox_id)

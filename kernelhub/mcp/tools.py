@@ -109,6 +109,17 @@ LIMITS = {
 }
 
 
+_ENTRIES = {"type": "array", "items": {"type": "string"}, "maxItems": 256}
+NETWORK = {
+    "oneOf": [{"type": "string", "enum": ["none", "open"]},
+              {"type": "object", "properties": {"allow": _ENTRIES, "deny": _ENTRIES}, "additionalProperties": False}],
+    "description": "Network policy: 'none' (the default: loopback only), 'open' (any public address) or "
+                   "{allow: [...], deny: [...]} of domains ('pypi.org', '*.pythonhosted.org'), host:port, IP "
+                   "addresses and CIDRs; deny wins. Egress goes through an HTTP(S) proxy (HTTP_PROXY is set); "
+                   "private and cloud-metadata addresses are always refused.",
+}
+
+
 def _schema(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
     return {"type": "object", "properties": properties, "required": list(required), "additionalProperties": False}
 
@@ -265,6 +276,12 @@ async def _sandbox_create(b: Backend, a: dict[str, Any], p: Progress | None) -> 
             f"with code_execute(sandbox_id={sb.get('id')!r}, code=...); delete it with sandbox_delete when done.\n\n"
             + _json(sb))
     return ToolOutput(sb, text)
+
+
+async def _sandbox_update(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    sb = await b.sandbox_update(a["sandbox_id"], a["network"])
+    return ToolOutput(sb, f"Sandbox {sb.get('id')} now has the network policy {_json(sb.get('network'))}; new "
+                          "connections follow it.\n\n" + _json(sb))
 
 
 async def _sandbox_list(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
@@ -446,11 +463,12 @@ _CODE_ARGS = {
 TOOLS: list[ToolSpec] = [
     ToolSpec(
         "sandbox_create", "Create a sandbox",
-        "Create an isolated sandbox (its own processes, network namespace without internet access, memory/cpu "
-        "limits and a persistent /workspace) with one running kernel. Use this first, before running any code; "
+        "Create an isolated sandbox (its own processes, network reached only through a filtering proxy under its "
+        "network policy, memory/cpu limits and a persistent /workspace) with one running kernel. Use this first, "
+        "before running any code; "
         "reuse the same sandbox for related steps, as variables, files and installed state persist in it. "
         "Templates: 'python' (numpy, pandas, matplotlib), 'node' (JavaScript/TypeScript), 'bash'. Returns the "
-        "sandbox: {id, template, state, created_at, expires_at, limits, sessions, metadata}. Delete it with "
+        "sandbox: {id, template, state, created_at, expires_at, limits, sessions, metadata, network}. Delete it with "
         "sandbox_delete when done.",
         _schema({
             "template": {"type": "string", "default": "python",
@@ -459,8 +477,7 @@ TOOLS: list[ToolSpec] = [
             "limits": LIMITS,
             "env": {**ENV, "description": "Environment variables for everything that runs in the sandbox."},
             "metadata": {"type": "object", "description": "Free-form labels kept with the sandbox (max 16 KiB)."},
-            "network": {"type": "string", "enum": ["none"],
-                        "description": "Network mode; only 'none' (loopback only) is offered."},
+            "network": NETWORK,
         }),
         _sandbox_create),
     ToolSpec(
@@ -708,6 +725,13 @@ TOOLS.extend([
         "Kill a running command and every process it started, at once. Returns the ended command.",
         _schema({"sandbox_id": SANDBOX_ID, "pid": PID}, ("sandbox_id", "pid")), _command_kill, destructive=True),
 ])
+
+TOOLS.append(ToolSpec(
+    "sandbox_update", "Change a sandbox's network policy",
+    "Give a running sandbox another network policy, e.g. allow pypi.org and files.pythonhosted.org before a pip "
+    "install. New connections follow it at once; open ones it refuses are cut. Returns the sandbox.",
+    _schema({"sandbox_id": SANDBOX_ID, "network": NETWORK}, ("sandbox_id", "network")), _sandbox_update,
+    idempotent=True))
 
 TOOLS_BY_NAME = {tool.name: tool for tool in TOOLS}
 

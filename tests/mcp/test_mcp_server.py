@@ -36,6 +36,7 @@ TOOLS = {
     "execution_status", "command_execute", "file_upload", "file_download", "file_list", "file_delete",
     "session_create", "session_execute", "session_close", "sandbox_logs", "sandbox_metrics",
     "command_start", "command_list", "command_status", "command_send_stdin", "command_signal", "command_kill",
+    "sandbox_update",
 }
 PNG = b"\x89PNG\r\n\x1a\n"
 SLOW_PRINTS = "import time\nfor i in range(3):\n    print(f'line {i}', flush=True)\n    time.sleep(0.4)\n6 * 7"
