@@ -9,9 +9,10 @@ space, the home (``/home/user``, which is the workspace), so this module, found 
 ``/opt/kernelhub-agent/site`` (read-only, the gateway's), turns it on again for that environment:
 
 - ``~/.local/lib/pythonX.Y/site-packages`` goes on ``sys.path`` before the environment's site-packages, as a
-  plain interpreter orders them; it is created when missing (while the sandbox has egress, the only time an
-  index can be reached), because a directory that did not exist when a kernel first imported something is never
-  looked at again by that kernel (``sys.path_importer_cache`` keeps None for it);
+  plain interpreter orders them, with a finder of its own: the directory need not exist yet. A plain entry for a
+  missing directory would be remembered as having no finder (``sys.path_importer_cache`` keeps None), so a
+  kernel started before the first ``pip install`` would never see what it installed; this finder looks again
+  whenever the directory's modification time changes, as every ``FileFinder`` does;
 - pip (``pip ...``, ``python -m pip ...``) is told the user site is visible, which it now is.
 
 Nothing changes for another interpreter (the system's ``/usr/bin/python3``). Standard library only, and cheap:
@@ -21,6 +22,7 @@ every Python start in the sandbox runs it.
 import os
 import site
 import sys
+from importlib import machinery
 
 
 def _enable_user_site() -> None:
@@ -28,14 +30,19 @@ def _enable_user_site() -> None:
         return  # not a virtual environment: the interpreter's own rules hold
     site.ENABLE_USER_SITE = True
     path = site.getusersitepackages()
-    if os.environ.get("HTTP_PROXY") and not os.path.isdir(path):
-        try:
-            os.makedirs(path, exist_ok=True)
-        except OSError:
-            pass
     if path not in sys.path:
         at = next((i for i, p in enumerate(sys.path) if p.endswith("site-packages")), len(sys.path))
         sys.path.insert(at, path)
+    details = ((machinery.ExtensionFileLoader, machinery.EXTENSION_SUFFIXES),
+               (machinery.SourceFileLoader, machinery.SOURCE_SUFFIXES),
+               (machinery.SourcelessFileLoader, machinery.BYTECODE_SUFFIXES))
+
+    def user_site_finder(entry: str) -> machinery.FileFinder:
+        if entry != path:
+            raise ImportError("not the user site")
+        return machinery.FileFinder(entry, *details)
+
+    sys.path_hooks.insert(0, user_site_finder)
     argv = getattr(sys, "orig_argv", [])
     runs_pip = (len(argv) > 1 and os.path.basename(argv[1]).startswith("pip")) or \
         any(a == "-m" and b == "pip" for a, b in zip(argv, argv[1:], strict=False))

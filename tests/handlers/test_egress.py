@@ -452,3 +452,16 @@ def test_template_packages_and_pip_user_through_the_proxy(world: World) -> None:
     # The managers' caches are the sandbox's (its /tmp), never the host's.
     result = world.sh(sb["id"], "pip cache dir; npm config get cache")
     assert result["stdout"] == "/tmp/.cache/pip\n/tmp/.npm\n", result
+
+
+def test_pip_after_a_patch_imports_in_a_kernel_that_started_without_egress(world: World) -> None:
+    """The kernel started before the user site existed and before the sandbox had egress: what pip installs
+    later still imports in it (the user site's finder looks again when the directory appears)."""
+    sb = world.create()
+    assert world.value(sb["id"], "import json\n1") == "1"
+    status, _ = world.patch(sb["id"], {"allow": [f"pypi.test:{world.index.port}"]})
+    assert status == 200
+    index = f"http://pypi.test:{world.index.port}/simple"
+    result = world.sh(sb["id"], f"pip install --no-input --index-url {index} --trusted-host pypi.test kh-later")
+    assert result["exit_code"] == 0 and "Successfully installed kh-later-2.0" in result["stdout"], result
+    assert world.value(sb["id"], "import kh_later\nkh_later.WORD") == "'later'"
