@@ -119,7 +119,7 @@ class Hub(LoggingConfigurable):
                          {name: t.base_limits(self.defaults, self.maximum) for name, t in self.templates.items()},
                          parent=self)
         self.egress = EgressService(parent=self)
-        self.telemetry = Telemetry(lambda: self.sandboxes.all_records(), self.pool_state)
+        self.telemetry = Telemetry(lambda: self.sandboxes.all_records(), self.pool_state, self.egress.totals)
         self.sandboxes = Sandboxes(
             factory=factory, kernel_spec_manager=self.kernel_spec_manager, templates=self.templates,
             defaults=self.defaults, maximum=self.maximum, max_sandboxes_per_tenant=self.max_sandboxes_per_tenant,

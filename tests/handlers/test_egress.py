@@ -233,6 +233,12 @@ def test_allowed_and_denied_by_domain_port_and_deny_over_allow(world: World, lis
     assert any(f"egress denied: GET http://other.test:{s.http_port}/hello: " in line for line in lines)
     status, metrics = world.gw.request("GET", f"/v1/sandboxes/{listed}/metrics")
     assert status == 200 and metrics["net_rx_bytes"] > 0 and metrics["net_tx_bytes"] > 0
+    # The gateway's own metrics: every sandbox's egress together.
+    status, text = world.gw.request("GET", "/metrics")
+    samples = dict(line.rsplit(" ", 1) for line in text.decode().splitlines() if line.startswith("kernelhub_egress"))
+    assert float(samples['kernelhub_egress_bytes_total{direction="in"}']) >= metrics["net_rx_bytes"]
+    assert float(samples['kernelhub_egress_bytes_total{direction="out"}']) >= metrics["net_tx_bytes"]
+    assert float(samples["kernelhub_egress_denied_total"]) >= 4 and float(samples["kernelhub_egress_proxies"]) >= 1
 
 
 def test_every_kind_of_process_gets_the_proxy(world: World, listed: str) -> None:

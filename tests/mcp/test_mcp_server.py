@@ -227,6 +227,17 @@ async def sessions_and_async(session: ClientSession) -> None:
 
         metrics = await call(session, "sandbox_metrics", sandbox_id=sandbox_id)
         assert metrics.structured_content["memory_limit_bytes"] == 256 * 1024 * 1024
+        assert metrics.structured_content["net_rx_bytes"] == metrics.structured_content["net_tx_bytes"] == 0
+        assert created.structured_content["network"] == "none"
+        updated = await call(session, "sandbox_update", sandbox_id=sandbox_id, network={"allow": ["PyPI.org"]})
+        assert not updated.is_error, text_of(updated)
+        assert updated.structured_content["network"] == {"allow": ["pypi.org"], "deny": []}
+        assert '{"allow": ["pypi.org"], "deny": []}' in text_of(updated)
+        refused = await call(session, "sandbox_update", sandbox_id=sandbox_id, network={"allow": ["*"]})
+        assert refused.is_error and refused.structured_content["error"] == "invalid_request"
+        assert '"*" is not an entry' in text_of(refused)
+        refused = await call(session, "sandbox_update", sandbox_id=sandbox_id)
+        assert refused.is_error and "needs the argument 'network'" in text_of(refused)
         logs = await call(session, "sandbox_logs", sandbox_id=sandbox_id, lines=5)
         assert isinstance(logs.structured_content["lines"], list) and len(logs.structured_content["lines"]) <= 5
         quota = await call(session, "sandbox_create", limits={"memory_mb": 10 ** 9})

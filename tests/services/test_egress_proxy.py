@@ -651,11 +651,10 @@ def test_only_the_sandbox_uid_may_use_the_socket(egress: Any, runner: asyncio.Ru
     run(runner, go())
 
 
-def test_service_configuration(monkeypatch: pytest.MonkeyPatch, egress: Any, runner: asyncio.Runner) -> None:
+def test_service_configuration(egress: Any, runner: asyncio.Runner) -> None:
     from traitlets import TraitError
 
     from kernelhub.services.egress.proxy import EgressService
-
     from kernelhub.settings import env_config
 
     environ = {"KERNELHUB_EGRESS_ALLOW_PRIVATE": "10.0.0.0/8, 127.0.0.1", "KERNELHUB_EGRESS_MAX_CONNECTIONS": "7",

@@ -644,6 +644,9 @@ class EgressService(LoggingConfigurable):
         super().__init__(**kwargs)
         self._system = resolver or system_resolver
         self._proxies: dict[str, SandboxProxy] = {}
+        #: Bytes of proxies already closed (``rx``, ``tx``) and refusals reported, for :meth:`totals`.
+        self._closed_bytes = [0, 0]
+        self.denied = 0
 
     async def resolver(self, host: str, port: int) -> Sequence[IPAddress]:
         """The proxy's :data:`Resolver`: :attr:`hosts` (normalised names), else the system's (or the one given)."""
@@ -689,8 +692,12 @@ class EgressService(LoggingConfigurable):
         proxy is closed again); the caller stops the sandbox or answers the error."""
         if policy.mode == "none" or sandbox.id in self._proxies:
             return
+        def on_denied(refusal: Refusal) -> None:
+            self.denied += 1
+            sandbox.log(refusal.log_line())
+
         await self.open(sandbox.id, str(sandbox.egress_socket), policy, owner=(sandbox.uid, sandbox.gid),
-                        on_denied=lambda refusal: sandbox.log(refusal.log_line()))
+                        on_denied=on_denied)
         try:
             await sandbox.start_egress_forwarder()
         except BaseException:
@@ -733,19 +740,21 @@ class EgressService(LoggingConfigurable):
         return proxy.metrics() if proxy is not None else {"net_rx_bytes": 0, "net_tx_bytes": 0}
 
     def totals(self) -> dict[str, int]:
-        """Bytes from and to the network of every open proxy together, and how many are open (for
-        ``/metrics``): ``{"net_rx_bytes", "net_tx_bytes", "proxies"}``."""
-        out = {"net_rx_bytes": 0, "net_tx_bytes": 0, "proxies": len(self._proxies)}
+        """What ``/metrics`` shows of egress since the gateway started: ``{"net_rx_bytes", "net_tx_bytes"}`` of
+        every proxy, closed ones included, ``denied`` (refusals of sandboxes attached by :meth:`attach`) and
+        ``proxies`` (open now)."""
+        rx, tx = self._closed_bytes
         for proxy in self._proxies.values():
-            out["net_rx_bytes"] += proxy.rx_bytes
-            out["net_tx_bytes"] += proxy.tx_bytes
-        return out
+            rx, tx = rx + proxy.rx_bytes, tx + proxy.tx_bytes
+        return {"net_rx_bytes": rx, "net_tx_bytes": tx, "denied": self.denied, "proxies": len(self._proxies)}
 
     async def close(self, sandbox_id: str) -> None:
         """Stop a sandbox's proxy and remove its socket. Idempotent."""
         proxy = self._proxies.pop(sandbox_id, None)
         if proxy is not None:
             await proxy.close()
+            self._closed_bytes[0] += proxy.rx_bytes
+            self._closed_bytes[1] += proxy.tx_bytes
 
     async def close_all(self) -> None:
         """Stop every proxy (the app's shutdown)."""
