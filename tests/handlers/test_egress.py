@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from kernelhub.testing import OTHER_TOKEN, Gateway
+from tests.handlers.test_rest import validate
 from tests.services.conftest import TEST_NAMES, Servers
 
 pytestmark = [pytest.mark.timeout(300)]
@@ -184,6 +185,7 @@ def listed(world: World) -> str:
 def test_the_policy_is_parsed_once_and_shown(world: World) -> None:
     sb = world.create(network={"allow": ["SVC.test.", "svc.test", "10.1.2.3/8:443"], "deny": []})
     assert sb["network"] == {"allow": ["svc.test", "10.0.0.0/8:443"], "deny": []}
+    validate(sb, "Sandbox")
     status, info = world.gw.request("GET", f"/v1/sandboxes/{sb['id']}")
     assert status == 200 and info["network"] == sb["network"]
     status, info = world.gw.request("POST", "/v1/sandboxes", {"network": {"allow": ["*"]}})
@@ -200,6 +202,7 @@ def test_the_policy_is_parsed_once_and_shown(world: World) -> None:
     assert by_name["python"]["network"] == "none"
     assert by_name["pkgs"]["network"] == {"allow": [f"pypi.test:{world.index.port}"], "deny": []}
     assert by_name["pkgs"]["packages"] == {"pip": ["kh-probe"]}
+    validate(by_name["pkgs"], "Template")
 
 
 def test_none_has_no_socket_and_no_variables(world: World) -> None:
@@ -233,6 +236,7 @@ def test_allowed_and_denied_by_domain_port_and_deny_over_allow(world: World, lis
     assert any(f"egress denied: GET http://other.test:{s.http_port}/hello: " in line for line in lines)
     status, metrics = world.gw.request("GET", f"/v1/sandboxes/{listed}/metrics")
     assert status == 200 and metrics["net_rx_bytes"] > 0 and metrics["net_tx_bytes"] > 0
+    validate(metrics, "Metrics")
     # The gateway's own metrics: every sandbox's egress together.
     status, text = world.gw.request("GET", "/metrics")
     samples = dict(line.rsplit(" ", 1) for line in text.decode().splitlines() if line.startswith("kernelhub_egress"))
@@ -278,6 +282,7 @@ def test_patch_changes_the_policy_at_once(world: World) -> None:
     world.execute(sid, "x = 1")  # a kernel running before the sandbox has egress
     status, body = world.patch(sid, {"allow": ["svc.test"]})
     assert status == 200 and body["network"] == {"allow": ["svc.test"], "deny": []}
+    validate(body, "Sandbox")
     upload_ca(world, sid)
     assert world.curl(sid, world.https())[0] == 0
     url = world.http()
