@@ -29,6 +29,7 @@ import pytest
 from kernelhub.testing import OTHER_TOKEN, Gateway
 from tests.handlers.test_rest import validate
 from tests.services.conftest import TEST_NAMES, Servers
+from tests.services.test_egress_sandbox import FLOOD, HOSTILE
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -319,63 +320,21 @@ def test_patch_through_the_client(world: World) -> None:
             f"hello from http as svc.test:{world.servers.http_port}"
 
 
-HOSTILE = r"""
-import json, socket, ssl, sys
-port, tls_port = int(sys.argv[1]), int(sys.argv[2])
-out = {}
-def attempt(name, fn):
-    try:
-        out[name] = fn()
-    except Exception as exc:
-        out[name] = type(exc).__name__
-# A raw socket that ignores the proxy: the host's servers are not in this network namespace.
-attempt("raw", lambda: socket.create_connection(("127.0.0.1", port), timeout=5) and "connected")
-attempt("dns", lambda: socket.getaddrinfo("svc.test", 80))
-def via(request, path=None):
-    if path:
-        s = socket.socket(socket.AF_UNIX)
-        s.connect(path)
-    else:
-        s = socket.create_connection(("127.0.0.1", 3128))
-    s.settimeout(20)
-    s.sendall(request)
-    data = b""
-    while chunk := s.recv(4096):
-        data += chunk
-    return data.split(b"\r\n")[0].decode() + " | " + data.split(b"\r\n\r\n", 1)[1].decode().strip()
-for name, target in (("ipv6", b"[::1]:%d" % port), ("decimal", b"2130706433:%d" % port),
-                     ("octal", b"0177.0.0.1:%d" % port), ("mapped", b"[::ffff:a9fe:a9fe]:80"),
-                     ("loop", b"loop.test:%d" % port), ("metadata", b"metadata.test:80")):
-    attempt(name, lambda t=target: via(b"CONNECT " + t + b" HTTP/1.1\r\nHost: x\r\n\r\n"))
-# The proxy's own socket, used directly, for what the policy forbids.
-attempt("socket", lambda: via(b"GET http://other.test:%d/hello HTTP/1.1\r\nHost: other.test\r\n\r\n" % port,
-                              "/run/kernelhub/egress.sock"))
-# A tunnel to an allowed host that names another in its TLS ClientHello.
-def fronted():
-    s = socket.create_connection(("127.0.0.1", 3128), timeout=20)
-    s.sendall(b"CONNECT svc.test:%d HTTP/1.1\r\nHost: svc.test\r\n\r\n" % tls_port)
-    head = s.recv(4096)
-    ctx = ssl.create_default_context(cafile="/tmp/test-ca.pem")
-    try:
-        ctx.wrap_socket(s, server_hostname="other.test")
-    except (OSError, ssl.SSLError):
-        return head.split(b"\r\n")[0].decode() + " then closed"
-    return "handshake completed"
-attempt("fronted", fronted)
-print(json.dumps(out))
-"""
 
 
 def test_hostile_code_inside_the_sandbox(world: World, listed: str) -> None:
     s = world.servers
     status, _ = world.gw.request("PUT", f"/v1/sandboxes/{listed}/files/hostile.py", raw=HOSTILE.encode())
     assert status in (200, 201)
-    result = world.sh(listed, f"python hostile.py {s.http_port} {s.https_port}")
+    targets = [["ipv6", f"[::1]:{s.http_port}"], ["decimal", f"2130706433:{s.http_port}"],
+               ["octal", f"0177.0.0.1:{s.http_port}"], ["mapped", "[::ffff:a9fe:a9fe]:80"],
+               ["loop", f"loop.test:{s.http_port}"], ["metadata", "metadata.test:80"],
+               ["other", f"other.test:{s.https_port}"]]
+    result = world.sh(listed, f"python hostile.py {s.http_port} {s.https_port} {CA} '{json.dumps(targets)}'")
     assert result["exit_code"] == 0, result
     got = json.loads(result["stdout"])
     no_allow = "matches no allow entry of the sandbox's network policy."
-    assert got["raw"] == "ConnectionRefusedError"
-    assert got["dns"] == "gaierror"
+    assert (got["raw"], got["dns"], got["routes"]) == ("ConnectionRefusedError", "gaierror", [])
     assert got["ipv6"] == "HTTP/1.1 403 Forbidden | egress denied: ::1 is a loopback address, which no network " \
                           "policy opens."
     assert got["decimal"] == f"HTTP/1.1 403 Forbidden | egress denied: 127.0.0.1:{s.http_port} {no_allow}"
@@ -384,7 +343,7 @@ def test_hostile_code_inside_the_sandbox(world: World, listed: str) -> None:
                             "address, which no network policy opens."
     assert got["loop"] == f"HTTP/1.1 403 Forbidden | egress denied: loop.test:{s.http_port} {no_allow}"
     assert got["metadata"] == f"HTTP/1.1 403 Forbidden | egress denied: metadata.test:80 {no_allow}"
-    assert got["socket"] == f"HTTP/1.1 403 Forbidden | egress denied: other.test:{s.http_port} {no_allow}"
+    assert got["other"] == f"HTTP/1.1 403 Forbidden | egress denied: other.test:{s.https_port} {no_allow}"
     assert got["fronted"] == "HTTP/1.1 200 Connection established then closed"
     assert any("names other.test, not svc.test" in line for line in world.logs(listed))
 
@@ -398,30 +357,6 @@ def test_names_resolving_to_forbidden_addresses_are_refused_even_when_allowed(wo
         "policy opens. [403]"
 
 
-FLOOD = r"""
-import socket, sys, threading
-port, count, held = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-results = []
-done = threading.Condition()
-def one():
-    s = socket.create_connection(("127.0.0.1", 3128), timeout=120)
-    s.sendall(b"GET http://svc.test:%d/hold HTTP/1.1\r\nHost: svc.test\r\nConnection: close\r\n\r\n" % port)
-    data = b""
-    while chunk := s.recv(65536):
-        data += chunk
-    with done:
-        results.append(data.split(b" ")[1].decode())
-        done.notify()
-threads = [threading.Thread(target=one) for _ in range(count)]
-for t in threads:
-    t.start()
-with done:
-    done.wait_for(lambda: len(results) >= count - held)
-print("turned away:", sorted(results), flush=True)
-for t in threads:
-    t.join()
-print("all:", sorted(results), flush=True)
-"""
 
 
 def test_a_flood_of_connections_is_bounded_per_sandbox(world: World, listed: str) -> None:
