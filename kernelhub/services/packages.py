@@ -8,7 +8,10 @@ proxy variables), in ``/workspace``, with its output line by line in the sandbox
   Python puts on ``sys.path`` (:mod:`kernelhub.sandbox.sitecustomize`); its cache is ``$XDG_CACHE_HOME/pip``,
   ``/tmp/.cache/pip`` inside;
 - npm: ``npm install`` in ``/workspace`` (``/workspace/node_modules``); its cache is ``npm_config_cache``,
-  ``/tmp/.npm`` inside.
+  ``/tmp/.npm`` inside. npm takes the nearest directory up from its working directory that holds a
+  ``package.json`` or a ``node_modules`` as the project, and ``/`` has one: the kernels' read-only
+  ``/node_modules`` (tslab and its types). So a sandbox that gets egress gets an empty ``/workspace/node_modules``
+  first (:func:`prepare_npm`), and ``npm install X`` by hand in ``/workspace`` installs there too.
 
 Both reach their index through the egress proxy, so the sandbox's network policy must allow it (the template's
 ``env`` may name another index: ``PIP_INDEX_URL``, ``npm_config_registry``). A failed install is logged with
@@ -22,7 +25,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 from ..errors import KernelHubError
-from ..sandbox.bwrap import INNER_RUNTIME
+from ..sandbox.bwrap import INNER_RUNTIME, INNER_WORKSPACE
 from ..sandbox.sandbox import Sandbox
 
 #: The command line of each manager, before the packages.
@@ -46,6 +49,16 @@ async def install_packages(sandbox: Sandbox, packages: Mapping[str, Sequence[str
         results[manager] = status = await _run_logged(sandbox, argv, f"{manager}: ", timeout)
         sandbox.log(f"packages: {manager} install {'done' if status == 0 else f'failed (exit status {status})'}")
     return results
+
+
+async def prepare_npm(sandbox: Sandbox) -> None:
+    """Make ``/workspace/node_modules`` (as the sandbox's user, inside: nothing it planted is followed with
+    more rights than its own), so that npm takes ``/workspace`` as the project (see the module). Called when
+    a sandbox gets egress. A failure is logged, not raised: npm is then the user's to point
+    (``--prefix /workspace``)."""
+    status = await _run_logged(sandbox, ["mkdir", "-p", f"{INNER_WORKSPACE}/node_modules"], "npm prefix: ", 30)
+    if status != 0:
+        sandbox.log(f"npm prefix: mkdir {INNER_WORKSPACE}/node_modules failed (exit status {status})")
 
 
 async def _run_logged(sandbox: Sandbox, argv: list[str], prefix: str, timeout: float) -> int:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import io
 import json
 import shutil
+import tarfile
 import tempfile
 import threading
 import zipfile
@@ -65,8 +67,33 @@ def build_wheel(directory: Path, name: str, version: str, source: str) -> Path:
     return wheel
 
 
+def build_npm_package(directory: Path, name: str, version: str, source: str, url: str) -> None:
+    """An npm package of one ``index.js`` in the layout of a registry's static files: its packument (the
+    document npm asks for at ``/<name>``, saved as ``<name>/index.json``) and its tarball at ``/<name>/-/``,
+    with the sha512 integrity and sha1 shasum npm checks. ``url`` is the registry's base URL."""
+    manifest = {"name": name, "version": version, "main": "index.js"}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path, data in (("package/package.json", json.dumps(manifest).encode()),
+                           ("package/index.js", source.encode())):
+            info = tarfile.TarInfo(path)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    tarball = buffer.getvalue()
+    folder = directory / name
+    (folder / "-").mkdir(parents=True, exist_ok=True)
+    (folder / "-" / f"{name}-{version}.tgz").write_bytes(tarball)
+    integrity = "sha512-" + base64.b64encode(hashlib.sha512(tarball).digest()).decode()
+    dist = {"tarball": f"{url}/{name}/-/{name}-{version}.tgz", "integrity": integrity,
+            "shasum": hashlib.sha1(tarball).hexdigest()}
+    packument = {"name": name, "dist-tags": {"latest": version}, "versions": {version: {**manifest, "dist": dist}}}
+    (folder / "index.json").write_text(json.dumps(packument))
+
+
 class Index:
-    """A package index: ``http.server``'s directory listing over a folder of wheels, in a thread."""
+    """A package index for pip (``http.server``'s directory listing over a folder of wheels) and an npm
+    registry (static packuments and tarballs) on one port, in a thread."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -78,6 +105,9 @@ class Index:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
         self.port = int(self.server.server_address[1])
+        self.npm = f"http://pypi.test:{self.port}/npm"
+        build_npm_package(directory / "npm", "kh-npm-probe", "1.0.0", "exports.word = 'from npm';\n", self.npm)
+        build_npm_package(directory / "npm", "kh-npm-later", "1.0.0", "exports.word = 'later';\n", self.npm)
 
     def close(self) -> None:
         self.server.shutdown()
@@ -85,8 +115,16 @@ class Index:
 
 
 class _QuietFiles(SimpleHTTPRequestHandler):
+    """Static files; a request for an npm packument (``/npm/<name>``) gets its ``index.json``."""
+
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+    def send_head(self) -> Any:
+        parts = self.path.split("?", 1)[0].strip("/").split("/")
+        if len(parts) == 2 and parts[0] == "npm":
+            self.path = f"/npm/{parts[1]}/index.json"
+        return super().send_head()
 
 
 class World:
@@ -149,8 +187,9 @@ def world() -> Iterator[World]:
     index = Index(directory / "index")
     templates = {
         "pkgs": {"language": "python", "network": {"allow": [f"pypi.test:{index.port}"]},
-                 "env": {"PIP_INDEX_URL": f"http://pypi.test:{index.port}/simple", "PIP_TRUSTED_HOST": "pypi.test"},
-                 "packages": {"pip": ["kh-probe"]}},
+                 "env": {"PIP_INDEX_URL": f"http://pypi.test:{index.port}/simple", "PIP_TRUSTED_HOST": "pypi.test",
+                         "npm_config_registry": index.npm},
+                 "packages": {"pip": ["kh-probe"], "npm": ["kh-npm-probe"]}},
     }
     gateway = Gateway(extra_args=[
         "--egress-allow-private", "127.0.0.1/32", f"--EgressService.hosts={json.dumps(HOSTS)}",
@@ -202,7 +241,7 @@ def test_the_policy_is_parsed_once_and_shown(world: World) -> None:
     by_name = {t["name"]: t for t in templates["templates"]}
     assert by_name["python"]["network"] == "none"
     assert by_name["pkgs"]["network"] == {"allow": [f"pypi.test:{world.index.port}"], "deny": []}
-    assert by_name["pkgs"]["packages"] == {"pip": ["kh-probe"]}
+    assert by_name["pkgs"]["packages"] == {"pip": ["kh-probe"], "npm": ["kh-npm-probe"]}
     validate(by_name["pkgs"], "Template")
 
 
@@ -395,6 +434,11 @@ def test_template_packages_and_pip_user_through_the_proxy(world: World) -> None:
     assert result["exit_code"] == 0 and "Successfully installed kh-later-2.0" in result["stdout"], result
     out = world.value(sb["id"], "import kh_later\nkh_later.WORD + ' ' + kh_later.__file__")
     assert out == "'later /home/user/.local/lib/python3.11/site-packages/kh_later/__init__.py'"
+    assert any("npm: added 1 package" in line for line in lines), "\n".join(lines[-30:])
+    assert any("packages: npm install done" in line for line in lines)
+    result = world.sh(sb["id"], "npm install kh-npm-later && node -e \"console.log(require('kh-npm-probe').word + "
+                                "', ' + require('kh-npm-later').word)\"")
+    assert result["exit_code"] == 0 and result["stdout"].endswith("from npm, later\n"), result
     # The managers' caches are the sandbox's (its /tmp), never the host's.
     result = world.sh(sb["id"], "pip cache dir; npm config get cache")
     assert result["stdout"] == "/tmp/.cache/pip\n/tmp/.npm\n", result

@@ -44,6 +44,7 @@ from traitlets.config import LoggingConfigurable
 
 from ...errors import Conflict, SandboxError
 from ...sandbox.egress_forwarder import plain_response
+from ..packages import prepare_npm
 from .addresses import IPAddress, IPNetwork, parse_host, parse_networks, unwrap
 from .policy import NetworkPolicy, Target, check_target, decide, parse_policy, parse_target
 from .tls import ClientHelloBuffer, NotClientHello
@@ -687,7 +688,8 @@ class EgressService(LoggingConfigurable):
     async def attach(self, sandbox: Sandbox, policy: NetworkPolicy) -> None:
         """Give a running sandbox its way out under ``policy``: the proxy on ``egress.sock`` in its run directory
         (its ``/run/kernelhub``, owned by its uid), refusals logged in its log, then the forwarder inside
-        (:meth:`Sandbox.start_egress_forwarder`, which sets the proxy variables for every later process).
+        (:meth:`Sandbox.start_egress_forwarder`, which sets the proxy variables for every later process) and
+        the workspace's ``node_modules`` (:func:`~kernelhub.services.packages.prepare_npm`).
         Nothing for ``"none"``. Raises :class:`~kernelhub.errors.SandboxError` if either cannot start (the
         proxy is closed again); the caller stops the sandbox or answers the error."""
         if policy.mode == "none" or sandbox.id in self._proxies:
@@ -700,6 +702,7 @@ class EgressService(LoggingConfigurable):
                         on_denied=on_denied)
         try:
             await sandbox.start_egress_forwarder()
+            await prepare_npm(sandbox)
         except BaseException:
             await self.close(sandbox.id)
             raise
