@@ -463,15 +463,23 @@ class Sandboxes:
                                  '(network: "none").')
         return policy
 
+    @staticmethod
+    async def _give_env(sandbox: Sandbox, session: JupyterSession, env: dict[str, str]) -> None:
+        try:
+            await session.set_env(env)
+        except Exception as exc:  # the kernel died or hung: the sandbox log says so, later kernels have it
+            sandbox.log(f"could not set the proxy variables in kernel {session.id}: {exc!r}")
+
     async def update_sandbox(self, tenant: Tenant, sandbox_id: object, network: object) -> SandboxRecord:
         """``PATCH /v1/sandboxes/{id}`` (``sandbox_update``): the running sandbox's new network policy. New
         connections follow it at once and open ones it refuses are cut
         (:meth:`~kernelhub.services.egress.EgressService.update`).
 
         A sandbox that had no egress (``"none"`` since its start) gets its proxy and forwarder now; every later
-        process gets the proxy variables, and so do its running python and bash kernels (a silent request, as
-        at a pool's hand-out). Node kernels, terminals and commands already running keep their environment:
-        restart them to reach the network. Raises :class:`~kernelhub.errors.InvalidRequest` for a bad policy,
+        process gets the proxy variables, and so do its running python and bash kernels (a silent request
+        after the execution running now, before any later one: :meth:`JupyterSession.set_env`; the answer does
+        not wait for it). Node kernels, terminals and commands already running keep their environment: restart
+        them to reach the network. Raises :class:`~kernelhub.errors.InvalidRequest` for a bad policy,
         what :meth:`running` raises, and :class:`~kernelhub.errors.SandboxError` if the forwarder cannot start."""
         record, sandbox = self.running(tenant, sandbox_id)
         policy = self._network_policy(network)
@@ -480,10 +488,10 @@ class Sandboxes:
         record.busy += 1
         try:
             if await self.egress.update(sandbox, policy):
-                env = proxy_env()
                 for session in list(record.sessions.values()):
                     if session.type == "jupyter" and session.language in ("python", "bash"):
-                        await session.hand_over(env)
+                        # Each in a task of its own, started now: its turn comes before any later execution.
+                        self.spawn(self._give_env(sandbox, session, proxy_env()))
         finally:
             record.busy -= 1
         record.network = policy

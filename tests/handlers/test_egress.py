@@ -455,3 +455,21 @@ def test_pip_after_a_patch_imports_in_a_kernel_that_started_without_egress(world
     result = world.sh(sb["id"], f"pip install --no-input --index-url {index} --trusted-host pypi.test kh-later")
     assert result["exit_code"] == 0 and "Successfully installed kh-later-2.0" in result["stdout"], result
     assert world.value(sb["id"], "import kh_later\nkh_later.WORD") == "'later'"
+
+
+def test_patch_while_the_kernel_runs_code_answers_at_once(world: World) -> None:
+    """The kernel is busy when the sandbox first gets egress: the PATCH does not wait for it, and the proxy
+    variables reach the kernel after that execution, before the next."""
+    sid = world.create()["id"]
+    code = "import os, time\nwhile not os.path.exists('/tmp/go'):\n    time.sleep(0.02)\nos.environ.get('HTTP_PROXY')"
+    status, started = world.gw.request("POST", f"/v1/sandboxes/{sid}/executions", {"code": code})
+    assert status == 202, started
+    status, body = world.patch(sid, "open")
+    assert status == 200 and body["network"] == "open"
+    status, running = world.gw.request("GET", f"/v1/executions/{started['id']}")
+    assert running["status"] in ("queued", "running"), running
+    assert world.sh(sid, "touch /tmp/go")["exit_code"] == 0
+    after = world.value(sid, "os.environ.get('HTTP_PROXY'), os.environ.get('no_proxy')")
+    assert after == "('http://127.0.0.1:3128', 'localhost,127.0.0.1')"
+    status, ended = world.gw.request("GET", f"/v1/executions/{started['id']}")
+    assert ended["status"] == "ok" and ended["results"] == []  # its last value was None: it ran before
