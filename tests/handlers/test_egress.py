@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from kernelhub.testing import OTHER_TOKEN, Gateway
+from tests.handlers.conftest import NdjsonStream
 from tests.handlers.test_rest import validate
 from tests.services.conftest import TEST_NAMES, Servers
 from tests.services.test_egress_sandbox import FLOOD, HOSTILE
@@ -403,21 +404,26 @@ def test_a_flood_of_connections_is_bounded_per_sandbox(world: World, listed: str
     status, _ = world.gw.request("PUT", f"/v1/sandboxes/{listed}/files/flood.py", raw=FLOOD.encode())
     assert status in (200, 201)
     s.hold.reset()
-    answers: list[dict[str, Any]] = []
-    flood = threading.Thread(target=lambda: answers.append(
-        world.sh(listed, f"python flood.py {s.http_port} 30 {MAX_CONNECTIONS}")))
-    flood.start()
+    # Streamed as NDJSON: the script's first line says the others were turned away while these 8 are held.
+    stream = NdjsonStream(world.gw, "POST", f"/v1/sandboxes/{listed}/commands",
+                          {"command": f"python flood.py {s.http_port} 30 {MAX_CONNECTIONS}"}, None, 120)
     try:
-        # The sandbox's connections beyond MAX_CONNECTIONS are answered 503 while these wait at the server.
+        events = stream.events()
+        turned = 30 - MAX_CONNECTIONS
+        first = ""
+        while not first.endswith("\n"):  # stdout comes in chunks as the pipe gives them
+            first += next(e for e in events if e["type"] == "stdout")["text"]
+        assert first == f"turned away: {sorted(['503'] * turned)}\n"
         s.hold.wait_for(MAX_CONNECTIONS)
         assert s.hold.held == MAX_CONNECTIONS
+        s.hold.release()
+        rest = list(events)
     finally:
         s.hold.release()
-        flood.join()
-    ended = answers[0]
-    assert ended["exit_code"] == 0, ended
-    turned = 30 - MAX_CONNECTIONS
-    assert f"all: {sorted(['200'] * MAX_CONNECTIONS + ['503'] * turned)}" in ended["stdout"]
+        stream.close()
+    assert "".join(e["text"] for e in rest if e["type"] == "stdout") == \
+        f"all: {sorted(['200'] * MAX_CONNECTIONS + ['503'] * turned)}\n"
+    assert rest[-1]["type"] == "end" and rest[-1]["command"]["exit_code"] == 0, rest[-1]
     reports = [line for line in world.logs(listed) if "egress connections open, its limit" in line]
     assert 1 <= len(reports) < turned  # reported, but not once per connection
 
