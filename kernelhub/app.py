@@ -45,6 +45,7 @@ from .mcp import http as mcp_http
 from .sandbox import doctor
 from .sandbox.factory import SandboxFactory
 from .server import GatewayServer, raise_fd_limit
+from .services.egress import EgressService
 from .services.hub import Hub
 from .services.pool import Pool
 from .services.tenants import TenantRegistry
@@ -323,7 +324,7 @@ class HubApp(KernelHubApp):
     isolation is strict, the hub's start (which reaps what a crashed process left) and, on the way out, its
     shutdown (every sandbox stopped)."""
 
-    classes = [SandboxFactory, Hub, Pool]
+    classes = [SandboxFactory, Hub, Pool, EgressService]
     #: How this command says what to do when the doctor check fails.
     isolation_hint = "Fix it, or start with --isolation=relaxed to run with less."
 
@@ -385,6 +386,7 @@ KERNELHUB_TOKEN=KEY KERNELHUB_STATE_DIR=/srv/kernelhub kernelhub serve
         "allow-origin": "ServeApp.allow_origin",
         "max-sandboxes": "Hub.max_sandboxes_per_tenant",
         "pool-size": "Pool.size",
+        "egress-allow-private": "EgressService.allow_private",
         "log-level": "KernelHubApp.log_level",
         "operator-tenant": "ServeApp.operator_tenant",
     }

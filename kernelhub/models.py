@@ -115,7 +115,8 @@ class SandboxCreate:
     limits: dict[str, Any] | None = None
     env: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
-    network: str | None = None
+    #: A string or an object, as sent: the service's policy module (services/egress/policy.py) judges it.
+    network: str | dict[str, Any] | None = None
 
     FIELDS: ClassVar[tuple[str, ...]] = ("template", "limits", "env", "metadata", "network")
 
@@ -128,8 +129,17 @@ def parse_sandbox_create(body: Mapping[str, Any], *, extra: Sequence[str] = ()) 
         limits=optional(body, "limits", dict, "a JSON object of limits"),
         env=optional(body, "env", dict, _ENV),
         metadata=optional(body, "metadata", dict, "a JSON object"),
-        network=optional(body, "network", str, "a network mode"),
+        network=body.get("network"),  # a string or an object: the policy module says what is wrong
     )
+
+
+def parse_sandbox_update(body: Mapping[str, Any]) -> str | dict[str, Any]:
+    """``sandbox_update`` (``PATCH /v1/sandboxes/{id}``, the MCP tool): the new network policy, as sent (the
+    service's policy module judges it). Raises :class:`~kernelhub.errors.InvalidRequest` for other fields or
+    none."""
+    fields(body, allowed=("network",), required=("network",))
+    network: str | dict[str, Any] = body["network"]
+    return network
 
 
 @dataclasses.dataclass(frozen=True)

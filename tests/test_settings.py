@@ -27,6 +27,8 @@ SAMPLES: dict[str, Any] = {
     "Hub.extra_templates": {"tiny": {"language": "bash", "limits": {"memory_mb": 128}}},
     "Hub.template_aliases": {"sh": "bash"},
     "Pool.sizes": {"node": 1},
+    "EgressService.allow_private": "10.20.0.0/16",
+    "EgressService.hosts": {"mirror.internal": ["10.20.0.5"]},
 }
 
 
@@ -59,7 +61,8 @@ def sample(cls: type[Configurable], trait: TraitType[Any, Any], tmp_path: Path) 
     key = f"{trait.this_class.__name__ if trait.this_class else cls.__name__}.{trait.name}"
     default = trait.default()
     if key in SAMPLES:
-        return json.dumps(SAMPLES[key]), SAMPLES[key]
+        value = SAMPLES[key]
+        return (value if isinstance(value, str) else json.dumps(value)), value
     if isinstance(trait, Bool):
         return ("no", False) if default else ("yes", True)
     if isinstance(trait, Enum):

@@ -110,9 +110,13 @@ def _sid(sandbox_id: str) -> str:
 # -- sandboxes ------------------------------------------------------------------------------------------
 
 def create_sandbox(template: str | None, limits: dict[str, Any] | None, env: dict[str, str] | None,
-                   metadata: dict[str, Any] | None, network: str | None) -> Call:
+                   metadata: dict[str, Any] | None, network: str | dict[str, Any] | None) -> Call:
     body = _drop_none(template=template, limits=limits, env=env, metadata=metadata, network=network)
     return Call("POST", "/v1/sandboxes", json_body=body, timeout=120.0)
+
+
+def update_sandbox(sandbox_id: str, network: str | dict[str, Any]) -> Call:
+    return Call("PATCH", f"/v1/sandboxes/{_sid(sandbox_id)}", json_body={"network": network}, timeout=120.0)
 
 
 def list_sandboxes() -> Call:

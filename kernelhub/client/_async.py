@@ -539,10 +539,12 @@ class AsyncSandbox:
     @classmethod
     def create(cls, template: str = "python", *, limits: dict[str, Any] | None = None,
                env: dict[str, str] | None = None, metadata: dict[str, Any] | None = None,
-               network: str | None = None, timeout: float | None = None, url: str | None = None,
+               network: str | dict[str, Any] | None = None, timeout: float | None = None, url: str | None = None,
                token: str | None = None, request_timeout: float | None = None) -> _Creating:
-        """Start a sandbox. ``timeout`` is how long it may live, in seconds (``limits.max_lifetime_s``, as
-        E2B's ``timeout``); ``request_timeout`` bounds each step of each HTTP request."""
+        """Start a sandbox. ``network`` is its policy: ``"none"`` (the template's default), ``"open"`` or
+        ``{"allow": [...], "deny": [...]}`` (API.md, "Network policy"). ``timeout`` is how long it may live, in
+        seconds (``limits.max_lifetime_s``, as E2B's ``timeout``); ``request_timeout`` bounds each step of each
+        HTTP request."""
         if timeout is not None:
             limits = {**(limits or {}), "max_lifetime_s": timeout}
 
@@ -593,6 +595,13 @@ class AsyncSandbox:
     async def info(self) -> dict[str, Any]:
         """The sandbox as the gateway sees it now: ``{id, template, state, limits, sessions, …}``."""
         self._info = await self._call(_api.get_sandbox(self.id))
+        return dict(self._info)
+
+    async def set_network(self, network: str | dict[str, Any]) -> dict[str, Any]:
+        """Give the running sandbox another network policy (``PATCH``, ``sandbox_update``): new connections
+        follow it at once. Answers the sandbox as :meth:`info` does. Raises
+        :class:`~kernelhub.errors.InvalidRequest` for a bad policy."""
+        self._info = await self._call(_api.update_sandbox(self.id, network))
         return dict(self._info)
 
     async def is_running(self) -> bool:

@@ -278,10 +278,11 @@ class Sandbox:
     @classmethod
     def create(cls, template: str = "python", *, limits: dict[str, Any] | None = None,
                env: dict[str, str] | None = None, metadata: dict[str, Any] | None = None,
-               network: str | None = None, timeout: float | None = None, url: str | None = None,
+               network: str | dict[str, Any] | None = None, timeout: float | None = None, url: str | None = None,
                token: str | None = None, request_timeout: float | None = None) -> Sandbox:
-        """Start a sandbox. ``timeout`` is how long it may live, in seconds (``limits.max_lifetime_s``, as
-        E2B's ``timeout``); ``request_timeout`` bounds each step of each HTTP request."""
+        """Start a sandbox (see :meth:`AsyncSandbox.create <kernelhub.client.AsyncSandbox.create>` for
+        ``network``). ``timeout`` is how long it may live, in seconds (``limits.max_lifetime_s``, as E2B's
+        ``timeout``); ``request_timeout`` bounds each step of each HTTP request."""
         return cls._of(_loop_thread.run(AsyncSandbox.create(
             template, limits=limits, env=env, metadata=metadata, network=network, timeout=timeout, url=url,
             token=token, request_timeout=request_timeout)))
@@ -311,6 +312,7 @@ class Sandbox:
         return self._async.template
 
     info = blocking(AsyncSandbox.info)
+    set_network = blocking(AsyncSandbox.set_network)
     is_running = blocking(AsyncSandbox.is_running)
     metrics = blocking(AsyncSandbox.metrics)
     logs = blocking(AsyncSandbox.logs)

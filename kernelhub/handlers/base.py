@@ -215,7 +215,7 @@ class BaseHandler(AuthMixin, JsonErrorsMixin, web.RequestHandler):
         if origin:
             self.set_header("Access-Control-Allow-Origin", origin)
             self.set_header("Access-Control-Allow-Headers", "Authorization, Content-Type, Accept")
-            self.set_header("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, OPTIONS")
+            self.set_header("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS")
             self.set_header("Vary", "Origin")
 
     def prepare(self) -> Any:

@@ -21,7 +21,13 @@ from tornado import iostream
 from tornado.http1connection import HTTP1Connection
 
 from ..errors import KernelHubError, PayloadTooLarge
-from ..models import parse_execute, parse_sandbox_create, parse_session_create, parse_session_input
+from ..models import (
+    parse_execute,
+    parse_sandbox_create,
+    parse_sandbox_update,
+    parse_session_create,
+    parse_session_input,
+)
 from ..sandbox.files import path_fields
 from ..services.executions import Execution, Listener
 from .base import MAX_JSON_BODY, BaseHandler, json_text
@@ -155,10 +161,16 @@ class SandboxesHandler(BaseHandler):
 
 
 class SandboxHandler(BaseHandler):
-    """``GET /v1/sandboxes/{id}`` (sandbox_info) and ``DELETE`` (sandbox_delete)."""
+    """``GET /v1/sandboxes/{id}`` (sandbox_info), ``PATCH`` (sandbox_update: its network policy) and ``DELETE``
+    (sandbox_delete)."""
 
     def get(self, sandbox_id: str) -> None:
         self.send_json(self.hub.get_sandbox(self.tenant, sandbox_id).to_dict())
+
+    async def patch(self, sandbox_id: str) -> None:
+        network = parse_sandbox_update(self.json_body())
+        record = await self.hub.update_sandbox(self.tenant, sandbox_id, network)
+        self.send_json(record.to_dict())
 
     async def delete(self, sandbox_id: str) -> None:
         await self.hub.delete_sandbox(self.tenant, sandbox_id)

@@ -37,7 +37,8 @@ class Backend(Protocol):
 
     async def sandbox_create(self, template: str | None, limits: dict[str, Any] | None,
                              env: dict[str, str] | None, metadata: dict[str, Any] | None,
-                             network: str | None) -> dict[str, Any]: ...
+                             network: str | dict[str, Any] | None) -> dict[str, Any]: ...
+    async def sandbox_update(self, sandbox_id: str, network: str | dict[str, Any]) -> dict[str, Any]: ...
     async def sandbox_list(self) -> dict[str, Any]: ...
     async def sandbox_info(self, sandbox_id: str) -> dict[str, Any]: ...
     async def sandbox_delete(self, sandbox_id: str) -> None: ...
@@ -86,9 +87,12 @@ class HubBackend:
 
     async def sandbox_create(self, template: str | None, limits: dict[str, Any] | None,
                              env: dict[str, str] | None, metadata: dict[str, Any] | None,
-                             network: str | None) -> dict[str, Any]:
+                             network: str | dict[str, Any] | None) -> dict[str, Any]:
         record = await self.hub.create_sandbox(self.tenant, template, limits, env, metadata, network)
         return record.to_dict()
+
+    async def sandbox_update(self, sandbox_id: str, network: str | dict[str, Any]) -> dict[str, Any]:
+        return (await self.hub.update_sandbox(self.tenant, sandbox_id, network)).to_dict()
 
     async def sandbox_list(self) -> dict[str, Any]:
         return {"sandboxes": [r.to_dict() for r in self.hub.list_sandboxes(self.tenant)]}
@@ -208,8 +212,11 @@ class RemoteBackend:
 
     async def sandbox_create(self, template: str | None, limits: dict[str, Any] | None,
                              env: dict[str, str] | None, metadata: dict[str, Any] | None,
-                             network: str | None) -> dict[str, Any]:
+                             network: str | dict[str, Any] | None) -> dict[str, Any]:
         return await self.api.call(_api.create_sandbox(template, limits, env, metadata, network))  # type: ignore[no-any-return]
+
+    async def sandbox_update(self, sandbox_id: str, network: str | dict[str, Any]) -> dict[str, Any]:
+        return await self.api.call(_api.update_sandbox(sandbox_id, network))  # type: ignore[no-any-return]
 
     async def sandbox_list(self) -> dict[str, Any]:
         return await self.api.call(_api.list_sandboxes())  # type: ignore[no-any-return]

@@ -51,6 +51,17 @@ LIMITS = {
 }
 
 
+_ENTRIES = {"type": "array", "items": {"type": "string"}, "maxItems": 256}
+NETWORK = {
+    "oneOf": [{"type": "string", "enum": ["none", "open"]},
+              {"type": "object", "properties": {"allow": _ENTRIES, "deny": _ENTRIES}, "additionalProperties": False}],
+    "description": "Network policy: 'none' (the default: loopback only), 'open' (any public address) or "
+                   "{allow: [...], deny: [...]} of domains ('pypi.org', '*.pythonhosted.org'), host:port, IP "
+                   "addresses and CIDRs; deny wins. Egress goes through an HTTP(S) proxy (HTTP_PROXY is set); "
+                   "private and cloud-metadata addresses are always refused.",
+}
+
+
 def _schema(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
     return {"type": "object", "properties": properties, "required": list(required), "additionalProperties": False}
 

@@ -38,7 +38,19 @@ from .rendering import (
     error_output,
     image_note,
 )
-from .schemas import _CODE_ARGS, ENV, LIMITS, PATH, PID, SANDBOX_ID, SESSION_ID, TIMEOUT, _schema, check_arguments
+from .schemas import (
+    _CODE_ARGS,
+    ENV,
+    LIMITS,
+    NETWORK,
+    PATH,
+    PID,
+    SANDBOX_ID,
+    SESSION_ID,
+    TIMEOUT,
+    _schema,
+    check_arguments,
+)
 
 log = logging.getLogger("kernelhub.mcp")
 
@@ -79,6 +91,12 @@ async def _sandbox_create(b: Backend, a: dict[str, Any], p: Progress | None) -> 
             f"with code_execute(sandbox_id={sb.get('id')!r}, code=...); delete it with sandbox_delete when done.\n\n"
             + _json(sb))
     return ToolOutput(sb, text)
+
+
+async def _sandbox_update(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    sb = await b.sandbox_update(a["sandbox_id"], a["network"])
+    return ToolOutput(sb, f"Sandbox {sb.get('id')} now has the network policy {_json(sb.get('network'))}; new "
+                          "connections follow it.\n\n" + _json(sb))
 
 
 async def _sandbox_list(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
@@ -240,11 +258,12 @@ async def _sandbox_metrics(b: Backend, a: dict[str, Any], p: Progress | None) ->
 TOOLS: list[ToolSpec] = [
     ToolSpec(
         "sandbox_create", "Create a sandbox",
-        "Create an isolated sandbox (its own processes, network namespace without internet access, memory/cpu "
-        "limits and a persistent /workspace) with one running kernel. Use this first, before running any code; "
+        "Create an isolated sandbox (its own processes, network reached only through a filtering proxy under its "
+        "network policy, memory/cpu limits and a persistent /workspace) with one running kernel. Use this first, "
+        "before running any code; "
         "reuse the same sandbox for related steps, as variables, files and installed state persist in it. "
         "Templates: 'python' (numpy, pandas, matplotlib), 'node' (JavaScript/TypeScript), 'bash'. Returns the "
-        "sandbox: {id, template, state, created_at, expires_at, limits, sessions, metadata}. Delete it with "
+        "sandbox: {id, template, state, created_at, expires_at, limits, sessions, metadata, network}. Delete it with "
         "sandbox_delete when done.",
         _schema({
             "template": {"type": "string", "default": "python",
@@ -253,8 +272,7 @@ TOOLS: list[ToolSpec] = [
             "limits": LIMITS,
             "env": {**ENV, "description": "Environment variables for everything that runs in the sandbox."},
             "metadata": {"type": "object", "description": "Free-form labels kept with the sandbox (max 16 KiB)."},
-            "network": {"type": "string", "enum": ["none"],
-                        "description": "Network mode; only 'none' (loopback only) is offered."},
+            "network": NETWORK,
         }),
         _sandbox_create),
     ToolSpec(
@@ -488,6 +506,13 @@ TOOLS.extend([
         "Kill a running command and every process it started, at once. Returns the ended command.",
         _schema({"sandbox_id": SANDBOX_ID, "pid": PID}, ("sandbox_id", "pid")), _command_kill, destructive=True),
 ])
+
+TOOLS.append(ToolSpec(
+    "sandbox_update", "Change a sandbox's network policy",
+    "Give a running sandbox another network policy, e.g. allow pypi.org and files.pythonhosted.org before a pip "
+    "install. New connections follow it at once; open ones it refuses are cut. Returns the sandbox.",
+    _schema({"sandbox_id": SANDBOX_ID, "network": NETWORK}, ("sandbox_id", "network")), _sandbox_update,
+    idempotent=True))
 
 TOOLS_BY_NAME = {tool.name: tool for tool in TOOLS}
 

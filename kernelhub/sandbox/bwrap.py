@@ -27,7 +27,10 @@ INNER_RUN = "/run/kernelhub"
 INNER_RUNTIME = "/opt/kernelhub"
 #: The runtime's parts reachable under :data:`INNER_RUNTIME`.
 RUNTIME_PARTS = ("python", "node")
-INNER_AGENT = "/opt/kernelhub-agent/agent.py"
+INNER_AGENT_DIR = "/opt/kernelhub-agent"
+INNER_AGENT = f"{INNER_AGENT_DIR}/agent.py"
+#: Where the sandbox's Python finds its start-up hook (on ``PYTHONPATH``; :mod:`kernelhub.sandbox.sitecustomize`).
+INNER_SITE_DIR = f"{INNER_AGENT_DIR}/site"
 INNER_HOME = "/home/user"
 INNER_USER = "user"
 INNER_UID = 1000
@@ -80,6 +83,8 @@ BASE_ENV = {
     "NODE_REPL_HISTORY": "",
     "PYTHON_HISTORY": "/tmp/.python_history",
     "NODE_PATH": "/node_modules",
+    # The user site (~/.local, in the workspace) for pip install --user: kernelhub.sandbox.sitecustomize.
+    "PYTHONPATH": INNER_SITE_DIR,
 }
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -202,7 +207,7 @@ def bwrap_options(spec: SandboxSpec, *, seccomp_fd: int | None = None) -> list[s
     if spec.node_modules:
         # Bound at /node_modules so that Node's resolution from /workspace finds tslab's @types/node.
         argv += ["--ro-bind", spec.node_modules, "/node_modules"]
-    argv += ["--ro-bind", spec.agent_dir, INNER_AGENT.rsplit("/", 1)[0]]
+    argv += ["--ro-bind", spec.agent_dir, INNER_AGENT_DIR]
     # Bound after the tmpfs mounts so that none of them hides it (KERNELS.md).
     argv += ["--bind", spec.run_dir, INNER_RUN]
     argv += ["--bind", spec.workspace, INNER_WORKSPACE]

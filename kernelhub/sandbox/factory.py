@@ -31,10 +31,12 @@ from .workspace import Workspace
 
 __all__ = ["AGENT_FILES", "SandboxFactory"]
 
-#: Files bound read-only at /opt/kernelhub-agent in every sandbox: the agent, and what kernelspecs start kernels
-#: with.
+#: Files bound read-only at /opt/kernelhub-agent in every sandbox: the agent, what kernelspecs start kernels
+#: with, the egress forwarder, and (in its ``site`` folder, :data:`~kernelhub.sandbox.sandbox.SITE_FILES`) the
+#: Python start-up hook that opens the user site.
 AGENT_FILES = (Path(__file__).with_name("agent.py"), Path(__file__).with_name("tslab_ipc.js"),
-               Path(__file__).with_name("ipykernel_launch.py"))
+               Path(__file__).with_name("ipykernel_launch.py"), Path(__file__).with_name("egress_forwarder.py"),
+               Path(__file__).with_name("sitecustomize.py"))
 
 
 def _mem_available(meminfo: str = "/proc/meminfo") -> int:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PidsExhausted, SandboxError, SandboxNotRunning
-from . import bwrap, pty
+from . import bwrap, egress_forwarder, pty
 from .agent_channel import AgentChannel
 from .cgroups import CPU_WEIGHT_DEFAULT, Cgroup, create_cgroup
 from .cgroups.base import sigkill_members
@@ -47,6 +47,9 @@ log = logging.getLogger("kernelhub.sandbox")
 
 _LOG_LINES = 2000
 _LAUNCH_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
+#: Agent files that go to its ``site`` folder (:data:`~kernelhub.sandbox.bwrap.INNER_SITE_DIR`, on every
+#: sandbox process's ``PYTHONPATH``) instead: :mod:`kernelhub.sandbox.sitecustomize`.
+SITE_FILES = frozenset({"sitecustomize.py"})
 #: Size of the run directory's tmpfs: connection files and sockets need a few KiB per kernel.
 _RUN_DIR_BYTES = 2 * 1024 * 1024
 
@@ -268,6 +271,8 @@ class Sandbox:
         self.on_exit: list[Callable[[Sandbox], Any]] = []
         #: Messages dropped from this sandbox's kernels, logged at most once a minute.
         self.kernel_drops = DropLog(f"sandbox {sandbox_id}")
+        #: The proxy variables once :meth:`start_egress_forwarder` ran.
+        self._egress_env: dict[str, str] | None = None
 
     # -- logs -----------------------------------------------------------------------------------------
 
@@ -308,11 +313,14 @@ class Sandbox:
         etc_dir.mkdir(mode=0o755)
         agent_dir = self.run_dir / "agent"
         agent_dir.mkdir(mode=0o755)
+        site_dir = agent_dir / "site"
+        site_dir.mkdir(mode=0o755)
         for path in f.agent_dir().iterdir():
             if path.name.startswith("."):
                 continue  # a copy being written
-            shutil.copyfile(path, agent_dir / path.name)
-            os.chmod(agent_dir / path.name, 0o644)
+            target = (site_dir if path.name in SITE_FILES else agent_dir) / path.name
+            shutil.copyfile(path, target)
+            os.chmod(target, 0o644)
         self.workspace = Workspace(self.dir, self.uid, self.gid, self.limits,
                                    mode=f.workspace_mode, min_host_free_mb=f.min_host_free_mb)
         await self.workspace.create()
@@ -556,6 +564,59 @@ class Sandbox:
             return None
         self._commands += 1
         return self.cgroup.child(f"cmd-{self._commands}")
+
+    # -- egress -----------------------------------------------------------------------------------------
+
+    @property
+    def egress_socket(self) -> Path:
+        """Where the gateway's egress proxy of this sandbox listens: ``egress.sock`` in its run directory, which
+        is ``/run/kernelhub`` inside (:data:`~kernelhub.sandbox.egress_forwarder.INNER_SOCKET`)."""
+        return self.run_dir / "egress.sock"
+
+    async def start_egress_forwarder(self) -> dict[str, str]:
+        """Start the forwarder (:mod:`~kernelhub.sandbox.egress_forwarder`) inside, on the sandbox's loopback
+        port :data:`~kernelhub.sandbox.egress_forwarder.DEFAULT_LISTEN`, relaying to the proxy's socket (which
+        the caller has made), wait until it accepts connections, and give every later process of the sandbox
+        the proxy variables (:func:`~kernelhub.sandbox.egress_forwarder.proxy_env`, answered too). Its error
+        lines go to the sandbox log. Once per sandbox; later calls answer the same variables. Raises
+        :class:`~kernelhub.errors.SandboxError` if it does not start within the start timeout."""
+        if self._egress_env is not None:
+            return dict(self._egress_env)
+        r, w = os.pipe2(os.O_CLOEXEC)
+        devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        err = self.log_pipe("egress forwarder: ")
+        try:
+            await self.spawn([self.factory.agent_python, "-I", "-S", "-B",
+                              f"{bwrap.INNER_AGENT_DIR}/egress_forwarder.py", "--listen",
+                              egress_forwarder.DEFAULT_LISTEN, "--socket", egress_forwarder.INNER_SOCKET],
+                             stdin=devnull, stdout=w, stderr=err)
+        finally:
+            for fd in (w, err, devnull):
+                os.close(fd)
+        try:
+            reader = asyncio.StreamReader()
+            transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(r, "rb", buffering=0))
+        except BaseException:
+            os.close(r)
+            raise
+        try:
+            line = await asyncio.wait_for(reader.readline(), self.factory.start_timeout)
+        except TimeoutError:
+            line = b""
+        finally:
+            transport.close()
+        if not line.startswith(b"listening "):
+            raise SandboxError(f"The sandbox's egress forwarder did not start: {'; '.join(self.logs(3))}")
+        self._egress_env = egress_forwarder.proxy_env(egress_forwarder.DEFAULT_LISTEN)
+        self.add_env(self._egress_env)
+        return dict(self._egress_env)
+
+    def add_env(self, values: Mapping[str, str]) -> None:
+        """Add ``values`` to the environment of every later process of the sandbox (those running keep theirs)."""
+        self.env.update(values)
+        if self.spec is not None:
+            self.spec = dataclasses.replace(self.spec, env=dict(self.env))
 
     # -- hand-out ---------------------------------------------------------------------------------------
 

@@ -15,7 +15,8 @@ The services, each in the module named for its concern:
 - :class:`~kernelhub.services.tokens.SandboxTokens`: the per-sandbox access tokens of the E2B surface;
 - :class:`~kernelhub.services.files.Files`: the workspace's files;
 - :class:`~kernelhub.services.kernels.Kernels`: the Jupyter API's kernels, one sandbox each;
-- :class:`~kernelhub.services.pool.Pool`: ready sandboxes per template, which provisioning hands out.
+- :class:`~kernelhub.services.pool.Pool`: ready sandboxes per template, which provisioning hands out;
+- :class:`~kernelhub.services.egress.EgressService`: the egress proxy of each sandbox with a network policy.
 
 Created by the app (``kernelhub serve``) and in-process by ``kernelhub mcp``, which call :meth:`Hub.start` once
 the loop runs and :meth:`Hub.shutdown` on exit.
@@ -34,6 +35,7 @@ from ..sandbox.factory import SandboxFactory
 from ..sandbox.limits import DEFAULT_MAXIMUM, Limits, resolve_limits
 from ..sandbox.provisioner import KERNELSPECS_DIR
 from .commands import Commands
+from .egress import EgressService
 from .executions import MemoryExecutionHistory
 from .executor import Executor
 from .files import Files
@@ -126,13 +128,14 @@ class Hub(LoggingConfigurable):
         self.pool = Pool(factory, self.kernel_spec_manager, self.templates,
                          {name: t.base_limits(self.defaults, self.maximum) for name, t in self.templates.items()},
                          parent=self)
-        self.telemetry = Telemetry(lambda: self.sandboxes.all_records(), self.pool_state)
+        self.egress = EgressService(parent=self)
+        self.telemetry = Telemetry(lambda: self.sandboxes.all_records(), self.pool_state, self.egress.totals)
         self.sandboxes = Sandboxes(
             factory=factory, kernel_spec_manager=self.kernel_spec_manager, templates=self.templates,
             defaults=self.defaults, maximum=self.maximum, max_sandboxes_per_tenant=self.max_sandboxes_per_tenant,
             reap_interval=self.reap_interval, stopped_retention_s=self.stopped_retention_s,
             executions=self.executions, log=self.log, template_aliases=self.template_aliases,
-            telemetry=self.telemetry, pool=self.pool)
+            telemetry=self.telemetry, pool=self.pool, egress=self.egress)
         self.executor = Executor(self.sandboxes, self.executions, max_queued=max(1, self.max_queued_executions),
                                  max_queued_code_bytes=int(self.max_queued_code_mb * 1024 * 1024))
         self.commands = Commands(self.sandboxes, output_buffer_bytes=max(1, self.command_output_buffer_kib) * 1024,
@@ -155,6 +158,7 @@ class Hub(LoggingConfigurable):
         self.list_sandboxes = sandboxes.list_sandboxes
         self.get_sandbox = sandboxes.get_sandbox
         self.delete_sandbox = sandboxes.delete_sandbox
+        self.update_sandbox = sandboxes.update_sandbox
         self.sandbox_logs = sandboxes.sandbox_logs
         self.sandbox_metrics = sandboxes.sandbox_metrics
         self.create_session = sandboxes.create_session

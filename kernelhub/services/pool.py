@@ -22,7 +22,8 @@ What the pool serves, and what takes the cold path instead:
   language (the Jupyter API's TypeScript on the node template), ``env`` naming a variable that a kernel
   reads only while it starts (:data:`STARTUP_ONLY_ENV`: ``PYTHON*``, ``LANG``, ``LC_*``, ``HOME``, ``TZ``,
   ``NODE_*``, …), which no later assignment could make true, and any ``env`` for a kernel that would count
-  the request that sets it (node: :data:`SILENT_ENV_LANGUAGES`).
+  the request that sets it (node: :data:`SILENT_ENV_LANGUAGES`); a network policy other than ``"none"`` adds
+  the proxy variables to ``env``, so a node sandbox with one takes the cold path.
 
 Refilling runs in the background, :attr:`Pool.refill_delay` after a hand-out (the new owner's first requests
 come first), at most :attr:`Pool.max_starting` sandboxes at a time, each at a CPU weight

@@ -34,10 +34,13 @@ from jupyter_client.kernelspec import KernelSpecManager
 from .. import json_input
 from ..errors import InvalidRequest, NotFound, QuotaExceeded, SandboxNotRunning
 from ..models import iso
+from ..sandbox.egress_forwarder import proxy_env
 from ..sandbox.factory import SandboxFactory
 from ..sandbox.limits import Limits, resolve_limits
 from ..sandbox.sandbox import Sandbox
+from .egress.policy import NONE, NetworkPolicy, parse_policy
 from .executions import ExecutionHistory
+from .packages import install_packages
 from .sessions import KERNELSPECS, LANGUAGES, JupyterSession
 from .telemetry import Telemetry
 from .templates import Template
@@ -46,6 +49,7 @@ from .terminals import TerminalSession
 from .validation import check_env
 
 if TYPE_CHECKING:
+    from .egress import EgressService
     from .pool import Pool
 
 
@@ -124,6 +128,8 @@ class SandboxRecord:
     expires_at: float = dataclasses.field(init=False)
     last_activity: float = dataclasses.field(init=False)
     jupyter_api: bool = False
+    #: Its network policy (API.md, "Network policy"): the template's or the request's, changed by ``PATCH``.
+    network: NetworkPolicy = NONE
     sandbox: Sandbox | None = dataclasses.field(default=None, init=False, repr=False)
     sessions: dict[str, Session] = dataclasses.field(default_factory=dict, init=False, repr=False)
     #: Calls running in the sandbox now (executions, commands, session starts): the reaper leaves it alone.
@@ -163,6 +169,7 @@ class SandboxRecord:
             "limits": self.limits.to_dict(),
             "sessions": [s.to_dict() for s in self.sessions.values()],
             "metadata": self.metadata,
+            "network": self.network.to_json(),
         }
         if self.reason:
             out["reason"] = self.reason
@@ -193,6 +200,8 @@ class Sandboxes:
     telemetry: Telemetry = dataclasses.field(default=None)  # type: ignore[assignment]
     #: Ready sandboxes handed out by :meth:`_provision`; None: every sandbox is made when asked for.
     pool: Pool | None = None
+    #: The egress proxies of sandboxes whose policy is not "none"; None: no sandbox may have one.
+    egress: EgressService | None = None
     _records: dict[str, SandboxRecord] = dataclasses.field(default_factory=dict, init=False, repr=False)
     _sessions: dict[str, tuple[SandboxRecord, Session]] = dataclasses.field(default_factory=dict, init=False,
                                                                              repr=False)
@@ -226,6 +235,8 @@ class Sandboxes:
             await self.pool.shutdown()
         await asyncio.gather(*(self._stop_record(r, "shutdown") for r in list(self._records.values())),
                              return_exceptions=True)
+        if self.egress is not None:
+            await self.egress.close_all()
         await self.factory.stop_all()
 
     def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
@@ -323,10 +334,9 @@ class Sandboxes:
         json_input.check_value(metadata, "metadata", max_depth=MAX_METADATA_DEPTH)
         if len(json.dumps(metadata)) > MAX_METADATA_BYTES:
             raise InvalidRequest(f"metadata may be at most {MAX_METADATA_BYTES} bytes of JSON.")
-        network = tmpl.network if network is None else network
-        if network != "none":
-            raise InvalidRequest(f"Network mode {network!r} is not available on this gateway; sandboxes reach "
-                                 "only their own loopback (network: \"none\").")
+        policy = self._network_policy(tmpl.network if network is None else network)
+        if policy.mode != "none":
+            env_vars.update(proxy_env())  # in the pooled kernel too, set at hand-out like the request's env
         language = kernel_language or tmpl.language
         if language not in KERNELSPECS:
             raise InvalidRequest(f"Unknown language {language!r}.")
@@ -336,7 +346,9 @@ class Sandboxes:
         asked = time.monotonic()
         try:
             sandbox, pooled_session = await self._provision(tmpl, language, resolved, env_vars)
-            record = SandboxRecord(sandbox.id, tenant, tmpl, resolved, metadata)
+            if self.egress is not None:
+                await self.egress.attach(sandbox, policy)
+            record = SandboxRecord(sandbox.id, tenant, tmpl, resolved, metadata, network=policy)
             self.telemetry.sandbox_created(record)
             record.sandbox = sandbox
             sandbox.on_exit.append(lambda sb: self._on_sandbox_exit(record))
@@ -344,6 +356,8 @@ class Sandboxes:
             self._records[record.id] = record
             self._release_sandbox(tenant)
             reserved = False
+            if tmpl.packages:
+                await install_packages(sandbox, tmpl.packages, resolved.execution_timeout_s)
             session = pooled_session or JupyterSession(sandbox, language, self.kernel_spec_manager)
             record.sessions[session.id] = session
             self._sessions[session.id] = (record, session)
@@ -422,6 +436,8 @@ class Sandboxes:
         for listener in self.on_stop:
             listener(record)
         sandbox, record.sandbox = record.sandbox, None
+        if self.egress is not None:
+            await self.egress.close(record.id)  # before the sandbox goes: no tunnel outlives it
         if sandbox is not None:
             await sandbox.stop(reason)
             self.telemetry.sandbox_stopped(record, reason or "stopped")
@@ -472,7 +488,56 @@ class Sandboxes:
         record.touch()
         if record.sandbox is None:
             raise SandboxNotRunning(f"Sandbox {record.id} is {record.state}.")
-        return record.sandbox.metrics()
+        out = record.sandbox.metrics()
+        out.update(self.egress.metrics(record.id) if self.egress is not None
+                   else {"net_rx_bytes": 0, "net_tx_bytes": 0})
+        return out
+
+    # -- network ----------------------------------------------------------------------------------------
+
+    def _network_policy(self, value: object) -> NetworkPolicy:
+        """``value`` (a request's or template's ``network``) parsed; raises
+        :class:`~kernelhub.errors.InvalidRequest` for a bad one, or for egress on a gateway without it."""
+        policy = parse_policy(value)
+        if policy.mode != "none" and self.egress is None:
+            raise InvalidRequest("This gateway offers no egress; sandboxes reach only their own loopback "
+                                 '(network: "none").')
+        return policy
+
+    @staticmethod
+    async def _give_env(sandbox: Sandbox, session: JupyterSession, env: dict[str, str]) -> None:
+        try:
+            await session.set_env(env)
+        except Exception as exc:  # the kernel died or hung: the sandbox log says so, later kernels have it
+            sandbox.log(f"could not set the proxy variables in kernel {session.id}: {exc!r}")
+
+    async def update_sandbox(self, tenant: Tenant, sandbox_id: object, network: object) -> SandboxRecord:
+        """``PATCH /v1/sandboxes/{id}`` (``sandbox_update``): the running sandbox's new network policy. New
+        connections follow it at once and open ones it refuses are cut
+        (:meth:`~kernelhub.services.egress.EgressService.update`).
+
+        A sandbox that had no egress (``"none"`` since its start) gets its proxy and forwarder now; every later
+        process gets the proxy variables, and so do its running python and bash kernels (a silent request
+        after the execution running now, before any later one: :meth:`JupyterSession.set_env`; the answer does
+        not wait for it). Node kernels, terminals and commands already running keep their environment: restart
+        them to reach the network. Raises :class:`~kernelhub.errors.InvalidRequest` for a bad policy,
+        what :meth:`running` raises, and :class:`~kernelhub.errors.SandboxError` if the forwarder cannot start."""
+        record, sandbox = self.running(tenant, sandbox_id)
+        policy = self._network_policy(network)
+        if self.egress is None:
+            return record
+        record.busy += 1
+        try:
+            if await self.egress.update(sandbox, policy):
+                for session in list(record.sessions.values()):
+                    if isinstance(session, JupyterSession) and session.language in ("python", "bash"):
+                        # Each in a task of its own, started now: its turn comes before any later execution.
+                        self.spawn(self._give_env(sandbox, session, proxy_env()))
+        finally:
+            record.busy -= 1
+        record.network = policy
+        record.touch()
+        return record
 
     # -- sessions ---------------------------------------------------------------------------------------
 

@@ -382,6 +382,14 @@ class JupyterSession:
             await self._run_silent(env_snippet(self.language, env))
         self.last_activity = time.time()
 
+    async def set_env(self, env: Mapping[str, str]) -> None:
+        """Set ``env`` in the running kernel's own environment for good, in turn with executions: after the
+        one running, before those that come later (call it in a task of its own: it waits for that turn). A
+        silent request (no execution count, no history, no output). Called when a sandbox first gets egress
+        (the proxy variables). Raises what a silent request raises (SandboxError, TimeoutError)."""
+        async with self._lock:
+            await self._run_silent(env_snippet(self.language, env))
+
     async def _connect(self, timeout: float = 60.0) -> None:
         km, identity = self.km, self.km.session.bsession
         # shell, stdin and control share the session's identity, as jupyter_client's clients do: the kernel sends

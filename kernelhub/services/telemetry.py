@@ -24,6 +24,9 @@ The metrics (``GET /metrics``, Prometheus text format):
 - ``kernelhub_errors_total{code}``: error answers by ``error`` code (:mod:`kernelhub.errors`);
 - ``kernelhub_pool_ready{template}``, ``kernelhub_pool_starting{template}``, ``kernelhub_pool_size{template}``:
   the warm pool, when the hub has one (see :data:`PoolState`);
+- ``kernelhub_egress_bytes_total{direction}``: bytes sandboxes received from (``in``) and sent to (``out``) the
+  network through their egress proxies, ``kernelhub_egress_denied_total``: egress refusals,
+  ``kernelhub_egress_proxies``: proxies open now (when the hub has egress, see :data:`EgressTotals`);
 - ``kernelhub_info{version}``: always 1.
 """
 
@@ -35,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .. import __version__
@@ -50,6 +53,9 @@ log = logging.getLogger("kernelhub.services")
 #: an object with those attributes, per template). The hub's ``pool`` (an object with ``state()``) feeds it.
 PoolState = Mapping[str, Any]
 POOL_FIELDS = ("ready", "starting", "size")
+#: What the egress service reports: ``{"net_rx_bytes", "net_tx_bytes", "denied", "proxies"}``
+#: (:meth:`~kernelhub.services.egress.EgressService.totals`).
+EgressTotals = Mapping[str, int]
 #: Histogram buckets for starts and executions, seconds.
 START_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 EXECUTION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
@@ -59,9 +65,11 @@ class _LiveCollector(Collector):
     """The gauges read from the hub when scraped: sandboxes, sessions, the pool."""
 
     def __init__(self, records: Callable[[], Iterable[SandboxRecord]],
-                 pool_state: Callable[[], PoolState | None]) -> None:
+                 pool_state: Callable[[], PoolState | None],
+                 egress_totals: Callable[[], EgressTotals | None] = lambda: None) -> None:
         self.records = records
         self.pool_state = pool_state
+        self.egress_totals = egress_totals
 
     def collect(self) -> Iterator[Metric]:
         sandboxes = GaugeMetricFamily("kernelhub_sandboxes", "Sandboxes the gateway holds, by template and state.",
@@ -86,6 +94,7 @@ class _LiveCollector(Collector):
         info = GaugeMetricFamily("kernelhub_info", "This gateway's version.", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
+        yield from self._egress()
         pool = self.pool_state()
         if not pool:
             return
@@ -99,14 +108,30 @@ class _LiveCollector(Collector):
                     families[name].add_metric([str(template)], value)
         yield from families.values()
 
+    def _egress(self) -> Iterator[Metric]:
+        totals = self.egress_totals()
+        if totals is None:
+            return
+        moved = CounterMetricFamily("kernelhub_egress_bytes", "Bytes sandboxes received from (in) and sent to "
+                                    "(out) the network through their egress proxies.", labels=["direction"])
+        moved.add_metric(["in"], totals["net_rx_bytes"])
+        moved.add_metric(["out"], totals["net_tx_bytes"])
+        yield moved
+        yield CounterMetricFamily("kernelhub_egress_denied", "Egress requests and tunnels refused.",
+                                  value=totals["denied"])
+        yield GaugeMetricFamily("kernelhub_egress_proxies", "Sandbox egress proxies open now.",
+                                value=totals["proxies"])
+
 
 class Telemetry:
-    """One gateway's lifecycle log lines and metrics (see the module). Built by the hub with the two things
-    its gauges read: ``records`` (every :class:`~kernelhub.services.sandboxes.SandboxRecord`) and
-    ``pool_state`` (the warm pool's :data:`PoolState`, or None without a pool)."""
+    """One gateway's lifecycle log lines and metrics (see the module). Built by the hub with what its gauges
+    read: ``records`` (every :class:`~kernelhub.services.sandboxes.SandboxRecord`), ``pool_state`` (the warm
+    pool's :data:`PoolState`, or None without a pool) and ``egress_totals`` (:data:`EgressTotals`, or None
+    without egress)."""
 
     def __init__(self, records: Callable[[], Iterable[SandboxRecord]],
-                 pool_state: Callable[[], PoolState | None] = lambda: None) -> None:
+                 pool_state: Callable[[], PoolState | None] = lambda: None,
+                 egress_totals: Callable[[], EgressTotals | None] = lambda: None) -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
         self.created = Counter("kernelhub_sandboxes_created", "Sandboxes created, by template.", ["template"],
@@ -124,7 +149,7 @@ class Telemetry:
                                            "(queueing excluded), seconds.", ["status"], buckets=EXECUTION_BUCKETS,
                                            registry=reg)
         self.errors = Counter("kernelhub_errors", "Error answers, by error code.", ["code"], registry=reg)
-        reg.register(_LiveCollector(records, pool_state))
+        reg.register(_LiveCollector(records, pool_state, egress_totals))
 
     # -- sandboxes (called by Sandboxes) ------------------------------------------------------------------
 

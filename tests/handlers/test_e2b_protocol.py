@@ -95,7 +95,7 @@ def test_control_plane_errors(gateway: Gateway, sandbox: dict[str, Any]) -> None
                                  ("/v2/sandboxes", {"volumeMounts": [{"name": "v"}]}, "volumes"),
                                  ("/v2/sandboxes", {"timeout": -5}, "timeout"),
                                  ("/v2/sandboxes", {"envVars": {"LD_PRELOAD": "x"}}, "LD_PRELOAD"),
-                                 ("/v2/sandboxes", {"network": {"allowOut": ["example.com"]}}, "Network mode"),
+                                 ("/v2/sandboxes", {"network": {"allowOut": ["*"]}}, "network.allow[0] is not a"),
                                  (f"/sandboxes/{sandbox['sandboxID']}/timeout", {"timeout": 10 ** 9}, "at most")):
         status, body, _ = control(gateway, "POST", path, payload)
         assert status == 400 and body["code"] == 400 and words in body["message"], (payload, body)

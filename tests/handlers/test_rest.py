@@ -406,7 +406,9 @@ def test_metrics_have_every_field(gateway: Gateway, python_sandbox: dict[str, An
     assert status == 200
     validate(m, "Metrics")
     assert set(m) == {"cpu_seconds", "cpu_percent", "memory_bytes", "memory_peak_bytes", "memory_limit_bytes",
-                      "pids", "pids_limit", "disk_bytes", "disk_limit_bytes", "oom_kills"}
+                      "pids", "pids_limit", "disk_bytes", "disk_limit_bytes", "oom_kills", "net_rx_bytes",
+                      "net_tx_bytes"}
+    assert m["net_rx_bytes"] == m["net_tx_bytes"] == 0  # no network policy, no proxy
     limits = python_sandbox["limits"]
     assert m["cpu_seconds"] > 0 and m["cpu_percent"] >= 0
     assert 0 < m["memory_bytes"] <= m["memory_limit_bytes"] == limits["memory_mb"] * MiB

@@ -36,6 +36,7 @@ TOOLS = {
     "execution_status", "command_execute", "file_upload", "file_download", "file_list", "file_delete",
     "session_create", "session_execute", "session_close", "sandbox_logs", "sandbox_metrics",
     "command_start", "command_list", "command_status", "command_send_stdin", "command_signal", "command_kill",
+    "sandbox_update",
 }
 PNG = b"\x89PNG\r\n\x1a\n"
 SLOW_PRINTS = "import time\nfor i in range(3):\n    print(f'line {i}', flush=True)\n    time.sleep(0.4)\n6 * 7"
@@ -226,6 +227,17 @@ async def sessions_and_async(session: ClientSession) -> None:
 
         metrics = await call(session, "sandbox_metrics", sandbox_id=sandbox_id)
         assert metrics.structured_content["memory_limit_bytes"] == 256 * 1024 * 1024
+        assert metrics.structured_content["net_rx_bytes"] == metrics.structured_content["net_tx_bytes"] == 0
+        assert created.structured_content["network"] == "none"
+        updated = await call(session, "sandbox_update", sandbox_id=sandbox_id, network={"allow": ["PyPI.org"]})
+        assert not updated.is_error, text_of(updated)
+        assert updated.structured_content["network"] == {"allow": ["pypi.org"], "deny": []}
+        assert text_of(updated).startswith(f"Sandbox {sandbox_id} now has the network policy {{")
+        refused = await call(session, "sandbox_update", sandbox_id=sandbox_id, network={"allow": ["*"]})
+        assert refused.is_error and refused.structured_content["error"] == "invalid_request"
+        assert '"*" is not an entry' in text_of(refused)
+        refused = await call(session, "sandbox_update", sandbox_id=sandbox_id)
+        assert refused.is_error and "needs the argument 'network'" in text_of(refused)
         logs = await call(session, "sandbox_logs", sandbox_id=sandbox_id, lines=5)
         assert isinstance(logs.structured_content["lines"], list) and len(logs.structured_content["lines"]) <= 5
         quota = await call(session, "sandbox_create", limits={"memory_mb": 10 ** 9})

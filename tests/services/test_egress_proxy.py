@@ -651,18 +651,25 @@ def test_only_the_sandbox_uid_may_use_the_socket(egress: Any, runner: asyncio.Ru
     run(runner, go())
 
 
-def test_service_configuration(monkeypatch: pytest.MonkeyPatch, egress: Any, runner: asyncio.Runner) -> None:
+def test_service_configuration(egress: Any, runner: asyncio.Runner) -> None:
     from traitlets import TraitError
 
     from kernelhub.services.egress.proxy import EgressService
+    from kernelhub.settings import env_config
 
-    monkeypatch.setenv("KERNELHUB_EGRESS_ALLOW_PRIVATE", "10.0.0.0/8, 127.0.0.1")
-    monkeypatch.setenv("KERNELHUB_EGRESS_MAX_CONNECTIONS", "7")
-    service = EgressService()
+    environ = {"KERNELHUB_EGRESS_ALLOW_PRIVATE": "10.0.0.0/8, 127.0.0.1", "KERNELHUB_EGRESS_MAX_CONNECTIONS": "7",
+               "KERNELHUB_EGRESS_HOSTS": '{"Mirror.Internal.": ["10.1.2.3"]}'}
+    service = EgressService(config=env_config([EgressService], environ))
     assert [str(n) for n in service.allowed_private_networks] == ["10.0.0.0/8", "127.0.0.1/32"]
     assert service.limits().max_connections == 7
+    assert service.hosts == {"mirror.internal": ["10.1.2.3"]}
+    assert run(runner, service.resolver("mirror.internal", 443)) == [ipaddress.ip_address("10.1.2.3")]
     with pytest.raises(TraitError, match="--egress-allow-private: 'bogus' is not a CIDR network"):
         EgressService(allow_private="bogus")
+    for hosts, said in (({"10.0.0.1": ["10.0.0.2"]}, "is an address, not a name"),
+                        ({"a.test": []}, "expected a non-empty list"), ({"a.test": ["nope"]}, "not an IP address")):
+        with pytest.raises(TraitError, match=said):
+            EgressService(hosts=hosts)
 
     async def go() -> None:
         proxy = await egress.start("none")

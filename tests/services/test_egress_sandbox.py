@@ -94,9 +94,13 @@ def test_policy_inside_the_sandbox(egress: Any, runner: asyncio.Runner, sandbox:
     runner.run(go())
 
 
+#: Hostile code for a sandbox with the forwarder on 127.0.0.1:3128: ``python -c HOSTILE HTTP_PORT HTTPS_PORT CA
+#: TARGETS`` where TARGETS is a JSON list of ``[name, "host:port"]`` to CONNECT to through the proxy's own socket;
+#: prints a JSON object of each attempt's first answer line and body, or the exception's name. Also used by
+#: tests/handlers/test_egress.py.
 HOSTILE = r"""
 import json, socket, ssl, sys
-port, tls_port = int(sys.argv[1]), int(sys.argv[2])
+port, tls_port, ca, targets = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 out = {}
 def attempt(name, fn):
     try:
@@ -117,16 +121,14 @@ def via_socket(request):
         data += chunk
     return data.split(b"\r\n")[0].decode() + " | " + data.split(b"\r\n\r\n", 1)[1].decode().strip()
 # The proxy's own socket, used directly, for what the policy forbids.
-for name, target in (("metadata", b"169.254.169.254:80"), ("loopback6", b"[::1]:%d" % port),
-                     ("decimal", b"2130706433:%d" % port), ("mapped", b"[::ffff:a9fe:a9fe]:80"),
-                     ("other", b"other.test:%d" % tls_port)):
-    attempt(name, lambda t=target: via_socket(b"CONNECT " + t + b" HTTP/1.1\r\nHost: x\r\n\r\n"))
+for name, target in targets:
+    attempt(name, lambda t=target: via_socket(b"CONNECT " + t.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n"))
 # A tunnel to an allowed host that names another in its TLS ClientHello.
 def fronted():
     s = socket.create_connection(("127.0.0.1", 3128), timeout=10)
     s.sendall(b"CONNECT svc.test:%d HTTP/1.1\r\nHost: svc.test\r\n\r\n" % tls_port)
     head = s.recv(4096)
-    ctx = ssl.create_default_context(cafile="/run/kernelhub/test-ca.pem")
+    ctx = ssl.create_default_context(cafile=ca)
     try:
         ctx.wrap_socket(s, server_hostname="other.test")
     except (OSError, ssl.SSLError) as exc:
@@ -142,8 +144,11 @@ def test_hostile_code_inside_the_sandbox(egress: Any, runner: asyncio.Runner, sa
 
     async def go() -> None:
         await open_proxy(egress, sandbox, {"allow": ["svc.test"]})
+        targets = [["metadata", "169.254.169.254:80"], ["loopback6", f"[::1]:{s.http_port}"],
+                   ["decimal", f"2130706433:{s.http_port}"], ["mapped", "[::ffff:a9fe:a9fe]:80"],
+                   ["other", f"other.test:{s.https_port}"]]
         code, out = await sh(sandbox, "", argv=[sandbox.factory.agent_python, "-I", "-c", HOSTILE,
-                                                str(s.http_port), str(s.https_port)])
+                                                str(s.http_port), str(s.https_port), CA, json.dumps(targets)])
         assert code == 0, out
         got = json.loads(out)
         assert got["raw"] == "ConnectionRefusedError"

@@ -10,8 +10,9 @@ own is the translation:
   ``max_lifetime_s``. The sandbox is not stopped as idle before it: E2B has no idle timeout, so the idle limit
   is asked as long as the gateway allows;
 - ``allow_internet_access: false`` is ``network: "none"``; ``true`` (or nothing) leaves the template's network
-  mode, ``none`` on this gateway today; a ``network`` object of allow/deny rules is passed on as kernelhub's
-  network policy (refused while the gateway offers only ``none``);
+  policy; a ``network`` object's ``allowOut``/``denyOut`` rules are passed on as kernelhub's policy
+  ``{"allow": [...], "deny": [...]}`` (deny rules alone therefore allow nothing: stricter than E2B, where they
+  carve holes out of open internet access);
 - a sandbox that is not running answers 404, as a killed one does on E2B; ``GET /v2/sandboxes`` lists the
   running ones, pages through ``x-next-token``.
 

@@ -35,18 +35,22 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import h11
-from traitlets import Float, Integer, TraitError, Unicode, default, validate
+from traitlets import Dict, Float, Integer, TraitError, Unicode, validate
 from traitlets.config import LoggingConfigurable
 
 from ...errors import Conflict, SandboxError
 from ...sandbox.egress_forwarder import plain_response
+from ..packages import prepare_npm
 from .addresses import IPAddress, IPNetwork, parse_host, parse_networks, unwrap
 from .policy import NetworkPolicy, Target, check_target, decide, parse_policy, parse_target
 from .tls import ClientHelloBuffer, NotClientHello
+
+if TYPE_CHECKING:
+    from ...sandbox.sandbox import Sandbox
 
 log = logging.getLogger("kernelhub.egress")
 
@@ -593,42 +597,33 @@ class SandboxProxy:
 
 
 class EgressService(LoggingConfigurable):
-    """Owns the egress proxy of every sandbox. Created once by the app (next to the hub), configured here.
+    """Owns the egress proxy of every sandbox. Created once by the hub, configured here (``--EgressService.*``,
+    ``--egress-allow-private`` and the ``KERNELHUB_EGRESS_*`` variables).
 
-    The hub calls :meth:`open` when a sandbox starts (before its kernel), :meth:`set_policy` on ``PATCH``,
-    :meth:`metrics` for ``sandbox_metrics`` and :meth:`close` when the sandbox stops."""
+    The sandbox service calls :meth:`attach` when a sandbox with a policy other than ``"none"`` starts (before
+    its first kernel, or at a pooled sandbox's hand-out), :meth:`update` on ``PATCH`` of its network,
+    :meth:`metrics` for ``sandbox_metrics`` and :meth:`close` before the sandbox stops. :meth:`open` is the
+    lower level: a proxy on a socket path, without a sandbox (the proxy's own tests)."""
 
-    allow_private = Unicode(help="Comma-separated CIDRs that sandboxes may reach although they are loopback, "
+    # Each option's KERNELHUB_* variable is its ``env`` tag, read by kernelhub.settings.
+    allow_private = Unicode("", help="Comma-separated CIDRs that sandboxes may reach although they are loopback, "
                             "private, link-local or otherwise never allowed, e.g. 10.20.0.0/16 for an internal "
-                            "package mirror (--egress-allow-private; KERNELHUB_EGRESS_ALLOW_PRIVATE env var).",
-                            config=True)
-    max_connections = Integer(help="Egress connections one sandbox may have open at once "
-                              "(KERNELHUB_EGRESS_MAX_CONNECTIONS env var).", config=True)
-    connection_rate = Float(help="New egress connections per second one sandbox may open, sustained "
-                            "(KERNELHUB_EGRESS_CONNECTION_RATE env var).", config=True)
-    connection_burst = Integer(help="New egress connections one sandbox may open at once before the rate "
-                               "applies (KERNELHUB_EGRESS_CONNECTION_BURST env var).", config=True)
-    connect_timeout = Float(10.0, help="Seconds to resolve and connect to a destination.", config=True)
+                            "package mirror.", config=True).tag(env="KERNELHUB_EGRESS_ALLOW_PRIVATE")
+    hosts = Dict(help="Names the proxy resolves to fixed addresses instead of asking the system resolver, "
+                 '{"name": ["address", ...]} (an /etc/hosts for egress, e.g. a mirror\'s internal name); the '
+                 "addresses are judged like any others.", config=True).tag(env="KERNELHUB_EGRESS_HOSTS")
+    max_connections = Integer(64, help="Egress connections one sandbox may have open at once.", config=True).tag(
+        env="KERNELHUB_EGRESS_MAX_CONNECTIONS")
+    connection_rate = Float(20.0, help="New egress connections per second one sandbox may open, sustained.",
+                            config=True).tag(env="KERNELHUB_EGRESS_CONNECTION_RATE")
+    connection_burst = Integer(100, help="New egress connections one sandbox may open at once before the rate "
+                               "applies.", config=True).tag(env="KERNELHUB_EGRESS_CONNECTION_BURST")
+    connect_timeout = Float(10.0, help="Seconds to resolve and connect to a destination.", config=True).tag(
+        env="KERNELHUB_EGRESS_CONNECT_TIMEOUT")
     handshake_timeout = Float(30.0, help="Seconds a sandbox has to send a request head or a TLS ClientHello.",
-                              config=True)
+                              config=True).tag(env="KERNELHUB_EGRESS_HANDSHAKE_TIMEOUT")
     idle_timeout = Float(300.0, help="Seconds an egress connection may carry nothing before it is closed.",
-                         config=True)
-
-    @default("allow_private")
-    def _allow_private_default(self) -> str:
-        return os.environ.get("KERNELHUB_EGRESS_ALLOW_PRIVATE", "")
-
-    @default("max_connections")
-    def _max_connections_default(self) -> int:
-        return int(os.environ.get("KERNELHUB_EGRESS_MAX_CONNECTIONS", "64"))
-
-    @default("connection_rate")
-    def _connection_rate_default(self) -> float:
-        return float(os.environ.get("KERNELHUB_EGRESS_CONNECTION_RATE", "20"))
-
-    @default("connection_burst")
-    def _connection_burst_default(self) -> int:
-        return int(os.environ.get("KERNELHUB_EGRESS_CONNECTION_BURST", "100"))
+                         config=True).tag(env="KERNELHUB_EGRESS_IDLE_TIMEOUT")
 
     @validate("allow_private")
     def _check_allow_private(self, proposal: Any) -> str:
@@ -638,10 +633,28 @@ class EgressService(LoggingConfigurable):
             raise TraitError(f"--egress-allow-private: {exc}") from None
         return str(proposal["value"])
 
-    def __init__(self, resolver: Resolver = system_resolver, **kwargs: Any) -> None:
+    @validate("hosts")
+    def _check_hosts(self, proposal: Any) -> dict[str, list[str]]:
+        try:
+            return _hosts_table(proposal["value"])
+        except ValueError as exc:
+            raise TraitError(f"--EgressService.hosts: {exc}") from None
+
+    def __init__(self, resolver: Resolver | None = None, **kwargs: Any) -> None:
+        """``resolver`` replaces the system resolver (tests); names in :attr:`hosts` are answered first."""
         super().__init__(**kwargs)
-        self.resolver = resolver
+        self._system = resolver or system_resolver
         self._proxies: dict[str, SandboxProxy] = {}
+        #: Bytes of proxies already closed (``rx``, ``tx``) and refusals reported, for :meth:`totals`.
+        self._closed_bytes = [0, 0]
+        self.denied = 0
+
+    async def resolver(self, host: str, port: int) -> Sequence[IPAddress]:
+        """The proxy's :data:`Resolver`: :attr:`hosts` (normalised names), else the system's (or the one given)."""
+        fixed = self.hosts.get(host)
+        if fixed is not None:
+            return [ipaddress.ip_address(a) for a in fixed]
+        return await self._system(host, port)
 
     @property
     def allowed_private_networks(self) -> tuple[IPNetwork, ...]:
@@ -672,6 +685,43 @@ class EgressService(LoggingConfigurable):
             raise
         return proxy
 
+    async def attach(self, sandbox: Sandbox, policy: NetworkPolicy) -> None:
+        """Give a running sandbox its way out under ``policy``: the proxy on ``egress.sock`` in its run directory
+        (its ``/run/kernelhub``, owned by its uid), refusals logged in its log, then the forwarder inside
+        (:meth:`Sandbox.start_egress_forwarder`, which sets the proxy variables for every later process) and
+        the workspace's ``node_modules`` (:func:`~kernelhub.services.packages.prepare_npm`).
+        Nothing for ``"none"``. Raises :class:`~kernelhub.errors.SandboxError` if either cannot start (the
+        proxy is closed again); the caller stops the sandbox or answers the error."""
+        if policy.mode == "none" or sandbox.id in self._proxies:
+            return
+        def on_denied(refusal: Refusal) -> None:
+            self.denied += 1
+            sandbox.log(refusal.log_line())
+
+        await self.open(sandbox.id, str(sandbox.egress_socket), policy, owner=(sandbox.uid, sandbox.gid),
+                        on_denied=on_denied)
+        try:
+            await sandbox.start_egress_forwarder()
+            await prepare_npm(sandbox)
+        except BaseException:
+            await self.close(sandbox.id)
+            raise
+
+    async def update(self, sandbox: Sandbox, policy: NetworkPolicy) -> bool:
+        """``PATCH`` of a running sandbox's network: new connections follow ``policy`` at once and open ones it
+        refuses are cut. A sandbox created with ``"none"`` has no proxy yet: it gets one now (:meth:`attach`);
+        answers True then (its processes already running lack the proxy variables, the caller's to set).
+        Going back to ``"none"`` keeps the proxy, which then refuses everything. Raises what :meth:`attach`
+        raises."""
+        proxy = self._proxies.get(sandbox.id)
+        if proxy is not None:
+            proxy.set_policy(policy)
+            return False
+        if policy.mode == "none":
+            return False
+        await self.attach(sandbox, policy)
+        return True
+
     def get(self, sandbox_id: str) -> SandboxProxy | None:
         return self._proxies.get(sandbox_id)
 
@@ -692,13 +742,43 @@ class EgressService(LoggingConfigurable):
         proxy = self._proxies.get(sandbox_id)
         return proxy.metrics() if proxy is not None else {"net_rx_bytes": 0, "net_tx_bytes": 0}
 
+    def totals(self) -> dict[str, int]:
+        """What ``/metrics`` shows of egress since the gateway started: ``{"net_rx_bytes", "net_tx_bytes"}`` of
+        every proxy, closed ones included, ``denied`` (refusals of sandboxes attached by :meth:`attach`) and
+        ``proxies`` (open now)."""
+        rx, tx = self._closed_bytes
+        for proxy in self._proxies.values():
+            rx, tx = rx + proxy.rx_bytes, tx + proxy.tx_bytes
+        return {"net_rx_bytes": rx, "net_tx_bytes": tx, "denied": self.denied, "proxies": len(self._proxies)}
+
     async def close(self, sandbox_id: str) -> None:
         """Stop a sandbox's proxy and remove its socket. Idempotent."""
         proxy = self._proxies.pop(sandbox_id, None)
         if proxy is not None:
             await proxy.close()
+            self._closed_bytes[0] += proxy.rx_bytes
+            self._closed_bytes[1] += proxy.tx_bytes
 
     async def close_all(self) -> None:
         """Stop every proxy (the app's shutdown)."""
         for sandbox_id in list(self._proxies):
             await self.close(sandbox_id)
+
+
+def _hosts_table(value: Any) -> dict[str, list[str]]:
+    """``{"name": ["address", ...]}`` with names normalised (:func:`parse_host`) and addresses checked.
+    Raises ``ValueError`` with a sentence."""
+    if not isinstance(value, dict):
+        raise ValueError('expected {"name": ["address", ...]}')
+    out: dict[str, list[str]] = {}
+    for name, addresses in value.items():
+        host, ip = parse_host(str(name))
+        if ip is not None:
+            raise ValueError(f"{name!r} is an address, not a name")
+        if not isinstance(addresses, list) or not addresses:
+            raise ValueError(f"{name!r}: expected a non-empty list of addresses")
+        try:
+            out[host] = [str(ipaddress.ip_address(a)) for a in addresses]
+        except ValueError:
+            raise ValueError(f"{name!r}: {addresses!r} holds something that is not an IP address") from None
+    return out
