@@ -255,8 +255,8 @@ class ExecutionsHandler(BaseHandler):
 class ExecutionHandler(BaseHandler):
     """``GET /v1/executions/{id}`` (execution_status)."""
 
-    def get(self, execution_id: str) -> None:
-        self.send_json(self.hub.get_execution(self.tenant, execution_id).to_dict())
+    async def get(self, execution_id: str) -> None:
+        self.send_json(await self.hub.execution_status(self.tenant, execution_id))
 
 
 class ExecutionInterruptHandler(BaseHandler):

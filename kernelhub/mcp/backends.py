@@ -114,7 +114,7 @@ class HubBackend:
         return {"id": ex.id, "status": ex.status}
 
     async def execution_status(self, execution_id: str) -> dict[str, Any]:
-        return self.hub.get_execution(self.tenant, execution_id).to_dict()
+        return await self.hub.execution_status(self.tenant, execution_id)
 
     async def command_execute(self, sandbox_id: str, command: str, cwd: str | None, env: dict[str, str] | None,
                               timeout_s: float | None, stdin: str | None) -> dict[str, Any]:

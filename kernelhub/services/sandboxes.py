@@ -39,6 +39,7 @@ from ..sandbox.limits import Limits, resolve_limits
 from ..sandbox.sandbox import Sandbox
 from .executions import ExecutionHistory
 from .sessions import KERNELSPECS, LANGUAGES, JupyterSession
+from .store import SandboxRow, SessionRow, Store
 from .telemetry import Telemetry
 from .templates import Template
 from .tenants import Tenant
@@ -61,6 +62,8 @@ MAX_METADATA_BYTES = 16 * 1024
 MAX_METADATA_DEPTH = 16
 #: Sessions (jupyter and terminal, starting ones included) a sandbox may hold at once.
 MAX_SESSIONS = 16
+#: Sandboxes a restarted gateway starts again at once (each starts a kernel: CPU-bound).
+RESTORE_CONCURRENCY = 8
 
 T = TypeVar("T")
 
@@ -84,6 +87,16 @@ class SandboxRecord:
     expires_at: float = dataclasses.field(init=False)
     last_activity: float = dataclasses.field(init=False)
     jupyter_api: bool = False
+    #: The environment its kernels start with (the template's merged with the request's); kept to restore it.
+    env: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
+    #: What the idle reaper does with it: ``"stop"`` it, or ``"pause"`` it (:meth:`Sandboxes.pause_sandbox`).
+    on_idle: str = "stop"
+    #: When a restarted gateway brought it back on its workspace (kernel memory lost), or None.
+    restored_at: float | None = None
+    #: When it was paused (state ``paused``), or None.
+    paused_at: float | None = None
+    #: The host uid it last ran as (its workspace's files belong to it), taken again at resume when free.
+    uid: int | None = None
     sandbox: Sandbox | None = dataclasses.field(default=None, init=False, repr=False)
     sessions: dict[str, Session] = dataclasses.field(default_factory=dict, init=False, repr=False)
     #: Calls running in the sandbox now (executions, commands, session starts): the reaper leaves it alone.
@@ -126,7 +139,24 @@ class SandboxRecord:
         }
         if self.reason:
             out["reason"] = self.reason
+        if self.restored_at is not None:
+            out["restored_at"] = iso(self.restored_at)
+        if self.paused_at is not None:
+            out["paused_at"] = iso(self.paused_at)
+        if self.on_idle != "stop":
+            out["on_idle"] = self.on_idle
         return out
+
+    def to_row(self) -> SandboxRow:
+        """What the store keeps of this record (:class:`~kernelhub.services.store.SandboxRow`)."""
+        return SandboxRow(
+            id=self.id, tenant=self.tenant.name, template=self.template.name, limits=self.limits.to_dict(),
+            created_at=self.created_at, expires_at=self.expires_at, network=getattr(self, "network", "none"),
+            metadata=self.metadata, env=self.env, state=self.state, reason=self.reason,
+            last_activity=self.last_activity, restored_at=self.restored_at, paused_at=self.paused_at,
+            on_idle=self.on_idle, jupyter_api=self.jupyter_api, uid=self.uid,
+            sandbox_dir=str(self.sandbox.dir) if self.sandbox is not None else None,
+            workspace_mode=self.sandbox.workspace.mode if self.sandbox and self.sandbox.workspace else None)
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -164,6 +194,11 @@ class Sandboxes:
                                                                        repr=False)
     #: Other names for templates: ``{alias: template}`` (E2B's ``base`` and ``code-interpreter-v1``, …).
     template_aliases: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Where records are kept across restarts (issue 10); None: in memory only. Set by the hub before start.
+    store: Store | None = None
+    #: At shutdown, stop sandboxes for good (today's behaviour before the store) instead of keeping them, with
+    #: their workspaces, for the next gateway on this state directory to restore.
+    ephemeral: bool = False
 
     def __post_init__(self) -> None:
         if self.telemetry is None:
@@ -172,21 +207,177 @@ class Sandboxes:
     # -- lifecycle --------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Called by the app once the loop runs: reaps what a crash left, starts the idle/lifetime reaper."""
-        await self.factory.reap_stale()
+        """Called by the app once the loop runs: with a store, brings back the sandboxes it records
+        (:meth:`_restore`); reaps what a crash left that no record claims; starts the idle/lifetime reaper."""
+        if self.store is not None:
+            await self._restore()
+        else:
+            await self.factory.reap_stale()
         self._reaper = asyncio.ensure_future(self._reap_loop())
         if self.pool is not None:
             self.pool.start()
 
     async def shutdown(self) -> None:
-        """Called by the app on exit: stops every sandbox (no process, cgroup, mount or uid is left)."""
+        """Called by the app on exit. With a store and not ``ephemeral``: every running sandbox's processes end
+        and its workspace is unmounted but kept, its record stays ``running`` for the next gateway on this state
+        directory to restore, and unfinished executions end ``killed`` (``gateway_restart``). Otherwise every
+        sandbox stops for good. Either way no process, cgroup, mount or uid is left."""
         if self._reaper is not None:
             self._reaper.cancel()
         if self.pool is not None:
             await self.pool.shutdown()
-        await asyncio.gather(*(self._stop_record(r, "shutdown") for r in list(self._records.values())),
-                             return_exceptions=True)
+        records = list(self._records.values())
+        if self.store is not None and not self.ephemeral:
+            await asyncio.gather(*(self._suspend(r, "gateway_restart") for r in records if r.sandbox is not None),
+                                 return_exceptions=True)
+        else:
+            await asyncio.gather(*(self._stop_record(r, "shutdown") for r in records), return_exceptions=True)
+            if self.store is not None:
+                await asyncio.gather(*(self.store.delete_sandbox(r.id) for r in records), return_exceptions=True)
         await self.factory.stop_all()
+
+    # -- the store ----------------------------------------------------------------------------------------
+
+    def _save(self, record: SandboxRecord) -> asyncio.Future[None] | None:
+        """Queue the record's plain fields for the store (ordered with every later write); the answer may be
+        awaited to know it is on disk. None without a store."""
+        if self.store is None or self.store.closed:
+            return None
+        future = self.store.put_sandbox(record.to_row())
+        future.add_done_callback(self._log_failure)
+        return future
+
+    def _save_session(self, record: SandboxRecord, session: Session) -> asyncio.Future[None] | None:
+        if self.store is None or self.store.closed:
+            return None
+        kernel_id = session.kernel_id if session.type == "jupyter" else None
+        future = self.store.put_session(SessionRow(session.id, record.id, session.type, session.language,
+                                                   session.state, kernel_id))
+        future.add_done_callback(self._log_failure)
+        return future
+
+    def _forget(self, record: SandboxRecord) -> None:
+        """The record is gone for good: its row, sessions and executions leave the store too."""
+        if self.store is not None and not self.store.closed:
+            self.store.delete_sandbox(record.id).add_done_callback(self._log_failure)
+
+    def _log_failure(self, future: asyncio.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self.log.error("the store failed: %s", future.exception())
+
+    def _from_row(self, row: SandboxRow) -> SandboxRecord:
+        template = self.templates.get(row.template) or Template(row.template, "python")
+        record = SandboxRecord(row.id, Tenant(row.tenant), template, Limits(**row.limits), row.metadata,
+                               state=row.state, reason=row.reason, created_at=row.created_at,
+                               jupyter_api=row.jupyter_api, env=dict(row.env), on_idle=row.on_idle,
+                               restored_at=row.restored_at, paused_at=row.paused_at, uid=row.uid)
+        record.expires_at = row.expires_at
+        record.last_activity = row.last_activity or row.created_at
+        return record
+
+    async def _restore(self) -> None:
+        """Start-up with a store (issue 10): executions a dead gateway cut end ``killed`` (``gateway_restart``);
+        every stored sandbox is registered again; running ones past their lifetime stop (``lifetime``), the
+        others start again on their workspace with a fresh kernel per session (:meth:`_bring_back`, at most
+        :data:`RESTORE_CONCURRENCY` at once); paused ones stay paused; and only what no record claims is reaped
+        from the state directory."""
+        assert self.store is not None
+        now = time.time()
+        rows = await self.store.list_sandboxes()
+        cut = await self.store.mark_cut_executions("gateway_restart", finished_at=now)
+        if cut:
+            self.log.warning("%d executions were cut by the gateway's restart: they ended killed "
+                             "(gateway_restart)", len(cut))
+        keep = {r.id for r in rows if r.state in ("running", "paused") and now < r.expires_at}
+        await self.factory.reap_stale(keep=keep)
+        restoring: list[SandboxRecord] = []
+        for row in rows:
+            record = self._from_row(row)
+            self._records[record.id] = record
+            if row.state in ("running", "paused", "starting") and record.id not in keep:
+                record.state, record.reason = "stopped", "lifetime" if now >= row.expires_at else "gateway_restart"
+                self._save(record)
+            elif row.state == "running":
+                record.state = "starting"
+                restoring.append(record)
+        gate = asyncio.Semaphore(RESTORE_CONCURRENCY)
+
+        async def one(record: SandboxRecord) -> None:
+            async with gate:
+                if await self._bring_back(record, "the gateway restarted"):
+                    record.restored_at = time.time()
+                    self._save(record)
+
+        await asyncio.gather(*(one(r) for r in restoring))
+        if restoring:
+            self.log.warning("restored %d sandboxes on their workspaces in %.1f s", len(restoring), time.time() - now)
+
+    async def _bring_back(self, record: SandboxRecord, why: str) -> bool:
+        """Start ``record``'s sandbox again on the workspace it kept (restore after a restart, resume after a
+        pause): same id, tenant, limits and metadata; a fresh kernel (or shell) for each stored session, under
+        its old id; one of the template's language if none was stored. Answers whether it runs; on failure it
+        is ``failed`` (reason ``restore_failed``), its workspace kept."""
+        assert self.store is not None
+        rows = await self.store.list_sessions(record.id)
+        try:
+            sandbox = await self.factory.create(limits=record.limits, env=record.env, sandbox_id=record.id,
+                                                uid=record.uid, reattach=True)
+        except Exception as exc:
+            self.log.error("sandbox %s could not be started again on its workspace: %s", record.id, exc)
+            record.state, record.reason = "failed", "restore_failed"
+            self._save(record)
+            return False
+        self._attach(record, sandbox)
+        sandbox.log(f"{why}: this sandbox runs again on its workspace, whose files are kept; kernel memory was "
+                    "lost (variables, imports, running code): each session has a fresh kernel")
+        if not any(r.type == "jupyter" for r in rows):
+            rows.insert(0, SessionRow("", record.id, "jupyter", record.template.language))
+        for row in rows:
+            session: Session
+            if row.type == "jupyter":
+                session = JupyterSession(sandbox, row.language or record.template.language,
+                                         self.kernel_spec_manager)
+            else:
+                from .terminals import TerminalSession
+
+                session = TerminalSession(sandbox)
+            session.id = row.id or session.id
+            try:
+                await session.start()
+            except Exception as exc:
+                sandbox.log(f"session {session.id} ({row.language or row.type}) could not start again: {exc}")
+                self.store.delete_session(session.id).add_done_callback(self._log_failure)
+                continue
+            record.sessions[session.id] = session
+            self._sessions[session.id] = (record, session)
+            self._save_session(record, session)
+        record.state, record.reason = "running", None
+        record.touch()
+        self._save(record)
+        return True
+
+    def _attach(self, record: SandboxRecord, sandbox: Sandbox) -> None:
+        record.sandbox = sandbox
+        record.uid = sandbox.uid
+        sandbox.on_exit.append(lambda sb: self._on_sandbox_exit(record))
+
+    async def _suspend(self, record: SandboxRecord, reason: str) -> None:
+        """End the sandbox's processes and free its memory and uid, keeping its workspace (unmounted) and its
+        sessions' rows: for a pause, and for a shutdown that the next gateway restores. Unfinished executions
+        end ``killed`` with ``reason``. The record's state is the caller's to set."""
+        for ex in self.executions.for_sandbox(record.id):
+            if not ex.ended:
+                await ex.finish("killed", reason)
+        for session in list(record.sessions.values()):
+            self._sessions.pop(session.id, None)
+            with contextlib.suppress(Exception):
+                await session.close()
+        record.sessions.clear()
+        for listener in self.on_stop:
+            listener(record)
+        sandbox, record.sandbox = record.sandbox, None
+        if sandbox is not None:
+            await sandbox.stop(reason, keep_workspace=True)
 
     def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """Run ``coro`` as a task held until it ends (the loop keeps only weak references to tasks)."""
@@ -213,6 +404,7 @@ class Sandboxes:
                             now - record.last_activity > self.stopped_retention_s:
                         self._records.pop(record.id, None)
                         self.executions.forget_sandbox(record.id)
+                        self._forget(record)
                 except Exception:
                     self.log.exception("reaping %s failed", record.id)
 
@@ -295,10 +487,9 @@ class Sandboxes:
         asked = time.monotonic()
         try:
             sandbox, pooled_session = await self._provision(tmpl, language, resolved, env_vars)
-            record = SandboxRecord(sandbox.id, tenant, tmpl, resolved, metadata)
+            record = SandboxRecord(sandbox.id, tenant, tmpl, resolved, metadata, env=env_vars)
             self.telemetry.sandbox_created(record)
-            record.sandbox = sandbox
-            sandbox.on_exit.append(lambda sb: self._on_sandbox_exit(record))
+            self._attach(record, sandbox)
             # The reservation becomes the record in one step (no await between): counted once, never twice.
             self._records[record.id] = record
             self._release_sandbox(tenant)
@@ -310,6 +501,10 @@ class Sandboxes:
                 await session.start()
             record.state = "running"
             record.touch()
+            self._save(record)
+            saved = self._save_session(record, session)
+            if saved is not None:
+                await saved  # on disk before its id is announced: a restart finds it
             self.telemetry.sandbox_ready(record, time.monotonic() - asked)
             return record
         except BaseException as exc:
@@ -385,6 +580,8 @@ class Sandboxes:
             await sandbox.stop(reason)
             self.telemetry.sandbox_stopped(record, reason or "stopped")
         record.touch()
+        if reason not in ("deleted", "shutdown"):
+            self._save(record)
 
     async def delete_sandbox(self, tenant: Tenant, sandbox_id: object) -> None:
         """``sandbox_delete``: kill everything, free every resource, forget the sandbox."""
@@ -393,6 +590,7 @@ class Sandboxes:
         await self._stop_record(record, "deleted")
         self._records.pop(record.id, None)
         self.executions.forget_sandbox(record.id)
+        self._forget(record)
 
     def set_deadline(self, tenant: Tenant, sandbox_id: object, seconds: object, *,
                      extend_only: bool = False) -> SandboxRecord:
@@ -410,6 +608,7 @@ class Sandboxes:
                                  f"creation (its max_lifetime_s): at most {max(0, int(latest - now))} s more.")
         wanted = now + float(seconds)
         record.expires_at = max(record.expires_at, wanted) if extend_only else wanted
+        self._save(record)
         return record
 
     def sandbox_logs(self, tenant: Tenant, sandbox_id: object, lines: int | str = 100) -> list[str]:
@@ -467,6 +666,7 @@ class Sandboxes:
         record.sessions[session.id] = session
         self._sessions[session.id] = (record, session)
         record.touch()
+        self._save_session(record, session)
         return session
 
     def get_session(self, tenant: Tenant, session_id: object) -> tuple[SandboxRecord, Session]:
@@ -487,6 +687,8 @@ class Sandboxes:
         record, session = self.get_session(tenant, session_id)
         self._sessions.pop(session.id, None)
         record.sessions.pop(session.id, None)
+        if self.store is not None and not self.store.closed:
+            self.store.delete_session(session.id).add_done_callback(self._log_failure)
         await session.close()
 
     async def restart_session(self, tenant: Tenant, session_id: object) -> Session:
