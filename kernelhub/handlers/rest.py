@@ -378,6 +378,7 @@ class FilesHandler(BaseHandler):
     def on_finish(self) -> None:
         if self._writer is not None and not self._writer.closed:
             self._writer.abort()
+        super().on_finish()
 
     async def put(self, sandbox_id: str, path: str) -> None:
         if self._error is not None:
@@ -436,6 +437,16 @@ class OpenAPIHandler(BaseHandler):
         self.finish(OpenAPIHandler._cache)
 
 
+class AuditHandler(BaseHandler):
+    """``GET /v1/audit?since=&limit=&cursor=``: the caller's tenant's own audit entries, oldest first, paged
+    (``{"entries", "next"}``; :meth:`kernelhub.services.audit.AuditLog.read`)."""
+
+    async def get(self) -> None:
+        self.send_json(await self.hub.read_audit(self.tenant, self.get_query_argument("since", None),
+                                                 self.get_query_argument("limit", None),
+                                                 self.get_query_argument("cursor", None)))
+
+
 default_handlers: list[Any] = [
     (r"/v1/openapi\.json", OpenAPIHandler),
     (r"/v1/templates", TemplatesHandler),
@@ -452,4 +463,5 @@ default_handlers: list[Any] = [
     (rf"/v1/executions/{ID}/interrupt", ExecutionInterruptHandler),
     (rf"/v1/sessions/{ID}", SessionHandler),
     (rf"/v1/sessions/{ID}/execute", SessionExecuteHandler),
+    (r"/v1/audit", AuditHandler),
 ]

@@ -80,9 +80,11 @@ def _too_large(path: str, size: int, max_bytes: int) -> PayloadTooLarge:
 class HubBackend:
     """The tools run on an in-process :class:`~kernelhub.services.hub.Hub` as ``tenant``."""
 
-    def __init__(self, hub: Hub, tenant: Tenant) -> None:
+    def __init__(self, hub: Hub, tenant: Tenant, key: str | None = None) -> None:
         self.hub = hub
         self.tenant = tenant
+        #: The API key of the call (for its audit fingerprint only), None in-process (``kernelhub mcp``).
+        self.key = key
 
     async def sandbox_create(self, template: str | None, limits: dict[str, Any] | None,
                              env: dict[str, str] | None, metadata: dict[str, Any] | None,

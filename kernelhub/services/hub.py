@@ -23,6 +23,7 @@ the loop runs and :meth:`Hub.shutdown` on exit.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from traitlets import Bool, Dict, Float, Integer, Unicode
 from traitlets.config import LoggingConfigurable
 
-from ..errors import InvalidRequest
+from ..errors import Conflict, InvalidRequest
 from ..sandbox.factory import SandboxFactory
 from ..sandbox.limits import DEFAULT_MAXIMUM, Limits, resolve_limits
 from ..sandbox.provisioner import KERNELSPECS_DIR
@@ -45,6 +46,7 @@ from .sandboxes import Sandboxes
 from .store import Store
 from .telemetry import PoolState, Telemetry
 from .templates import BUILTIN_TEMPLATES, Template, parse_templates
+from .tenants import Tenant
 from .tokens import SandboxTokens
 
 
@@ -234,6 +236,30 @@ class Hub(LoggingConfigurable):
                 await self.audit.close()
             if self.store is not None:
                 await self.store.close()
+
+    def record_action(self, tenant: Tenant | None, key: str | None, action: str,
+                      ids: Mapping[str, object] | None, status: int, error: str | None = None,
+                      code: str | None = None) -> None:
+        """Put one action that ended in the audit log (:meth:`AuditLog.record`): who (``tenant``; ``key`` is
+        turned into its fingerprint here and never kept), ``action`` (a route such as ``"POST
+        /v1/sandboxes"`` or an MCP tool name), the ``ids`` it touched, its outcome (``status`` as HTTP,
+        ``error`` code) and the ``code`` it ran (kept as SHA-256 and size). Does nothing without an audit log
+        (``durable`` off) or once it closed; never raises for a failure to store (that is logged)."""
+        if self.audit is None or self.store is None or self.store.closed:
+            return
+        key_id = self.audit.fingerprint(key) if key else None
+        self.audit.record(tenant.name if tenant is not None else None, key_id, action, ids,
+                          status if 100 <= status <= 599 else 500, error, code)
+
+    async def read_audit(self, tenant: Tenant, since: object = None, limit: object = None,
+                         cursor: object = None) -> dict[str, Any]:
+        """``GET /v1/audit``: the tenant's own entries, paged (:meth:`AuditLog.read` gives the shape). Raises
+        :class:`~kernelhub.errors.Conflict` (``audit_unavailable``) when this gateway keeps no audit log, and
+        :class:`~kernelhub.errors.InvalidRequest` for a bad ``since``, ``limit`` or ``cursor``."""
+        if self.audit is None:
+            raise Conflict("This gateway keeps no audit log (it runs with --Hub.durable=False).",
+                           error="audit_unavailable")
+        return await self.audit.read(tenant.name, since, limit, cursor)
 
     def pool_state(self) -> PoolState | None:
         """What the metrics show of the warm pool: ``self.pool.state()`` (per template ``{ready, starting,

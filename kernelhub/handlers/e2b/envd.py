@@ -244,6 +244,7 @@ class FilesHandler(SandboxHandler, StreamingMixin):
 
     def on_finish(self) -> None:
         self._abort()
+        super().on_finish()
 
     async def post(self) -> None:
         if self._error is not None:
