@@ -112,7 +112,7 @@ class AuthMixin:
 
     def audit_route(self) -> tuple[str, dict[str, str]]:
         """This request's action (``"POST /v1/sandboxes/{sandbox_id}/execute"``: the method and the path with
-        each URL argument named by the segment before it) and those arguments as ids."""
+        each URL argument that is an id named by the segment before it, :data:`_ID_NAMES`) and those ids."""
         handler: Any = self
         path = self.request.path
         ids: dict[str, str] = {}
@@ -125,7 +125,9 @@ class AuthMixin:
             if at < 0:
                 continue
             before = path[:at].rstrip("/").rsplit("/", 1)[-1]
-            name = key or _ID_NAMES.get(before, "id")
+            name = key or _ID_NAMES.get(before)
+            if name is None:
+                continue  # a word of the route (an action), not an id
             ids.setdefault(name, arg)
             path = f"{path[:at]}{{{name}}}{path[at + len(raw):]}"
         return f"{self.request.method} {path}", ids

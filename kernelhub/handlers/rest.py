@@ -178,7 +178,7 @@ class SandboxesHandler(BaseHandler):
 
     async def post(self) -> None:
         body = fields(self.json_body(required=False),
-                      allowed=("template", "limits", "env", "metadata", "network"))
+                      allowed=("template", "limits", "env", "metadata", "network", "on_idle"))
         record = await self.hub.create_sandbox(
             self.tenant,
             template=optional(body, "template", str, "a template name"),
@@ -186,6 +186,7 @@ class SandboxesHandler(BaseHandler):
             env=optional(body, "env", dict, "a JSON object of strings"),
             metadata=optional(body, "metadata", dict, "a JSON object"),
             network=optional(body, "network", str, "a network mode"),
+            on_idle=optional(body, "on_idle", str, '"stop" or "pause"'),
         )
         self.set_header("Location", f"/v1/sandboxes/{record.id}")
         self.send_json(record.to_dict(), 201)
@@ -437,6 +438,14 @@ class OpenAPIHandler(BaseHandler):
         self.finish(OpenAPIHandler._cache)
 
 
+class SandboxPauseHandler(BaseHandler):
+    """``POST /v1/sandboxes/{id}/pause`` (sandbox_pause) and ``/resume`` (sandbox_resume): the sandbox."""
+
+    async def post(self, sandbox_id: str, action: str) -> None:
+        change = self.hub.pause_sandbox if action == "pause" else self.hub.resume_sandbox
+        self.send_json((await change(self.tenant, sandbox_id)).to_dict())
+
+
 class AuditHandler(BaseHandler):
     """``GET /v1/audit?since=&limit=&cursor=``: the caller's tenant's own audit entries, oldest first, paged
     (``{"entries", "next"}``; :meth:`kernelhub.services.audit.AuditLog.read`)."""
@@ -463,5 +472,6 @@ default_handlers: list[Any] = [
     (rf"/v1/executions/{ID}/interrupt", ExecutionInterruptHandler),
     (rf"/v1/sessions/{ID}", SessionHandler),
     (rf"/v1/sessions/{ID}/execute", SessionExecuteHandler),
+    (rf"/v1/sandboxes/{ID}/(pause|resume)", SandboxPauseHandler),
     (r"/v1/audit", AuditHandler),
 ]

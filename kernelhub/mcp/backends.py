@@ -41,6 +41,8 @@ class Backend(Protocol):
     async def sandbox_list(self) -> dict[str, Any]: ...
     async def sandbox_info(self, sandbox_id: str) -> dict[str, Any]: ...
     async def sandbox_delete(self, sandbox_id: str) -> None: ...
+    async def sandbox_pause(self, sandbox_id: str) -> dict[str, Any]: ...
+    async def sandbox_resume(self, sandbox_id: str) -> dict[str, Any]: ...
     async def code_execute(self, sandbox_id: str, code: str, language: str | None, session_id: str | None,
                            timeout_s: float | None, env: dict[str, str] | None,
                            on_event: EventSink | None) -> dict[str, Any]: ...
@@ -100,6 +102,12 @@ class HubBackend:
 
     async def sandbox_delete(self, sandbox_id: str) -> None:
         await self.hub.delete_sandbox(self.tenant, sandbox_id)
+
+    async def sandbox_pause(self, sandbox_id: str) -> dict[str, Any]:
+        return (await self.hub.pause_sandbox(self.tenant, sandbox_id)).to_dict()
+
+    async def sandbox_resume(self, sandbox_id: str) -> dict[str, Any]:
+        return (await self.hub.resume_sandbox(self.tenant, sandbox_id)).to_dict()
 
     async def code_execute(self, sandbox_id: str, code: str, language: str | None, session_id: str | None,
                            timeout_s: float | None, env: dict[str, str] | None,
@@ -221,6 +229,12 @@ class RemoteBackend:
 
     async def sandbox_delete(self, sandbox_id: str) -> None:
         await self.api.call(_api.delete_sandbox(sandbox_id))
+
+    async def sandbox_pause(self, sandbox_id: str) -> dict[str, Any]:
+        return await self.api.call(_api.pause_sandbox(sandbox_id))  # type: ignore[no-any-return]
+
+    async def sandbox_resume(self, sandbox_id: str) -> dict[str, Any]:
+        return await self.api.call(_api.resume_sandbox(sandbox_id))  # type: ignore[no-any-return]
 
     async def code_execute(self, sandbox_id: str, code: str, language: str | None, session_id: str | None,
                            timeout_s: float | None, env: dict[str, str] | None,

@@ -249,6 +249,19 @@ class SandboxFactory(LoggingConfigurable):
             self.log.warning("removed %d sandboxes left by a process that died: %s", len(reaped), reaped)
         return reaped
 
+    async def discard(self, sandbox_id: str) -> None:
+        """Remove what a stopped sandbox kept (a paused one's workspace and directory) for good. Nothing kept is
+        fine. Raises :class:`SandboxError` when the workspace cannot be removed."""
+        if sandbox_id in self._live or "/" in sandbox_id or sandbox_id in ("", ".", ".."):
+            return
+        entry = self.sandboxes_dir / sandbox_id
+        if not entry.is_dir():
+            return
+        await Workspace(entry, 0, 0, Limits(), mode=self.workspace_mode).destroy()
+        with contextlib.suppress(SandboxError):
+            await unmount_run_dir(entry / "run")
+        shutil.rmtree(entry, ignore_errors=True)
+
     async def _clear_kept(self, entry: Path) -> None:
         """What a dead process left of a sandbox that will be restored: its cgroup and run directory (its
         workspace, unmounted, stays)."""

@@ -67,6 +67,10 @@ class Hub(LoggingConfigurable):
         env="KERNELHUB_MAX_LIMITS")
     max_sandboxes_per_tenant = Integer(20, help="Live sandboxes a tenant may have at once, starting ones "
                                        "included.", config=True).tag(env="KERNELHUB_MAX_SANDBOXES_PER_TENANT")
+    max_paused_per_tenant = Integer(20, help="Paused sandboxes a tenant may keep at once; they hold disk (their "
+                                    "workspace) but no memory, uid or process, and do not count toward "
+                                    "max_sandboxes_per_tenant.", config=True).tag(
+        env="KERNELHUB_MAX_PAUSED_PER_TENANT")
     execution_history = Integer(1000, help="Finished executions kept for execution_status, per tenant (the "
                                 "oldest go first; one tenant's never push out another's).", config=True).tag(
         env="KERNELHUB_EXECUTION_HISTORY")
@@ -148,7 +152,8 @@ class Hub(LoggingConfigurable):
             defaults=self.defaults, maximum=self.maximum, max_sandboxes_per_tenant=self.max_sandboxes_per_tenant,
             reap_interval=self.reap_interval, stopped_retention_s=self.stopped_retention_s,
             executions=self.executions, log=self.log, template_aliases=self.template_aliases,
-            telemetry=self.telemetry, pool=self.pool, ephemeral=self.ephemeral)
+            telemetry=self.telemetry, pool=self.pool, ephemeral=self.ephemeral,
+            max_paused_per_tenant=max(0, self.max_paused_per_tenant))
         self.executor = Executor(self.sandboxes, self.executions, max_queued=max(1, self.max_queued_executions),
                                  max_queued_code_bytes=int(self.max_queued_code_mb * 1024 * 1024))
         self.commands = Commands(self.sandboxes, output_buffer_bytes=max(1, self.command_output_buffer_kib) * 1024,
@@ -166,6 +171,8 @@ class Hub(LoggingConfigurable):
         self.list_sandboxes = sandboxes.list_sandboxes
         self.get_sandbox = sandboxes.get_sandbox
         self.delete_sandbox = sandboxes.delete_sandbox
+        self.pause_sandbox = sandboxes.pause_sandbox
+        self.resume_sandbox = sandboxes.resume_sandbox
         self.sandbox_logs = sandboxes.sandbox_logs
         self.sandbox_metrics = sandboxes.sandbox_metrics
         self.create_session = sandboxes.create_session

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 from jupyter_client.kernelspec import KernelSpecManager
 
 from .. import json_input
-from ..errors import InvalidRequest, NotFound, QuotaExceeded, SandboxNotRunning
+from ..errors import Conflict, InvalidRequest, NotFound, QuotaExceeded, SandboxError, SandboxNotRunning
 from ..models import iso
 from ..sandbox.factory import SandboxFactory
 from ..sandbox.limits import Limits, resolve_limits
@@ -62,6 +62,8 @@ MAX_METADATA_BYTES = 16 * 1024
 MAX_METADATA_DEPTH = 16
 #: Sessions (jupyter and terminal, starting ones included) a sandbox may hold at once.
 MAX_SESSIONS = 16
+#: What a sandbox may do when idle (``on_idle``): stop (the default), or pause.
+ON_IDLE = ("stop", "pause")
 #: Sandboxes a restarted gateway starts again at once (each starts a kernel: CPU-bound).
 RESTORE_CONCURRENCY = 8
 
@@ -97,6 +99,8 @@ class SandboxRecord:
     paused_at: float | None = None
     #: The host uid it last ran as (its workspace's files belong to it), taken again at resume when free.
     uid: int | None = None
+    #: The sessions a paused sandbox had (their ids, types and languages), started afresh at resume.
+    kept_sessions: list[SessionRow] = dataclasses.field(default_factory=list, repr=False)
     sandbox: Sandbox | None = dataclasses.field(default=None, init=False, repr=False)
     sessions: dict[str, Session] = dataclasses.field(default_factory=dict, init=False, repr=False)
     #: Calls running in the sandbox now (executions, commands, session starts): the reaper leaves it alone.
@@ -173,6 +177,8 @@ class Sandboxes:
     defaults: Limits
     maximum: Limits
     max_sandboxes_per_tenant: int
+    #: Paused sandboxes a tenant may keep at once (they do not count toward ``max_sandboxes_per_tenant``).
+    max_paused_per_tenant: int = 20
     #: Seconds between the reaper's rounds, and how long a stopped sandbox stays listed.
     reap_interval: float
     stopped_retention_s: float
@@ -247,6 +253,14 @@ class Sandboxes:
         future.add_done_callback(self._log_failure)
         return future
 
+    async def _saved(self, record: SandboxRecord) -> None:
+        """:meth:`_save`, waiting until it is on disk (before an answer that announces the change); a store
+        failure is logged, not raised."""
+        future = self._save(record)
+        if future is not None:
+            with contextlib.suppress(Exception):
+                await future
+
     def _save_session(self, record: SandboxRecord, session: Session) -> asyncio.Future[None] | None:
         if self.store is None or self.store.closed:
             return None
@@ -317,8 +331,7 @@ class Sandboxes:
         pause): same id, tenant, limits and metadata; a fresh kernel (or shell) for each stored session, under
         its old id; one of the template's language if none was stored. Answers whether it runs; on failure it
         is ``failed`` (reason ``restore_failed``), its workspace kept."""
-        assert self.store is not None
-        rows = await self.store.list_sessions(record.id)
+        rows = list(record.kept_sessions) if self.store is None else await self.store.list_sessions(record.id)
         try:
             sandbox = await self.factory.create(limits=record.limits, env=record.env, sandbox_id=record.id,
                                                 uid=record.uid, reattach=True)
@@ -346,14 +359,15 @@ class Sandboxes:
                 await session.start()
             except Exception as exc:
                 sandbox.log(f"session {session.id} ({row.language or row.type}) could not start again: {exc}")
-                self.store.delete_session(session.id).add_done_callback(self._log_failure)
+                if self.store is not None:
+                    self.store.delete_session(session.id).add_done_callback(self._log_failure)
                 continue
             record.sessions[session.id] = session
             self._sessions[session.id] = (record, session)
             self._save_session(record, session)
-        record.state, record.reason = "running", None
+        record.state, record.reason, record.kept_sessions = "running", None, []
         record.touch()
-        self._save(record)
+        await self._saved(record)
         return True
 
     def _attach(self, record: SandboxRecord, sandbox: Sandbox) -> None:
@@ -368,6 +382,7 @@ class Sandboxes:
         for ex in self.executions.for_sandbox(record.id):
             if not ex.ended:
                 await ex.finish("killed", reason)
+        record.kept_sessions = [SessionRow(se.id, record.id, se.type, se.language) for se in record.sessions.values()]
         for session in list(record.sessions.values()):
             self._sessions.pop(session.id, None)
             with contextlib.suppress(Exception):
@@ -399,7 +414,11 @@ class Sandboxes:
                             await self._stop_record(record, "lifetime")
                         elif idle_at is not None and now >= idle_at:
                             self.telemetry.sandbox_reaped(record, "idle", now - record.last_activity)
-                            await self._stop_record(record, "idle")
+                            if record.on_idle != "pause" or not await self._pause_if_room(record, "idle"):
+                                await self._stop_record(record, "idle")
+                    elif record.state == "paused" and now >= record.expires_at:
+                        self.telemetry.sandbox_reaped(record, "lifetime", record.limits.max_lifetime_s)
+                        await self._stop_record(record, "lifetime")
                     elif record.state in ("stopped", "failed") and record.sandbox is None and \
                             now - record.last_activity > self.stopped_retention_s:
                         self._records.pop(record.id, None)
@@ -447,7 +466,8 @@ class Sandboxes:
 
     async def create_sandbox(self, tenant: Tenant, template: object = "python",
                              limits: Mapping[str, Any] | None = None, env: object = None, metadata: object = None,
-                             network: object = None, *, kernel_language: str | None = None) -> SandboxRecord:
+                             network: object = None, *, kernel_language: str | None = None,
+                             on_idle: object = None) -> SandboxRecord:
         """``sandbox_create``: a running sandbox with one jupyter session of its template's language.
 
         ``limits`` (API.md names) lower or raise the template's up to the maximum; ``env`` is added to the
@@ -481,13 +501,16 @@ class Sandboxes:
         language = kernel_language or tmpl.language
         if language not in KERNELSPECS:
             raise InvalidRequest(f"Unknown language {language!r}.")
+        if on_idle not in (None, *ON_IDLE):
+            raise InvalidRequest(f"on_idle must be one of {', '.join(ON_IDLE)}.")
         self._reserve_sandbox(tenant)
         reserved = True
         sandbox: Sandbox | None = None
         asked = time.monotonic()
         try:
             sandbox, pooled_session = await self._provision(tmpl, language, resolved, env_vars)
-            record = SandboxRecord(sandbox.id, tenant, tmpl, resolved, metadata, env=env_vars)
+            record = SandboxRecord(sandbox.id, tenant, tmpl, resolved, metadata, env=env_vars,
+                                   on_idle=str(on_idle or "stop"))
             self.telemetry.sandbox_created(record)
             self._attach(record, sandbox)
             # The reservation becomes the record in one step (no await between): counted once, never twice.
@@ -562,7 +585,11 @@ class Sandboxes:
         return record, record.sandbox
 
     async def _stop_record(self, record: SandboxRecord, reason: str | None) -> None:
-        if record.state in ("starting", "running"):
+        if record.state == "paused":
+            # Its processes are gone already; what it kept goes now.
+            await self.factory.discard(record.id)
+            record.paused_at = None
+        if record.state in ("starting", "running", "paused"):
             record.state = "stopped"
         if reason and not record.reason and reason not in ("deleted", "shutdown"):
             record.reason = reason
@@ -591,6 +618,50 @@ class Sandboxes:
         self._records.pop(record.id, None)
         self.executions.forget_sandbox(record.id)
         self._forget(record)
+
+    async def pause_sandbox(self, tenant: Tenant, sandbox_id: object) -> SandboxRecord:
+        """``sandbox_pause``: stop the running sandbox's processes and free its memory and uid, keeping its record,
+        its workspace (unmounted, on disk) and its sessions' ids (state ``paused``). Unfinished executions end
+        ``killed`` with reason ``paused``. A paused sandbox does not count toward ``max_sandboxes_per_tenant``;
+        at most ``max_paused_per_tenant`` may be paused at once. Raises :class:`~kernelhub.errors.NotFound`,
+        :class:`~kernelhub.errors.Conflict` (``sandbox_not_running``) unless it runs, and
+        :class:`~kernelhub.errors.QuotaExceeded` past the paused cap."""
+        record, _ = self.running(tenant, sandbox_id)
+        if not await self._pause_if_room(record, "paused"):
+            raise QuotaExceeded(f"Tenant {tenant.name!r} already has {self.max_paused_per_tenant} paused sandboxes, "
+                                "the most it may keep; resume or delete one first.")
+        return record
+
+    async def _pause_if_room(self, record: SandboxRecord, reason: str) -> bool:
+        """Pause ``record`` (see :meth:`pause_sandbox`) if its tenant is under the paused cap; answers whether."""
+        paused = sum(1 for r in self._records.values() if r.tenant == record.tenant and r.state == "paused")
+        if paused >= self.max_paused_per_tenant:
+            return False
+        record.state, record.paused_at = "paused", time.time()  # in one step: no new work is accepted from here
+        await self._suspend(record, reason)
+        self.log.info("sandbox %s paused (%s)", record.id, reason)
+        await self._saved(record)
+        return True
+
+    async def resume_sandbox(self, tenant: Tenant, sandbox_id: object) -> SandboxRecord:
+        """``sandbox_resume``: start the paused sandbox again on its workspace, with a fresh kernel (or shell)
+        for each session it had, under the same ids. It counts toward ``max_sandboxes_per_tenant`` again.
+        Raises :class:`~kernelhub.errors.NotFound`, :class:`~kernelhub.errors.Conflict` (``sandbox_not_paused``)
+        unless it is paused, :class:`~kernelhub.errors.QuotaExceeded` at the live cap, and
+        :class:`~kernelhub.errors.SandboxError` when it cannot start (it is then ``failed``, its workspace
+        kept)."""
+        record = self.get_sandbox(tenant, sandbox_id)
+        if record.state != "paused":
+            raise Conflict(f"Sandbox {record.id} is {record.state}, not paused.", error="sandbox_not_paused")
+        self._reserve_sandbox(tenant)
+        try:
+            record.state, record.paused_at = "starting", None
+            ok = await self._bring_back(record, "resumed")
+        finally:
+            self._release_sandbox(tenant)
+        if not ok:
+            raise SandboxError(f"Sandbox {record.id} could not start again on its workspace; its files are kept.")
+        return record
 
     def set_deadline(self, tenant: Tenant, sandbox_id: object, seconds: object, *,
                      extend_only: bool = False) -> SandboxRecord:

@@ -255,9 +255,9 @@ def test_sandbox_cap_is_exact_under_concurrency(run: Any) -> None:
         provisioned: asyncio.Queue[str] = asyncio.Queue()
 
         async def signalling(*args: Any, **kwargs: Any) -> Any:
-            sandbox = await provision(*args, **kwargs)
-            provisioned.put_nowait(sandbox.id)  # the caller goes on to the record and the kernel at once
-            return sandbox
+            made = await provision(*args, **kwargs)  # (sandbox, the pooled session or None)
+            provisioned.put_nowait(made[0].id)  # the caller goes on to the record and the kernel at once
+            return made
 
         owner._provision = signalling
         tasks = []
