@@ -83,6 +83,15 @@ remote:
     embedded = Bool(False, help="Run in this process even if a --url is set.", config=True).tag(
         env="KERNELHUB_MCP_EMBEDDED")
 
+    def load_settings(self) -> None:
+        """As every command's, with one default of its own: embedded, the hub keeps nothing on disk
+        (``Hub.durable`` off unless configured): its sandboxes stop with this process, as documented above, and
+        its state directory may be a running gateway's, whose store it must not take."""
+        super().load_settings()
+        if "durable" not in self.config.Hub:
+            self.config.Hub.durable = False
+            self.update_config(self.config)
+
     async def serve(self) -> None:
         if self.url and not self.embedded:
             await stdio_remote(self.url, self.token or None)

@@ -439,11 +439,17 @@ class OpenAPIHandler(BaseHandler):
 
 
 class SandboxPauseHandler(BaseHandler):
-    """``POST /v1/sandboxes/{id}/pause`` (sandbox_pause) and ``/resume`` (sandbox_resume): the sandbox."""
+    """``POST /v1/sandboxes/{id}/pause`` (sandbox_pause): the paused sandbox."""
 
-    async def post(self, sandbox_id: str, action: str) -> None:
-        change = self.hub.pause_sandbox if action == "pause" else self.hub.resume_sandbox
-        self.send_json((await change(self.tenant, sandbox_id)).to_dict())
+    async def post(self, sandbox_id: str) -> None:
+        self.send_json((await self.hub.pause_sandbox(self.tenant, sandbox_id)).to_dict())
+
+
+class SandboxResumeHandler(BaseHandler):
+    """``POST /v1/sandboxes/{id}/resume`` (sandbox_resume): the running sandbox."""
+
+    async def post(self, sandbox_id: str) -> None:
+        self.send_json((await self.hub.resume_sandbox(self.tenant, sandbox_id)).to_dict())
 
 
 class AuditHandler(BaseHandler):
@@ -472,6 +478,7 @@ default_handlers: list[Any] = [
     (rf"/v1/executions/{ID}/interrupt", ExecutionInterruptHandler),
     (rf"/v1/sessions/{ID}", SessionHandler),
     (rf"/v1/sessions/{ID}/execute", SessionExecuteHandler),
-    (rf"/v1/sandboxes/{ID}/(pause|resume)", SandboxPauseHandler),
+    (rf"/v1/sandboxes/{ID}/pause", SandboxPauseHandler),
+    (rf"/v1/sandboxes/{ID}/resume", SandboxResumeHandler),
     (r"/v1/audit", AuditHandler),
 ]

@@ -23,6 +23,7 @@ the loop runs and :meth:`Hub.shutdown` on exit.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from traitlets import Bool, Dict, Float, Integer, Unicode
 from traitlets.config import LoggingConfigurable
 
-from ..errors import Conflict, InvalidRequest
+from ..errors import AuditUnavailable, InvalidRequest, KernelHubError
 from ..sandbox.factory import SandboxFactory
 from ..sandbox.limits import DEFAULT_MAXIMUM, Limits, resolve_limits
 from ..sandbox.provisioner import KERNELSPECS_DIR
@@ -48,6 +49,9 @@ from .telemetry import PoolState, Telemetry
 from .templates import BUILTIN_TEMPLATES, Template, parse_templates
 from .tenants import Tenant
 from .tokens import SandboxTokens
+
+#: Seconds between two applications of the audit log's retention.
+AUDIT_PRUNE_INTERVAL_S = 300.0
 
 
 class Hub(LoggingConfigurable):
@@ -143,6 +147,7 @@ class Hub(LoggingConfigurable):
         #: The durable store and the audit log, opened by :meth:`start` when ``durable``.
         self.store: Store | None = None
         self.audit: AuditLog | None = None
+        self._pruner: asyncio.Task[None] | None = None
         self.pool = Pool(factory, self.kernel_spec_manager, self.templates,
                          {name: t.base_limits(self.defaults, self.maximum) for name, t in self.templates.items()},
                          parent=self)
@@ -231,11 +236,24 @@ class Hub(LoggingConfigurable):
                 raise
             self.executions.store = self.store
             self.sandboxes.store = self.store
+            self._pruner = asyncio.ensure_future(self._prune_audit())
         await self.sandboxes.start()
+
+    async def _prune_audit(self) -> None:
+        """Apply the audit log's retention (``audit_retention_days``, ``audit_max_entries``) every
+        :data:`AUDIT_PRUNE_INTERVAL_S`; a failure is logged and retried at the next round."""
+        while self.audit is not None:
+            await asyncio.sleep(AUDIT_PRUNE_INTERVAL_S)
+            try:
+                await self.audit.prune()
+            except KernelHubError as exc:
+                self.log.error("pruning the audit log failed: %s", exc)
 
     async def shutdown(self) -> None:
         """Called on exit: stops (or, durable and not ``ephemeral``, keeps for the next start) every sandbox
         (:meth:`Sandboxes.shutdown`), then closes the audit log and the store."""
+        if self._pruner is not None:
+            self._pruner.cancel()
         try:
             await self.sandboxes.shutdown()
         finally:
@@ -261,11 +279,10 @@ class Hub(LoggingConfigurable):
     async def read_audit(self, tenant: Tenant, since: object = None, limit: object = None,
                          cursor: object = None) -> dict[str, Any]:
         """``GET /v1/audit``: the tenant's own entries, paged (:meth:`AuditLog.read` gives the shape). Raises
-        :class:`~kernelhub.errors.Conflict` (``audit_unavailable``) when this gateway keeps no audit log, and
+        :class:`~kernelhub.errors.AuditUnavailable` (409) when this gateway keeps no audit log, and
         :class:`~kernelhub.errors.InvalidRequest` for a bad ``since``, ``limit`` or ``cursor``."""
         if self.audit is None:
-            raise Conflict("This gateway keeps no audit log (it runs with --Hub.durable=False).",
-                           error="audit_unavailable")
+            raise AuditUnavailable("This gateway keeps no audit log (it runs with --Hub.durable=False).")
         return await self.audit.read(tenant.name, since, limit, cursor)
 
     def pool_state(self) -> PoolState | None:

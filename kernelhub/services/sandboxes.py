@@ -32,7 +32,14 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 from jupyter_client.kernelspec import KernelSpecManager
 
 from .. import json_input
-from ..errors import Conflict, InvalidRequest, NotFound, QuotaExceeded, SandboxError, SandboxNotRunning
+from ..errors import (
+    InvalidRequest,
+    NotFound,
+    QuotaExceeded,
+    SandboxError,
+    SandboxNotPaused,
+    SandboxNotRunning,
+)
 from ..models import iso
 from ..sandbox.factory import SandboxFactory
 from ..sandbox.limits import Limits, resolve_limits
@@ -646,13 +653,13 @@ class Sandboxes:
     async def resume_sandbox(self, tenant: Tenant, sandbox_id: object) -> SandboxRecord:
         """``sandbox_resume``: start the paused sandbox again on its workspace, with a fresh kernel (or shell)
         for each session it had, under the same ids. It counts toward ``max_sandboxes_per_tenant`` again.
-        Raises :class:`~kernelhub.errors.NotFound`, :class:`~kernelhub.errors.Conflict` (``sandbox_not_paused``)
+        Raises :class:`~kernelhub.errors.NotFound`, :class:`~kernelhub.errors.SandboxNotPaused` (409)
         unless it is paused, :class:`~kernelhub.errors.QuotaExceeded` at the live cap, and
         :class:`~kernelhub.errors.SandboxError` when it cannot start (it is then ``failed``, its workspace
         kept)."""
         record = self.get_sandbox(tenant, sandbox_id)
         if record.state != "paused":
-            raise Conflict(f"Sandbox {record.id} is {record.state}, not paused.", error="sandbox_not_paused")
+            raise SandboxNotPaused(f"Sandbox {record.id} is {record.state}, not paused.")
         self._reserve_sandbox(tenant)
         try:
             record.state, record.paused_at = "starting", None
