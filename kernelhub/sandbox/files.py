@@ -243,6 +243,15 @@ class _Frame:
     scanned: bool = False
 
 
+def _file_target(rel: str) -> tuple[list[str], str, str]:
+    """A file path to write: its parts, its form for messages and its last part (the file's name). Raises
+    :class:`InvalidRequest` for the workspace root and what :func:`split_workspace_path` raises."""
+    parts = split_workspace_path(rel)
+    if not parts:
+        raise InvalidRequest("The workspace root is a directory.")
+    return parts, _join(parts), parts[-1]
+
+
 def _ident(st: os.stat_result) -> tuple[int, int]:
     return (st.st_dev, st.st_ino)
 
@@ -541,13 +550,8 @@ class WorkspaceFiles(abc.ABC):
         return fd
 
     def _open_for_write(self, rel: str, *, make_parents: bool) -> tuple[int, int, str]:
-        """Like :meth:`open_write`, also answering the parent's descriptor and the name (to remove a partial
-        upload by descriptor later)."""
-        parts = split_workspace_path(rel)
-        shown = _join(parts)
-        if not parts:
-            raise InvalidRequest("The workspace root is a directory.")
-        name = parts[-1]
+        """Like :meth:`open_write`, also answering the parent's descriptor and the name."""
+        parts, shown, name = _file_target(rel)
         with _fs_errors(shown):
             dirfd = self._open_dirs(parts[:-1], create=make_parents)
             try:
@@ -593,11 +597,7 @@ class WorkspaceFiles(abc.ABC):
         final name must be absent or a regular file (it is replaced whole at the end, never written through, so
         a hard link there is not followed); a symlink, directory or other kind is refused as
         :meth:`open_write` refuses it. Parents are made as :meth:`open_write` makes them."""
-        parts = split_workspace_path(rel)
-        shown = _join(parts)
-        if not parts:
-            raise InvalidRequest("The workspace root is a directory.")
-        name = parts[-1]
+        parts, shown, name = _file_target(rel)
         with _fs_errors(shown):
             dirfd = self._open_dirs(parts[:-1], create=make_parents)
             try:

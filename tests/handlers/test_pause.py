@@ -14,7 +14,8 @@ import pytest
 
 from kernelhub.client import Sandbox
 from kernelhub.testing import Gateway
-from tests.handlers.test_restart import mcp_call, wait_until
+from tests.handlers.test_ops import wait_for
+from tests.handlers.test_restart import mcp_call
 
 GATEWAY_ARGS = ["--max-sandboxes", "2", "--Hub.max_paused_per_tenant=1", "--Hub.reap_interval=0.2"]
 
@@ -55,7 +56,7 @@ def test_pause_frees_the_processes_and_resume_keeps_the_files(gw: Gateway) -> No
     assert gw.request("POST", f"/v1/sandboxes/{sid}/execute", {"code": "x = 1"})[0] == 200
     status, ex = gw.request("POST", f"/v1/sandboxes/{sid}/executions", {"code": "import time; time.sleep(600)"})
     assert status == 202
-    wait_until(lambda: gw.request("GET", f"/v1/executions/{ex['id']}")[1]["status"] == "running", "it to run")
+    wait_for(lambda: gw.request("GET", f"/v1/executions/{ex['id']}")[1]["status"] == "running", "it to run")
 
     status, paused = gw.request("POST", f"/v1/sandboxes/{sid}/pause")
     assert (status, paused["state"]) == (200, "paused"), paused
@@ -107,7 +108,7 @@ def test_idle_sandboxes_pause_and_the_caps_hold(gw: Gateway) -> None:
     assert gw.request("POST", "/v1/sandboxes", {"on_idle": "hibernate"})[0] == 400
     idle = create(gw, on_idle="pause", limits={"idle_timeout_s": 1})
     assert idle["on_idle"] == "pause"
-    wait_until(lambda: gw.request("GET", f"/v1/sandboxes/{idle['id']}")[1]["state"] == "paused",
+    wait_for(lambda: gw.request("GET", f"/v1/sandboxes/{idle['id']}")[1]["state"] == "paused",
                "the idle sandbox to pause")
     # Paused ones do not count toward the live cap (2): two more may run.
     first, second = create(gw), create(gw)

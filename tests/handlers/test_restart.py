@@ -15,24 +15,14 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kernelhub.testing import Gateway
-
-
-def wait_until(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:
-    """Poll ``check`` until it answers something true (the event the test waits on), at most ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.handlers.test_ops import wait_for
 
 
 def sandbox_dirs(gw: Gateway) -> set[str]:
@@ -117,10 +107,10 @@ def test_kill_mid_execution_and_mid_upload_restores_everything(first: Gateway) -
         assert status == 202, ex
         running[language] = ex["id"]
     for language, ex_id in running.items():
-        wait_until(lambda ex_id=ex_id: gw.request("GET", f"/v1/executions/{ex_id}")[1]["stdout"] == "before\n",
+        wait_for(lambda ex_id=ex_id: gw.request("GET", f"/v1/executions/{ex_id}")[1]["stdout"] == "before\n",
                    f"the {language} execution to print")
     upload = open_upload(gw, sid, "big.bin", 64 * 1024 * 1024, b"\1" * (1024 * 1024))
-    wait_until(lambda: gateway_holds_an_unnamed_file(gw), "the upload to be written")
+    wait_for(lambda: gateway_holds_an_unnamed_file(gw), "the upload to be written")
     before_dirs = sandbox_dirs(gw)
 
     gw.crash()
@@ -180,12 +170,12 @@ def test_kill_mid_create_and_lifetime_passed_while_down(first: Gateway) -> None:
         ["curl", "-s", "-o", "/dev/null", "-X", "POST", "-H", f"Authorization: Bearer {gw.token}",
          "-H", "Content-Type: application/json", "-d", '{"template": "node"}', f"{gw.url}/v1/sandboxes"])
     try:
-        half = wait_until(lambda: sandbox_dirs(gw) - known, "the create to make its sandbox directory")
+        half = wait_for(lambda: sandbox_dirs(gw) - known, "the create to make its sandbox directory")
         gw.crash()
     finally:
         creator.wait()
     expires = time.time()
-    wait_until(lambda: time.time() > expires + 5, "the short sandbox's lifetime to pass", timeout=10)
+    wait_for(lambda: time.time() > expires + 5, "the short sandbox's lifetime to pass", timeout=10)
     second = Gateway(state_dir=gw.state_dir)
     try:
         status, info = second.request("GET", f"/v1/sandboxes/{short['id']}")
