@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import collections
+import contextlib
 import inspect
 import json
 import logging
@@ -516,7 +517,8 @@ class StoreExecutionHistory(MemoryExecutionHistory):
     async def stored(self, execution: Execution) -> None:
         future = self._adding.get(execution.id)
         if future is not None:
-            await asyncio.shield(future)
+            with contextlib.suppress(Exception):  # a store failure is logged (_added); the execution runs on
+                await asyncio.shield(future)
 
     def finished(self, execution: Execution) -> None:
         super().finished(execution)

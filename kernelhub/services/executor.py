@@ -133,8 +133,12 @@ class Executor:
                 self.executions.finished(ex)
 
         if not wait:
-            self.sandboxes.spawn(run())
-            await self.executions.stored(ex)  # its id survives a crash of the gateway from now on
+            try:
+                await self.executions.stored(ex)  # its id survives a crash of the gateway from now on
+            finally:
+                # Spawned last, with no await before the caller gets the execution: whatever the caller sends
+                # first (the stream's "accepted") precedes the execution's own "start".
+                self.sandboxes.spawn(run())
             return ex
         task = self.sandboxes.spawn(run())
         try:

@@ -92,6 +92,8 @@ def test_kill_mid_execution_and_mid_upload_restores_everything(first: Gateway) -
         status, se = gw.request("POST", f"/v1/sandboxes/{sid}/sessions", {"type": "jupyter", "language": language})
         assert status == 201, se
         sessions[language] = se["id"]
+    status, terminal = gw.request("POST", f"/v1/sandboxes/{sid}/sessions", {"type": "terminal"})
+    assert status == 201, terminal
     status, _ = gw.request("PUT", f"/v1/sandboxes/{sid}/files/keep/data.txt", raw=b"kept across the restart")
     assert status == 201
     status, done = gw.request("POST", f"/v1/sandboxes/{sid}/execute", {"code": "x = 41\nprint(x + 1)"})
@@ -122,7 +124,8 @@ def test_kill_mid_execution_and_mid_upload_restores_everything(first: Gateway) -
         assert info["state"] == "running" and "restored_at" in info
         assert info["metadata"] == {"owner": "restart-test", "n": [1, 2]}
         assert info["limits"] == sb["limits"] and info["created_at"] == sb["created_at"]
-        assert {s["language"]: s["id"] for s in info["sessions"]} == sessions
+        assert {s["language"]: s["id"] for s in info["sessions"] if s["type"] == "jupyter"} == sessions
+        assert [s["id"] for s in info["sessions"] if s["type"] == "terminal"] == [terminal["id"]]
         # Another tenant still cannot see it.
         assert second.request("GET", f"/v1/sandboxes/{sid}", token=second.other_token)[0] == 404
         # The workspace came back as it was: the file is there, the cut upload left nothing under any name.
@@ -149,6 +152,10 @@ def test_kill_mid_execution_and_mid_upload_restores_everything(first: Gateway) -
             status, ex = second.request("POST", f"/v1/sandboxes/{sid}/execute",
                                         {"code": code, "session_id": sessions[language]})
             assert (status, ex["stdout"].strip()) == (200, "2"), (language, ex)
+        # The terminal is a fresh shell on the same workspace, under the same id.
+        status, out = second.request("POST", f"/v1/sessions/{terminal['id']}/execute",
+                                     {"input": "cat keep/data.txt\n", "timeout_s": 5})
+        assert status == 200 and "kept across the restart" in out["output"], out
         status, logs = second.request("GET", f"/v1/sandboxes/{sid}/logs")
         assert any("kernel memory was lost" in line for line in logs["lines"]), logs
         # The start-up clean-up kept what the record claims and removed what none does (the warm pool's).
