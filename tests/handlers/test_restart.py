@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.sync.client import connect
 
 from kernelhub.testing import Gateway
 from tests.handlers.test_ops import wait_for
@@ -104,19 +105,27 @@ def test_kill_mid_execution_and_mid_upload_restores_everything(first: Gateway) -
                 "bash": "echo before; sleep 600"}
     running = {}
     for language, code in sleepers.items():
+        if language == "python":
+            continue  # sent over the /stream websocket below
         status, ex = gw.request("POST", f"/v1/sandboxes/{sid}/executions",
                                 {"code": code, "session_id": sessions[language]})
         assert status == 202, ex
         running[language] = ex["id"]
-    for language, ex_id in running.items():
-        wait_for(lambda ex_id=ex_id: gw.request("GET", f"/v1/executions/{ex_id}")[1]["stdout"] == "before\n",
-                   f"the {language} execution to print")
-    upload = open_upload(gw, sid, "big.bin", 64 * 1024 * 1024, b"\1" * (1024 * 1024))
-    wait_for(lambda: gateway_holds_an_unnamed_file(gw), "the upload to be written")
-    before_dirs = sandbox_dirs(gw)
-
-    gw.crash()
-    upload.close()
+    with connect(f"ws://127.0.0.1:{gw.port}/v1/sandboxes/{sid}/stream",
+                 additional_headers={"Authorization": f"Bearer {gw.token}"}, open_timeout=30) as stream:
+        stream.send(json.dumps({"type": "execute", "request_id": 1, "code": sleepers["python"],
+                                "session_id": sessions["python"]}))
+        accepted = json.loads(stream.recv(timeout=60))
+        assert accepted["type"] == "accepted", accepted
+        running["python"] = accepted["execution_id"]
+        for language, ex_id in running.items():
+            wait_for(lambda ex_id=ex_id: gw.request("GET", f"/v1/executions/{ex_id}")[1]["stdout"] == "before\n",
+                     f"the {language} execution to print")
+        upload = open_upload(gw, sid, "big.bin", 64 * 1024 * 1024, b"\1" * (1024 * 1024))
+        wait_for(lambda: gateway_holds_an_unnamed_file(gw), "the upload to be written")
+        before_dirs = sandbox_dirs(gw)
+        gw.crash()
+        upload.close()
     second = Gateway(state_dir=gw.state_dir)
     try:
         status, info = second.request("GET", f"/v1/sandboxes/{sid}")
