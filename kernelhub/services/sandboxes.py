@@ -205,6 +205,10 @@ class Sandboxes:
     #: Called with a record when its sandbox stops, before its OS objects go (the command registry forgets it).
     on_stop: list[Callable[[SandboxRecord], None]] = dataclasses.field(default_factory=list, init=False,
                                                                        repr=False)
+    #: Called with a record when its sandbox runs again on its workspace (restored or resumed), its sessions
+    #: started (the Jupyter API gives their kernels restarters again).
+    on_restart: list[Callable[[SandboxRecord], None]] = dataclasses.field(default_factory=list, init=False,
+                                                                          repr=False)
     #: Other names for templates: ``{alias: template}`` (E2B's ``base`` and ``code-interpreter-v1``, …).
     template_aliases: dict[str, str] = dataclasses.field(default_factory=dict)
     #: Where records are kept across restarts (issue 10); None: in memory only. Set by the hub before start.
@@ -362,6 +366,8 @@ class Sandboxes:
 
                 session = TerminalSession(sandbox)
             session.id = row.id or session.id
+            if session.type == "jupyter" and row.kernel_id:
+                session.km.kernel_id = row.kernel_id  # a Jupyter client reconnects under the id it knew
             try:
                 await session.start()
             except Exception as exc:
@@ -375,6 +381,8 @@ class Sandboxes:
         record.state, record.reason, record.kept_sessions = "running", None, []
         record.touch()
         await self._saved(record)
+        for listener in self.on_restart:
+            listener(record)
         return True
 
     def _attach(self, record: SandboxRecord, sandbox: Sandbox) -> None:
@@ -389,7 +397,9 @@ class Sandboxes:
         for ex in self.executions.for_sandbox(record.id):
             if not ex.ended:
                 await ex.finish("killed", reason)
-        record.kept_sessions = [SessionRow(se.id, record.id, se.type, se.language) for se in record.sessions.values()]
+        record.kept_sessions = [SessionRow(se.id, record.id, se.type, se.language,
+                                           kernel_id=se.kernel_id if se.type == "jupyter" else None)
+                                for se in record.sessions.values()]
         for session in list(record.sessions.values()):
             self._sessions.pop(session.id, None)
             with contextlib.suppress(Exception):
@@ -474,12 +484,13 @@ class Sandboxes:
     async def create_sandbox(self, tenant: Tenant, template: object = "python",
                              limits: Mapping[str, Any] | None = None, env: object = None, metadata: object = None,
                              network: object = None, *, kernel_language: str | None = None,
-                             on_idle: object = None) -> SandboxRecord:
+                             on_idle: object = None, jupyter_api: bool = False) -> SandboxRecord:
         """``sandbox_create``: a running sandbox with one jupyter session of its template's language.
 
         ``limits`` (API.md names) lower or raise the template's up to the maximum; ``env`` is added to the
         template's; ``metadata`` is kept as given (at most :data:`MAX_METADATA_BYTES` of JSON);
-        ``kernel_language`` (the Jupyter API's kernelspec) overrides the template's language. Raises
+        ``kernel_language`` (the Jupyter API's kernelspec) overrides the template's language; ``jupyter_api``
+        marks a sandbox the Jupyter API made (kept with it). Raises
         :class:`~kernelhub.errors.InvalidRequest` for any of them out of bounds,
         :class:`~kernelhub.errors.QuotaExceeded` past ``max_sandboxes_per_tenant`` live (starting included),
         and what the sandbox or kernel start raises."""
@@ -517,7 +528,7 @@ class Sandboxes:
         try:
             sandbox, pooled_session = await self._provision(tmpl, language, resolved, env_vars)
             record = SandboxRecord(sandbox.id, tenant, tmpl, resolved, metadata, env=env_vars,
-                                   on_idle=str(on_idle or "stop"))
+                                   on_idle=str(on_idle or "stop"), jupyter_api=jupyter_api)
             self.telemetry.sandbox_created(record)
             self._attach(record, sandbox)
             # The reservation becomes the record in one step (no await between): counted once, never twice.

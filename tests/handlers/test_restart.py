@@ -180,6 +180,10 @@ def test_kill_mid_create_and_lifetime_passed_while_down(first: Gateway) -> None:
     assert status == 201, short
     status, kept = gw.request("POST", "/v1/sandboxes", {"template": "bash"})
     assert status == 201, kept
+    status, kernel = gw.request("POST", "/api/kernels", {"name": "kernelhub-bash"})
+    assert status == 201, kernel
+    status, listing = gw.request("GET", "/v1/sandboxes")
+    made_by_jupyter = {s["id"] for s in listing["sandboxes"]} - {short["id"], kept["id"]}
     known = sandbox_dirs(gw)
     # A create in flight: killed once its sandbox directory exists, before it answers.
     creator = subprocess.Popen(
@@ -199,7 +203,11 @@ def test_kill_mid_create_and_lifetime_passed_while_down(first: Gateway) -> None:
         status, info = second.request("GET", f"/v1/sandboxes/{kept['id']}")
         assert (status, info["state"]) == (200, "running"), info
         status, listing = second.request("GET", "/v1/sandboxes")
-        assert {s["id"] for s in listing["sandboxes"]} == {short["id"], kept["id"]}, listing
+        assert {s["id"] for s in listing["sandboxes"]} == {short["id"], kept["id"], *made_by_jupyter}, listing
+        # A Jupyter API kernel comes back under the id its clients know, a fresh process.
+        status, model = second.request("GET", f"/api/kernels/{kernel['id']}")
+        assert (status, model["id"]) == (200, kernel["id"]), model
+        assert second.request("POST", f"/api/kernels/{kernel['id']}/interrupt")[0] == 204
         # Only what a record claims is left on disk and in the cgroup tree: the half-made sandbox is gone.
         assert kept["id"] in sandbox_dirs(second) and short["id"] not in sandbox_dirs(second)
         assert not (half & (sandbox_dirs(second) | kernelhub_cgroups()))
