@@ -17,6 +17,11 @@ The services, each in the module named for its concern:
 - :class:`~kernelhub.services.kernels.Kernels`: the Jupyter API's kernels, one sandbox each;
 - :class:`~kernelhub.services.pool.Pool`: ready sandboxes per template, which provisioning hands out.
 
+With ``durable`` (the default of ``kernelhub serve``) :meth:`Hub.start` opens the
+:class:`~kernelhub.services.store.Store` and the :class:`~kernelhub.services.audit.AuditLog` in the state
+directory: records survive a gateway restart, and the surfaces record every action through
+:meth:`Hub.record_action`.
+
 Created by the app (``kernelhub serve``) and in-process by ``kernelhub mcp``, which call :meth:`Hub.start` once
 the loop runs and :meth:`Hub.shutdown` on exit.
 """

@@ -14,8 +14,13 @@ and by :class:`~kernelhub.services.executor.Executor`, :class:`~kernelhub.servic
 
 :meth:`Sandboxes._provision` is the one place a sandbox comes from: a ready one from the warm pool
 (:mod:`kernelhub.services.pool`) when it can serve the request, else a new one. A :class:`SandboxRecord`'s
-plain fields are what a durable store would persist, its live fields (``sandbox``, ``sessions``, ``busy``) are
-rebuilt, never stored; pooled sandboxes have no record until they are handed out, and are never stored.
+plain fields are what the durable :class:`~kernelhub.services.store.Store` keeps (:meth:`SandboxRecord.to_row`,
+written at each change of state, before the answer that announces it); its live fields (``sandbox``,
+``sessions``, ``busy``) are rebuilt, never stored; pooled sandboxes have no record until they are handed out,
+and are never stored. With a store, :meth:`Sandboxes.start` restores what it records after a gateway restart
+(:meth:`Sandboxes._restore`) and :meth:`Sandboxes.shutdown` keeps the sandboxes' workspaces for it; pause and
+resume (:meth:`Sandboxes.pause_sandbox`, :meth:`Sandboxes.resume_sandbox`) use the same two halves, suspend and
+bring back.
 """
 
 from __future__ import annotations
