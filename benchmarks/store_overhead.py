@@ -19,6 +19,12 @@ executing in parallel: the writer batches their calls). Reported: wall time per 
 thread's CPU time per operation (the store's SQL runs on its own thread; the loop is what every request shares).
 
 Usage: ``.venv/bin/python benchmarks/store_overhead.py [ROUNDS]`` (no root needed).
+
+``--gateway`` measures the same paths end to end instead, through two real gateways started side by side
+(root needed): one with the store (the default) and one with ``--Hub.durable=False`` (memory only, no audit
+log). Create: ``POST /v1/sandboxes`` (no warm pool: each create starts its sandbox and kernel) until its 201;
+execute: ``POST /v1/sandboxes/{id}/execute`` of ``x = 1`` until its 200, back to back on one sandbox; each timed
+interleaved between the two gateways, medians and their ratio printed.
 """
 
 from __future__ import annotations
@@ -220,5 +226,43 @@ async def main(rounds: int) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def gateway_paths(creates: int = 8, executes: int = 300) -> None:
+    """The ``--gateway`` figures (module docstring)."""
+    from kernelhub.testing import Gateway
+
+    common = ["--pool-size", "0"]
+    gateways = {"store": Gateway(extra_args=common), "off": Gateway(extra_args=[*common, "--Hub.durable=False"])}
+    try:
+        create: dict[str, list[float]] = {k: [] for k in gateways}
+        for _ in range(creates):
+            for kind, gw in gateways.items():
+                t0 = time.perf_counter()
+                status, sb = gw.request("POST", "/v1/sandboxes", {"template": "python"})
+                create[kind].append(time.perf_counter() - t0)
+                assert status == 201, sb
+                gw.request("DELETE", f"/v1/sandboxes/{sb['id']}")
+        execute: dict[str, list[float]] = {k: [] for k in gateways}
+        sandboxes = {kind: gw.request("POST", "/v1/sandboxes", {"template": "python"})[1]["id"]
+                     for kind, gw in gateways.items()}
+        for _ in range(executes):
+            for kind, gw in gateways.items():
+                t0 = time.perf_counter()
+                status, ex = gw.request("POST", f"/v1/sandboxes/{sandboxes[kind]}/execute", {"code": "x = 1"})
+                execute[kind].append(time.perf_counter() - t0)
+                assert status == 200 and ex["status"] == "ok", ex
+        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; two real gateways, no pool, "
+              "medians")
+        print(f"{'path':44} {'store ms':>9} {'off ms':>8} {'ratio':>7}")
+        for name, samples in ((f"create ({creates} each)", create), (f"execute x = 1 ({executes} each)", execute)):
+            on, off = statistics.median(samples["store"]) * 1000, statistics.median(samples["off"]) * 1000
+            print(f"{name:44} {on:9.2f} {off:8.2f} {on / off:7.3f}")
+    finally:
+        for gw in gateways.values():
+            gw.stop()
+
+
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 5))
+    if "--gateway" in sys.argv[1:]:
+        gateway_paths()
+    else:
+        asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 5))

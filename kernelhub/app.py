@@ -390,6 +390,9 @@ KERNELHUB_TOKEN=KEY KERNELHUB_STATE_DIR=/srv/kernelhub kernelhub serve
         "log-level": "KernelHubApp.log_level",
         "operator-tenant": "ServeApp.operator_tenant",
     }
+    flags = {**KernelHubApp.flags,
+             "ephemeral": ({"Hub": {"ephemeral": True}}, "stop every sandbox for good when the gateway stops, "
+                           "instead of keeping them for the next start on this state directory")}
 
     ip = Unicode("127.0.0.1", help="Interface to listen on.", config=True).tag(env="KERNELHUB_IP")
     port = Integer(8888, help="Port to listen on; 0 picks a free one.", config=True).tag(env="KERNELHUB_PORT")
@@ -476,7 +479,8 @@ KERNELHUB_TOKEN=KEY KERNELHUB_STATE_DIR=/srv/kernelhub kernelhub serve
                           f"    {url}/v1/sandboxes?token={self.token}\n"
                           "    (a new one at every start: keep one with --token KEY, KERNELHUB_TOKEN or --api-keys "
                           "FILE)", flush=True)
-                print(f"kernelhub: listening on {url}; Ctrl-C or SIGTERM stops it and every sandbox", flush=True)
+                print(f"kernelhub: listening on {url}; Ctrl-C or SIGTERM stops it (its sandboxes are kept for the next "
+                      "start on this state directory unless --ephemeral)", flush=True)
                 try:
                     await stop.wait()
                 finally:

@@ -26,6 +26,7 @@ from .mcp.server import stdio_embedded, stdio_remote
 from .sandbox import doctor
 from .sandbox.factory import SandboxFactory
 from .sandbox.provisioner import KERNELSPECS_DIR
+from .services import audit
 from .services.tenants import Tenant
 from .settings import ConfigError
 
@@ -81,6 +82,15 @@ remote:
                     "users of the machine.", config=True).tag(env="KERNELHUB_TOKEN")
     embedded = Bool(False, help="Run in this process even if a --url is set.", config=True).tag(
         env="KERNELHUB_MCP_EMBEDDED")
+
+    def load_settings(self) -> None:
+        """As every command's, with one default of its own: embedded, the hub keeps nothing on disk
+        (``Hub.durable`` off unless configured): its sandboxes stop with this process, as documented above, and
+        its state directory may be a running gateway's, whose store it must not take."""
+        super().load_settings()
+        if "durable" not in self.config.Hub:
+            self.config.Hub.durable = False
+            self.update_config(self.config)
 
     async def serve(self) -> None:
         if self.url and not self.embedded:
@@ -222,6 +232,38 @@ class KernelspecsApp(KernelHubApp):
     epilogue = "Run `kernelhub kernelspecs COMMAND --help` for a command's options."
 
 
+class AuditVerifyApp(KernelHubApp):
+    """``kernelhub audit verify``: checks the audit log's hash chain (:func:`kernelhub.services.audit.run_verify`).
+    Exits 0 when intact, 1 naming the first bad entry, 2 when there is nothing to check."""
+
+    name = "kernelhub audit verify"
+    description = ("Check that the audit log in the state directory's database (and, with --jsonl, a mirror file "
+                   "or a shipped copy of it) is intact: no entry changed, removed, inserted or reordered. Exits 1 "
+                   "naming the first bad entry.")
+    classes = [SandboxFactory]
+    aliases = {"state-dir": "SandboxFactory.state_dir", "jsonl": "AuditVerifyApp.jsonl",
+               "config": "KernelHubApp.config_file", "log-level": "KernelHubApp.log_level"}
+    flags: dict[str, Any] = {}
+
+    jsonl = Unicode("", help="Also check this JSON-lines mirror of the audit log (or a shipped copy of it).",
+                    config=True).tag(env="KERNELHUB_AUDIT_JSONL")
+
+    def start(self) -> None:
+        state_dir = SandboxFactory(parent=self).state_dir
+        self.exit(audit.run_verify(state_dir, self.jsonl or None))
+
+
+class AuditApp(KernelHubApp):
+    """``kernelhub audit``: its subcommand."""
+
+    name = "kernelhub audit"
+    description = "Work with the gateway's audit log."
+    subcommands = {"verify": (AuditVerifyApp, "check the audit log's hash chain")}
+    aliases: dict[str, Any] = {}
+    flags: dict[str, Any] = {}
+    epilogue = "Run `kernelhub audit verify --help` for its options."
+
+
 class MainApp(KernelHubApp):
     """``kernelhub``: the subcommands."""
 
@@ -234,6 +276,7 @@ class MainApp(KernelHubApp):
         "mcp": (MCPApp, "serve the MCP tools over stdio"),
         "doctor": (DoctorApp, "report what isolation this machine can enforce"),
         "kernelspecs": (KernelspecsApp, "install or list the sandboxed kernelspecs for Jupyter"),
+        "audit": (AuditApp, "check the audit log (kernelhub audit verify --state-dir DIR)"),
     }
     examples = """
 kernelhub serve --port 9000

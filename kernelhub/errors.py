@@ -197,6 +197,18 @@ class SandboxNotRunning(Conflict, SandboxError):
     error = "sandbox_not_running"
 
 
+class SandboxNotPaused(Conflict):
+    """A resume of a sandbox that is not paused (409)."""
+
+    error = "sandbox_not_paused"
+
+
+class AuditUnavailable(Conflict):
+    """``GET /v1/audit`` on a gateway that keeps no audit log (``--Hub.durable=False``) (409)."""
+
+    error = "audit_unavailable"
+
+
 class IsolationUnavailable(SandboxError):
     """This machine cannot enforce the configured isolation policy (503)."""
 
@@ -293,6 +305,7 @@ def error_for(code: str | None, message: str, status: int = 0, *, body: Any = No
 
 __all__ = [
     "STATUS_CLASSES",
+    "AuditUnavailable",
     "CapacityExhausted",
     "Conflict",
     "DiskQuotaExceeded",
@@ -312,6 +325,7 @@ __all__ = [
     "QuotaExceeded",
     "ResponseTimeoutError",
     "SandboxError",
+    "SandboxNotPaused",
     "SandboxNotRunning",
     "Timeout",
     "Unauthorized",

@@ -117,8 +117,10 @@ class SandboxCreate:
     metadata: dict[str, Any] | None = None
     #: A string or an object, as sent: the service's policy module (services/egress/policy.py) judges it.
     network: str | dict[str, Any] | None = None
+    #: What the idle reaper does: ``"stop"`` (the default) or ``"pause"``; the service judges the value.
+    on_idle: str | None = None
 
-    FIELDS: ClassVar[tuple[str, ...]] = ("template", "limits", "env", "metadata", "network")
+    FIELDS: ClassVar[tuple[str, ...]] = ("template", "limits", "env", "metadata", "network", "on_idle")
 
 
 def parse_sandbox_create(body: Mapping[str, Any], *, extra: Sequence[str] = ()) -> SandboxCreate:
@@ -130,6 +132,7 @@ def parse_sandbox_create(body: Mapping[str, Any], *, extra: Sequence[str] = ()) 
         env=optional(body, "env", dict, _ENV),
         metadata=optional(body, "metadata", dict, "a JSON object"),
         network=body.get("network"),  # a string or an object: the policy module says what is wrong
+        on_idle=optional(body, "on_idle", str, '"stop" or "pause"'),
     )
 
 

@@ -159,9 +159,13 @@ class Gateway:
         self.proc.wait()
         self._log.close()
 
-    def stop(self) -> None:
+    def stop(self, *, keep_state: bool = False) -> None:
+        """SIGTERM the gateway and wait for it; then remove its state directory, unless ``keep_state`` (to start
+        a successor on it: a durable gateway keeps its sandboxes there)."""
         terminate(self.proc)
         self._log.close()
+        if keep_state:
+            return
         # The gateway stopped its sandboxes; remove its state dir unless something is still mounted there (then
         # it is left for `kernelhub serve` to reap at its next start, never deleted from under a mount).
         with open("/proc/self/mountinfo") as f:

@@ -131,6 +131,14 @@ def delete_sandbox(sandbox_id: str) -> Call:
     return Call("DELETE", f"/v1/sandboxes/{_sid(sandbox_id)}", timeout=120.0)
 
 
+def pause_sandbox(sandbox_id: str) -> Call:
+    return Call("POST", f"/v1/sandboxes/{_sid(sandbox_id)}/pause", timeout=120.0)
+
+
+def resume_sandbox(sandbox_id: str) -> Call:
+    return Call("POST", f"/v1/sandboxes/{_sid(sandbox_id)}/resume", timeout=120.0)
+
+
 def sandbox_logs(sandbox_id: str, lines: int) -> Call:
     return Call("GET", f"/v1/sandboxes/{_sid(sandbox_id)}/logs", query={"lines": lines})
 

@@ -610,6 +610,18 @@ class AsyncSandbox:
         except NotFound:
             return False
 
+    async def pause(self) -> dict[str, Any]:
+        """Pause the sandbox: its processes stop and its memory is freed, its workspace and session ids are kept
+        (state ``paused``; running code ends ``killed``, reason ``paused``). Answers the sandbox."""
+        self._info = await self._call(_api.pause_sandbox(self.id))
+        return dict(self._info)
+
+    async def resume(self) -> dict[str, Any]:
+        """Start a paused sandbox again on its workspace, with fresh kernels (their memory was lost) under the
+        same session ids. Answers the sandbox."""
+        self._info = await self._call(_api.resume_sandbox(self.id))
+        return dict(self._info)
+
     async def metrics(self) -> dict[str, Any]:
         """CPU, memory, pids and disk usage against the sandbox's limits (API.md "metrics")."""
         return await self._call(_api.sandbox_metrics(self.id))  # type: ignore[no-any-return]

@@ -314,6 +314,8 @@ class Sandbox:
     info = blocking(AsyncSandbox.info)
     set_network = blocking(AsyncSandbox.set_network)
     is_running = blocking(AsyncSandbox.is_running)
+    pause = blocking(AsyncSandbox.pause)
+    resume = blocking(AsyncSandbox.resume)
     metrics = blocking(AsyncSandbox.metrics)
     logs = blocking(AsyncSandbox.logs)
     run_code = blocking(AsyncSandbox.run_code)

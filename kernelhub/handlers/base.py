@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import urllib.parse
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlparse
 
@@ -92,8 +94,55 @@ class AuthMixin:
         self.config = config
 
     def authenticate(self) -> Tenant:
-        self.tenant = self.tenants.authenticate(token_from_request(self.request))
+        key = token_from_request(self.request)
+        self.audit_key = key
+        self.tenant = self.tenants.authenticate(key)
         return self.tenant
+
+    #: The key the request presented (kept for its audit fingerprint only; never logged or stored).
+    audit_key: str | None = None
+    #: The error code the request was answered with, if any.
+    audit_error: str | None = None
+
+    def audit(self, action: str, ids: Mapping[str, object] | None, status: int, error: str | None = None,
+              code: str | None = None) -> None:
+        """Record one action of this connection in the audit log (:meth:`Hub.record_action`): the caller's
+        tenant and key fingerprint, ``action``, the ``ids`` it touched, its outcome and the ``code`` it ran."""
+        self.hub.record_action(getattr(self, "tenant", None), self.audit_key, action, ids, status, error, code)
+
+    def audit_route(self) -> tuple[str, dict[str, str]]:
+        """This request's action (``"POST /v1/sandboxes/{sandbox_id}/execute"``: the method and the path with
+        each URL argument that is an id named by the segment before it, :data:`_ID_NAMES`) and those ids."""
+        handler: Any = self
+        path = self.request.path
+        ids: dict[str, str] = {}
+        named = {k: v for k, v in (getattr(handler, "path_kwargs", None) or {}).items() if k != "action"}
+        for key, arg in [*((None, a) for a in getattr(handler, "path_args", None) or []), *named.items()]:
+            if not isinstance(arg, str) or not arg:
+                continue
+            raw = urllib.parse.quote(arg, safe="/:@!$&'()*+,;=-._~")
+            at = path.find(raw)
+            if at < 0:
+                continue
+            before = path[:at].rstrip("/").rsplit("/", 1)[-1]
+            name = key or _ID_NAMES.get(before)
+            if name is None:
+                continue  # a word of the route (an action), not an id
+            ids.setdefault(name, arg)
+            path = f"{path[:at]}{{{name}}}{path[at + len(raw):]}"
+        return f"{self.request.method} {path}", ids
+
+
+#: The id an audited URL argument is recorded as, by the path segment before it.
+_ID_NAMES = {"sandboxes": "sandbox_id", "executions": "execution_id", "sessions": "session_id",
+             "kernels": "kernel_id", "commands": "command_id", "files": "path", "contexts": "context_id"}
+#: Codes of the fields whose value is code (recorded as its SHA-256 and size), by precedence.
+_CODE_FIELDS = ("code", "command", "input")
+
+def audited_code(fields: Mapping[str, Any] | None) -> str | None:
+    """The code a request or message carries (its ``code``, ``command`` or ``input`` string), for the audit
+    log, which keeps its SHA-256 and size."""
+    return next((v for f in _CODE_FIELDS if isinstance(v := (fields or {}).get(f), str)), None)
 
 
 #: Methods a route can implement, in the order an ``Allow`` header lists them.
@@ -142,6 +191,7 @@ class JsonErrorsMixin:
 
     def send_error_json(self, status: int, error: str, message: str) -> None:
         handler: Any = self
+        handler.audit_error = error
         hub = getattr(self, "hub", None)
         if hub is not None:
             hub.telemetry.error(error)
@@ -202,11 +252,28 @@ class BaseHandler(AuthMixin, JsonErrorsMixin, web.RequestHandler):
     """
 
     auth_required = True
+    #: Whether each request is an entry of the audit log (made when it ends, :meth:`on_finish`): every
+    #: authenticated route's is; ``/mcp`` records its tools instead.
+    audited = True
     _body: bytearray
     _body_size = 0
     #: Bytes of the body held against the tenant's Hub.max_request_body_mb_per_tenant, given back at the end.
     _body_held = 0
     _body_refused: KernelHubError | None = None
+    _json: dict[str, Any] | None = None
+    _created: str | None = None
+
+    def on_finish(self) -> None:
+        """The one audit hook of every HTTP route: the request's action, ids and outcome, and the code its
+        JSON body carried (``code``, ``command`` or ``input``), once answered; and the body's bytes held against
+        the tenant's cap are given back."""
+        self._release_body()
+        if not self.audited or not self.auth_required or self.request.method == "OPTIONS":
+            return
+        action, ids = self.audit_route()
+        if self._created is not None:
+            ids["created"] = self._created
+        self.audit(action, ids, self.get_status(), self.audit_error, audited_code(self._json))
 
     def set_default_headers(self) -> None:
         self.set_header("Cache-Control", "no-store")
@@ -263,9 +330,6 @@ class BaseHandler(AuthMixin, JsonErrorsMixin, web.RequestHandler):
             self._body_held = 0
         self._body = bytearray()
 
-    def on_finish(self) -> None:
-        self._release_body()
-
     def on_connection_close(self) -> None:
         self._release_body()
         super().on_connection_close()
@@ -291,9 +355,12 @@ class BaseHandler(AuthMixin, JsonErrorsMixin, web.RequestHandler):
         data = json_input.loads(body)
         if not isinstance(data, dict):
             raise InvalidRequest("The body must be a JSON object.")
+        self._json = data
         return data
 
     def send_json(self, data: Any, status: int = 200) -> None:
+        if status in (201, 202) and isinstance(data, dict) and isinstance(data.get("id"), str):
+            self._created = data["id"]  # what the request made, for its audit entry
         self.set_status(status)
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.finish(json_text(data).encode())
@@ -362,6 +429,7 @@ class WebSocketBase(AuthMixin, JsonErrorsMixin, websocket.WebSocketHandler):
         Gets the URL's groups as tornado passes them (positional, or by name for named groups)."""
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
+        action, ids = self.audit_route()
         try:
             self.authenticate()
             self._check_handshake()
@@ -371,7 +439,9 @@ class WebSocketBase(AuthMixin, JsonErrorsMixin, websocket.WebSocketHandler):
             self.hub.hold_websocket(self.tenant)
         except KernelHubError as exc:
             self._handle_request_exception(exc)
+            self.audit(action, ids, exc.status, exc.error)
             return
+        self.audit(action, ids, 101)
         try:
             await super().get(*args, **kwargs)  # returns once the socket is closed, or the upgrade failed
         finally:

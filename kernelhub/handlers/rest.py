@@ -152,7 +152,7 @@ class SandboxesHandler(BaseHandler):
     async def post(self) -> None:
         req = parse_sandbox_create(self.json_body(required=False))
         record = await self.hub.create_sandbox(self.tenant, template=req.template, limits=req.limits, env=req.env,
-                                               metadata=req.metadata, network=req.network)
+                                               metadata=req.metadata, network=req.network, on_idle=req.on_idle)
         self.set_header("Location", f"/v1/sandboxes/{record.id}")
         self.send_json(record.to_dict(), 201)
 
@@ -227,8 +227,8 @@ class ExecutionsHandler(BaseHandler):
 class ExecutionHandler(BaseHandler):
     """``GET /v1/executions/{id}`` (execution_status)."""
 
-    def get(self, execution_id: str) -> None:
-        self.send_json(self.hub.get_execution(self.tenant, execution_id).to_dict())
+    async def get(self, execution_id: str) -> None:
+        self.send_json(await self.hub.execution_status(self.tenant, execution_id))
 
 
 class ExecutionInterruptHandler(BaseHandler):
@@ -404,6 +404,30 @@ class OpenAPIHandler(BaseHandler):
         self.finish(OpenAPIHandler._cache)
 
 
+class SandboxPauseHandler(BaseHandler):
+    """``POST /v1/sandboxes/{id}/pause`` (sandbox_pause): the paused sandbox."""
+
+    async def post(self, sandbox_id: str) -> None:
+        self.send_json((await self.hub.pause_sandbox(self.tenant, sandbox_id)).to_dict())
+
+
+class SandboxResumeHandler(BaseHandler):
+    """``POST /v1/sandboxes/{id}/resume`` (sandbox_resume): the running sandbox."""
+
+    async def post(self, sandbox_id: str) -> None:
+        self.send_json((await self.hub.resume_sandbox(self.tenant, sandbox_id)).to_dict())
+
+
+class AuditHandler(BaseHandler):
+    """``GET /v1/audit?since=&limit=&cursor=``: the caller's tenant's own audit entries, oldest first, paged
+    (``{"entries", "next"}``; :meth:`kernelhub.services.audit.AuditLog.read`)."""
+
+    async def get(self) -> None:
+        self.send_json(await self.hub.read_audit(self.tenant, self.get_query_argument("since", None),
+                                                 self.get_query_argument("limit", None),
+                                                 self.get_query_argument("cursor", None)))
+
+
 default_handlers: list[Any] = [
     (r"/v1/openapi\.json", OpenAPIHandler),
     (r"/v1/templates", TemplatesHandler),
@@ -420,4 +444,7 @@ default_handlers: list[Any] = [
     (rf"/v1/executions/{ID}/interrupt", ExecutionInterruptHandler),
     (rf"/v1/sessions/{ID}", SessionHandler),
     (rf"/v1/sessions/{ID}/execute", SessionExecuteHandler),
+    (rf"/v1/sandboxes/{ID}/pause", SandboxPauseHandler),
+    (rf"/v1/sandboxes/{ID}/resume", SandboxResumeHandler),
+    (r"/v1/audit", AuditHandler),
 ]

@@ -28,7 +28,7 @@ from ..models import Execute, parse_execute, required
 from ..services.executions import Execution
 from ..services.hub import Hub
 from ..services.tenants import TenantRegistry
-from .base import GatewayConfig, json_text
+from .base import GatewayConfig, audited_code, json_text
 from .commands import CommandStreamMixin
 
 MAX_REQUEST_ID = 256
@@ -84,9 +84,13 @@ class SandboxStreamHandler(CommandStreamMixin):
             if not isinstance(msg, dict):
                 raise InvalidRequest("A message must be a JSON object.")
         except KernelHubError as exc:
+            self.audit("WS /v1/sandboxes/{sandbox_id}/stream message", {"sandbox_id": self.sandbox_id}, exc.status,
+                       exc.error)
             await self._reject(None, exc)
             return
         request_id = _request_id(msg)
+        action = f"WS /v1/sandboxes/{{sandbox_id}}/stream {str(msg.get('type'))[:32]}"
+        ids = {"sandbox_id": self.sandbox_id, "execution_id": msg.get("execution_id")}
         try:
             if msg.get("request_id") is not None and request_id is None:
                 raise InvalidRequest(f"request_id must be a string or an integer of at most {MAX_REQUEST_ID} "
@@ -104,7 +108,11 @@ class SandboxStreamHandler(CommandStreamMixin):
                 raise InvalidRequest(f"Unknown message type {str(kind)[:64]!r}; send execute, interrupt, input, "
                                      f"{', '.join(self.COMMAND_MESSAGES)}.")
         except KernelHubError as exc:
+            self.audit(action, ids, exc.status, exc.error, audited_code(msg))
             await self._reject(request_id, exc)
+        else:
+            if kind != "execute":  # an execute is recorded once accepted or rejected (_run_execution)
+                self.audit(action, ids, 200, None, audited_code(msg))
 
     def _start(self, msg: dict[str, Any], request_id: Any) -> None:
         req = parse_execute(msg, extra=("type", "request_id"), who="execute")
@@ -132,12 +140,15 @@ class SandboxStreamHandler(CommandStreamMixin):
             finally:
                 self._inputs.pop(ex.id, None)
 
+        action = "WS /v1/sandboxes/{sandbox_id}/stream execute"
         try:
             ex = await self.hub.execute(self.tenant, self.sandbox_id, listener=listener,
                                         input_handler=input_handler, wait=False, **vars(req))
         except KernelHubError as exc:
+            self.audit(action, {"sandbox_id": self.sandbox_id}, exc.status, exc.error, req.code)
             await self._reject(request_id, exc)
             return
+        self.audit(action, {"sandbox_id": self.sandbox_id, "execution_id": ex.id}, 202, None, req.code)
         holder["ex"] = ex
         self._live[ex.id] = ex
         try:

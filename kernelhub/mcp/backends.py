@@ -42,6 +42,8 @@ class Backend(Protocol):
     async def sandbox_list(self) -> dict[str, Any]: ...
     async def sandbox_info(self, sandbox_id: str) -> dict[str, Any]: ...
     async def sandbox_delete(self, sandbox_id: str) -> None: ...
+    async def sandbox_pause(self, sandbox_id: str) -> dict[str, Any]: ...
+    async def sandbox_resume(self, sandbox_id: str) -> dict[str, Any]: ...
     async def code_execute(self, sandbox_id: str, code: str, language: str | None, session_id: str | None,
                            timeout_s: float | None, env: dict[str, str] | None,
                            on_event: EventSink | None) -> dict[str, Any]: ...
@@ -81,9 +83,11 @@ def _too_large(path: str, size: int, max_bytes: int) -> PayloadTooLarge:
 class HubBackend:
     """The tools run on an in-process :class:`~kernelhub.services.hub.Hub` as ``tenant``."""
 
-    def __init__(self, hub: Hub, tenant: Tenant) -> None:
+    def __init__(self, hub: Hub, tenant: Tenant, key: str | None = None) -> None:
         self.hub = hub
         self.tenant = tenant
+        #: The API key of the call (for its audit fingerprint only), None in-process (``kernelhub mcp``).
+        self.key = key
 
     async def sandbox_create(self, template: str | None, limits: dict[str, Any] | None,
                              env: dict[str, str] | None, metadata: dict[str, Any] | None,
@@ -103,6 +107,12 @@ class HubBackend:
     async def sandbox_delete(self, sandbox_id: str) -> None:
         await self.hub.delete_sandbox(self.tenant, sandbox_id)
 
+    async def sandbox_pause(self, sandbox_id: str) -> dict[str, Any]:
+        return (await self.hub.pause_sandbox(self.tenant, sandbox_id)).to_dict()
+
+    async def sandbox_resume(self, sandbox_id: str) -> dict[str, Any]:
+        return (await self.hub.resume_sandbox(self.tenant, sandbox_id)).to_dict()
+
     async def code_execute(self, sandbox_id: str, code: str, language: str | None, session_id: str | None,
                            timeout_s: float | None, env: dict[str, str] | None,
                            on_event: EventSink | None) -> dict[str, Any]:
@@ -118,7 +128,7 @@ class HubBackend:
         return {"id": ex.id, "status": ex.status}
 
     async def execution_status(self, execution_id: str) -> dict[str, Any]:
-        return self.hub.get_execution(self.tenant, execution_id).to_dict()
+        return await self.hub.execution_status(self.tenant, execution_id)
 
     async def command_execute(self, sandbox_id: str, command: str, cwd: str | None, env: dict[str, str] | None,
                               timeout_s: float | None, stdin: str | None) -> dict[str, Any]:
@@ -226,6 +236,12 @@ class RemoteBackend:
 
     async def sandbox_delete(self, sandbox_id: str) -> None:
         await self.api.call(_api.delete_sandbox(sandbox_id))
+
+    async def sandbox_pause(self, sandbox_id: str) -> dict[str, Any]:
+        return await self.api.call(_api.pause_sandbox(sandbox_id))  # type: ignore[no-any-return]
+
+    async def sandbox_resume(self, sandbox_id: str) -> dict[str, Any]:
+        return await self.api.call(_api.resume_sandbox(sandbox_id))  # type: ignore[no-any-return]
 
     async def code_execute(self, sandbox_id: str, code: str, language: str | None, session_id: str | None,
                            timeout_s: float | None, env: dict[str, str] | None,

@@ -31,8 +31,10 @@ from .server import build_server
 
 log = logging.getLogger("kernelhub.mcp")
 
-#: The ASGI scope key that carries the authenticated tenant to the tools.
+#: The ASGI scope key that carries the authenticated tenant to the tools, and the one that carries its API key
+#: (for the audit log's key fingerprint).
 TENANT_KEY = "kernelhub.tenant"
+API_KEY = "kernelhub.key"
 #: Largest JSON-RPC request body accepted (file_upload carries files base64-encoded).
 MAX_REQUEST_BYTES = 96 * 1024 * 1024
 #: Response headers tornado sets itself.
@@ -55,7 +57,8 @@ class MCPBridge:
         tenant = scope.get(TENANT_KEY)
         if not isinstance(tenant, Tenant):
             raise Unauthorized("This MCP request carries no authenticated key.")
-        return HubBackend(self.hub, tenant)
+        key = scope.get(API_KEY)
+        return HubBackend(self.hub, tenant, key if isinstance(key, str) else None)
 
     async def ensure_running(self) -> None:
         if self._ready is None:
@@ -76,6 +79,7 @@ class MCPHandler(BaseHandler):
     the REST routes cap theirs."""
 
     bridge: MCPBridge
+    audited = False  # each tool call is an entry (kernelhub.mcp.server.audit_tool), not the POST carrying it
 
     def initialize(self, hub: Hub, tenants: TenantRegistry, config: GatewayConfig,  # type: ignore[override]
                    bridge: MCPBridge, **kwargs: Any) -> None:
@@ -118,6 +122,7 @@ class MCPHandler(BaseHandler):
             "server": (host or request.host, int(port) if port.isdigit() else 80),
             "state": {},
             TENANT_KEY: self.tenant,
+            API_KEY: self.audit_key,
         }
 
     async def _asgi(self) -> None:

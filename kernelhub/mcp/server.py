@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from .. import __version__
 from ..client import _api
 from ..client._async import AsyncApiClient
-from ..errors import KernelHubError
+from ..errors import KernelHubError, error_class
 from ..services.hub import Hub
 from ..services.tenants import Tenant
 from . import tools
@@ -130,18 +130,44 @@ def to_result(out: tools.ToolOutput) -> types.CallToolResult:
 
 async def run_tool(backend: Backend, name: str, arguments: dict[str, Any] | None,
                    send_progress: SendProgress | None) -> types.CallToolResult:
-    """One ``tools/call``: the tool runs while a :class:`ProgressReporter` forwards its execution's events."""
+    """One ``tools/call``: the tool runs while a :class:`ProgressReporter` forwards its execution's events;
+    then it is recorded in the audit log (:func:`audit_tool`)."""
     if send_progress is None:
-        return to_result(await tools.call_tool(backend, name, arguments))
-    reporter = ProgressReporter(send_progress)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(reporter.run)
-        try:
-            out = await tools.call_tool(backend, name, arguments, reporter.on_event)
-            await reporter.flush()
-        finally:
-            tg.cancel_scope.cancel()
+        out = await tools.call_tool(backend, name, arguments)
+    else:
+        reporter = ProgressReporter(send_progress)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reporter.run)
+            try:
+                out = await tools.call_tool(backend, name, arguments, reporter.on_event)
+                await reporter.flush()
+            finally:
+                tg.cancel_scope.cancel()
+    audit_tool(backend, name, arguments, out)
     return to_result(out)
+
+
+#: Tool arguments recorded as the ids a call touched, and those whose value is code (kept as SHA-256 and size).
+_AUDIT_IDS = ("sandbox_id", "session_id", "execution_id", "path")
+_AUDIT_CODE = ("code", "command", "input")
+
+
+def audit_tool(backend: Backend, name: str, arguments: dict[str, Any] | None, out: tools.ToolOutput) -> None:
+    """The MCP surface's one audit hook: a tool call that ran on the in-process hub is an entry (action: the
+    tool's name; ids: its id and path arguments, and the id it made; outcome: 200, or the status and code of
+    its error). A remote backend's calls are audited by the gateway they reach."""
+    if not isinstance(backend, HubBackend):
+        return
+    args = arguments if isinstance(arguments, dict) else {}
+    ids: dict[str, object] = {k: v for k in _AUDIT_IDS if isinstance(v := args.get(k), str)}
+    error = out.structured.get("error") if out.is_error else None
+    made = out.structured.get("id")
+    if not out.is_error and isinstance(made, str) and made not in ids.values():
+        ids["created"] = made
+    code = next((v for k in _AUDIT_CODE if isinstance(v := args.get(k), str)), None)
+    status = error_class(str(error), 0).status if out.is_error else 200
+    backend.hub.record_action(backend.tenant, backend.key, name[:256], ids, status or 500,
+                              str(error) if error else None, code)
 
 
 def build_server(backend_for: BackendFor) -> Server[Any]:

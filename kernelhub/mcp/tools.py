@@ -118,6 +118,18 @@ async def _sandbox_delete(b: Backend, a: dict[str, Any], p: Progress | None) -> 
                       f"Deleted sandbox {a['sandbox_id']}: its processes, kernels and workspace are gone.")
 
 
+async def _sandbox_pause(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    sb = await b.sandbox_pause(a["sandbox_id"])
+    return ToolOutput(sb, f"Paused sandbox {sb.get('id')}: its processes stopped and its memory was freed; its "
+                      "/workspace files are kept. Resume it with sandbox_resume (kernels start fresh).")
+
+
+async def _sandbox_resume(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
+    sb = await b.sandbox_resume(a["sandbox_id"])
+    return ToolOutput(sb, "Resumed: kernel memory was lost (variables, imports); the files are as they were.\n"
+                      + _sandbox_text(sb))
+
+
 async def _code_execute(b: Backend, a: dict[str, Any], p: Progress | None) -> ToolOutput:
     req = parse_execute(a, extra=("sandbox_id",))
     ex = await b.code_execute(a["sandbox_id"], req.code, req.language, req.session_id, req.timeout_s, req.env, p)
@@ -292,6 +304,17 @@ TOOLS: list[ToolSpec] = [
         "Use it when the work is finished. Returns {sandbox_id, deleted: true}.",
         _schema({"sandbox_id": SANDBOX_ID}, ("sandbox_id",)), _sandbox_delete, destructive=True,
         idempotent=True),
+    ToolSpec(
+        "sandbox_pause", "Pause a sandbox",
+        "Pause a running sandbox: its kernels, commands and terminals stop and its memory is freed, but its "
+        "/workspace files and session ids are kept, without counting toward the live sandbox limit. Code running "
+        "in it ends (killed, reason paused). Returns the sandbox (state paused).",
+        _schema({"sandbox_id": SANDBOX_ID}, ("sandbox_id",)), _sandbox_pause, destructive=True),
+    ToolSpec(
+        "sandbox_resume", "Resume a paused sandbox",
+        "Start a paused sandbox again on its kept /workspace, with fresh kernels under the same session ids "
+        "(variables and imports from before the pause are gone). Returns the sandbox (state running).",
+        _schema({"sandbox_id": SANDBOX_ID}, ("sandbox_id",)), _sandbox_resume),
     ToolSpec(
         "code_execute", "Run code",
         "Run code in a sandbox's kernel and wait until it ends. State persists between calls (variables, "

@@ -14,7 +14,7 @@ import contextlib
 import os
 import secrets
 import shutil
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -172,12 +172,18 @@ class SandboxFactory(LoggingConfigurable):
         self._state_ready = True
 
     async def create(self, limits: Limits | None = None, env: Mapping[str, str] | None = None,
-                     sandbox_id: str | None = None, cpu_weight: int = CPU_WEIGHT_DEFAULT) -> Sandbox:
+                     sandbox_id: str | None = None, cpu_weight: int = CPU_WEIGHT_DEFAULT, *,
+                     reattach: bool = False, uid: int | None = None) -> Sandbox:
         """Start a new sandbox with its agent running. Called by the service layer and the provisioner.
 
         ``cpu_weight`` (cgroup v2 ``cpu.weight`` units, 1 to 10000) is its share of contended CPU from the
         first process on: the pool starts its sandboxes below the default so that refilling yields to live
-        sandboxes, and :meth:`Sandbox.retune` restores the default at hand-out."""
+        sandboxes, and :meth:`Sandbox.retune` restores the default at hand-out.
+
+        ``reattach`` (with ``sandbox_id``): start the sandbox again on the workspace it kept when it stopped
+        (paused, or left by a gateway that died): nothing is formatted, and a failed start keeps the
+        workspace. ``uid``: the host uid it ran as, taken again when free (else a new one, and the workspace's
+        files are given to it). Raises :class:`SandboxError` when the workspace is missing."""
         if self.isolation == "strict" and not self.as_root:
             raise IsolationUnavailable(
                 "Strict isolation needs root (a host uid per sandbox, cgroups, workspace quotas); run as root "
@@ -186,14 +192,17 @@ class SandboxFactory(LoggingConfigurable):
         self._prepare_state_dir()
         limits = limits or Limits()
         sandbox_id = sandbox_id or "sb" + secrets.token_hex(5)
-        uid = self.uids.acquire() if self.as_root else os.getuid()
+        if not self.as_root:
+            uid = os.getuid()
+        elif uid is None or not self.uids.try_hold(uid):
+            uid = self.uids.acquire()
         sandbox = Sandbox(self, sandbox_id, uid, limits, env or {}, cpu_weight=cpu_weight)
         self._live[sandbox_id] = sandbox
         try:
-            await sandbox._start()
+            await sandbox._start(reattach=reattach)
         except BaseException as exc:
             sandbox.state = "failed"
-            await sandbox.stop("failed")
+            await sandbox.stop("failed", keep_workspace=reattach)
             if isinstance(exc, SandboxError):
                 raise
             if isinstance(exc, Exception):
@@ -201,15 +210,22 @@ class SandboxFactory(LoggingConfigurable):
             raise
         return sandbox
 
-    async def reap_stale(self) -> list[str]:
+    async def reap_stale(self, keep: Collection[str] = ()) -> list[str]:
         """Remove what crashed processes left behind: sandbox directories whose uid lock nobody holds, with
         their cgroups and mounted workspaces. Called by the gateway at start-up; safe while other kernelhub
-        processes share the state directory (their sandboxes hold their uid locks)."""
+        processes share the state directory (their sandboxes hold their uid locks).
+
+        ``keep``: ids of sandboxes a record still claims (the store's running and paused ones, which the gateway
+        restores): only their cgroup and run directory go; their workspace is unmounted and kept for
+        :meth:`create` with ``reattach``. Answers the ids removed."""
         reaped: list[str] = []
         if not self.sandboxes_dir.is_dir():
             return reaped
         for entry in sorted(self.sandboxes_dir.iterdir()):
             if entry.name in self._live or not entry.is_dir():
+                continue
+            if entry.name in keep:
+                await self._clear_kept(entry)
                 continue
             try:
                 uid = int((entry / "uid").read_text())
@@ -234,6 +250,40 @@ class SandboxFactory(LoggingConfigurable):
         if reaped:
             self.log.warning("removed %d sandboxes left by a process that died: %s", len(reaped), reaped)
         return reaped
+
+    async def discard(self, sandbox_id: str) -> None:
+        """Remove what a stopped sandbox kept (a paused one's workspace and directory) for good. Nothing kept is
+        fine. Raises :class:`SandboxError` when the workspace cannot be removed."""
+        if sandbox_id in self._live or "/" in sandbox_id or sandbox_id in ("", ".", ".."):
+            return
+        entry = self.sandboxes_dir / sandbox_id
+        if not entry.is_dir():
+            return
+        await Workspace(entry, 0, 0, Limits(), mode=self.workspace_mode).destroy()
+        with contextlib.suppress(SandboxError):
+            await unmount_run_dir(entry / "run")
+        shutil.rmtree(entry, ignore_errors=True)
+
+    async def _clear_kept(self, entry: Path) -> None:
+        """What a dead process left of a sandbox that will be restored: its cgroup and run directory (its
+        workspace, unmounted, stays)."""
+        try:
+            uid: int | None = int((entry / "uid").read_text())
+        except (OSError, ValueError):
+            uid = None
+        if uid is not None and self.as_root and not self.uids.try_hold(uid):
+            return  # a live sandbox of another process
+        try:
+            with contextlib.suppress(SandboxError, OSError):
+                await open_cgroup(entry.name, root=self.cgroup_root, parent=self.cgroup_parent).remove()
+            with contextlib.suppress(SandboxError):
+                await unmount_run_dir(entry / "run")
+            shutil.rmtree(entry / "run", ignore_errors=True)
+            with contextlib.suppress(Exception):
+                await Workspace(entry, uid or 0, uid or 0, Limits(), mode=self.workspace_mode).detach()
+        finally:
+            if uid is not None and self.as_root:
+                self.uids.release(uid)
 
     def health(self) -> list[str]:
         """Why :meth:`create` would fail now, as short sentences (empty: it can start sandboxes). For ``GET

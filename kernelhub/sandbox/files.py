@@ -26,6 +26,7 @@ import datetime
 import errno
 import heapq
 import os
+import secrets
 import stat as stat_mod
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
@@ -240,6 +241,15 @@ class _Frame:
     st: os.stat_result
     pending: list[str] = dataclasses.field(default_factory=list)
     scanned: bool = False
+
+
+def _file_target(rel: str) -> tuple[list[str], str, str]:
+    """A file path to write: its parts, its form for messages and its last part (the file's name). Raises
+    :class:`InvalidRequest` for the workspace root and what :func:`split_workspace_path` raises."""
+    parts = split_workspace_path(rel)
+    if not parts:
+        raise InvalidRequest("The workspace root is a directory.")
+    return parts, _join(parts), parts[-1]
 
 
 def _ident(st: os.stat_result) -> tuple[int, int]:
@@ -540,13 +550,8 @@ class WorkspaceFiles(abc.ABC):
         return fd
 
     def _open_for_write(self, rel: str, *, make_parents: bool) -> tuple[int, int, str]:
-        """Like :meth:`open_write`, also answering the parent's descriptor and the name (to remove a partial
-        upload by descriptor later)."""
-        parts = split_workspace_path(rel)
-        shown = _join(parts)
-        if not parts:
-            raise InvalidRequest("The workspace root is a directory.")
-        name = parts[-1]
+        """Like :meth:`open_write`, also answering the parent's descriptor and the name."""
+        parts, shown, name = _file_target(rel)
         with _fs_errors(shown):
             dirfd = self._open_dirs(parts[:-1], create=make_parents)
             try:
@@ -582,6 +587,44 @@ class WorkspaceFiles(abc.ABC):
                 os.close(dirfd)
                 raise
         return fd, dirfd, name
+
+    def _open_for_upload(self, rel: str, *, make_parents: bool) -> tuple[int, int, str, str | None]:
+        """An unnamed file for an upload to ``rel``, in the directory it goes to: ``(fd, parent fd, final name,
+        temporary name)``. :class:`UploadWriter` gives it its name only when the upload is complete, so an
+        upload cut half-way (the client gone, the gateway killed) never leaves a partial file under the final
+        name. The file is ``O_TMPFILE`` (no name at all until then; the temporary name is None) where the
+        filesystem supports it (ext4, tmpfs), else a hidden ``.kh-upload-*`` name made with ``O_EXCL``. The
+        final name must be absent or a regular file (it is replaced whole at the end, never written through, so
+        a hard link there is not followed); a symlink, directory or other kind is refused as
+        :meth:`open_write` refuses it. Parents are made as :meth:`open_write` makes them."""
+        parts, shown, name = _file_target(rel)
+        with _fs_errors(shown):
+            dirfd = self._open_dirs(parts[:-1], create=make_parents)
+            try:
+                try:
+                    self._require_regular(os.stat(name, dir_fd=dirfd, follow_symlinks=False), shown)
+                except FileNotFoundError:
+                    pass
+                temp: str | None = None
+                try:
+                    fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644, dir_fd=dirfd)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                        raise
+                    temp = f".kh-upload-{secrets.token_hex(8)}"
+                    fd = os.open(temp, _WRITE_FLAGS | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dirfd)
+                try:
+                    self._own(fd, 0o644)
+                    os.set_blocking(fd, True)
+                except BaseException:
+                    os.close(fd)
+                    if temp is not None:
+                        _ignore_missing(lambda: os.unlink(temp, dir_fd=dirfd))
+                    raise
+            except BaseException:
+                os.close(dirfd)
+                raise
+        return fd, dirfd, name, temp
 
     def list_dir(self, rel: str = "") -> list[dict[str, Any]]:
         """The entries of a directory, sorted by name, for the file list route.
@@ -803,11 +846,15 @@ class WorkspaceFiles(abc.ABC):
 class UploadWriter:
     """Writes one uploaded file into a workspace chunk by chunk; for the file upload route.
 
-    ``write`` raises :class:`PayloadTooLarge` past ``max_bytes`` (default ``limits.max_file_mb``) and
-    :class:`DiskQuotaExceeded` (reason ``disk``) when the workspace is full (ENOSPC/EDQUOT); either way, and
-    on :meth:`abort`, the partial file is removed. :meth:`finish` closes and answers the size. As a context
-    manager it finishes on success and aborts on an exception. Synchronous: the upload surfaces (REST
-    ``data_received``, MCP ``file_upload``) call it in a worker thread, since a write may wait on the disk.
+    The data goes to an unnamed file in the target's directory (:meth:`WorkspaceFiles._open_for_upload`),
+    which :meth:`finish` puts under the final name in one ``rename`` (replacing what was there): a reader never
+    sees a half-written file under that name, and an upload cut half-way (the client gone, the gateway killed)
+    leaves nothing there. ``write`` raises :class:`PayloadTooLarge` past ``max_bytes`` (default
+    ``limits.max_file_mb``) and :class:`DiskQuotaExceeded` (reason ``disk``) when the workspace is full
+    (ENOSPC/EDQUOT); either way, and on :meth:`abort`, the partial file is freed. :meth:`finish` answers the
+    size. As a context manager it finishes on success and aborts on an exception. Synchronous: the upload
+    surfaces (REST ``data_received``, MCP ``file_upload``) call it in a worker thread, since a write may wait on
+    the disk.
     """
 
     def __init__(
@@ -823,7 +870,7 @@ class UploadWriter:
         self.size = 0
         self._fd: int | None
         self._dirfd: int | None
-        self._fd, self._dirfd, self._name = workspace._open_for_write(rel, make_parents=make_parents)
+        self._fd, self._dirfd, self._name, self._temp = workspace._open_for_upload(rel, make_parents=make_parents)
         self._ident = _ident(os.fstat(self._fd))
 
     @property
@@ -831,7 +878,7 @@ class UploadWriter:
         return self._fd is None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Append one chunk; raises and removes the partial file if a limit is hit."""
+        """Append one chunk; raises and frees the partial file if a limit is hit."""
         if self._fd is None:
             raise SandboxError("This upload is already finished.")
         view = memoryview(data).cast("B")
@@ -851,14 +898,26 @@ class UploadWriter:
             raise _api_error(exc, self.path) from None
 
     def finish(self) -> int:
-        """Close the file and answer its size. An error the kernel reports on close removes the file too."""
-        if self._fd is None:
+        """Put the file under its final name (replacing what was there) and answer its size. An error on the
+        way frees the file and raises."""
+        if self._fd is None or self._dirfd is None:
             raise SandboxError("This upload is already finished.")
-        fd, self._fd = self._fd, None
+        fd, dirfd = self._fd, self._dirfd
+        try:
+            if self._temp is None:
+                # linkat(2) of an O_TMPFILE file through its /proc/self/fd link; under a hidden name first, since
+                # linkat never replaces an existing name and rename does, atomically.
+                self._temp = f".kh-upload-{secrets.token_hex(8)}"
+                os.link(f"/proc/self/fd/{fd}", self._temp, dst_dir_fd=dirfd)
+            os.rename(self._temp, self._name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+            self._temp = None
+        except OSError as exc:
+            self.abort()
+            raise _api_error(exc, self.path) from None
+        self._fd = None
         try:
             os.close(fd)
         except OSError as exc:
-            self._remove()
             raise _api_error(exc, self.path) from None
         finally:
             _close_quietly(self._dirfd)
@@ -866,9 +925,9 @@ class UploadWriter:
         return self.size
 
     def abort(self) -> None:
-        """Give up: free the space and remove the partial file. Idempotent."""
+        """Give up: free the space and the partial file. Idempotent."""
         if self._fd is not None:
-            # Truncate by descriptor first: the space comes back even if the sandbox renamed the file away.
+            # Truncate by descriptor first: the space comes back whatever became of a temporary name.
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, 0)
             _close_quietly(self._fd)
@@ -878,13 +937,14 @@ class UploadWriter:
         self._dirfd = None
 
     def _remove(self) -> None:
-        if self._dirfd is None:
+        if self._dirfd is None or self._temp is None:
             return
-        # Only if the name still is our file: the sandbox may have put something of its own there meanwhile.
+        # Only if the temporary name still is our file: the sandbox may have put something of its own there.
+        temp, self._temp = self._temp, None
         with contextlib.suppress(OSError):
-            st = os.stat(self._name, dir_fd=self._dirfd, follow_symlinks=False)
+            st = os.stat(temp, dir_fd=self._dirfd, follow_symlinks=False)
             if _ident(st) == self._ident:
-                os.unlink(self._name, dir_fd=self._dirfd)
+                os.unlink(temp, dir_fd=self._dirfd)
 
     def __enter__(self) -> UploadWriter:
         return self

@@ -295,12 +295,18 @@ class Sandbox:
 
     # -- start ------------------------------------------------------------------------------------------
 
-    async def _start(self) -> None:
+    async def _start(self, reattach: bool = False) -> None:
+        """Set up and launch the sandbox. ``reattach``: its directory and workspace exist already (a paused
+        sandbox resumed, or one restored after a gateway restart): the workspace is mounted again
+        (:meth:`Workspace.reattach`), never made anew, and a run directory a dead gateway left is replaced."""
         f = self.factory
-        self.dir.mkdir(mode=0o711, parents=True)
+        self.dir.mkdir(mode=0o711, parents=True, exist_ok=reattach)
         os.chmod(self.dir, 0o711)
         # Recorded so that a later process can tell a live sandbox (uid lock held) from a crashed one.
         (self.dir / "uid").write_text(str(self.uid))
+        if reattach and os.path.lexists(self.run_dir):
+            await unmount_run_dir(self.run_dir)
+            shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(mode=0o700)
         if f.as_root:
             # The sandbox writes here (its kernels' sockets): a small tmpfs, charged to its memory cgroup,
@@ -323,7 +329,7 @@ class Sandbox:
             os.chmod(target, 0o644)
         self.workspace = Workspace(self.dir, self.uid, self.gid, self.limits,
                                    mode=f.workspace_mode, min_host_free_mb=f.min_host_free_mb)
-        await self.workspace.create()
+        await (self.workspace.reattach() if reattach else self.workspace.create())
         self.cgroup = create_cgroup(self.id, self.limits, root=f.cgroup_root, parent=f.cgroup_parent,
                                     require=f.required_controllers())
         if self.cpu_weight != CPU_WEIGHT_DEFAULT:
@@ -779,16 +785,19 @@ class Sandbox:
 
     # -- stop -------------------------------------------------------------------------------------------
 
-    async def stop(self, reason: str | None = None) -> None:
+    async def stop(self, reason: str | None = None, *, keep_workspace: bool = False) -> None:
         """Kill every process, remove the cgroups, unmount and delete the workspace, free the uid.
 
-        Idempotent; concurrent callers wait for the same stop. Called by the service layer (delete, reaping)
-        and by the provisioner that owns a sandbox of its own."""
+        ``keep_workspace``: the workspace is unmounted but kept (its image or directory, and the sandbox's
+        directory holding it), for a sandbox that is paused or that the next gateway on this state directory
+        restores (:meth:`SandboxFactory.create` with ``reattach``). Idempotent; concurrent callers wait for the
+        same stop (the first caller's ``keep_workspace`` holds). Called by the service layer (delete, reaping,
+        pause, shutdown) and by the provisioner that owns a sandbox of its own."""
         if self._stopping is None:
-            self._stopping = asyncio.ensure_future(self._stop(reason))
+            self._stopping = asyncio.ensure_future(self._stop(reason, keep_workspace))
         await asyncio.shield(self._stopping)
 
-    async def _stop(self, reason: str | None) -> None:
+    async def _stop(self, reason: str | None, keep_workspace: bool = False) -> None:
         if self.state in ("starting", "running"):
             self.state = "stopped"
         if reason and not self.reason:
@@ -810,7 +819,7 @@ class Sandbox:
                 await asyncio.wait_for(self._launcher.wait(), 5)
         if self.workspace is not None:
             try:
-                await self.workspace.destroy()
+                await (self.workspace.detach() if keep_workspace else self.workspace.destroy())
             except Exception as exc:
                 errors.append(f"workspace: {exc}")
         try:
@@ -821,7 +830,10 @@ class Sandbox:
             task.cancel()
         self.factory.uids.release(self.uid)
         self.factory._live.pop(self.id, None)
-        if not errors:
+        if keep_workspace:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.run_dir)
+        elif not errors:
             shutil.rmtree(self.dir, ignore_errors=True)
         else:
             log.error("sandbox %s left resources behind: %s", self.id, "; ".join(errors))

@@ -194,9 +194,11 @@ class Workspace(WorkspaceFiles):
     async def reattach(self) -> None:
         """Bring back an existing workspace, e.g. after a gateway restart: mount its image if not mounted.
 
-        For a gateway that takes back the sandboxes it knew (this one reaps them instead, so only the tests call
-        it today). Nothing is formatted or emptied; a
-        missing workspace raises :class:`SandboxError`. In auto mode an existing image means loop mode.
+        Used when a paused sandbox resumes and when a restarted gateway restores the sandboxes its store
+        records. Nothing is formatted or emptied; a missing workspace raises :class:`SandboxError`. In auto mode
+        an existing image means loop mode. A workspace whose root belongs to another uid (the sandbox's old uid
+        was taken while it was paused) is given to this one: every file and directory of the old uid in it,
+        found by a walk that follows no symlink (no process of the sandbox runs meanwhile).
         """
         async with self._lock:
             if self._mode is None:
@@ -214,6 +216,29 @@ class Workspace(WorkspaceFiles):
                     raise SandboxError(f"The workspace directory {self.path} is missing.") from None
                 if not stat_mod.S_ISDIR(st.st_mode):
                     raise SandboxError(f"{self.path} is not a directory.")
+            old_uid = os.lstat(self.path).st_uid
+            if old_uid != self.uid:
+                await asyncio.get_running_loop().run_in_executor(None, self._reown, old_uid)
+
+    def _reown(self, old_uid: int) -> None:
+        """Give everything of ``old_uid`` in the workspace to this workspace's uid (never following a link)."""
+        os.lchown(self.path, self.uid, self.gid)
+        for top, dirs, files in os.walk(self.path, followlinks=False):
+            for name in dirs + files:
+                path = os.path.join(top, name)
+                with contextlib.suppress(FileNotFoundError):
+                    if os.lstat(path).st_uid == old_uid:
+                        os.lchown(path, self.uid, self.gid)
+
+    async def detach(self) -> None:
+        """Unmount the workspace but keep it (its image in loop mode; a directory stays as it is): for a sandbox
+        that pauses, or stops with the gateway and is restored by the next one. :meth:`reattach` mounts it
+        again. Idempotent; raises :class:`SandboxError` when it cannot be unmounted."""
+        async with self._lock:
+            try:
+                await unmount(self.path)
+            except OSError as exc:
+                raise SandboxError(f"Could not unmount the workspace: {exc.strerror or exc}.") from exc
 
     async def destroy(self) -> None:
         """Unmount and delete the workspace and everything in it. Idempotent; called when a sandbox goes.

@@ -77,7 +77,8 @@ from ..errors import InvalidRequest, StoreError
 from ..models import iso_micro
 from .store import DB_NAME, MIGRATIONS, Store, code_digest, connect, schema_version, utf8_text
 
-__all__ = ["GENESIS", "AuditLog", "BadEntry", "canonical", "entry_hash", "main", "verify", "verify_jsonl"]
+__all__ = ["GENESIS", "AuditLog", "BadEntry", "canonical", "entry_hash", "main", "run_verify", "verify",
+           "verify_jsonl"]
 
 log = logging.getLogger(__name__)
 
@@ -629,10 +630,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:
         return 0 if exc.code == 0 else 2
-    if not args.state_dir:
+    return run_verify(args.state_dir, args.jsonl)
+
+
+def run_verify(state_dir: str | None, jsonl: str | None = None) -> int:
+    """What ``kernelhub audit verify`` does once its options are read (:func:`main` gives the exit statuses):
+    checks ``state_dir``'s database and, with ``jsonl``, a mirror file; prints one sentence a check."""
+    if not state_dir:
         print("kernelhub audit verify: give the gateway's state directory with --state-dir DIR.", file=sys.stderr)
         return 2
-    db_path = Path(args.state_dir) / DB_NAME
+    db_path = Path(state_dir) / DB_NAME
     try:
         report = _check_db(db_path)
     except (FileNotFoundError, StoreError) as exc:
@@ -648,15 +655,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(f"The audit log in {db_path} is intact: {report.entries} entries, {report.first_seq} to "
               f"{report.last_seq}; the last hash is {report.last_hash}.")
-    if args.jsonl:
+    if jsonl:
         try:
-            bad = verify_jsonl(args.jsonl)
+            bad = verify_jsonl(jsonl)
         except OSError as exc:
-            print(f"kernelhub audit verify: cannot read {args.jsonl}: {exc.strerror or exc}.", file=sys.stderr)
+            print(f"kernelhub audit verify: cannot read {jsonl}: {exc.strerror or exc}.", file=sys.stderr)
             return 2
         if bad is not None:
-            print(f"The audit mirror {args.jsonl} is broken at {bad}.")
+            print(f"The audit mirror {jsonl} is broken at {bad}.")
             status = 1
         else:
-            print(f"The audit mirror {args.jsonl} is intact.")
+            print(f"The audit mirror {jsonl} is intact.")
     return status

@@ -21,17 +21,24 @@ from __future__ import annotations
 import abc
 import asyncio
 import collections
+import contextlib
 import inspect
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import NotFound
 from ..models import iso, new_id
 
+if TYPE_CHECKING:
+    from .store import Store
+
 Listener = Callable[[dict[str, Any]], "Awaitable[None] | None"]
 InputHandler = Callable[[str, bool], Awaitable[str]]
+
+_log = logging.getLogger(__name__)
 
 ENDED = ("ok", "error", "timeout", "killed")
 #: How many display ids a session remembers the execution of (the oldest are forgotten first).
@@ -386,6 +393,17 @@ class ExecutionHistory(abc.ABC):
     def usage(self, tenant: str) -> tuple[int, int]:
         """The tenant's finished executions kept and their bytes (:attr:`Execution.stored_bytes`)."""
 
+    async def stored(self, execution: Execution) -> None:
+        """Wait until ``execution`` (just added) would survive a crash of the gateway; the executor awaits it
+        before it announces an execution's id. Nothing to wait for in memory."""
+        return None
+
+    async def read(self, tenant: str, execution_id: str) -> dict[str, Any]:
+        """``execution_status`` of an execution :meth:`get` no longer holds (one a previous gateway ran, or
+        one whose outputs live on disk only), in the API's shape. Raises :class:`~kernelhub.errors.NotFound`
+        (in memory there is nothing more)."""
+        raise NotFound(f"No execution {execution_id[:64]!r}.")
+
 
 class MemoryExecutionHistory(ExecutionHistory):
     """:class:`ExecutionHistory` in memory: per tenant at most ``count`` finished executions and ``max_bytes``
@@ -449,3 +467,74 @@ class MemoryExecutionHistory(ExecutionHistory):
 
     def usage(self, tenant: str) -> tuple[int, int]:
         return len(self._finished.get(tenant, {})), self._bytes.get(tenant, 0)
+
+
+#: Execution events the store keeps as outputs (:meth:`~kernelhub.services.store.Store.append_output`).
+_STORED_EVENTS = frozenset(("stdout", "stderr", "result", "update", "error"))
+
+
+class StoreExecutionHistory(MemoryExecutionHistory):
+    """:class:`MemoryExecutionHistory` written through to the durable :class:`~kernelhub.services.store.Store`
+    (issue 10): every execution is stored when added (its code as SHA-256 and size), its outputs as they come
+    (up to its output cap, on disk), its start and its end; the store prunes each tenant's finished ones by the
+    same bounds. Live executions are read from memory as before; :meth:`read` answers from the store what
+    memory no longer holds, e.g. the executions of a gateway that died (which the next start ends as
+    ``killed``, reason ``gateway_restart``). Until :attr:`store` is set (the hub opens it once the loop runs)
+    it is the memory history alone."""
+
+    def __init__(self, count: int = 1000, max_bytes: int = 256 * 1024 * 1024) -> None:
+        super().__init__(count, max_bytes)
+        self.store: Store | None = None
+        self._adding: dict[str, asyncio.Future[None]] = {}
+
+    def add(self, execution: Execution) -> None:
+        super().add(execution)
+        if self.store is None:
+            return
+        future = self.store.start_execution(
+            id=execution.id, tenant=execution.tenant, sandbox_id=execution.sandbox_id,
+            session_id=execution.session_id, code=execution.code, output_limit=execution.output_limit,
+            timeout_s=execution.timeout_s, created_at=execution.created_at)
+        self._adding[execution.id] = future
+        future.add_done_callback(lambda f: self._added(execution.id, f))
+        execution.add_listener(self._writer(self.store, execution.id))
+
+    def _added(self, execution_id: str, future: asyncio.Future[None]) -> None:
+        self._adding.pop(execution_id, None)
+        if not future.cancelled() and future.exception() is not None:
+            _log.error("execution %s could not be stored: %s", execution_id, future.exception())
+
+    @staticmethod
+    def _writer(store: Store, execution_id: str) -> Listener:
+        def write(event: dict[str, Any]) -> None:
+            kind = event.get("type")
+            if kind in _STORED_EVENTS:
+                store.append_output(execution_id, event)
+            elif kind == "start":
+                store.update_execution(execution_id, status="running", started_at=time.time())
+        return write
+
+    async def stored(self, execution: Execution) -> None:
+        future = self._adding.get(execution.id)
+        if future is not None:
+            with contextlib.suppress(Exception):  # a store failure is logged (_added); the execution runs on
+                await asyncio.shield(future)
+
+    def finished(self, execution: Execution) -> None:
+        super().finished(execution)
+        if self.store is None or self.store.closed:
+            return
+        future = self.store.finish_execution(execution.id, execution.status, execution.reason,
+                                             finished_at=execution.finished_at,
+                                             execution_count=execution.execution_count)
+        future.add_done_callback(_log_store_failure)
+
+    async def read(self, tenant: str, execution_id: str) -> dict[str, Any]:
+        if self.store is None:
+            return await super().read(tenant, execution_id)
+        return await self.store.get_execution(tenant, execution_id)
+
+
+def _log_store_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        _log.error("the store failed: %s", future.exception())

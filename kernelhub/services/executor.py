@@ -134,7 +134,12 @@ class Executor:
                 self.executions.finished(ex)
 
         if not wait:
-            self.sandboxes.spawn(run())
+            try:
+                await self.executions.stored(ex)  # its id survives a crash of the gateway from now on
+            finally:
+                # Spawned last, with no await before the caller gets the execution: whatever the caller sends
+                # first (the stream's "accepted") precedes the execution's own "start".
+                self.sandboxes.spawn(run())
             return ex
         task = self.sandboxes.spawn(run())
         try:
@@ -189,6 +194,17 @@ class Executor:
         if record is not None:
             record.touch()
         return ex
+
+    async def execution_status(self, tenant: Tenant, execution_id: object) -> dict[str, Any]:
+        """``execution_status`` in the API's shape: :meth:`get_execution`'s, or the history's record of one
+        this gateway no longer holds in memory (one a gateway that died ran, ended ``killed`` with reason
+        ``gateway_restart``). Raises :class:`~kernelhub.errors.NotFound`."""
+        try:
+            return self.get_execution(tenant, execution_id).to_dict()
+        except NotFound:
+            if not isinstance(execution_id, str):
+                raise
+            return await self.executions.read(tenant.name, execution_id)
 
     async def interrupt_execution(self, tenant: Tenant, execution_id: object) -> Execution:
         """Stop a queued (ends ``killed``, reason ``cancelled``) or running (SIGINT to its kernel) execution."""

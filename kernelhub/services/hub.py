@@ -18,34 +18,47 @@ The services, each in the module named for its concern:
 - :class:`~kernelhub.services.pool.Pool`: ready sandboxes per template, which provisioning hands out;
 - :class:`~kernelhub.services.egress.EgressService`: the egress proxy of each sandbox with a network policy.
 
+With ``durable`` (the default of ``kernelhub serve``) :meth:`Hub.start` opens the
+:class:`~kernelhub.services.store.Store` and the :class:`~kernelhub.services.audit.AuditLog` in the state
+directory: records survive a gateway restart, and the surfaces record every action through
+:meth:`Hub.record_action`.
+
 Created by the app (``kernelhub serve``) and in-process by ``kernelhub mcp``, which call :meth:`Hub.start` once
 the loop runs and :meth:`Hub.shutdown` on exit.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager
-from traitlets import Dict, Float, Integer
+from traitlets import Bool, Dict, Float, Integer, Unicode
 from traitlets.config import LoggingConfigurable
 
-from ..errors import InvalidRequest
+from ..errors import AuditUnavailable, InvalidRequest, KernelHubError
 from ..sandbox.factory import SandboxFactory
 from ..sandbox.limits import DEFAULT_MAXIMUM, Limits, resolve_limits
 from ..sandbox.provisioner import KERNELSPECS_DIR
+from .audit import AuditLog
 from .commands import Commands
 from .egress import EgressService
-from .executions import MemoryExecutionHistory
+from .executions import StoreExecutionHistory
 from .executor import Executor
 from .files import Files
 from .kernels import Kernels
 from .pool import Pool
 from .sandboxes import Sandboxes
+from .store import Store
 from .telemetry import PoolState, Telemetry
 from .templates import BUILTIN_TEMPLATES, Template, parse_templates
-from .tenants import TenantHolds
+from .tenants import Tenant, TenantHolds
 from .tokens import SandboxTokens
+
+#: Seconds between two applications of the audit log's retention.
+AUDIT_PRUNE_INTERVAL_S = 300.0
 
 
 class Hub(LoggingConfigurable):
@@ -65,6 +78,10 @@ class Hub(LoggingConfigurable):
         env="KERNELHUB_MAX_LIMITS")
     max_sandboxes_per_tenant = Integer(20, help="Live sandboxes a tenant may have at once, starting ones "
                                        "included.", config=True).tag(env="KERNELHUB_MAX_SANDBOXES_PER_TENANT")
+    max_paused_per_tenant = Integer(20, help="Paused sandboxes a tenant may keep at once; they hold disk (their "
+                                    "workspace) but no memory, uid or process, and do not count toward "
+                                    "max_sandboxes_per_tenant.", config=True).tag(
+        env="KERNELHUB_MAX_PAUSED_PER_TENANT")
     execution_history = Integer(1000, help="Finished executions kept for execution_status, per tenant (the "
                                 "oldest go first; one tenant's never push out another's).", config=True).tag(
         env="KERNELHUB_EXECUTION_HISTORY")
@@ -108,6 +125,24 @@ class Hub(LoggingConfigurable):
     command_kill_grace_s = Float(2.0, help="Seconds between SIGTERM and SIGKILL when a command reaches its "
                                  "timeout.", config=True).tag(env="KERNELHUB_COMMAND_KILL_GRACE_S")
 
+    durable = Bool(True, help="Keep sandboxes, sessions, executions (outputs up to their cap) and the audit "
+                   "log in <state-dir>/kernelhub.db, so that a gateway restarted on the same state directory "
+                   "brings its sandboxes back (kernel memory excepted). False: memory only, no audit log.",
+                   config=True).tag(env="KERNELHUB_DURABLE")
+    ephemeral = Bool(False, help="Stop every sandbox for good when the gateway stops (SIGTERM, Ctrl-C) instead "
+                     "of keeping them for the next start on this state directory.", config=True).tag(
+        env="KERNELHUB_EPHEMERAL")
+    audit_mirror = Unicode("audit.jsonl", help="File (under the state directory unless absolute) the audit log "
+                           "is also appended to as JSON lines, for shipping elsewhere; empty: none.",
+                           config=True).tag(env="KERNELHUB_AUDIT_MIRROR")
+    audit_record_code = Bool(False, help="Keep the code of each audited execution in the audit log, not only "
+                             "its SHA-256 and size.", config=True).tag(env="KERNELHUB_AUDIT_RECORD_CODE")
+    audit_retention_days = Float(0.0, help="Days audit entries are kept in the database (0: for ever); the "
+                                 "mirror file is never pruned.", config=True).tag(
+        env="KERNELHUB_AUDIT_RETENTION_DAYS")
+    audit_max_entries = Integer(0, help="Most audit entries kept in the database, the oldest pruned first (0: no "
+                                "limit).", config=True).tag(env="KERNELHUB_AUDIT_MAX_ENTRIES")
+
     def __init__(self, factory: SandboxFactory, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.factory = factory
@@ -123,8 +158,12 @@ class Hub(LoggingConfigurable):
         self.defaults = resolve_limits(self.default_limits, Limits(), DEFAULT_MAXIMUM)
         self.maximum = resolve_limits(self.max_limits, DEFAULT_MAXIMUM, DEFAULT_MAXIMUM) \
             if self.max_limits else DEFAULT_MAXIMUM
-        self.executions = MemoryExecutionHistory(self.execution_history,
-                                                 int(self.execution_history_mb * 1024 * 1024))
+        self.executions = StoreExecutionHistory(self.execution_history,
+                                                int(self.execution_history_mb * 1024 * 1024))
+        #: The durable store and the audit log, opened by :meth:`start` when ``durable``.
+        self.store: Store | None = None
+        self.audit: AuditLog | None = None
+        self._pruner: asyncio.Task[None] | None = None
         self.pool = Pool(factory, self.kernel_spec_manager, self.templates,
                          {name: t.base_limits(self.defaults, self.maximum) for name, t in self.templates.items()},
                          parent=self)
@@ -135,7 +174,8 @@ class Hub(LoggingConfigurable):
             defaults=self.defaults, maximum=self.maximum, max_sandboxes_per_tenant=self.max_sandboxes_per_tenant,
             reap_interval=self.reap_interval, stopped_retention_s=self.stopped_retention_s,
             executions=self.executions, log=self.log, template_aliases=self.template_aliases,
-            telemetry=self.telemetry, pool=self.pool, egress=self.egress)
+            telemetry=self.telemetry, pool=self.pool, egress=self.egress, ephemeral=self.ephemeral,
+            max_paused_per_tenant=max(0, self.max_paused_per_tenant))
         self.executor = Executor(self.sandboxes, self.executions, max_queued=max(1, self.max_queued_executions),
                                  max_queued_code_bytes=int(self.max_queued_code_mb * 1024 * 1024))
         self.commands = Commands(self.sandboxes, output_buffer_bytes=max(1, self.command_output_buffer_kib) * 1024,
@@ -151,14 +191,14 @@ class Hub(LoggingConfigurable):
 
         # What the surfaces call, by the names they call it: each is the one service method that does it.
         sandboxes, executor, files, jupyter = self.sandboxes, self.executor, self.files, self.jupyter
-        self.start = sandboxes.start
         self.list_templates = self.pool.list_templates
-        self.shutdown = sandboxes.shutdown
         self.create_sandbox = sandboxes.create_sandbox
         self.list_sandboxes = sandboxes.list_sandboxes
         self.get_sandbox = sandboxes.get_sandbox
         self.delete_sandbox = sandboxes.delete_sandbox
         self.update_sandbox = sandboxes.update_sandbox
+        self.pause_sandbox = sandboxes.pause_sandbox
+        self.resume_sandbox = sandboxes.resume_sandbox
         self.sandbox_logs = sandboxes.sandbox_logs
         self.sandbox_metrics = sandboxes.sandbox_metrics
         self.create_session = sandboxes.create_session
@@ -168,6 +208,7 @@ class Hub(LoggingConfigurable):
         self.session_execute = executor.session_execute
         self.execute = executor.execute
         self.get_execution = executor.get_execution
+        self.execution_status = executor.execution_status
         self.interrupt_execution = executor.interrupt_execution
         self.set_deadline = sandboxes.set_deadline
         commands = self.commands
@@ -200,6 +241,74 @@ class Hub(LoggingConfigurable):
         self.release_websocket = self.websockets.release
         self.hold_request_body = self.request_bodies.hold
         self.release_request_body = self.request_bodies.release
+
+    async def start(self) -> None:
+        """Called once the loop runs (by the app, or ``kernelhub mcp``): with ``durable``, opens the store and
+        the audit log in the state directory (raises :class:`~kernelhub.errors.StoreError` for a database
+        another gateway holds or a newer kernelhub wrote); then starts the sandboxes' service, which restores
+        what the store records (:meth:`Sandboxes.start`)."""
+        if self.durable:
+            self.store = await Store.open(self.factory.state_dir, history_count=max(1, self.execution_history),
+                                          history_bytes=max(1, int(self.execution_history_mb * 1024 * 1024)))
+            try:
+                self.audit = await AuditLog.open(
+                    self.store, self.factory.state_dir, mirror_path=Path(self.audit_mirror) if self.audit_mirror
+                    else None, record_code=self.audit_record_code,
+                    retention_s=self.audit_retention_days * 86400 if self.audit_retention_days > 0 else None,
+                    max_entries=self.audit_max_entries if self.audit_max_entries > 0 else None)
+            except BaseException:
+                await self.store.close()
+                raise
+            self.executions.store = self.store
+            self.sandboxes.store = self.store
+            self._pruner = asyncio.ensure_future(self._prune_audit())
+        await self.sandboxes.start()
+
+    async def _prune_audit(self) -> None:
+        """Apply the audit log's retention (``audit_retention_days``, ``audit_max_entries``) every
+        :data:`AUDIT_PRUNE_INTERVAL_S`; a failure is logged and retried at the next round."""
+        while self.audit is not None:
+            await asyncio.sleep(AUDIT_PRUNE_INTERVAL_S)
+            try:
+                await self.audit.prune()
+            except KernelHubError as exc:
+                self.log.error("pruning the audit log failed: %s", exc)
+
+    async def shutdown(self) -> None:
+        """Called on exit: stops (or, durable and not ``ephemeral``, keeps for the next start) every sandbox
+        (:meth:`Sandboxes.shutdown`), then closes the audit log and the store."""
+        if self._pruner is not None:
+            self._pruner.cancel()
+        try:
+            await self.sandboxes.shutdown()
+        finally:
+            if self.audit is not None:
+                await self.audit.close()
+            if self.store is not None:
+                await self.store.close()
+
+    def record_action(self, tenant: Tenant | None, key: str | None, action: str,
+                      ids: Mapping[str, object] | None, status: int, error: str | None = None,
+                      code: str | None = None) -> None:
+        """Put one action that ended in the audit log (:meth:`AuditLog.record`): who (``tenant``; ``key`` is
+        turned into its fingerprint here and never kept), ``action`` (a route such as ``"POST
+        /v1/sandboxes"`` or an MCP tool name), the ``ids`` it touched, its outcome (``status`` as HTTP,
+        ``error`` code) and the ``code`` it ran (kept as SHA-256 and size). Does nothing without an audit log
+        (``durable`` off) or once it closed; never raises for a failure to store (that is logged)."""
+        if self.audit is None or self.store is None or self.store.closed:
+            return
+        key_id = self.audit.fingerprint(key) if key else None
+        self.audit.record(tenant.name if tenant is not None else None, key_id, action, ids,
+                          status if 100 <= status <= 599 else 500, error, code)
+
+    async def read_audit(self, tenant: Tenant, since: object = None, limit: object = None,
+                         cursor: object = None) -> dict[str, Any]:
+        """``GET /v1/audit``: the tenant's own entries, paged (:meth:`AuditLog.read` gives the shape). Raises
+        :class:`~kernelhub.errors.AuditUnavailable` (409) when this gateway keeps no audit log, and
+        :class:`~kernelhub.errors.InvalidRequest` for a bad ``since``, ``limit`` or ``cursor``."""
+        if self.audit is None:
+            raise AuditUnavailable("This gateway keeps no audit log (it runs with --Hub.durable=False).")
+        return await self.audit.read(tenant.name, since, limit, cursor)
 
     def pool_state(self) -> PoolState | None:
         """What the metrics show of the warm pool: ``self.pool.state()`` (per template ``{ready, starting,

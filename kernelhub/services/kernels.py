@@ -131,6 +131,7 @@ class Kernels:
         self._restarters: dict[str, KernelRestarter] = {}
         self._listeners: list[KernelListener] = []
         sandboxes.on_stop.append(self._sandbox_stopped)
+        sandboxes.on_restart.append(self._watch)
 
     def _sandbox_stopped(self, record: SandboxRecord) -> None:
         """Called by :class:`Sandboxes` as a sandbox stops (deleted, reaped, failed, the gateway exiting): its
@@ -179,13 +180,22 @@ class Kernels:
         template = language if language in self.templates else "python"
         if language == "typescript":
             template = "node"
-        record = await self.sandboxes.create_sandbox(tenant, template, env=kernel_env, kernel_language=language)
-        record.jupyter_api = True
-        session = next(s for s in record.sessions.values() if isinstance(s, JupyterSession))
-        restarter = self._restarters[session.kernel_id or ""] = KernelRestarter(
-            self, record, session, interval=self.poll_interval, limit=self.restart_limit, window=self.restart_window)
-        restarter.start()
-        return record, session
+        record = await self.sandboxes.create_sandbox(tenant, template, env=kernel_env, kernel_language=language,
+                                                     jupyter_api=True)
+        self._watch(record)
+        return record, session_of(record)
+
+    def _watch(self, record: SandboxRecord) -> None:
+        """Give each kernel of a Jupyter API sandbox its restarter: one just made, or one that runs again (after
+        a gateway restart or a resume: its kernels are fresh processes under their old ids)."""
+        if not record.jupyter_api:
+            return
+        for session in record.sessions.values():
+            if isinstance(session, JupyterSession):
+                restarter = self._restarters[session.kernel_id or ""] = KernelRestarter(
+                    self, record, session, interval=self.poll_interval, limit=self.restart_limit,
+                    window=self.restart_window)
+                restarter.start()
 
     def kernels(self, tenant: Tenant) -> list[tuple[SandboxRecord, JupyterSession]]:
         """``GET /api/kernels``: the tenant's running kernels and their sandboxes' records."""
@@ -226,3 +236,8 @@ class Kernels:
         """``DELETE /api/kernels/{id}``: the kernel's sandbox goes with it (one sandbox per kernel)."""
         record, _ = self.get_kernel(tenant, kernel_id)
         await self.sandboxes.delete_sandbox(tenant, record.id)
+
+
+def session_of(record: SandboxRecord) -> JupyterSession:
+    """The Jupyter API sandbox's kernel: its first jupyter session."""
+    return next(s for s in record.sessions.values() if isinstance(s, JupyterSession))

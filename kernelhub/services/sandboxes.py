@@ -14,8 +14,13 @@ and by :class:`~kernelhub.services.executor.Executor`, :class:`~kernelhub.servic
 
 :meth:`Sandboxes._provision` is the one place a sandbox comes from: a ready one from the warm pool
 (:mod:`kernelhub.services.pool`) when it can serve the request, else a new one. A :class:`SandboxRecord`'s
-plain fields are what a durable store would persist, its live fields (``sandbox``, ``sessions``, ``busy``) are
-rebuilt, never stored; pooled sandboxes have no record until they are handed out, and are never stored.
+plain fields are what the durable :class:`~kernelhub.services.store.Store` keeps (:meth:`SandboxRecord.to_row`,
+written at each change of state, before the answer that announces it); its live fields (``sandbox``,
+``sessions``, ``busy``) are rebuilt, never stored; pooled sandboxes have no record until they are handed out,
+and are never stored. With a store, :meth:`Sandboxes.start` restores what it records after a gateway restart
+(:meth:`Sandboxes._restore`) and :meth:`Sandboxes.shutdown` keeps the sandboxes' workspaces for it; pause and
+resume (:meth:`Sandboxes.pause_sandbox`, :meth:`Sandboxes.resume_sandbox`) use the same two halves, suspend and
+bring back.
 """
 
 from __future__ import annotations
@@ -32,7 +37,14 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from jupyter_client.kernelspec import KernelSpecManager
 
 from .. import json_input
-from ..errors import InvalidRequest, NotFound, QuotaExceeded, SandboxNotRunning
+from ..errors import (
+    InvalidRequest,
+    NotFound,
+    QuotaExceeded,
+    SandboxError,
+    SandboxNotPaused,
+    SandboxNotRunning,
+)
 from ..models import iso
 from ..sandbox.egress_forwarder import proxy_env
 from ..sandbox.factory import SandboxFactory
@@ -42,6 +54,7 @@ from .egress.policy import NONE, NetworkPolicy, parse_policy
 from .executions import ExecutionHistory
 from .packages import install_packages
 from .sessions import KERNELSPECS, LANGUAGES, JupyterSession
+from .store import SandboxRow, SessionRow, Store
 from .telemetry import Telemetry
 from .templates import Template
 from .tenants import Tenant
@@ -105,6 +118,10 @@ MAX_METADATA_BYTES = 16 * 1024
 MAX_METADATA_DEPTH = 16
 #: Sessions (jupyter and terminal, starting ones included) a sandbox may hold at once.
 MAX_SESSIONS = 16
+#: What a sandbox may do when idle (``on_idle``): stop (the default), or pause.
+ON_IDLE = ("stop", "pause")
+#: Sandboxes a restarted gateway starts again at once (each starts a kernel: CPU-bound).
+RESTORE_CONCURRENCY = 8
 
 T = TypeVar("T")
 
@@ -130,6 +147,18 @@ class SandboxRecord:
     jupyter_api: bool = False
     #: Its network policy (API.md, "Network policy"): the template's or the request's, changed by ``PATCH``.
     network: NetworkPolicy = NONE
+    #: The environment its kernels start with (the template's merged with the request's); kept to restore it.
+    env: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
+    #: What the idle reaper does with it: ``"stop"`` it, or ``"pause"`` it (:meth:`Sandboxes.pause_sandbox`).
+    on_idle: str = "stop"
+    #: When a restarted gateway brought it back on its workspace (kernel memory lost), or None.
+    restored_at: float | None = None
+    #: When it was paused (state ``paused``), or None.
+    paused_at: float | None = None
+    #: The host uid it last ran as (its workspace's files belong to it), taken again at resume when free.
+    uid: int | None = None
+    #: The sessions a paused sandbox had (their ids, types and languages), started afresh at resume.
+    kept_sessions: list[SessionRow] = dataclasses.field(default_factory=list, repr=False)
     sandbox: Sandbox | None = dataclasses.field(default=None, init=False, repr=False)
     sessions: dict[str, Session] = dataclasses.field(default_factory=dict, init=False, repr=False)
     #: Calls running in the sandbox now (executions, commands, session starts): the reaper leaves it alone.
@@ -173,7 +202,24 @@ class SandboxRecord:
         }
         if self.reason:
             out["reason"] = self.reason
+        if self.restored_at is not None:
+            out["restored_at"] = iso(self.restored_at)
+        if self.paused_at is not None:
+            out["paused_at"] = iso(self.paused_at)
+        if self.on_idle != "stop":
+            out["on_idle"] = self.on_idle
         return out
+
+    def to_row(self) -> SandboxRow:
+        """What the store keeps of this record (:class:`~kernelhub.services.store.SandboxRow`)."""
+        return SandboxRow(
+            id=self.id, tenant=self.tenant.name, template=self.template.name, limits=self.limits.to_dict(),
+            created_at=self.created_at, expires_at=self.expires_at, network=self.network.to_json(),
+            metadata=self.metadata, env=self.env, state=self.state, reason=self.reason,
+            last_activity=self.last_activity, restored_at=self.restored_at, paused_at=self.paused_at,
+            on_idle=self.on_idle, jupyter_api=self.jupyter_api, uid=self.uid,
+            sandbox_dir=str(self.sandbox.dir) if self.sandbox is not None else None,
+            workspace_mode=self.sandbox.workspace.mode if self.sandbox and self.sandbox.workspace else None)
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -190,6 +236,8 @@ class Sandboxes:
     defaults: Limits
     maximum: Limits
     max_sandboxes_per_tenant: int
+    #: Paused sandboxes a tenant may keep at once (they do not count toward ``max_sandboxes_per_tenant``).
+    max_paused_per_tenant: int = 20
     #: Seconds between the reaper's rounds, and how long a stopped sandbox stays listed.
     reap_interval: float
     stopped_retention_s: float
@@ -211,8 +259,17 @@ class Sandboxes:
     #: Called with a record when its sandbox stops, before its OS objects go (the command registry forgets it).
     on_stop: list[Callable[[SandboxRecord], None]] = dataclasses.field(default_factory=list, init=False,
                                                                        repr=False)
+    #: Called with a record when its sandbox runs again on its workspace (restored or resumed), its sessions
+    #: started (the Jupyter API gives their kernels restarters again).
+    on_restart: list[Callable[[SandboxRecord], None]] = dataclasses.field(default_factory=list, init=False,
+                                                                          repr=False)
     #: Other names for templates: ``{alias: template}`` (E2B's ``base`` and ``code-interpreter-v1``, …).
     template_aliases: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: Where records are kept across restarts (issue 10); None: in memory only. Set by the hub before start.
+    store: Store | None = None
+    #: At shutdown, stop sandboxes for good (today's behaviour before the store) instead of keeping them, with
+    #: their workspaces, for the next gateway on this state directory to restore.
+    ephemeral: bool = False
 
     def __post_init__(self) -> None:
         if self.telemetry is None:
@@ -221,23 +278,203 @@ class Sandboxes:
     # -- lifecycle --------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Called by the app once the loop runs: reaps what a crash left, starts the idle/lifetime reaper."""
-        await self.factory.reap_stale()
+        """Called by the app once the loop runs: with a store, brings back the sandboxes it records
+        (:meth:`_restore`); reaps what a crash left that no record claims; starts the idle/lifetime reaper."""
+        if self.store is not None:
+            await self._restore()
+        else:
+            await self.factory.reap_stale()
         self._reaper = asyncio.ensure_future(self._reap_loop())
         if self.pool is not None:
             self.pool.start()
 
     async def shutdown(self) -> None:
-        """Called by the app on exit: stops every sandbox (no process, cgroup, mount or uid is left)."""
+        """Called by the app on exit. With a store and not ``ephemeral``: every running sandbox's processes end
+        and its workspace is unmounted but kept, its record stays ``running`` for the next gateway on this state
+        directory to restore, and unfinished executions end ``killed`` (``gateway_restart``). Otherwise every
+        sandbox stops for good. Either way no process, cgroup, mount or uid is left."""
         if self._reaper is not None:
             self._reaper.cancel()
         if self.pool is not None:
             await self.pool.shutdown()
-        await asyncio.gather(*(self._stop_record(r, "shutdown") for r in list(self._records.values())),
-                             return_exceptions=True)
+        records = list(self._records.values())
+        if self.store is not None and not self.ephemeral:
+            await asyncio.gather(*(self._suspend(r, "gateway_restart") for r in records if r.sandbox is not None),
+                                 return_exceptions=True)
+        else:
+            await asyncio.gather(*(self._stop_record(r, "shutdown") for r in records), return_exceptions=True)
+            if self.store is not None:
+                await asyncio.gather(*(self.store.delete_sandbox(r.id) for r in records), return_exceptions=True)
         if self.egress is not None:
             await self.egress.close_all()
         await self.factory.stop_all()
+
+    # -- the store ----------------------------------------------------------------------------------------
+
+    def _save(self, record: SandboxRecord) -> asyncio.Future[None] | None:
+        """Queue the record's plain fields for the store (ordered with every later write); the answer may be
+        awaited to know it is on disk. None without a store."""
+        if self.store is None or self.store.closed:
+            return None
+        future = self.store.put_sandbox(record.to_row())
+        future.add_done_callback(self._log_failure)
+        return future
+
+    async def _saved(self, record: SandboxRecord) -> None:
+        """:meth:`_save`, waiting until it is on disk (before an answer that announces the change); a store
+        failure is logged, not raised."""
+        future = self._save(record)
+        if future is not None:
+            with contextlib.suppress(Exception):
+                await future
+
+    def _save_session(self, record: SandboxRecord, session: Session) -> asyncio.Future[None] | None:
+        if self.store is None or self.store.closed:
+            return None
+        kernel_id = session.kernel_id if isinstance(session, JupyterSession) else None
+        future = self.store.put_session(SessionRow(session.id, record.id, session.type, session.language,
+                                                   session.state, kernel_id))
+        future.add_done_callback(self._log_failure)
+        return future
+
+    def _forget(self, record: SandboxRecord) -> None:
+        """The record is gone for good: its row, sessions and executions leave the store too."""
+        if self.store is not None and not self.store.closed:
+            self.store.delete_sandbox(record.id).add_done_callback(self._log_failure)
+
+    def _log_failure(self, future: asyncio.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self.log.error("the store failed: %s", future.exception())
+
+    def _from_row(self, row: SandboxRow) -> SandboxRecord:
+        template = self.templates.get(row.template) or Template(row.template, "python")
+        record = SandboxRecord(row.id, Tenant(row.tenant), template, Limits(**row.limits), row.metadata,
+                               state=row.state, reason=row.reason, created_at=row.created_at,
+                               jupyter_api=row.jupyter_api, env=dict(row.env), on_idle=row.on_idle,
+                               restored_at=row.restored_at, paused_at=row.paused_at, uid=row.uid)
+        try:
+            record.network = parse_policy(row.network)
+        except InvalidRequest as exc:  # only if the policy language changed under a stored value
+            self.log.error("sandbox %s: its stored network policy is no longer valid (%s): none", row.id, exc)
+        record.expires_at = row.expires_at
+        record.last_activity = row.last_activity or row.created_at
+        return record
+
+    async def _restore(self) -> None:
+        """Start-up with a store (issue 10): executions a dead gateway cut end ``killed`` (``gateway_restart``);
+        every stored sandbox is registered again; running ones past their lifetime stop (``lifetime``), the
+        others start again on their workspace with a fresh kernel per session (:meth:`_bring_back`, at most
+        :data:`RESTORE_CONCURRENCY` at once); paused ones stay paused; and only what no record claims is reaped
+        from the state directory."""
+        assert self.store is not None
+        now = time.time()
+        rows = await self.store.list_sandboxes()
+        cut = await self.store.mark_cut_executions("gateway_restart", finished_at=now)
+        if cut:
+            self.log.warning("%d executions were cut by the gateway's restart: they ended killed "
+                             "(gateway_restart)", len(cut))
+        keep = {r.id for r in rows if r.state in ("running", "paused") and now < r.expires_at}
+        await self.factory.reap_stale(keep=keep)
+        restoring: list[SandboxRecord] = []
+        for row in rows:
+            record = self._from_row(row)
+            self._records[record.id] = record
+            if row.state in ("running", "paused", "starting") and record.id not in keep:
+                record.state, record.reason = "stopped", "lifetime" if now >= row.expires_at else "gateway_restart"
+                self._save(record)
+            elif row.state == "running":
+                record.state = "starting"
+                restoring.append(record)
+        gate = asyncio.Semaphore(RESTORE_CONCURRENCY)
+
+        async def one(record: SandboxRecord) -> None:
+            async with gate:
+                if await self._bring_back(record, "the gateway restarted"):
+                    record.restored_at = time.time()
+                    self._save(record)
+
+        await asyncio.gather(*(one(r) for r in restoring))
+        if restoring:
+            self.log.warning("restored %d sandboxes on their workspaces in %.1f s", len(restoring), time.time() - now)
+
+    async def _bring_back(self, record: SandboxRecord, why: str) -> bool:
+        """Start ``record``'s sandbox again on the workspace it kept (restore after a restart, resume after a
+        pause): same id, tenant, limits and metadata; a fresh kernel (or shell) for each stored session, under
+        its old id; one of the template's language if none was stored. Answers whether it runs; on failure it
+        is ``failed`` (reason ``restore_failed``), its workspace kept."""
+        rows = list(record.kept_sessions) if self.store is None else await self.store.list_sessions(record.id)
+        try:
+            sandbox = await self.factory.create(limits=record.limits, env=record.env, sandbox_id=record.id,
+                                                uid=record.uid, reattach=True)
+        except Exception as exc:
+            self.log.error("sandbox %s could not be started again on its workspace: %s", record.id, exc)
+            record.state, record.reason = "failed", "restore_failed"
+            self._save(record)
+            return False
+        self._attach(record, sandbox)
+        if self.egress is not None:
+            try:
+                await self.egress.attach(sandbox, record.network)
+            except Exception as exc:
+                sandbox.log(f"{why}: its network policy could not be applied again, it has no egress: {exc}")
+        sandbox.log(f"{why}: this sandbox runs again on its workspace, whose files are kept; kernel memory was "
+                    "lost (variables, imports, running code): each session has a fresh kernel")
+        if not any(r.type == "jupyter" for r in rows):
+            rows.insert(0, SessionRow("", record.id, "jupyter", record.template.language))
+        for row in rows:
+            session: Session
+            if row.type == "jupyter":
+                session = JupyterSession(sandbox, row.language or record.template.language,
+                                         self.kernel_spec_manager)
+            else:
+                from .terminals import TerminalSession
+
+                session = TerminalSession(sandbox)
+            session.id = row.id or session.id
+            if session.type == "jupyter" and row.kernel_id:
+                session.km.kernel_id = row.kernel_id  # a Jupyter client reconnects under the id it knew
+            try:
+                await session.start()
+            except Exception as exc:
+                sandbox.log(f"session {session.id} ({row.language or row.type}) could not start again: {exc}")
+                if self.store is not None:
+                    self.store.delete_session(session.id).add_done_callback(self._log_failure)
+                continue
+            record.sessions[session.id] = session
+            self._sessions[session.id] = (record, session)
+            self._save_session(record, session)
+        record.state, record.reason, record.kept_sessions = "running", None, []
+        record.touch()
+        await self._saved(record)
+        for listener in self.on_restart:
+            listener(record)
+        return True
+
+    def _attach(self, record: SandboxRecord, sandbox: Sandbox) -> None:
+        record.sandbox = sandbox
+        record.uid = sandbox.uid
+        sandbox.on_exit.append(lambda sb: self._on_sandbox_exit(record))
+
+    async def _suspend(self, record: SandboxRecord, reason: str) -> None:
+        """End the sandbox's processes and free its memory and uid, keeping its workspace (unmounted) and its
+        sessions' rows: for a pause, and for a shutdown that the next gateway restores. Unfinished executions
+        end ``killed`` with ``reason``. The record's state is the caller's to set."""
+        for ex in self.executions.for_sandbox(record.id):
+            if not ex.ended:
+                await ex.finish("killed", reason)
+        record.kept_sessions = [SessionRow(se.id, record.id, se.type, se.language,
+                                           kernel_id=se.kernel_id if isinstance(se, JupyterSession) else None)
+                                for se in record.sessions.values()]
+        for session in list(record.sessions.values()):
+            self._sessions.pop(session.id, None)
+            with contextlib.suppress(Exception):
+                await session.close()
+        record.sessions.clear()
+        for listener in self.on_stop:
+            listener(record)
+        sandbox, record.sandbox = record.sandbox, None
+        if sandbox is not None:
+            await sandbox.stop(reason, keep_workspace=True)
 
     def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """Run ``coro`` as a task held until it ends (the loop keeps only weak references to tasks)."""
@@ -260,11 +497,16 @@ class Sandboxes:
                             await self._stop_record(record, "lifetime")
                         elif idle_at is not None and now >= idle_at:
                             self.telemetry.sandbox_reaped(record, "idle", now - record.last_activity)
-                            await self._stop_record(record, "idle")
+                            if record.on_idle != "pause" or not await self._pause_if_room(record, "idle"):
+                                await self._stop_record(record, "idle")
+                    elif record.state == "paused" and now >= record.expires_at:
+                        self.telemetry.sandbox_reaped(record, "lifetime", record.limits.max_lifetime_s)
+                        await self._stop_record(record, "lifetime")
                     elif record.state in ("stopped", "failed") and record.sandbox is None and \
                             now - record.last_activity > self.stopped_retention_s:
                         self._records.pop(record.id, None)
                         self.executions.forget_sandbox(record.id)
+                        self._forget(record)
                 except Exception:
                     self.log.exception("reaping %s failed", record.id)
 
@@ -307,12 +549,14 @@ class Sandboxes:
 
     async def create_sandbox(self, tenant: Tenant, template: object = "python",
                              limits: Mapping[str, Any] | None = None, env: object = None, metadata: object = None,
-                             network: object = None, *, kernel_language: str | None = None) -> SandboxRecord:
+                             network: object = None, *, kernel_language: str | None = None,
+                             on_idle: object = None, jupyter_api: bool = False) -> SandboxRecord:
         """``sandbox_create``: a running sandbox with one jupyter session of its template's language.
 
         ``limits`` (API.md names) lower or raise the template's up to the maximum; ``env`` is added to the
         template's; ``metadata`` is kept as given (at most :data:`MAX_METADATA_BYTES` of JSON);
-        ``kernel_language`` (the Jupyter API's kernelspec) overrides the template's language. Raises
+        ``kernel_language`` (the Jupyter API's kernelspec) overrides the template's language; ``jupyter_api``
+        marks a sandbox the Jupyter API made (kept with it). Raises
         :class:`~kernelhub.errors.InvalidRequest` for any of them out of bounds,
         :class:`~kernelhub.errors.QuotaExceeded` past ``max_sandboxes_per_tenant`` live (starting included),
         and what the sandbox or kernel start raises."""
@@ -340,6 +584,8 @@ class Sandboxes:
         language = kernel_language or tmpl.language
         if language not in KERNELSPECS:
             raise InvalidRequest(f"Unknown language {language!r}.")
+        if on_idle not in (None, *ON_IDLE):
+            raise InvalidRequest(f"on_idle must be one of {', '.join(ON_IDLE)}.")
         self._reserve_sandbox(tenant)
         reserved = True
         sandbox: Sandbox | None = None
@@ -348,10 +594,10 @@ class Sandboxes:
             sandbox, pooled_session = await self._provision(tmpl, language, resolved, env_vars)
             if self.egress is not None:
                 await self.egress.attach(sandbox, policy)
-            record = SandboxRecord(sandbox.id, tenant, tmpl, resolved, metadata, network=policy)
+            record = SandboxRecord(sandbox.id, tenant, tmpl, resolved, metadata, network=policy, env=env_vars,
+                                   on_idle=str(on_idle or "stop"), jupyter_api=jupyter_api)
             self.telemetry.sandbox_created(record)
-            record.sandbox = sandbox
-            sandbox.on_exit.append(lambda sb: self._on_sandbox_exit(record))
+            self._attach(record, sandbox)
             # The reservation becomes the record in one step (no await between): counted once, never twice.
             self._records[record.id] = record
             self._release_sandbox(tenant)
@@ -365,6 +611,10 @@ class Sandboxes:
                 await session.start()
             record.state = "running"
             record.touch()
+            self._save(record)
+            saved = self._save_session(record, session)
+            if saved is not None:
+                await saved  # on disk before its id is announced: a restart finds it
             self.telemetry.sandbox_ready(record, time.monotonic() - asked)
             return record
         except BaseException as exc:
@@ -422,7 +672,11 @@ class Sandboxes:
         return record, record.sandbox
 
     async def _stop_record(self, record: SandboxRecord, reason: str | None) -> None:
-        if record.state in ("starting", "running"):
+        if record.state == "paused":
+            # Its processes are gone already; what it kept goes now.
+            await self.factory.discard(record.id)
+            record.paused_at = None
+        if record.state in ("starting", "running", "paused"):
             record.state = "stopped"
         if reason and not record.reason and reason not in ("deleted", "shutdown"):
             record.reason = reason
@@ -442,6 +696,8 @@ class Sandboxes:
             await sandbox.stop(reason)
             self.telemetry.sandbox_stopped(record, reason or "stopped")
         record.touch()
+        if reason not in ("deleted", "shutdown"):
+            self._save(record)
 
     async def delete_sandbox(self, tenant: Tenant, sandbox_id: object) -> None:
         """``sandbox_delete``: kill everything, free every resource, forget the sandbox."""
@@ -450,6 +706,51 @@ class Sandboxes:
         await self._stop_record(record, "deleted")
         self._records.pop(record.id, None)
         self.executions.forget_sandbox(record.id)
+        self._forget(record)
+
+    async def pause_sandbox(self, tenant: Tenant, sandbox_id: object) -> SandboxRecord:
+        """``sandbox_pause``: stop the running sandbox's processes and free its memory and uid, keeping its record,
+        its workspace (unmounted, on disk) and its sessions' ids (state ``paused``). Unfinished executions end
+        ``killed`` with reason ``paused``. A paused sandbox does not count toward ``max_sandboxes_per_tenant``;
+        at most ``max_paused_per_tenant`` may be paused at once. Raises :class:`~kernelhub.errors.NotFound`,
+        :class:`~kernelhub.errors.Conflict` (``sandbox_not_running``) unless it runs, and
+        :class:`~kernelhub.errors.QuotaExceeded` past the paused cap."""
+        record, _ = self.running(tenant, sandbox_id)
+        if not await self._pause_if_room(record, "paused"):
+            raise QuotaExceeded(f"Tenant {tenant.name!r} already has {self.max_paused_per_tenant} paused sandboxes, "
+                                "the most it may keep; resume or delete one first.")
+        return record
+
+    async def _pause_if_room(self, record: SandboxRecord, reason: str) -> bool:
+        """Pause ``record`` (see :meth:`pause_sandbox`) if its tenant is under the paused cap; answers whether."""
+        paused = sum(1 for r in self._records.values() if r.tenant == record.tenant and r.state == "paused")
+        if paused >= self.max_paused_per_tenant:
+            return False
+        record.state, record.paused_at = "paused", time.time()  # in one step: no new work is accepted from here
+        await self._suspend(record, reason)
+        self.log.info("sandbox %s paused (%s)", record.id, reason)
+        await self._saved(record)
+        return True
+
+    async def resume_sandbox(self, tenant: Tenant, sandbox_id: object) -> SandboxRecord:
+        """``sandbox_resume``: start the paused sandbox again on its workspace, with a fresh kernel (or shell)
+        for each session it had, under the same ids. It counts toward ``max_sandboxes_per_tenant`` again.
+        Raises :class:`~kernelhub.errors.NotFound`, :class:`~kernelhub.errors.SandboxNotPaused` (409)
+        unless it is paused, :class:`~kernelhub.errors.QuotaExceeded` at the live cap, and
+        :class:`~kernelhub.errors.SandboxError` when it cannot start (it is then ``failed``, its workspace
+        kept)."""
+        record = self.get_sandbox(tenant, sandbox_id)
+        if record.state != "paused":
+            raise SandboxNotPaused(f"Sandbox {record.id} is {record.state}, not paused.")
+        self._reserve_sandbox(tenant)
+        try:
+            record.state, record.paused_at = "starting", None
+            ok = await self._bring_back(record, "resumed")
+        finally:
+            self._release_sandbox(tenant)
+        if not ok:
+            raise SandboxError(f"Sandbox {record.id} could not start again on its workspace; its files are kept.")
+        return record
 
     def set_deadline(self, tenant: Tenant, sandbox_id: object, seconds: object, *,
                      extend_only: bool = False) -> SandboxRecord:
@@ -467,6 +768,7 @@ class Sandboxes:
                                  f"creation (its max_lifetime_s): at most {max(0, int(latest - now))} s more.")
         wanted = now + float(seconds)
         record.expires_at = max(record.expires_at, wanted) if extend_only else wanted
+        self._save(record)
         return record
 
     def sandbox_logs(self, tenant: Tenant, sandbox_id: object, lines: int | str = 100) -> list[str]:
@@ -536,7 +838,10 @@ class Sandboxes:
         finally:
             record.busy -= 1
         record.network = policy
+        if policy.mode != "none":
+            record.env.update(proxy_env())  # a restored or resumed sandbox starts its kernels with them
         record.touch()
+        await self._saved(record)
         return record
 
     # -- sessions ---------------------------------------------------------------------------------------
@@ -571,6 +876,7 @@ class Sandboxes:
         record.sessions[session.id] = session
         self._sessions[session.id] = (record, session)
         record.touch()
+        self._save_session(record, session)
         return session
 
     def get_session(self, tenant: Tenant, session_id: object) -> tuple[SandboxRecord, Session]:
@@ -591,6 +897,8 @@ class Sandboxes:
         record, session = self.get_session(tenant, session_id)
         self._sessions.pop(session.id, None)
         record.sessions.pop(session.id, None)
+        if self.store is not None and not self.store.closed:
+            self.store.delete_session(session.id).add_done_callback(self._log_failure)
         await session.close()
 
     async def restart_session(self, tenant: Tenant, session_id: object) -> JupyterSession:

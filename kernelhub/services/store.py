@@ -615,6 +615,11 @@ class Store:
         are given back to the file system."""
         self._freed = True
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (every method then raises :class:`StoreError`)."""
+        return self._closed
+
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError("The store is closed.")

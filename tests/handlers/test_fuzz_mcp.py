@@ -37,7 +37,7 @@ NOT_JSON_RPC = [b"", b"not json", b"null", b"[]", b"{}", b"[" * 100_000, b'{"a":
 WRONG = [None, True, -1, 0, 2**62, 2**70, 1.5, 1e308, float("inf"), float("nan"), "", "x" * 20_000, "\x00",
          "\u202e", [], [1], {}, {"a": {"b": {}}}, {"memory_mb": "x"}, {"A": 1}, {"BAD NAME": "x"}, {"cpu": 1e308},
          "../../etc/passwd", "/abs", "a\x00b", "%FF", "sbnope"]
-DESTRUCTIVE = {"sandbox_delete", "session_close"}
+DESTRUCTIVE = {"sandbox_delete", "sandbox_pause", "session_close"}
 
 
 def plausible(fuzz: Any, tool: str) -> dict[str, Any]:

@@ -32,7 +32,8 @@ pytestmark = [pytest.mark.root, pytest.mark.bwrap, pytest.mark.cgroups]
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = {
-    "sandbox_create", "sandbox_list", "sandbox_info", "sandbox_delete", "code_execute", "code_execute_async",
+    "sandbox_create", "sandbox_list", "sandbox_info", "sandbox_delete", "sandbox_pause", "sandbox_resume",
+    "code_execute", "code_execute_async",
     "execution_status", "command_execute", "file_upload", "file_download", "file_list", "file_delete",
     "session_create", "session_execute", "session_close", "sandbox_logs", "sandbox_metrics",
     "command_start", "command_list", "command_status", "command_send_stdin", "command_signal", "command_kill",

@@ -217,12 +217,20 @@ def test_upload_abort_and_context_manager_failure_remove_the_file(ws: Workspace)
             raise RuntimeError("client went away")
     with pytest.raises(NotFound):
         ws.stat("partial.txt")
-    # The sandbox replaced the partial file with its own: abort must not remove that one.
-    upload = UploadWriter(ws, "swapped.txt")
-    os.rename(ws.path / "swapped.txt", ws.path / "moved.txt")
-    (ws.path / "swapped.txt").write_text("the sandbox's own")
+    # A file of the sandbox's own under the final name stays what it was until an upload completes, and after
+    # an aborted one; the partial data never had a name in the directory.
+    (ws.path / "kept.txt").write_text("the sandbox's own")
+    upload = UploadWriter(ws, "kept.txt")
+    upload.write(b"half")
+    assert sorted(os.listdir(ws.path)) == ["kept.txt"]
+    assert (ws.path / "kept.txt").read_text() == "the sandbox's own"
     upload.abort()
-    assert (ws.path / "swapped.txt").read_text() == "the sandbox's own"
+    assert sorted(os.listdir(ws.path)) == ["kept.txt"]
+    assert (ws.path / "kept.txt").read_text() == "the sandbox's own"
+    with UploadWriter(ws, "kept.txt") as upload:
+        upload.write(b"whole")
+    assert (ws.path / "kept.txt").read_bytes() == b"whole"
+    assert sorted(os.listdir(ws.path)) == ["kept.txt"]
 
 
 def test_non_utf8_names_round_trip(ws: Workspace) -> None:

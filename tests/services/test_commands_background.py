@@ -28,8 +28,10 @@ GRACE_S = 0.5
 
 @pytest.fixture(scope="module")
 def hub(factory: Any, runner: asyncio.Runner) -> Iterator[Hub]:
+    # Not durable: its shutdown must leave nothing (the leftovers check), where a durable hub keeps its sandboxes'
+    # workspaces for the next start (tests/handlers/test_restart.py).
     made = Hub(factory, command_output_buffer_kib=BUFFER_KIB, ended_commands_kept=ENDED_KEPT,
-               command_kill_grace_s=GRACE_S)
+               command_kill_grace_s=GRACE_S, durable=False)
     runner.run(made.start())
     yield made
     runner.run(made.shutdown())

@@ -308,6 +308,8 @@ class KernelChannelsHandler(WebSocketBase):
         if sock is None or channel == "iopub":
             log.warning("dropped a message for kernel %s on the channel %r", self.kernel_id, channel[:32])
             return None
+        if channel in ("shell", "control"):
+            self._audit_request(channel, parts, msg)
         try:
             if parts is not None:
                 return send_raw_message(self.zsession, sock, parts)
@@ -316,6 +318,22 @@ class KernelChannelsHandler(WebSocketBase):
             log.warning("could not send a message to kernel %s: %s: %s", self.kernel_id, type(exc).__name__,
                         str(exc)[:200])
             return None
+
+    def _audit_request(self, channel: str, parts: list[bytes] | None, msg: dict[str, Any]) -> None:
+        """The Jupyter surface's audit hook: each request a client sends on shell or control is an entry (action
+        ``WS /api/kernels/{kernel_id}/channels <msg_type>``, the code of an ``execute_request`` as its SHA-256
+        and size). Replies on stdin and heartbeats are not actions."""
+        try:
+            header = json.loads(parts[0]) if parts is not None else msg.get("header")
+            msg_type = str(header.get("msg_type", ""))[:64] if isinstance(header, dict) else ""
+            content = msg.get("content") if parts is None else \
+                (json.loads(parts[3]) if msg_type == "execute_request" else {})
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            msg_type, content = "", {}
+        code = content.get("code") if isinstance(content, dict) else None
+        self.audit(f"WS /api/kernels/{{kernel_id}}/channels {msg_type or channel}",
+                   {"kernel_id": self.kernel_id, "sandbox_id": self.record.id}, 200, None,
+                   code if isinstance(code, str) else None)
 
     def _parse_client_frame(self, message: str | bytes) -> tuple[str, list[bytes] | None, dict[str, Any]]:
         """A client frame as (channel, the v1 parts to send as they are | None, the legacy message to sign)."""
