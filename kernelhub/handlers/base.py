@@ -120,7 +120,8 @@ class AuthMixin:
         for key, arg in [*((None, a) for a in getattr(handler, "path_args", None) or []), *named.items()]:
             if not isinstance(arg, str) or not arg:
                 continue
-            raw = urllib.parse.quote(arg, safe="/:@!$&'()*+,;=-._~")
+            # A URL argument that is not UTF-8 holds surrogates (surrogateescape): quoted back to its bytes.
+            raw = urllib.parse.quote(arg, safe="/:@!$&'()*+,;=-._~", errors="surrogateescape")
             at = path.find(raw)
             if at < 0:
                 continue
@@ -128,7 +129,7 @@ class AuthMixin:
             name = key or _ID_NAMES.get(before)
             if name is None:
                 continue  # a word of the route (an action), not an id
-            ids.setdefault(name, arg)
+            ids.setdefault(name, arg.encode(errors="surrogateescape").decode(errors="replace"))
             path = f"{path[:at]}{{{name}}}{path[at + len(raw):]}"
         return f"{self.request.method} {path}", ids
 

@@ -141,7 +141,10 @@ BAD_IDS = ["", "x", "sb" + "0" * 16, "SB00", "%FF", "%00", "%C0%AF", "%ED%A0%80"
 BAD_PATHS = ["", "/", "x.txt", "dir/y.txt", "..", "../../etc/passwd", "%2e%2e/%2e%2e/etc/passwd", "a/../b",
              "%00", "a%00b", "%FF%FE", "caf%E9.txt", "x" * 300, "/".join(["d"] * 700), "//abs", "%2Fabs",
              "\\..\\x", "a%3Fb", "%ED%A0%80", ".", "./", "a//b"]
-REAL_SAFE = {"SandboxHandler": ("DELETE",), "SessionHandler": ("DELETE",), "KernelHandler": ("DELETE",)}
+#: Methods never sent with the real objects' ids: they would take the objects the other routes are fuzzed on
+#: (pausing is tested by tests/handlers/test_pause.py).
+REAL_SAFE = {"SandboxHandler": ("DELETE",), "SessionHandler": ("DELETE",), "KernelHandler": ("DELETE",),
+             "SandboxPauseHandler": ("POST",)}
 
 #: Bodies that are not one JSON object, or JSON the gateway must refuse whatever the route.
 NASTY_BODIES = [
