@@ -64,6 +64,12 @@ class KernelRestarter:
         self._restarts: list[float] = []
         self._restarting = False
         self._task: asyncio.Task[None] | None = None
+        # Every restart of the session (this policy's, the API's, or the session's own: an output flood, an
+        # interrupt it ignored) is told to the listeners, which hold their clients' messages around it.
+        session.restart_listeners.append(self._session_restart)
+
+    async def _session_restart(self, event: str) -> None:
+        await self.kernels.tell(self.kernel_id, event)
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._poll())
@@ -106,15 +112,13 @@ class KernelRestarter:
             await self.kernels.tell(self.kernel_id, "dead")
 
     async def restart(self) -> None:
-        """Restart the kernel (state lost, same id and sockets) with the listeners told before and after; raises
-        what the restart raises."""
+        """Restart the kernel (state lost, same id and sockets); the session tells the listeners before and after
+        (:attr:`JupyterSession.restart_listeners`). Raises what the restart raises."""
         self._restarting = True
-        await self.kernels.tell(self.kernel_id, "restarting")
         try:
             await self.kernels.sandboxes.restart_session(self.record.tenant, self.session.id)
         finally:
             self._restarting = False
-            await self.kernels.tell(self.kernel_id, "restarted")
 
 
 class Kernels:

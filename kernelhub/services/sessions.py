@@ -340,6 +340,9 @@ class JupyterSession:
         self._iopub_markers: dict[str, asyncio.Event] = {}
         self._readers: list[asyncio.Task[None]] = []
         self.restarts = 0
+        #: Called with ``"restarting"`` and then ``"restarted"`` around every restart of the kernel, whatever
+        #: asked for it (the Jupyter API's kernels service holds its websockets' messages meanwhile).
+        self.restart_listeners: list[Callable[[str], Awaitable[None]]] = []
         self._iopub_seen = asyncio.Event()
         #: iopub messages handled so far, and whether one is being handled now (its listeners may be slow).
         self._iopub_handled = 0
@@ -910,11 +913,22 @@ class JupyterSession:
         self._violation.clear()
         self.restarts += 1
         self.state = "restarting"
-        await self._disconnect()
-        await self.km.restart_kernel(now=True)
-        await self._connect()
-        self.state = "running"
-        self.sandbox.log(f"{self.language} kernel restarted ({why})")
+        await self._tell_restart("restarting")
+        try:
+            await self._disconnect()
+            await self.km.restart_kernel(now=True)
+            await self._connect()
+            self.state = "running"
+            self.sandbox.log(f"{self.language} kernel restarted ({why})")
+        finally:
+            await self._tell_restart("restarted")
+
+    async def _tell_restart(self, event: str) -> None:
+        for listener in list(self.restart_listeners):
+            try:
+                await listener(event)
+            except Exception:
+                log.exception("a restart listener of session %s failed on %s", self.id, event)
 
     async def interrupt(self, *, escalate: bool = False) -> None:
         """Interrupt whatever runs now (SIGINT); the kernel keeps its state. Called by the hub: with
