@@ -8,8 +8,8 @@ own is the translation:
 - ``timeout`` (seconds, 300 when absent) is the sandbox's deadline (``expires_at``), moved by
   ``POST /sandboxes/{id}/timeout`` and extended (never shortened) by ``connect``, within the sandbox's
   ``max_lifetime_s`` (raised to a create's ``timeout`` when that is longer than the default, up to the
-  gateway's maximum; a longer one is refused before any sandbox is made). The sandbox is not stopped as idle before it: E2B has no idle timeout, so the idle limit
-  is asked as long as the gateway allows;
+  gateway's maximum; a longer one is refused before any sandbox is made). The sandbox is not stopped as idle
+  before it: E2B has no idle timeout, so the idle limit is asked as long as the gateway allows;
 - ``allow_internet_access: false`` is ``network: "none"``; ``true`` (or nothing) leaves the template's network
   mode, ``none`` on this gateway today; a ``network`` object of allow/deny rules is passed on as kernelhub's
   network policy (refused while the gateway offers only ``none``);
