@@ -73,9 +73,10 @@ SEND_HWM = 8
 #: test runs; messages a second on the session's iopub link, the busiest second of each run, through the gateway):
 #: honest kernels peak at 7,890 (bash_kernel, ``seq 1 2000000``), 5,451 (bash, an ``echo`` loop), 4,816 and
 #: 4,608 (python, ``sys.stderr.flush()`` / ``print(..., flush=True)`` every line), 3,971 (the same from a thread),
-#: 3,628 (tslab, ``console.log`` with an ``await`` every 100 lines), 2,786 (``clear_output(wait=True)`` + print),
-#: 2,489 (``DisplayHandle.update`` loop), 2,110 (``display`` loop), 512 (tslab, a synchronous ``console.log``
-#: loop) and under 200 (python, a ``print`` loop: ipykernel batches). A kernel sending prebuilt status messages as
+#: 2,786 (``clear_output(wait=True)`` + print), 2,489 (``DisplayHandle.update`` loop), 2,110 (``display`` loop)
+#: and under 200 (python, a ``print`` loop: ipykernel batches). tslab sent 3,628 (``console.log`` with an ``await``
+#: every 100 lines) before kernelhub's preload (``tslab_ipc.js``) gathered its writes; now 77, and under 20 for a
+#: synchronous loop. A kernel sending prebuilt status messages as
 #: fast as it can got 16,000 to 17,600 a second through (the gateway's own ceiling for one kernel). Honest kernels
 #: that print a line a message are held back by the gateway's handling of real output, about half that ceiling,
 #: so the bound lies between them; the burst lets an honest peak run ten seconds past it.
