@@ -18,7 +18,12 @@ allocated for it, and:
   (:attr:`ChannelGuard.on_violation`) before more than one read of it (at most :data:`READ_BYTES`) was passed on;
 - bytes passed on to a gateway socket and not yet read from it by the gateway (:meth:`consumed`) are held to
   :attr:`ChannelBounds.window`: past it the guard stops reading from the kernel until the gateway has read, so
-  a kernel that writes faster than the gateway reads fills its own buffers, not the gateway's.
+  a kernel that writes faster than the gateway reads fills its own buffers, not the gateway's;
+- messages are held to :attr:`ChannelBounds.messages_per_s` a second on each link, in bursts of
+  :attr:`ChannelBounds.message_burst`: the gateway spends about 50 µs of its loop on each message it reads
+  whatever its size (issue 9: 5,000 small iopub messages a second, each under the envelope that output caps do not
+  count, cost the gateway a quarter of a core per sandbox, without end), so a link past the rate is cut and
+  reported as for a message too large. The bucket is the link's, kept across reconnections.
 
 What one link costs the gateway: three descriptors (the listening socket, the accepted one, the one to the
 kernel) besides the ZeroMQ socket's own two, no thread, and at most ``window`` + :data:`READ_BYTES` bytes held
@@ -50,7 +55,7 @@ from typing import Any, cast
 import zmq
 import zmq.asyncio
 
-__all__ = ["ChannelBounds", "ChannelGuard", "DropLog", "GuardedSocket", "Link", "socket_options"]
+__all__ = ["ChannelBounds", "ChannelGuard", "DropLog", "GuardedSocket", "Link", "TokenBucket", "socket_options"]
 
 log = logging.getLogger("kernelhub.channel_guard")
 
@@ -63,6 +68,21 @@ _WRITE_HIGH = 256 * 1024
 #: Messages a gateway socket queues for a kernel that does not read them (``ZMQ_SNDHWM``); past it a send waits,
 #: and a sender that awaits it (the Jupyter relay) stops reading its client.
 SEND_HWM = 8
+#: Messages a second one link passes on from a kernel, sustained, and in a burst (the defaults of
+#: ``SandboxFactory.kernel_messages_per_s`` and ``kernel_message_burst``). Measured here (2 cores shared with other
+#: test runs; messages a second on the session's iopub link, the busiest second of each run, through the gateway):
+#: honest kernels peak at 7,890 (bash_kernel, ``seq 1 2000000``), 5,451 (bash, an ``echo`` loop), 4,816 and
+#: 4,608 (python, ``sys.stderr.flush()`` / ``print(..., flush=True)`` every line), 3,971 (the same from a thread),
+#: 2,786 (``clear_output(wait=True)`` + print), 2,489 (``DisplayHandle.update`` loop), 2,110 (``display`` loop)
+#: and under 200 (python, a ``print`` loop: ipykernel batches). tslab sent 3,628 (``console.log`` with an ``await``
+#: every 100 lines) before kernelhub's preload (``tslab_ipc.js``) gathered its writes; now 77, and under 20 for a
+#: synchronous loop. A kernel sending prebuilt status messages as fast as it can got 16,000 to 17,600 a second
+#: through (the gateway's own ceiling for one kernel). Honest kernels that print a line a message are held back by
+#: the gateway's handling of real output, about half that ceiling, so the bound lies between them (1.27 times the
+#: busiest honest kernel: not far above it); the burst (ten seconds at the bound) absorbs an honest peak past it.
+#: The attack of issue 9 (5,000 a second) is under the bound: it cannot be told from bash's ``seq`` by its rate.
+MESSAGES_PER_S = 10_000.0
+MESSAGE_BURST = 100_000
 _GREETING = 64
 _MORE, _LONG, _COMMAND = 0x01, 0x02, 0x04
 
@@ -71,14 +91,20 @@ _MORE, _LONG, _COMMAND = 0x01, 0x02, 0x04
 class ChannelBounds:
     """What one kernel may send the gateway. ``max_message``: bytes of one message, its frames together (and
     of one frame: ``ZMQ_MAXMSGSIZE``). ``window``: bytes of messages passed on to one gateway socket and not yet
-    read from it; at least ``max_message`` (a message must fit), raised to it otherwise."""
+    read from it; at least ``max_message`` (a message must fit), raised to it otherwise. ``messages_per_s`` and
+    ``message_burst``: messages one link passes on a second, sustained, and at most at once (a link starts with a
+    full burst; :data:`MESSAGES_PER_S`, :data:`MESSAGE_BURST`)."""
 
     max_message: int
     window: int
+    messages_per_s: float = MESSAGES_PER_S
+    message_burst: int = MESSAGE_BURST
 
     def __post_init__(self) -> None:
         if self.max_message < 1024:
             raise ValueError("max_message must be at least 1024 bytes")
+        if not (self.messages_per_s > 0 and self.message_burst >= 1):
+            raise ValueError("messages_per_s and message_burst must be positive")
         if self.window < self.max_message:
             object.__setattr__(self, "window", self.max_message)
 
@@ -89,13 +115,34 @@ def socket_options(sock: zmq.Socket[Any], bounds: ChannelBounds) -> None:
     sock.setsockopt(zmq.MAXMSGSIZE, bounds.max_message)
 
 
+class TokenBucket:
+    """At most ``rate`` units a second, in bursts of at most ``capacity`` (it starts full)."""
+
+    def __init__(self, capacity: int, rate: float) -> None:
+        self.capacity = capacity
+        self.rate = rate
+        self._level = float(capacity)
+        self._at = time.monotonic()
+
+    def take(self, amount: int) -> bool:
+        """Take ``amount``; False (and nothing taken) when there is not that much left."""
+        now = time.monotonic()
+        self._level = min(self.capacity, self._level + (now - self._at) * self.rate)
+        self._at = now
+        if amount > self._level:
+            return False
+        self._level -= amount
+        return True
+
+
 class _FrameReader:
     """Follows the ZMTP 3 stream a kernel sends (greeting, then frames) without keeping any of it: each call of
     :meth:`feed` answers the payload bytes of messages that went by, and raises :class:`ValueError` with a
-    sentence for anything out of bounds."""
+    sentence for anything out of bounds (``rate``: the messages it may see, taken one at each message's end)."""
 
-    def __init__(self, max_message: int) -> None:
+    def __init__(self, max_message: int, rate: TokenBucket | None = None) -> None:
         self.max_message = max_message
+        self.rate = rate
         self._greeting = bytearray()
         self._header = bytearray()
         self._need = 0  # body bytes of the current frame still to come
@@ -168,6 +215,8 @@ class _FrameReader:
     def _end_message(self) -> None:
         self.partial = self._declared = 0
         self.messages += 1
+        if self.rate is not None and not self.rate.take(1):
+            raise ValueError(f"more than {self.rate.capacity} messages at more than {self.rate.rate:g} a second")
 
 
 class _Side(asyncio.Protocol):
@@ -215,7 +264,7 @@ class _Pair:
         self.link = link
         self.down = _Side(self, upstream=False)
         self.up = _Side(self, upstream=True)
-        self.reader = _FrameReader(link.guard.bounds.max_message)
+        self.reader = _FrameReader(link.guard.bounds.max_message, link.rate)
         self.paused: set[tuple[bool, str]] = set()
         self.closed = False
 
@@ -263,6 +312,10 @@ class Link:
         #: Payload bytes passed on (counted as they arrive, before the gateway allocates them) and read.
         self.received = 0
         self.read = 0
+        #: Messages this link may pass on (kept across the kernel's reconnections: a new connection is no
+        #: new budget).
+        bounds = guard.bounds
+        self.rate = TokenBucket(bounds.message_burst, bounds.messages_per_s)
         self._pair: _Pair | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False

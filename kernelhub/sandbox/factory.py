@@ -18,12 +18,13 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from traitlets import Bool, Enum, Integer, Unicode, default
+from traitlets import Bool, Enum, Float, Integer, TraitError, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
 from ..errors import IsolationUnavailable, SandboxError
 from . import seccomp
 from .cgroups import CPU_WEIGHT_DEFAULT, detect_version, open_cgroup, parent_memory_headroom
+from .channel_guard import MESSAGE_BURST, MESSAGES_PER_S
 from .limits import Limits
 from .sandbox import Sandbox, unmount_run_dir
 from .uids import UidPool
@@ -70,6 +71,19 @@ class SandboxFactory(LoggingConfigurable):
     @default("bwrap_path")
     def _bwrap_default(self) -> str:
         return shutil.which("bwrap") or "bwrap"
+
+    kernel_messages_per_s = Float(MESSAGES_PER_S, help="Messages a second each gateway socket to a kernel takes "
+                                  "from it, sustained; a kernel past it (and its burst) is restarted, as for output "
+                                  "past twice its cap.", config=True).tag(env="KERNELHUB_KERNEL_MESSAGES_PER_S")
+    kernel_message_burst = Integer(MESSAGE_BURST, help="Messages each gateway socket to a kernel takes from it at "
+                                   "once before kernel_messages_per_s applies.", config=True).tag(
+        env="KERNELHUB_KERNEL_MESSAGE_BURST")
+
+    @validate("kernel_messages_per_s", "kernel_message_burst")
+    def _positive_rate(self, proposal: Any) -> Any:
+        if not proposal["value"] > 0:
+            raise TraitError(f"{proposal['trait'].name} must be positive")
+        return proposal["value"]
 
     uid_base = Integer(200000, help="First host uid handed to sandboxes.", config=True).tag(env="KERNELHUB_UID_BASE")
     uid_count = Integer(65536, help="How many host uids sandboxes may use.", config=True).tag(

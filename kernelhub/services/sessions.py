@@ -29,7 +29,9 @@ How an execution ends (:meth:`JupyterSession._run`):
 
 What the kernel sends is untrusted (SECURITY.md pitfall 12). Every socket to it reads through the kernel's channel
 guard (:mod:`kernelhub.sandbox.channel_guard`, bounds from :func:`channel_bounds`): a message past the bound is
-cut before the gateway allocates it and the kernel is restarted with the reason in ``sandbox_logs``
+cut before the gateway allocates it, and so is a socket past its messages a second (small messages cost the
+gateway's loop as much as large ones, and the envelope of each is not counted below), and the kernel is restarted
+with the reason in ``sandbox_logs``
 (:meth:`JupyterSession._violated`). Every message this session reads counts, beyond its envelope, against the
 running execution's output cap (:meth:`JupyterSession._count`), or else against :attr:`JupyterSession.flood`;
 malformed ones are dropped into the sandbox's :class:`~kernelhub.sandbox.channel_guard.DropLog`.
@@ -67,7 +69,7 @@ from jupyter_client.session import DELIM, Session
 
 from ..errors import InvalidRequest, SandboxError
 from ..models import new_id
-from ..sandbox.channel_guard import ChannelBounds
+from ..sandbox.channel_guard import MESSAGE_BURST, MESSAGES_PER_S, ChannelBounds, TokenBucket
 from ..sandbox.kernel_manager import GuardedKernelManager
 from ..sandbox.limits import Limits
 from .executions import Displays, Execution
@@ -232,12 +234,16 @@ def _js_error(stderr: str, last_stderr: str) -> tuple[str, str, list[str]] | Non
     return "Error", "\n".join(chunk).strip()[:2000], chunk[:200]
 
 
-def channel_bounds(limits: Limits) -> ChannelBounds:
+def channel_bounds(limits: Limits, messages_per_s: float = MESSAGES_PER_S,
+                   message_burst: int = MESSAGE_BURST) -> ChannelBounds:
     """What a kernel of a sandbox with ``limits`` may send the gateway: one message (all its frames) of at most
-    its output cap or :data:`MIN_MESSAGE_BYTES`, whichever is larger, plus an envelope's room; and as much again
-    passed on to one gateway socket and not yet read (:class:`~kernelhub.sandbox.channel_guard.ChannelBounds`)."""
+    its output cap or :data:`MIN_MESSAGE_BYTES`, whichever is larger, plus an envelope's room; as much again
+    passed on to one gateway socket and not yet read; and ``messages_per_s`` messages a second on each socket, in
+    bursts of ``message_burst`` (:class:`~kernelhub.sandbox.channel_guard.ChannelBounds`; the sandbox factory's
+    ``kernel_messages_per_s`` and ``kernel_message_burst``)."""
     largest = max(limits.output_bytes, MIN_MESSAGE_BYTES) + 64 * 1024
-    return ChannelBounds(max_message=largest, window=largest)
+    return ChannelBounds(max_message=largest, window=largest, messages_per_s=messages_per_s,
+                         message_burst=message_burst)
 
 
 def parse_message(session: Session, parts: list[bytes]) -> dict[str, Any]:
@@ -266,26 +272,6 @@ def kernelspec_for(language: str) -> str:
         raise InvalidRequest(
             f"Unknown language {language!r}; use one of {', '.join(LANGUAGES)}."
         ) from None
-
-
-class TokenBucket:
-    """At most ``rate`` units a second, in bursts of at most ``capacity`` (it starts full)."""
-
-    def __init__(self, capacity: int, rate: float) -> None:
-        self.capacity = capacity
-        self.rate = rate
-        self._level = float(capacity)
-        self._at = time.monotonic()
-
-    def take(self, amount: int) -> bool:
-        """Take ``amount``; False (and nothing taken) when there is not that much left."""
-        now = time.monotonic()
-        self._level = min(self.capacity, self._level + (now - self._at) * self.rate)
-        self._at = now
-        if amount > self._level:
-            return False
-        self._level -= amount
-        return True
 
 
 class _Request:
@@ -317,7 +303,8 @@ class JupyterSession:
         self.language = "node" if language == "javascript" else language
         self.kernel_name = kernelspec_for(language)
         self.state = "starting"
-        self.bounds = channel_bounds(sandbox.limits)
+        self.bounds = channel_bounds(sandbox.limits, sandbox.factory.kernel_messages_per_s,
+                                     sandbox.factory.kernel_message_burst)
         output = sandbox.limits.output_bytes
         self.flood = TokenBucket(2 * output + self.bounds.max_message, output)
         self.km = GuardedKernelManager(kernel_name=self.kernel_name, kernel_spec_manager=kernel_spec_manager,

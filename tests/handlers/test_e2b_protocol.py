@@ -5,8 +5,10 @@ and the Should-Retry header. Every answer is a clean 4xx/5xx in E2B's shape, nev
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import struct
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -111,6 +113,19 @@ def test_control_plane_errors(gateway: Gateway, sandbox: dict[str, Any]) -> None
         status, body, _ = control(gateway, "POST", "/v2/sandboxes", {"timeout": timeout})
         assert status == 400 and "timeout may be at most" in body["message"] and "sb" not in body["message"], body
     assert created() == before
+    # Longer than the default lifetime (a day) and within the gateway's maximum (a week): the sandbox is made to
+    # live that long, not made, found too short-lived and deleted (which named its id in the error).
+    for timeout in (86400, 86400 + 1, 3 * 86400, 7 * 86400):
+        asked = time.time()
+        status, body, _ = control(gateway, "POST", "/v2/sandboxes", {"timeout": timeout})
+        assert status == 201, (timeout, body)
+        try:
+            status, info, _ = control(gateway, "GET", f"/sandboxes/{body['sandboxID']}")
+            assert status == 200, info
+            end = datetime.datetime.fromisoformat(info["endAt"].replace("Z", "+00:00")).timestamp()
+            assert asked + timeout - 120 < end <= time.time() + timeout + 1, (timeout, info)
+        finally:
+            control(gateway, "DELETE", f"/sandboxes/{body['sandboxID']}")
     status, body, _ = _send(gateway, "POST", "/e2b/v2/sandboxes", None,
                             {"X-API-Key": gateway.token, "Content-Type": "application/json"}, b"{not json")
     assert status == 400 and body["code"] == 400

@@ -450,3 +450,88 @@ def test_a_kernel_that_stops_reading_holds_back_its_client_not_the_gateway(gw: G
             assert gw.request("DELETE", f"/api/kernels/{kernel['id']}")[0] == 204
     finally:
         gw.request("DELETE", f"/api/kernels/{kernel['id']}")
+
+
+# -- many small messages -----------------------------------------------------------------------------------------
+
+#: issue 9's flood of small messages (each under the envelope that output caps do not count): status messages for
+#: requests nobody made, as fast as ipykernel's own session sends them, for 10 s.
+SMALL_FLOOD = """
+import time as _time
+_k = get_ipython().kernel
+_n = 0
+_end = _time.monotonic() + 10
+while _time.monotonic() < _end:
+    _k.session.send(_k.iopub_socket, 'status', {'execution_state': 'busy'}, parent={'msg_id': 'zz%d' % _n})
+    _n += 1
+"""
+#: The same from a thread, between cells.
+SMALL_FLOOD_THREAD = "import threading as _threading\ndef _flood():\n" + "".join(
+    f"    {line}\n" for line in SMALL_FLOOD.strip().splitlines()) + "_threading.Thread(target=_flood).start()\n"
+#: A gateway whose kernels may send 1,000 messages a second in bursts of 5,000 (the defaults are 10,000 and
+#: 100,000, just above what honest kernels send: see kernelhub.sandbox.channel_guard.MESSAGES_PER_S), so that the
+#: flood is past it whatever the load of the machine running the test.
+RATE_ARGS = ["--SandboxFactory.kernel_messages_per_s=1000", "--SandboxFactory.kernel_message_burst=5000"]
+
+
+@pytest.fixture(scope="module")
+def rated() -> Iterator[Gateway]:
+    own = Gateway(extra_args=RATE_ARGS)
+    try:
+        yield own
+    finally:
+        own.stop()
+
+
+def wait_for_log(gw: Gateway, sandbox_id: str, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in logs(gw, sandbox_id):
+        assert time.monotonic() < deadline, logs(gw, sandbox_id)[-3000:]
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("when", ["in-a-cell", "between-cells"])
+def test_a_flood_of_small_messages_restarts_the_kernel(rated: Gateway, when: str) -> None:
+    status, sandbox = rated.request("POST", "/v1/sandboxes", {"template": "python"})
+    assert status == 201, sandbox
+    try:
+        started = time.monotonic()
+        if when == "in-a-cell":
+            ex = execute(rated, sandbox["id"], "kept = 1\n" + SMALL_FLOOD, timeout_s=120)
+            # Ended as a byte flood ends: the kernel is restarted, the execution killed for its output.
+            assert (ex["status"], ex["reason"], ex["truncated"]) == ("killed", "output_truncated", True), ex
+            assert ex["error"]["name"] == "OutputLimitExceeded" and "restarted" in ex["error"]["value"], ex
+            assert time.monotonic() - started < 10  # stopped, not run on to the flood's own end
+        else:
+            ex = execute(rated, sandbox["id"], "kept = 1\n" + SMALL_FLOOD_THREAD)
+            assert ex["status"] == "ok", ex
+            wait_for_log(rated, sandbox["id"], "kernel restarted (the kernel sent more than 5000 messages")
+            assert time.monotonic() - started < 10
+        assert_restarted_for(rated, sandbox["id"], "more than 5000 messages at more than 1000 a second")
+        assert execute(rated, sandbox["id"], "print('kept' in globals())")["stdout"] == "False\n"
+    finally:
+        rated.request("DELETE", f"/v1/sandboxes/{sandbox['id']}")
+
+
+#: The busiest honest kernels measured (kernelhub.sandbox.channel_guard.MESSAGES_PER_S): a message a line, for a
+#: few seconds each, at the default bound.
+HONEST = {
+    "python": "import sys\nfor i in range(30000):\n    print(i, flush=True)\n"
+              "    sys.stderr.write('e\\n'); sys.stderr.flush()",
+    "node": "for (let i = 0; i < 20000; i++) { console.log(i); "
+            "if (i % 100 == 0) await new Promise(r => setTimeout(r)) }",
+    "bash": "seq 1 300000",
+}
+
+
+@pytest.mark.parametrize("language", sorted(HONEST))
+def test_honest_kernels_printing_a_line_a_message_stay_within_the_rate(gw: Gateway, language: str) -> None:
+    status, sandbox = gw.request("POST", "/v1/sandboxes", {"template": "node" if language == "node" else language,
+                                                           "limits": {"output_mb": 100}})
+    assert status == 201, sandbox
+    try:
+        ex = execute(gw, sandbox["id"], HONEST[language], timeout_s=170)
+        assert (ex["status"], ex["truncated"]) == ("ok", False), {k: ex[k] for k in ("status", "reason", "error")}
+        assert "messages at more than" not in logs(gw, sandbox["id"])
+    finally:
+        gw.request("DELETE", f"/v1/sandboxes/{sandbox['id']}")

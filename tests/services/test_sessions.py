@@ -367,12 +367,17 @@ def test_an_interrupt_the_kernel_ignores_escalates_to_a_restart(hub: Hub, sessio
     runner.run(main())
 
 
-#: Per language: a flood (the issue's for python; 10 kB lines for bash_kernel and tslab, which send a message a
-#: line and would take minutes to reach 1 MB with short ones), state set before it, and how to read it back.
+#: Per case: the session's language, a flood (the issue's for python; 10 kB lines for bash_kernel, which sends a
+#: message a line and would take minutes to reach 1 MB with short ones; short lines in a synchronous loop for tslab,
+#: which used to send nothing more after 2 KB of them until the loop ended, so that the cap never saw the flood),
+#: state set before it, and how to read it back.
 FLOODS = {
-    "python": ("for i in range(10**8): print(i)", "kept = 5", "print(kept)"),
-    "node": ("while (true) { console.log('x'.repeat(10000)) }", "var kept = 5", "console.log(kept)"),
-    "bash": ("while true; do printf '%010000d\\n' 0; done", "KEPT=5", "echo $KEPT"),
+    "python": ("python", "for i in range(10**8): print(i)", "kept = 5", "print(kept)"),
+    "node": ("node", "while (true) { console.log('x'.repeat(10000)) }", "var kept = 5", "console.log(kept)"),
+    "node-short-lines": ("node", "for (let i = 0; i < 1e8; i++) console.log(i)", "var kept = 5", "console.log(kept)"),
+    "typescript": ("typescript", "for (let i: number = 0; i < 1e8; i++) console.log(i)", "var kept: number = 5",
+                   "console.log(kept)"),
+    "bash": ("bash", "while true; do printf '%010000d\\n' 0; done", "KEPT=5", "echo $KEPT"),
 }
 
 
@@ -383,18 +388,18 @@ def capped(hub: Hub, runner: asyncio.Runner) -> dict[str, tuple[str, str]]:
     async def make() -> dict[str, tuple[str, str]]:
         record = await hub.create_sandbox(ALICE, "python", limits={"output_mb": 1})
         out = {"python": (record.id, next(iter(record.sessions)))}
-        for language in ("node", "bash"):
+        for language in ("node", "typescript", "bash"):
             out[language] = (record.id, (await hub.create_session(ALICE, record.id, "jupyter", language)).id)
         return out
 
     return runner.run(make())
 
 
-@pytest.mark.parametrize("language", ["python", "node", "bash"])
+@pytest.mark.parametrize("case", sorted(FLOODS))
 def test_output_past_the_cap_stops_the_execution_at_once(hub: Hub, capped: dict[str, tuple[str, str]],
-                                                         runner: asyncio.Runner, language: str) -> None:
+                                                         runner: asyncio.Runner, case: str) -> None:
+    language, flood, set_state, read_state = FLOODS[case]
     where = capped[language]
-    flood, set_state, read_state = FLOODS[language]
 
     async def main() -> None:
         assert (await execute(hub, where, set_state)).status == "ok"

@@ -7,8 +7,9 @@ own is the translation:
   are ``python``); ``envVars`` is ``env``; ``metadata`` is ``metadata``;
 - ``timeout`` (seconds, 300 when absent) is the sandbox's deadline (``expires_at``), moved by
   ``POST /sandboxes/{id}/timeout`` and extended (never shortened) by ``connect``, within the sandbox's
-  ``max_lifetime_s``. The sandbox is not stopped as idle before it: E2B has no idle timeout, so the idle limit
-  is asked as long as the gateway allows;
+  ``max_lifetime_s`` (raised to a create's ``timeout`` when that is longer than the default, up to the
+  gateway's maximum; a longer one is refused before any sandbox is made). The sandbox is not stopped as idle
+  before it: E2B has no idle timeout, so the idle limit is asked as long as the gateway allows;
 - ``allow_internet_access: false`` is ``network: "none"``; ``true`` (or nothing) leaves the template's network
   policy; a ``network`` object's ``allowOut``/``denyOut`` rules are passed on as kernelhub's policy
   ``{"allow": [...], "deny": [...]}`` (deny rules alone therefore allow nothing: stricter than E2B, where they
@@ -136,9 +137,15 @@ class CreateHandler(_SandboxAnswer):
             raise InvalidRequest(f"timeout may be at most {longest:g} s on this gateway (the longest "
                                  "max_lifetime_s a sandbox may have).")
         limits = {"idle_timeout_s": self.hub.maximum.idle_timeout_s}
+        if timeout > self.hub.defaults.max_lifetime_s:
+            # A sandbox asked to live longer than the default lifetime gets that lifetime (within the maximum,
+            # checked above), rather than being made, found too short-lived and deleted.
+            limits["max_lifetime_s"] = timeout
         record = await self.hub.create_sandbox(self.tenant, template, limits, env, metadata, _network(body))
         try:
-            self.hub.set_deadline(self.tenant, record.id, timeout)
+            # Counted from the sandbox's creation, as its max_lifetime_s is: a timeout of exactly that lifetime
+            # must not end past it by the seconds the kernel took to start.
+            self.hub.set_deadline(self.tenant, record.id, max(1e-3, timeout - (time.time() - record.created_at)))
         except BaseException:
             await self.hub.delete_sandbox(self.tenant, record.id)
             raise
