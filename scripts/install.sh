@@ -42,6 +42,8 @@ ls /usr/lib/*/libseccomp.so.2 /lib/*/libseccomp.so.2 >/dev/null 2>&1 || need_apt
 [ -x /usr/bin/node ] || need_apt+=(nodejs)
 [ -x /usr/bin/npm ] || need_apt+=(npm)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
+# The egress tests reach their loopback servers from inside sandboxes with the system's curl.
+[ -x /usr/bin/curl ] || need_apt+=(curl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then echo "install: need root to apt-get install ${need_apt[*]}" >&2; exit 1; fi
   step "system packages: apt-get install ${need_apt[*]}" "about a minute"
