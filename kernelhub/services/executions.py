@@ -432,9 +432,14 @@ class MemoryExecutionHistory(ExecutionHistory):
         size = execution.stored_bytes
         kept[execution.id] = size
         self._bytes[execution.tenant] = self._bytes.get(execution.tenant, 0) + size
-        while len(kept) > 1 and (len(kept) > self.count or self._bytes[execution.tenant] > self.max_bytes):
+        count, max_bytes = self._bounds()
+        while len(kept) > 1 and (len(kept) > count or self._bytes[execution.tenant] > max_bytes):
             oldest, _ = next(iter(kept.items()))
             self._drop(oldest)
+
+    def _bounds(self) -> tuple[int, int]:
+        """The most finished executions, and bytes of them, kept in memory per tenant."""
+        return self.count, self.max_bytes
 
     def _drop(self, execution_id: str) -> None:
         execution = self._all.pop(execution_id, None)
@@ -473,12 +478,20 @@ class MemoryExecutionHistory(ExecutionHistory):
 _STORED_EVENTS = frozenset(("stdout", "stderr", "result", "update", "error"))
 
 
+#: With the store open: finished executions each tenant keeps in the gateway's memory too, at most (the rest are
+#: read from disk), and their bytes. A stream or an interrupt refers to an execution only while it runs or just
+#: after, so a few suffice.
+MEMORY_FINISHED = 32
+MEMORY_FINISHED_BYTES = 16 * 1024 * 1024
+
+
 class StoreExecutionHistory(MemoryExecutionHistory):
     """:class:`MemoryExecutionHistory` written through to the durable :class:`~kernelhub.services.store.Store`
     (issue 10): every execution is stored when added (its code as SHA-256 and size), its outputs as they come
     (up to its output cap, on disk), its start and its end; the store prunes each tenant's finished ones by the
-    same bounds. Live executions are read from memory as before; :meth:`read` answers from the store what
-    memory no longer holds, e.g. the executions of a gateway that died (which the next start ends as
+    same bounds. Live executions are read from memory as before; of the finished ones memory keeps each tenant's
+    last :data:`MEMORY_FINISHED` (at most :data:`MEMORY_FINISHED_BYTES`), and :meth:`read` answers from the store
+    what memory no longer holds, e.g. the executions of a gateway that died (which the next start ends as
     ``killed``, reason ``gateway_restart``). Until :attr:`store` is set (the hub opens it once the loop runs)
     it is the memory history alone."""
 
@@ -503,6 +516,13 @@ class StoreExecutionHistory(MemoryExecutionHistory):
         self._adding.pop(execution_id, None)
         if not future.cancelled() and future.exception() is not None:
             _log.error("execution %s could not be stored: %s", execution_id, future.exception())
+
+    def _bounds(self) -> tuple[int, int]:
+        # With the store open, finished executions live on disk (pruned there by count and max_bytes); memory
+        # keeps only each tenant's most recent few, for interrupts and streams that still refer to them.
+        if self.store is None or self.store.closed:
+            return self.count, self.max_bytes
+        return min(self.count, MEMORY_FINISHED), min(self.max_bytes, MEMORY_FINISHED_BYTES)
 
     @staticmethod
     def _writer(store: Store, execution_id: str) -> Listener:

@@ -4,9 +4,20 @@ recent finished ones within a count and a byte bound; a sandbox's executions go 
 from __future__ import annotations
 
 import asyncio
+import time
+from typing import Any
+
+import pytest
 
 from kernelhub.errors import NotFound
-from kernelhub.services.executions import Execution, ExecutionHistory, MemoryExecutionHistory
+from kernelhub.services.executions import (
+    MEMORY_FINISHED,
+    Execution,
+    ExecutionHistory,
+    MemoryExecutionHistory,
+    StoreExecutionHistory,
+)
+from kernelhub.services.store import SandboxRow, Store
 
 
 def new(tenant: str = "t", sandbox_id: str = "sb", code: str = "x = 1") -> Execution:
@@ -113,5 +124,35 @@ def test_a_deleted_sandbox_takes_its_executions_with_it() -> None:
         history.forget_sandbox("sb1")
         assert kept(history, gone) == [] and kept(history, stays) == [0, 1]
         assert history.for_sandbox("sb1") == [] and history.usage("t") == (0, 0)
+
+    asyncio.run(scenario())
+
+
+def test_with_the_store_finished_executions_live_on_disk_and_memory_keeps_a_few(tmp_path: Any) -> None:
+    """Issue 10: finished executions' outputs are kept on disk rather than in the gateway's memory; memory
+    keeps each tenant's last MEMORY_FINISHED, and execution_status reads the rest from the store."""
+    async def scenario() -> None:
+        store = await Store.open(tmp_path, history_count=1000)
+        history = StoreExecutionHistory(count=1000)
+        history.store = store
+        await store.put_sandbox(SandboxRow("sb", "t", "python", {"output_mb": 10.0}, time.time(), time.time() + 60))
+        try:
+            made = []
+            for i in range(MEMORY_FINISHED + 20):
+                ex = new(code=f"print({i})")
+                history.add(ex)
+                await history.stored(ex)
+                await ex.emit({"type": "stdout", "text": f"{i}\n"})
+                await finish(history, ex)
+                made.append(ex)
+            in_memory = kept(history, made)
+            assert in_memory == list(range(20, MEMORY_FINISHED + 20))  # the newest few, no more
+            assert history.usage("t")[0] == MEMORY_FINISHED
+            oldest = await history.read("t", made[0].id)  # from disk, outputs included
+            assert oldest["status"] == "ok" and oldest["stdout"] == "0\n", oldest
+            with pytest.raises(NotFound):
+                await history.read("other-tenant", made[0].id)
+        finally:
+            await store.close()
 
     asyncio.run(scenario())
