@@ -1,11 +1,11 @@
 """E2B's protocol under ``/e2b``: E2B's unmodified Python SDKs (``e2b``, ``e2b-code-interpreter``) against kernelhub.
 
 Configured with ``E2B_API_KEY`` (a kernelhub tenant's key), ``E2B_API_URL`` and ``E2B_SANDBOX_URL`` (both
-``http://HOST:PORT/e2b``), the SDKs send everything to the gateway's own port; E2B.md records the protocol. The
-rooms: :mod:`~.base` (telling the planes apart, authentication, error shapes), :mod:`~.control` (the control
-plane), :mod:`~.connect` (Connect over JSON), :mod:`~.envd` (files, filesystem and process RPCs, port 49983) and
-:mod:`~.interpreter` (the code interpreter, port 49999). Every route calls the hub, as ``/v1`` does, as the tenant
-its key (or its sandbox's token) names: one policy for both surfaces.
+``http://HOST:PORT/e2b``), the SDKs send everything to the gateway's own port; docs/e2b-protocol.md records the
+protocol. The rooms: :mod:`~.base` (telling the planes apart, authentication, error shapes), :mod:`~.control`
+(the control plane), :mod:`~.connect` (Connect over JSON), :mod:`~.envd` (files, filesystem and process RPCs,
+port 49983) and :mod:`~.interpreter` (the code interpreter, port 49999). Every route calls the hub, as ``/v1``
+does, as the tenant its key (or its sandbox's token) names: one policy for both surfaces.
 
 Mounted by :func:`kernelhub.app.make_app` through :data:`default_handlers`. What matches no route under ``/e2b``
 answers in E2B's shape: a control-plane route (pause, resume, templates, volumes, …) 501 after authentication; a
