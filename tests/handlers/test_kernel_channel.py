@@ -465,9 +465,13 @@ while _time.monotonic() < _end:
     _k.session.send(_k.iopub_socket, 'status', {'execution_state': 'busy'}, parent={'msg_id': 'zz%d' % _n})
     _n += 1
 """
-#: The same from a thread, between cells.
-SMALL_FLOOD_THREAD = "import threading as _threading\ndef _flood():\n" + "".join(
-    f"    {line}\n" for line in SMALL_FLOOD.strip().splitlines()) + "_threading.Thread(target=_flood).start()\n"
+#: The same from a thread, between cells: it starts once the test has put the file ``go`` in the workspace, after
+#: the cell that started it has ended (no cell runs then, whatever the machine's load).
+SMALL_FLOOD_THREAD = (
+    "import threading as _threading, os as _os, time as _clock\ndef _flood():\n"
+    "    while not _os.path.exists('/workspace/go'):\n        _clock.sleep(0.01)\n"
+    + "".join(f"    {line}\n" for line in SMALL_FLOOD.strip().splitlines())
+    + "_threading.Thread(target=_flood).start()\n")
 #: A gateway whose kernels may send 1,000 messages a second in bursts of 5,000 (the defaults are 10,000 and
 #: 100,000, just above what honest kernels send: see kernelhub.sandbox.channel_guard.MESSAGES_PER_S), so that the
 #: flood is past it whatever the load of the machine running the test.
@@ -505,6 +509,8 @@ def test_a_flood_of_small_messages_restarts_the_kernel(rated: Gateway, when: str
         else:
             ex = execute(rated, sandbox["id"], "kept = 1\n" + SMALL_FLOOD_THREAD)
             assert ex["status"] == "ok", ex
+            started = time.monotonic()
+            assert rated.request("PUT", f"/v1/sandboxes/{sandbox['id']}/files/go", raw=b"")[0] == 201
             wait_for_log(rated, sandbox["id"], "kernel restarted (the kernel sent more than 5000 messages")
             assert time.monotonic() - started < 10
         assert_restarted_for(rated, sandbox["id"], "more than 5000 messages at more than 1000 a second")
