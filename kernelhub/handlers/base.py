@@ -224,21 +224,26 @@ class JsonErrorsMixin:
         super()._handle_request_exception(e)  # type: ignore[misc]
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        handler: Any = self
-        message = self._reason
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, web.HTTPError) and exc.log_message and status_code < 500:
-            message = exc.log_message % exc.args if exc.args else exc.log_message
-        if status_code == 405:
-            message = method_not_allowed(handler)
-        elif status_code >= 500:
-            message = "The gateway hit an internal error; the sandbox and your data are unaffected."
-        message = str(message)
+        message = tornado_error_message(self, status_code, kwargs.get("exc_info", (None, None, None))[1])
         if message and not message.endswith("."):
             message += "."
         # tornado's own errors (no route, a bad method, a malformed request) carry only a status: the code is the
         # registry's for it (kernelhub.errors.error_code), as a client reading the answer expects.
         self.send_error_json(status_code, error_code(status_code), message)
+
+
+def tornado_error_message(handler: Any, status_code: int, exc: BaseException | None) -> str:
+    """The sentence for an error tornado answers itself (``write_error``: no route, a bad method, a malformed
+    request, a bug): its ``HTTPError``'s message below 500, the allowed methods for a 405, and for a 5xx a
+    sentence that gives nothing of the bug away. Used by every surface's ``write_error`` (/v1, /api, /e2b)."""
+    message = handler._reason
+    if isinstance(exc, web.HTTPError) and exc.log_message and status_code < 500:
+        message = exc.log_message % exc.args if exc.args else exc.log_message
+    if status_code == 405:
+        message = method_not_allowed(handler)
+    elif status_code >= 500:
+        message = "The gateway hit an internal error; the sandbox and your data are unaffected."
+    return str(message)
 
 
 @web.stream_request_body

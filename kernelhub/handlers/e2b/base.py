@@ -27,7 +27,7 @@ from tornado.routing import PathMatches
 
 from ...errors import KernelHubError, NotFound, SandboxNotRunning, error_for
 from ...services.tenants import Tenant
-from ..base import BaseHandler, method_not_allowed, token_from_request
+from ..base import BaseHandler, token_from_request, tornado_error_message
 from .connect import ConnectError, connect_error
 
 log = logging.getLogger("kernelhub.e2b")
@@ -110,15 +110,8 @@ class E2BHandler(BaseHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         # tornado's own errors (a bad method, a malformed request) and bugs: the same shape, never a traceback.
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        message = self._reason
-        if isinstance(exc, web.HTTPError) and exc.log_message and status_code < 500:
-            message = exc.log_message % exc.args if exc.args else exc.log_message
-        if status_code == 405:
-            message = method_not_allowed(self)
-        if status_code >= 500:
-            message = "The gateway hit an internal error; the sandbox and your data are unaffected."
-        self.render_error(error_for(None, str(message), status_code))
+        message = tornado_error_message(self, status_code, kwargs.get("exc_info", (None, None, None))[1])
+        self.render_error(error_for(None, message, status_code))
 
 
 class ControlHandler(E2BHandler):
