@@ -186,6 +186,45 @@ async def until(check: Callable[[], bool], timeout: float = 30.0) -> bool:
     return check()
 
 
+def _dump_asyncio_tasks(terminal: Any) -> None:
+    """Print the stack of every task of the asyncio loop the timed-out test runs (the main thread's, if any):
+    pytest-timeout shows threads only, and an in-process test that hangs is in ``select`` on every one."""
+    loop = asyncio._get_running_loop()
+    if loop is None:
+        return
+    for task in asyncio.all_tasks(loop):
+        terminal.sep("~", title=f"asyncio task {task.get_name()}")
+        lines: list[str] = []
+        awaited: Any = task.get_coro()
+        while awaited is not None:  # the chain of awaits, outermost first
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+            if frame is not None:
+                lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}\n")
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+        terminal.write("".join(lines) or f"  {task!r}\n")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """When pytest-timeout ends a test, it also prints the asyncio tasks of the loop the test was running."""
+    try:
+        import pytest_timeout
+    except ImportError:
+        return
+    dump = pytest_timeout.dump_stacks
+    if getattr(dump, "kernelhub", False):
+        return
+
+    def dump_stacks(terminal: Any) -> None:
+        dump(terminal)
+        try:
+            _dump_asyncio_tasks(terminal)
+        except Exception as exc:  # a diagnostic: never let it hide the timeout itself
+            terminal.write(f"(could not list the asyncio tasks: {exc!r})\n")
+
+    dump_stacks.kernelhub = True  # type: ignore[attr-defined]
+    pytest_timeout.dump_stacks = dump_stacks
+
+
 @pytest.fixture(scope="session")
 def gateway() -> Iterator[Gateway]:
     """The run's one shared test gateway, started on first use and stopped at the end of the run. Registered by
