@@ -275,6 +275,9 @@ class Pool(LoggingConfigurable):
             self._wake.clear()
             try:
                 self._refill()
+            except OSError as exc:  # out of descriptors (EMFILE) or /proc unreadable: one line, try again later
+                self.log.warning("refilling the pool failed (%s); next try in %g s", exc.strerror or exc,
+                                 self.check_interval)
             except Exception:  # a broken /proc/meminfo read must not end refilling for good
                 self.log.exception("refilling the pool failed")
             with contextlib.suppress(TimeoutError):
