@@ -7,9 +7,11 @@ Messages are JSON arrays, as with ``terminado.TermSocket``:
   terminal printed before, up to 256 KiB), and ``["disconnect", 1]`` when the shell ended or the session was
   closed; the socket closes after it.
 
-A socket that cannot attach is closed right after the upgrade with code ``4000 + HTTP status`` and the error's
-message as reason: 4404 (no such session for this tenant), 4400 (not a terminal session), 4409 (the terminal
-ended). A malformed frame closes it with 4400 and a sentence as reason.
+The gateway's route refuses before the upgrade, with a JSON error as any route: 404 (no such session for this
+tenant), 400 (not a terminal session), 409 (the terminal ended). A socket that can no longer attach once
+upgraded (the session ended in between; and always for :class:`TerminalWebSocket` without that check) is closed
+with code ``4000 + HTTP status`` and the error's message as reason: 4404, 4400, 4409. A malformed frame closes
+it with 4400 and a sentence as reason.
 
 Several sockets may share one terminal; it is sized to the smallest of them. A socket whose client reads slowly
 pauses reading the terminal (the shell then blocks on its output) instead of letting the gateway buffer it; a
@@ -174,6 +176,15 @@ class TerminalHandler(TerminalWebSocket, WebSocketBase):
     def initialize(self, hub: Hub, **kwargs: Any) -> None:  # type: ignore[override]
         AuthMixin.initialize(self, hub=hub, **kwargs)
         TerminalWebSocket.initialize(self, hub=hub)
+
+    def before_upgrade(self, session_id: str, *args: Any) -> None:
+        """Refuse before the upgrade, as ``/stream`` and ``/api`` do: an unknown or another tenant's session is
+        a JSON 404, a jupyter session a 400, an ended terminal a 409. :meth:`open` checks again (the session
+        may end between the two)."""
+        session = self.get_session(session_id)
+        if getattr(session, "type", None) != "terminal":
+            raise InvalidRequest(f"Session {session_id[:64]!r} is not a terminal session.")
+        session.manager.get_terminal()
 
     def get_session(self, session_id: str) -> TerminalSession:
         _, session = self.hub.get_session(self.tenant, session_id)

@@ -356,6 +356,37 @@ def test_ws_auth_before_upgrade(gateway: Gateway, sandbox: dict[str, Any]) -> No
         assert recv_until_end(conn, 1)[-1]["execution"]["stdout"] == "2\n"
 
 
+def test_terminal_ws_refusals_come_before_the_upgrade(gateway: Gateway, sandbox: dict[str, Any]) -> None:
+    """Another tenant's terminal is a JSON 404 before any upgrade, as on /stream and /api; a jupyter session is
+    a 400; a terminal whose shell ended is a 409. The owner still attaches."""
+    status, term = gateway.request("POST", f"/v1/sandboxes/{sandbox['id']}/sessions", {"type": "terminal"})
+    assert status == 201, term
+    jupyter_id = sandbox["sessions"][0]["id"]
+
+    def refused(session_id: str, token: str) -> tuple[int, dict[str, Any]]:
+        url = f"ws://127.0.0.1:{gateway.port}/v1/sessions/{session_id}/terminal"
+        with pytest.raises(InvalidStatus) as raised:
+            with connect(url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=10):
+                pass
+        return raised.value.response.status_code, json.loads(raised.value.response.body)
+
+    try:
+        status_, body = refused(term["id"], gateway.other_token)
+        assert status_ == 404 and body["error"] == "not_found" and term["id"] in body["message"]
+        status_, body = refused(jupyter_id, gateway.token)
+        assert status_ == 400 and "not a terminal" in body["message"]
+        url = f"ws://127.0.0.1:{gateway.port}/v1/sessions/{term['id']}/terminal"
+        with connect(url, additional_headers={"Authorization": f"Bearer {gateway.token}"}, open_timeout=10) as conn:
+            assert json.loads(conn.recv(timeout=10)) == ["setup", {}]
+            conn.send(json.dumps(["stdin", "exit\r"]))
+            while json.loads(conn.recv(timeout=10))[0] != "disconnect":
+                pass
+        status_, body = refused(term["id"], gateway.token)
+        assert status_ == 409 and body["error"] == "conflict", body
+    finally:
+        gateway.request("DELETE", f"/v1/sessions/{term['id']}")
+
+
 def test_ws_disconnect_interrupts(gateway: Gateway, sandbox: dict[str, Any]) -> None:
     url = f"ws://127.0.0.1:{gateway.port}/v1/sandboxes/{sandbox['id']}/stream"
     with connect(url, additional_headers={"Authorization": f"Bearer {gateway.token}"}) as conn:
