@@ -146,3 +146,53 @@ def test_a_paused_sandbox_survives_a_killed_gateway() -> None:
     finally:
         if gw.proc.poll() is None:
             gw.stop()
+
+
+def stored_sandbox_ids(gw: Gateway) -> set[str]:
+    """The sandbox ids the gateway's store holds (read-only, beside the running gateway)."""
+    import sqlite3
+
+    db = Path(gw.state_dir) / "kernelhub.db"
+    conn = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
+    try:
+        return {row[0] for row in conn.execute("SELECT id FROM sandboxes")}
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("change", ["resume", "pause"])
+def test_a_delete_during_a_pause_or_a_resume_leaves_nothing_behind(gw: Gateway, change: str) -> None:
+    """A delete that arrives while a resume starts kernels (or a pause stops them) waits for it, then deletes:
+    the resume's late write must not bring the row back (the next gateway would restore a deleted sandbox), nor
+    its sandbox run on, unlisted."""
+    import threading
+
+    sb = create(gw)
+    if change == "resume":
+        assert gw.request("POST", f"/v1/sandboxes/{sb['id']}/pause")[0] == 200
+    answers: list[tuple[int, Any]] = []
+    worker = threading.Thread(target=lambda: answers.append(gw.request("POST", f"/v1/sandboxes/{sb['id']}/{change}")))
+    worker.start()
+    during = "starting" if change == "resume" else "paused"
+    wait_for(lambda: gw.request("GET", f"/v1/sandboxes/{sb['id']}")[1].get("state") == during, f"the {change}")
+    assert gw.request("DELETE", f"/v1/sandboxes/{sb['id']}")[0] == 204
+    worker.join()
+    assert answers[0][0] == 200, answers
+    assert gw.request("GET", f"/v1/sandboxes/{sb['id']}")[0] == 404
+    wait_for(lambda: sb["id"] not in stored_sandbox_ids(gw), "the store to forget the sandbox")
+    assert not (Path(gw.state_dir) / "sandboxes" / sb["id"]).exists()
+    assert not cgroup_exists(sb["id"])
+
+
+def test_a_resumed_sandbox_keeps_its_network(gw: Gateway) -> None:
+    """The proxy of the processes a pause stops goes with them, so the resumed sandbox gets its own forwarder."""
+    sb = create(gw, network={"allow": ["example.invalid"]})
+    code = ("import os, socket\nsocket.create_connection(('127.0.0.1', 3128), timeout=5).close()\n"
+            "print(os.environ.get('HTTP_PROXY'))")
+    for round in range(3):
+        if round:
+            assert gw.request("POST", f"/v1/sandboxes/{sb['id']}/pause")[0] == 200
+            status, resumed = gw.request("POST", f"/v1/sandboxes/{sb['id']}/resume")
+            assert (status, resumed["network"]) == (200, {"allow": ["example.invalid"], "deny": []}), resumed
+        status, ex = gw.request("POST", f"/v1/sandboxes/{sb['id']}/execute", {"code": code})
+        assert (status, ex["status"], ex["stdout"]) == (200, "ok", "http://127.0.0.1:3128\n"), (round, ex)
