@@ -377,16 +377,31 @@ class Sandboxes:
         from the state directory."""
         assert self.store is not None
         now = time.time()
-        rows = await self.store.list_sandboxes()
+        unreadable: dict[str, str] = {}
+
+        def bad(sandbox_id: str, exc: Exception) -> None:
+            unreadable.setdefault(sandbox_id, str(exc))
+
+        rows = await self.store.list_sandboxes(on_bad=bad)
         cut = await self.store.mark_cut_executions("gateway_restart", finished_at=now)
         if cut:
             self.log.warning("%d executions were cut by the gateway's restart: they ended killed "
                              "(gateway_restart)", len(cut))
-        keep = {r.id for r in rows if r.state in ("running", "paused") and now < r.expires_at}
+        # One damaged row must not stop the gateway (a crash at every start) nor cost anyone their files: it is
+        # left as it is, its workspace kept, and the others are restored.
+        records: list[tuple[SandboxRow, SandboxRecord]] = []
+        for row in rows:
+            try:
+                records.append((row, self._from_row(row)))
+            except Exception as exc:
+                unreadable.setdefault(row.id, f"{type(exc).__name__}: {exc}")
+        for sandbox_id, problem in unreadable.items():
+            self.log.error("sandbox %s: its stored record cannot be read (%s); it is not served, and its row and "
+                           "workspace are left as they are until the record is mended", sandbox_id[:64], problem)
+        keep = {r.id for r in rows if r.state in ("running", "paused") and now < r.expires_at} | set(unreadable)
         await self.factory.reap_stale(keep=keep)
         restoring: list[SandboxRecord] = []
-        for row in rows:
-            record = self._from_row(row)
+        for row, record in records:
             self._records[record.id] = record
             if row.state in ("running", "paused", "starting") and record.id not in keep:
                 record.state, record.reason = "stopped", "lifetime" if now >= row.expires_at else "gateway_restart"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -240,3 +241,40 @@ def test_sigterm_keeps_sandboxes_unless_ephemeral(first: Gateway) -> None:
         assert sb["id"] not in sandbox_dirs(third)
     finally:
         third.stop()
+
+
+def test_a_damaged_sandbox_row_costs_neither_the_start_nor_its_files(first: Gateway) -> None:
+    """One sandbox's record damaged on disk (a limit this kernelhub does not know, a field that is not JSON):
+    the successor starts, restores the others, and leaves the damaged one's row and workspace as they were."""
+    import sqlite3
+
+    gw = first
+    made = []
+    for _ in range(3):
+        status, sb = gw.request("POST", "/v1/sandboxes", {"template": "bash"})
+        assert status == 201, sb
+        assert gw.request("PUT", f"/v1/sandboxes/{sb['id']}/files/a.txt", raw=sb["id"].encode())[0] == 201
+        made.append(sb["id"])
+    gw.crash()
+    conn = sqlite3.connect(Path(gw.state_dir) / "kernelhub.db")
+    conn.execute("UPDATE sandboxes SET limits = '{\"from_the_future\": 1}' WHERE id = ?", (made[0],))
+    conn.execute("UPDATE sandboxes SET metadata = '{not json' WHERE id = ?", (made[1],))
+    conn.commit()
+    conn.close()
+    second = Gateway(state_dir=gw.state_dir)
+    try:
+        for damaged in made[:2]:
+            assert second.request("GET", f"/v1/sandboxes/{damaged}")[0] == 404
+            assert damaged in sandbox_dirs(second)
+            assert f"sandbox {damaged}: its stored record cannot be read" in second.log()
+        status, info = second.request("GET", f"/v1/sandboxes/{made[2]}")
+        assert (status, info["state"]) == (200, "running"), info
+        assert second.request("GET", f"/v1/sandboxes/{made[2]}/files/a.txt") == (200, made[2].encode())
+    finally:
+        second.stop(keep_state=True)
+    conn = sqlite3.connect(Path(gw.state_dir) / "kernelhub.db")
+    assert {r[0] for r in conn.execute("SELECT id FROM sandboxes")} >= set(made[:2])
+    conn.close()
+    with open("/proc/self/mountinfo") as f:
+        if not any(line.split()[4].startswith(gw.state_dir + "/") for line in f):
+            shutil.rmtree(gw.state_dir, ignore_errors=True)
