@@ -398,7 +398,13 @@ class Sandboxes:
         for sandbox_id, problem in unreadable.items():
             self.log.error("sandbox %s: its stored record cannot be read (%s); it is not served, and its row and "
                            "workspace are left as they are until the record is mended", sandbox_id[:64], problem)
-        keep = {r.id for r in rows if r.state in ("running", "paused") and now < r.expires_at} | set(unreadable)
+        # A sandbox a restore or resume failed to start (a full disk, no free uid, no loop device) is tried
+        # again: what failed may have been passing, and its workspace must not be reaped for it.
+        def restorable(row: SandboxRow) -> bool:
+            return row.state == "running" or (row.state == "failed" and row.reason == "restore_failed")
+
+        keep = {r.id for r in rows if (r.state == "paused" or restorable(r)) and now < r.expires_at} | \
+            set(unreadable)
         await self.factory.reap_stale(keep=keep)
         restoring: list[SandboxRecord] = []
         for row, record in records:
@@ -406,7 +412,7 @@ class Sandboxes:
             if row.state in ("running", "paused", "starting") and record.id not in keep:
                 record.state, record.reason = "stopped", "lifetime" if now >= row.expires_at else "gateway_restart"
                 self._save(record)
-            elif row.state == "running":
+            elif restorable(row) and record.id in keep:
                 record.state = "starting"
                 restoring.append(record)
         gate = asyncio.Semaphore(RESTORE_CONCURRENCY)
@@ -718,8 +724,8 @@ class Sandboxes:
         return record, record.sandbox
 
     async def _stop_record(self, record: SandboxRecord, reason: str | None) -> None:
-        if record.state == "paused":
-            # Its processes are gone already; what it kept goes now.
+        if record.state == "paused" or (record.sandbox is None and record.reason == "restore_failed"):
+            # Its processes are gone already; what it kept (for a resume, or another restore) goes now.
             await self.factory.discard(record.id)
             record.paused_at = None
         if record.state in ("starting", "running", "paused"):

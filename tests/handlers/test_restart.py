@@ -278,3 +278,36 @@ def test_a_damaged_sandbox_row_costs_neither_the_start_nor_its_files(first: Gate
     with open("/proc/self/mountinfo") as f:
         if not any(line.split()[4].startswith(gw.state_dir + "/") for line in f):
             shutil.rmtree(gw.state_dir, ignore_errors=True)
+
+
+def test_a_sandbox_whose_restore_failed_is_tried_again_with_its_files(first: Gateway) -> None:
+    """A restore that fails (here the agent cannot start; in life a full disk, no free uid or loop device) leaves
+    the sandbox ``failed`` (``restore_failed``) with its workspace: the next start tries again rather than reaping
+    the workspace as unclaimed."""
+    gw = first
+    status, sb = gw.request("POST", "/v1/sandboxes", {"template": "bash"})
+    assert status == 201, sb
+    assert gw.request("PUT", f"/v1/sandboxes/{sb['id']}/files/a.txt", raw=b"still here")[0] == 201
+    gw.crash()
+    broken = Gateway(state_dir=gw.state_dir, extra_args=["--SandboxFactory.agent_python=/nonexistent/python3"])
+    try:
+        status, info = broken.request("GET", f"/v1/sandboxes/{sb['id']}")
+        assert (status, info["state"], info.get("reason")) == (200, "failed", "restore_failed"), info.get("reason")
+    finally:
+        broken.stop(keep_state=True)
+    assert sb["id"] in sandbox_dirs(broken)
+    second = Gateway(state_dir=gw.state_dir)
+    try:
+        status, info = second.request("GET", f"/v1/sandboxes/{sb['id']}")
+        assert (status, info["state"]) == (200, "running"), info
+        assert second.request("GET", f"/v1/sandboxes/{sb['id']}/files/a.txt") == (200, b"still here")
+    finally:
+        second.stop(keep_state=True)
+    # Failed again, then deleted: what it kept goes with it at once, not at the next start.
+    broken = Gateway(state_dir=gw.state_dir, extra_args=["--SandboxFactory.agent_python=/nonexistent/python3"])
+    try:
+        assert broken.request("GET", f"/v1/sandboxes/{sb['id']}")[1]["reason"] == "restore_failed"
+        assert broken.request("DELETE", f"/v1/sandboxes/{sb['id']}")[0] == 204
+        assert sb["id"] not in sandbox_dirs(broken)
+    finally:
+        broken.stop()
