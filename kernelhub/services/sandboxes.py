@@ -668,8 +668,10 @@ class Sandboxes:
             if sandbox is not None:
                 record_ = self._records.get(sandbox.id)
                 if record_ is not None:
-                    await self._stop_record(record_, "failed")
+                    # Never announced: no row may outlive it (a restart would list a sandbox nobody was given).
                     self._records.pop(sandbox.id, None)
+                    self._forget(record_)
+                    await self._stop_record(record_, "failed")
                 else:
                     await sandbox.stop("failed")
             raise

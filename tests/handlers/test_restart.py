@@ -225,11 +225,21 @@ def test_sigterm_keeps_sandboxes_unless_ephemeral(first: Gateway) -> None:
     assert gw.request("PUT", f"/v1/sandboxes/{sb['id']}/files/a.txt", raw=b"a")[0] == 201
     status, ex = gw.request("POST", f"/v1/sandboxes/{sb['id']}/executions", {"code": "import time; time.sleep(600)"})
     assert status == 202
-    gw.stop(keep_state=True)
+    # A create in flight when SIGTERM comes fails, and leaves no record for the next gateway to list.
+    known = sandbox_dirs(gw)
+    creator = subprocess.Popen(
+        ["curl", "-s", "-o", "/dev/null", "-X", "POST", "-H", f"Authorization: Bearer {gw.token}",
+         "-H", "Content-Type: application/json", "-d", '{"template": "node"}', f"{gw.url}/v1/sandboxes"])
+    try:
+        wait_for(lambda: sandbox_dirs(gw) - known, "the create to make its sandbox directory")
+        gw.stop(keep_state=True)
+    finally:
+        creator.wait()
     second = Gateway(state_dir=gw.state_dir, extra_args=["--ephemeral"])
     try:
         status, info = second.request("GET", f"/v1/sandboxes/{sb['id']}")
         assert (status, info["state"]) == (200, "running"), info
+        assert [s["id"] for s in second.request("GET", "/v1/sandboxes")[1]["sandboxes"]] == [sb["id"]]
         assert second.request("GET", f"/v1/sandboxes/{sb['id']}/files/a.txt") == (200, b"a")
         status, cut = second.request("GET", f"/v1/executions/{ex['id']}")
         assert (cut["status"], cut["reason"]) == ("killed", "gateway_restart"), cut
