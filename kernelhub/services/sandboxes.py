@@ -122,6 +122,8 @@ MAX_SESSIONS = 16
 ON_IDLE = ("stop", "pause")
 #: Sandboxes a restarted gateway starts again at once (each starts a kernel: CPU-bound).
 RESTORE_CONCURRENCY = 8
+#: Seconds a shutdown waits for a pause or resume in progress before it keeps the sandbox as it is.
+SHUTDOWN_WAIT_S = 60
 
 T = TypeVar("T")
 
@@ -306,8 +308,7 @@ class Sandboxes:
             await self.pool.shutdown()
         records = list(self._records.values())
         if self.store is not None and not self.ephemeral:
-            await asyncio.gather(*(self._suspend(r, "gateway_restart") for r in records if r.sandbox is not None),
-                                 return_exceptions=True)
+            await asyncio.gather(*(self._suspend_at_shutdown(r) for r in records), return_exceptions=True)
         else:
             await asyncio.gather(*(self._stop_record(r, "shutdown") for r in records), return_exceptions=True)
             if self.store is not None:
@@ -315,6 +316,25 @@ class Sandboxes:
         if self.egress is not None:
             await self.egress.close_all()
         await self.factory.stop_all()
+
+    async def _suspend_at_shutdown(self, record: SandboxRecord) -> None:
+        """Keep ``record`` for the next gateway, once a pause or resume in progress ended (at most
+        :data:`SHUTDOWN_WAIT_S`): a resume cut half-way would leave a sandbox that :meth:`SandboxFactory.stop_all`
+        then stops for good, its workspace with it."""
+        try:
+            await asyncio.wait_for(record.lifecycle.acquire(), SHUTDOWN_WAIT_S)
+        except TimeoutError:
+            self.log.error("sandbox %s: a change of its state did not end within %d s of the shutdown",
+                           record.id, SHUTDOWN_WAIT_S)
+            held = False
+        else:
+            held = True
+        try:
+            if record.sandbox is not None:
+                await self._suspend(record, "gateway_restart")
+        finally:
+            if held:
+                record.lifecycle.release()
 
     # -- the store ----------------------------------------------------------------------------------------
 

@@ -196,3 +196,31 @@ def test_a_resumed_sandbox_keeps_its_network(gw: Gateway) -> None:
             assert (status, resumed["network"]) == (200, {"allow": ["example.invalid"], "deny": []}), resumed
         status, ex = gw.request("POST", f"/v1/sandboxes/{sb['id']}/execute", {"code": code})
         assert (status, ex["status"], ex["stdout"]) == (200, "ok", "http://127.0.0.1:3128\n"), (round, ex)
+
+
+def test_sigterm_during_a_resume_keeps_the_workspace() -> None:
+    """The shutdown waits for a resume in progress and keeps its sandbox for the next gateway: cut half-way, the
+    sandbox it was starting was stopped for good with the workspace it had re-attached (files lost, and the
+    sandbox ``restore_failed`` at every later start)."""
+    import socket
+
+    gw = Gateway(extra_args=["--pool-size", "0"])
+    try:
+        sb = create(gw, template="bash")
+        assert gw.request("PUT", f"/v1/sandboxes/{sb['id']}/files/f.txt", raw=b"precious")[0] == 201
+        assert gw.request("POST", f"/v1/sandboxes/{sb['id']}/pause")[0] == 200
+        with socket.create_connection(("127.0.0.1", gw.port)) as resume:
+            resume.sendall(f"POST /v1/sandboxes/{sb['id']}/resume HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
+                           f"Bearer {gw.token}\r\nContent-Length: 0\r\n\r\n".encode())
+            wait_for(lambda: gw.request("GET", f"/v1/sandboxes/{sb['id']}")[1]["state"] == "starting", "the resume")
+            gw.stop(keep_state=True)
+        successor = Gateway(state_dir=gw.state_dir)
+        try:
+            status, info = successor.request("GET", f"/v1/sandboxes/{sb['id']}")
+            assert (status, info["state"]) == (200, "running"), info
+            assert successor.request("GET", f"/v1/sandboxes/{sb['id']}/files/f.txt") == (200, b"precious")
+        finally:
+            successor.stop()
+    finally:
+        if gw.proc.poll() is None:
+            gw.stop()
