@@ -237,15 +237,16 @@ class AuditVerifyApp(KernelHubApp):
     Exits 0 when intact, 1 naming the first bad entry, 2 when there is nothing to check."""
 
     name = "kernelhub audit verify"
-    description = ("Check that the audit log in the state directory's database (and, with --jsonl, a mirror file "
-                   "or a shipped copy of it) is intact: no entry changed, removed, inserted or reordered. Exits 1 "
-                   "naming the first bad entry.")
+    description = ("Check that the audit log in the state directory's database and its JSON-lines mirror (the "
+                   "state directory's audit.jsonl, or with --jsonl another file or a shipped copy) are intact and "
+                   "agree: no entry changed, removed, inserted or reordered. Exits 1 naming the first bad entry.")
     classes = [SandboxFactory]
     aliases = {"state-dir": "SandboxFactory.state_dir", "jsonl": "AuditVerifyApp.jsonl",
                "config": "KernelHubApp.config_file", "log-level": "KernelHubApp.log_level"}
     flags: dict[str, Any] = {}
 
-    jsonl = Unicode("", help="Also check this JSON-lines mirror of the audit log (or a shipped copy of it).",
+    jsonl = Unicode("", help="Check this JSON-lines mirror of the audit log (or a shipped copy of it) "
+                             "instead of the state directory's audit.jsonl.",
                     config=True).tag(env="KERNELHUB_AUDIT_JSONL")
 
     def start(self) -> None:

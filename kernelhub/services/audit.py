@@ -77,8 +77,8 @@ from ..errors import InvalidRequest, StoreError
 from ..models import iso_micro
 from .store import DB_NAME, MIGRATIONS, Store, code_digest, connect, schema_version, utf8_text
 
-__all__ = ["GENESIS", "AuditLog", "BadEntry", "canonical", "entry_hash", "main", "run_verify", "verify",
-           "verify_jsonl"]
+__all__ = ["GENESIS", "AuditLog", "BadEntry", "canonical", "compare_mirror", "entry_hash", "main", "run_verify",
+           "verify", "verify_jsonl"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,8 @@ MAX_LIMIT = 1000
 _MAX = {"tenant": 256, "key_id": 64, "action": 256, "error": 128, "id": 1024}
 _MAX_IDS = 16
 _CURSOR_PREFIX = "a1:"
+#: The largest ``seq`` SQLite's INTEGER holds (a cursor past it is not one this gateway gave out).
+_MAX_SEQ = 2**63 - 1
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -127,6 +129,8 @@ class BadEntry:
     problem: str
 
     def __str__(self) -> str:
+        if self.seq == 0:  # not an entry: a line of a mirror, or the log's metadata
+            return self.problem
         when = f" ({self.time})" if self.time else ""
         return f"entry {self.seq}{when}: {self.problem}"
 
@@ -174,18 +178,44 @@ _COLUMNS = ("seq", "time", "tenant", "key_id", "action", "sandbox_id", "ids", "s
 
 
 def _row_entry(row: sqlite3.Row | Mapping[str, Any]) -> dict[str, Any]:
-    """An ``audit`` row as the entry it stores (absent fields left out)."""
+    """An ``audit`` row as the entry it stores (absent fields left out). ``ids`` that are not JSON (changed by
+    hand) stay the text they are, so the entry's hash no longer matches and :func:`verify` names it."""
     entry: dict[str, Any] = {}
     for name in _COLUMNS:
         value = row[name]
         if value is None:
             continue
-        entry[name] = json.loads(value) if name == "ids" else value
+        if name == "ids":
+            with contextlib.suppress(ValueError, TypeError):
+                value = json.loads(value)
+        entry[name] = value
     return entry
 
 
 def _meta(conn: sqlite3.Connection) -> dict[str, str]:
     return {name: value for name, value in conn.execute("SELECT name, value FROM audit_meta")}
+
+
+class DamagedMeta(StoreError):
+    """``audit_meta`` holds something kernelhub never writes there: it was changed outside kernelhub."""
+
+    def __init__(self, name: str, value: object) -> None:
+        self.problem = (f"its metadata: audit_meta holds {str(value)[:40]!r} as {name}, not an entry number; it was "
+                        "changed outside kernelhub")
+        super().__init__(f"The audit log is damaged at {self.problem}. Run kernelhub audit verify.")
+
+
+def _meta_int(meta: Mapping[str, object], name: str) -> int:
+    """The entry number ``audit_meta`` keeps as ``name`` (0 when absent); raises :class:`DamagedMeta` for a value
+    that is not one."""
+    value = meta.get(name, "0")
+    try:
+        number = int(value) if isinstance(value, (str, int)) else -1
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise DamagedMeta(name, value)
+    return number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,12 +246,17 @@ def _check_db(db_path: Path) -> _Report:
             raise StoreError(f"The database {db_path} was written by a newer kernelhub (schema version "
                              f"{version}); verify it with that version.")
         meta = _meta(conn)
-        pruned_seq = int(meta.get("pruned_seq", "0"))
+        try:
+            pruned_seq = _meta_int(meta, "pruned_seq")
+            head_seq = _meta_int(meta, "head_seq")
+        except DamagedMeta as exc:
+            conn.execute("COMMIT")
+            return _Report(BadEntry(0, None, exc.problem), 0, 0, 0, GENESIS, 0)
         pruned_hash = meta.get("pruned_hash", GENESIS)
         rows = conn.execute("SELECT * FROM audit ORDER BY seq")
         bad, count, last_seq, last_hash = _check_chain((_row_entry(r) for r in rows), pruned_seq, pruned_hash)
         if bad is None and "head_seq" in meta:
-            head_seq, head_hash = int(meta["head_seq"]), meta.get("head_hash")
+            head_hash = meta.get("head_hash")
             if last_seq < head_seq:
                 missing = f"entry {head_seq} is" if head_seq == last_seq + 1 else \
                     f"entries {last_seq + 1} to {head_seq} are"
@@ -259,7 +294,8 @@ def _jsonl_entries(path: Path, problems: list[BadEntry]) -> Iterator[dict[str, A
                 if not isinstance(entry, dict):
                     raise ValueError("not an object")
             except ValueError:
-                problems.append(BadEntry(0, None, f"line {number} of {path} is not a JSON object"))
+                problems.append(BadEntry(0, None, f"line {number}, which is not a JSON object (cut short, or "
+                                         "changed)"))
                 return
             yield entry
 
@@ -271,6 +307,69 @@ def verify_jsonl(path: str | Path) -> BadEntry | None:
     problems: list[BadEntry] = []
     bad, *_ = _check_chain(_jsonl_entries(Path(path), problems), 0, GENESIS, mirror=True)
     return problems[0] if problems else bad
+
+
+def compare_mirror(path: str | Path, db_path: str | Path, *, own: bool = False) -> BadEntry | None:
+    """The first entry of a mirror file (or a shipped copy) that disagrees with the database at ``db_path``, or
+    None: an entry whose hash is not the database's entry of the same ``seq`` (one of the two was changed; when
+    both chains verify, one was rewritten with its hashes recomputed, which the chain alone cannot show), or one
+    past the database's last entry (added outside kernelhub). With ``own`` (the gateway's live mirror, not an
+    older copy) entries missing from its end are found too: the database records how far the mirror was
+    written. Entries the database pruned are not compared. Read-only; safe while a gateway writes both. Raises
+    :class:`OSError` for an unreadable file and :class:`~kernelhub.errors.StoreError` for the database."""
+    problems: list[BadEntry] = []
+    try:
+        conn = connect(Path(db_path), readonly=True)
+    except sqlite3.Error as exc:
+        raise StoreError(f"Cannot open {db_path}: {exc}.") from None
+    try:
+        # What the mirror holds was committed before it was written: with this snapshot taken first, every line
+        # read after it is in it, or was committed after it (checked again below).
+        conn.execute("BEGIN")
+        meta = _meta(conn)
+        try:
+            pruned, written = _meta_int(meta, "pruned_seq"), _meta_int(meta, "mirror_seq")
+        except DamagedMeta:
+            return None  # the database's own check names it
+
+        def head() -> int:
+            return int(conn.execute("SELECT max(seq) FROM audit").fetchone()[0] or pruned)
+
+        last_db, last, previous = head(), 0, None
+        for entry in _jsonl_entries(Path(path), problems):
+            if entry == previous:
+                continue
+            previous = entry
+            seq = entry.get("seq")
+            if not isinstance(seq, int) or isinstance(seq, bool):
+                return None  # verify_jsonl names it
+            when = entry.get("time") if isinstance(entry.get("time"), str) else None
+            last = seq
+            if seq > last_db:
+                conn.execute("COMMIT")  # a newer snapshot: the gateway may have gone on meanwhile
+                conn.execute("BEGIN")
+                last_db = head()
+                if seq > last_db:
+                    return BadEntry(seq, when, f"it is not in the database, whose last entry is {last_db}: it was "
+                                    "added to the mirror outside kernelhub, or removed from the database")
+            if seq <= pruned:
+                continue
+            row = conn.execute("SELECT hash FROM audit WHERE seq = ?", (seq,)).fetchone()
+            if row is not None and row[0] != entry.get("hash"):
+                return BadEntry(seq, when, f"it differs from entry {seq} of the database: one of the two was "
+                                "changed (if both chains hold, one was rewritten and its hashes recomputed)")
+        if problems:
+            return None  # verify_jsonl names it
+        if own and 0 < last < written:
+            return BadEntry(last + 1, None, f"{'entry' if written == last + 1 else 'entries'} {last + 1}"
+                            f"{'' if written == last + 1 else f' to {written}'} "
+                            f"{'is' if written == last + 1 else 'are'} missing from the end of the mirror (the "
+                            f"database records that it was written up to entry {written})")
+        return None
+    except sqlite3.Error as exc:
+        raise StoreError(f"Cannot read the audit log in {db_path}: {exc}.") from None
+    finally:
+        conn.close()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -346,7 +445,7 @@ def _decode_cursor(cursor: object) -> int:
         if not text.startswith(_CURSOR_PREFIX):
             raise ValueError
         seq = int(text[len(_CURSOR_PREFIX):])
-        if seq < 0:
+        if not 0 <= seq <= _MAX_SEQ:
             raise ValueError
         return seq
     except (ValueError, binascii.Error, UnicodeDecodeError):
@@ -409,16 +508,28 @@ class AuditLog:
     def _load(self, conn: sqlite3.Connection) -> None:
         """At open: the chain's head, and how far the mirror got."""
         meta = self._load_head(conn)
-        self._mirrored_seq = int(meta.get("mirror_seq", "0")) if self.mirror_path is not None else self._head_seq
+        self._mirrored_seq = _meta_int(meta, "mirror_seq") if self.mirror_path is not None else self._head_seq
 
     def _load_head(self, conn: sqlite3.Connection) -> dict[str, str]:
+        """The chain's head: the one ``audit_meta`` records (written in the same transaction as every entry), so
+        that entries removed from the end, or a last entry replaced, while the gateway was down stay a break
+        that :func:`verify` names, instead of being covered by the next entries. Only entries past the
+        recorded head (which the chain must go on after) make the head the last row's."""
         meta = _meta(conn)
         row = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         if row is not None:
             self._head_seq, self._head_hash = row[0], row[1]
         else:
-            self._head_seq = int(meta.get("pruned_seq", "0"))
+            self._head_seq = _meta_int(meta, "pruned_seq")
             self._head_hash = meta.get("pruned_hash", GENESIS)
+        if "head_seq" in meta:
+            head_seq, head_hash = _meta_int(meta, "head_seq"), meta.get("head_hash", GENESIS)
+            if (head_seq, head_hash) != (self._head_seq, self._head_hash):
+                log.error("the audit log's last entry (%d) is not the head its metadata records (%d): entries were "
+                          "removed, changed or added outside kernelhub; kernelhub audit verify names the first",
+                          self._head_seq, head_seq)
+                if head_seq >= self._head_seq:
+                    self._head_seq, self._head_hash = head_seq, head_hash
         self._meta_dirty = True
         return meta
 
@@ -583,7 +694,7 @@ class AuditLog:
 
         def op(conn: sqlite3.Connection) -> int:
             meta = _meta(conn)
-            pruned = int(meta.get("pruned_seq", "0"))
+            pruned = _meta_int(meta, "pruned_seq")
             cutoff = pruned
             if self.retention_s is not None:
                 old = conn.execute("SELECT max(seq) FROM audit WHERE time < ?",
@@ -635,7 +746,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_verify(state_dir: str | None, jsonl: str | None = None) -> int:
     """What ``kernelhub audit verify`` does once its options are read (:func:`main` gives the exit statuses):
-    checks ``state_dir``'s database and, with ``jsonl``, a mirror file; prints one sentence a check."""
+    checks ``state_dir``'s database and a mirror file (``jsonl``, else the state directory's own
+    ``audit.jsonl`` when there is one): its own chain and its agreement with the database
+    (:func:`compare_mirror`); prints one sentence a check."""
     if not state_dir:
         print("kernelhub audit verify: give the gateway's state directory with --state-dir DIR.", file=sys.stderr)
         return 2
@@ -655,15 +768,22 @@ def run_verify(state_dir: str | None, jsonl: str | None = None) -> int:
     else:
         print(f"The audit log in {db_path} is intact: {report.entries} entries, {report.first_seq} to "
               f"{report.last_seq}; the last hash is {report.last_hash}.")
+    own_mirror = Path(state_dir) / MIRROR_NAME
+    if not jsonl and own_mirror.is_file():
+        jsonl = str(own_mirror)
     if jsonl:
         try:
-            bad = verify_jsonl(jsonl)
+            own = Path(jsonl).resolve() == own_mirror.resolve()
+            bad = verify_jsonl(jsonl) or compare_mirror(jsonl, db_path, own=own)
         except OSError as exc:
             print(f"kernelhub audit verify: cannot read {jsonl}: {exc.strerror or exc}.", file=sys.stderr)
+            return 2
+        except StoreError as exc:
+            print(f"kernelhub audit verify: {exc}", file=sys.stderr)
             return 2
         if bad is not None:
             print(f"The audit mirror {jsonl} is broken at {bad}.")
             status = 1
         else:
-            print(f"The audit mirror {jsonl} is intact.")
+            print(f"The audit mirror {jsonl} is intact and agrees with the database.")
     return status

@@ -122,6 +122,8 @@ MAX_SESSIONS = 16
 ON_IDLE = ("stop", "pause")
 #: Sandboxes a restarted gateway starts again at once (each starts a kernel: CPU-bound).
 RESTORE_CONCURRENCY = 8
+#: Seconds a shutdown waits for a pause or resume in progress before it keeps the sandbox as it is.
+SHUTDOWN_WAIT_S = 60
 
 T = TypeVar("T")
 
@@ -165,6 +167,13 @@ class SandboxRecord:
     busy: int = dataclasses.field(default=0, init=False)
     #: Sessions being started by ``create_session``: they count against :data:`MAX_SESSIONS` already.
     starting_sessions: int = dataclasses.field(default=0, init=False)
+    #: Held by every change of the sandbox's life that awaits (pause, resume, PATCH, delete, the reaper's stops):
+    #: one at a time, so that a delete never runs while a resume is still starting kernels, and none of them
+    #: acts on a state another one is half-way through changing.
+    lifecycle: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock, init=False, repr=False)
+    #: Set when the record is forgotten for good (deleted, or reaped after ``stopped_retention_s``): the store
+    #: never hears of it again, whatever is still running on its behalf.
+    forgotten: bool = dataclasses.field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.expires_at = self.created_at + self.limits.max_lifetime_s
@@ -299,8 +308,7 @@ class Sandboxes:
             await self.pool.shutdown()
         records = list(self._records.values())
         if self.store is not None and not self.ephemeral:
-            await asyncio.gather(*(self._suspend(r, "gateway_restart") for r in records if r.sandbox is not None),
-                                 return_exceptions=True)
+            await asyncio.gather(*(self._suspend_at_shutdown(r) for r in records), return_exceptions=True)
         else:
             await asyncio.gather(*(self._stop_record(r, "shutdown") for r in records), return_exceptions=True)
             if self.store is not None:
@@ -309,12 +317,32 @@ class Sandboxes:
             await self.egress.close_all()
         await self.factory.stop_all()
 
+    async def _suspend_at_shutdown(self, record: SandboxRecord) -> None:
+        """Keep ``record`` for the next gateway, once a pause or resume in progress ended (at most
+        :data:`SHUTDOWN_WAIT_S`): a resume cut half-way would leave a sandbox that :meth:`SandboxFactory.stop_all`
+        then stops for good, its workspace with it."""
+        try:
+            await asyncio.wait_for(record.lifecycle.acquire(), SHUTDOWN_WAIT_S)
+        except TimeoutError:
+            self.log.error("sandbox %s: a change of its state did not end within %d s of the shutdown",
+                           record.id, SHUTDOWN_WAIT_S)
+            held = False
+        else:
+            held = True
+        try:
+            if record.sandbox is not None:
+                await self._suspend(record, "gateway_restart")
+        finally:
+            if held:
+                record.lifecycle.release()
+
     # -- the store ----------------------------------------------------------------------------------------
 
     def _save(self, record: SandboxRecord) -> asyncio.Future[None] | None:
         """Queue the record's plain fields for the store (ordered with every later write); the answer may be
-        awaited to know it is on disk. None without a store."""
-        if self.store is None or self.store.closed:
+        awaited to know it is on disk. None without a store, and for a forgotten record (a late write must not
+        bring back the row of a deleted sandbox, which the next gateway would then restore)."""
+        if self.store is None or self.store.closed or record.forgotten:
             return None
         future = self.store.put_sandbox(record.to_row())
         future.add_done_callback(self._log_failure)
@@ -329,7 +357,7 @@ class Sandboxes:
                 await future
 
     def _save_session(self, record: SandboxRecord, session: Session) -> asyncio.Future[None] | None:
-        if self.store is None or self.store.closed:
+        if self.store is None or self.store.closed or record.forgotten:
             return None
         kernel_id = session.kernel_id if isinstance(session, JupyterSession) else None
         future = self.store.put_session(SessionRow(session.id, record.id, session.type, session.language,
@@ -339,6 +367,7 @@ class Sandboxes:
 
     def _forget(self, record: SandboxRecord) -> None:
         """The record is gone for good: its row, sessions and executions leave the store too."""
+        record.forgotten = True
         if self.store is not None and not self.store.closed:
             self.store.delete_sandbox(record.id).add_done_callback(self._log_failure)
 
@@ -368,21 +397,42 @@ class Sandboxes:
         from the state directory."""
         assert self.store is not None
         now = time.time()
-        rows = await self.store.list_sandboxes()
+        unreadable: dict[str, str] = {}
+
+        def bad(sandbox_id: str, exc: Exception) -> None:
+            unreadable.setdefault(sandbox_id, str(exc))
+
+        rows = await self.store.list_sandboxes(on_bad=bad)
         cut = await self.store.mark_cut_executions("gateway_restart", finished_at=now)
         if cut:
             self.log.warning("%d executions were cut by the gateway's restart: they ended killed "
                              "(gateway_restart)", len(cut))
-        keep = {r.id for r in rows if r.state in ("running", "paused") and now < r.expires_at}
+        # One damaged row must not stop the gateway (a crash at every start) nor cost anyone their files: it is
+        # left as it is, its workspace kept, and the others are restored.
+        records: list[tuple[SandboxRow, SandboxRecord]] = []
+        for row in rows:
+            try:
+                records.append((row, self._from_row(row)))
+            except Exception as exc:
+                unreadable.setdefault(row.id, f"{type(exc).__name__}: {exc}")
+        for sandbox_id, problem in unreadable.items():
+            self.log.error("sandbox %s: its stored record cannot be read (%s); it is not served, and its row and "
+                           "workspace are left as they are until the record is mended", sandbox_id[:64], problem)
+        # A sandbox a restore or resume failed to start (a full disk, no free uid, no loop device) is tried
+        # again: what failed may have been passing, and its workspace must not be reaped for it.
+        def restorable(row: SandboxRow) -> bool:
+            return row.state == "running" or (row.state == "failed" and row.reason == "restore_failed")
+
+        keep = {r.id for r in rows if (r.state == "paused" or restorable(r)) and now < r.expires_at} | \
+            set(unreadable)
         await self.factory.reap_stale(keep=keep)
         restoring: list[SandboxRecord] = []
-        for row in rows:
-            record = self._from_row(row)
+        for row, record in records:
             self._records[record.id] = record
             if row.state in ("running", "paused", "starting") and record.id not in keep:
                 record.state, record.reason = "stopped", "lifetime" if now >= row.expires_at else "gateway_restart"
                 self._save(record)
-            elif row.state == "running":
+            elif restorable(row) and record.id in keep:
                 record.state = "starting"
                 restoring.append(record)
         gate = asyncio.Semaphore(RESTORE_CONCURRENCY)
@@ -473,6 +523,10 @@ class Sandboxes:
         for listener in self.on_stop:
             listener(record)
         sandbox, record.sandbox = record.sandbox, None
+        if self.egress is not None:
+            # Its proxy belongs to the processes that stop now: the sandbox that runs again on this workspace
+            # (resume, restore) gets its own (EgressService.attach does nothing for an id that still has one).
+            await self.egress.close(record.id)
         if sandbox is not None:
             await sandbox.stop(reason, keep_workspace=True)
 
@@ -488,27 +542,36 @@ class Sandboxes:
             await asyncio.sleep(self.reap_interval)
             now = time.time()
             for record in list(self._records.values()):
+                if record.lifecycle.locked():
+                    continue  # being paused, resumed, changed or deleted: the next round sees how it ended
                 try:
-                    if record.state == "running":
-                        idle_at = record.idle_deadline()
-                        if now >= record.expires_at:
-                            # Its deadline, which E2B's timeout may have moved before max_lifetime_s.
-                            self.telemetry.sandbox_reaped(record, "lifetime", record.expires_at - record.created_at)
-                            await self._stop_record(record, "lifetime")
-                        elif idle_at is not None and now >= idle_at:
-                            self.telemetry.sandbox_reaped(record, "idle", now - record.last_activity)
-                            if record.on_idle != "pause" or not await self._pause_if_room(record, "idle"):
-                                await self._stop_record(record, "idle")
-                    elif record.state == "paused" and now >= record.expires_at:
-                        self.telemetry.sandbox_reaped(record, "lifetime", record.limits.max_lifetime_s)
-                        await self._stop_record(record, "lifetime")
-                    elif record.state in ("stopped", "failed") and record.sandbox is None and \
-                            now - record.last_activity > self.stopped_retention_s:
-                        self._records.pop(record.id, None)
-                        self.executions.forget_sandbox(record.id)
-                        self._forget(record)
+                    async with record.lifecycle:
+                        await self._reap_one(record, now)
                 except Exception:
                     self.log.exception("reaping %s failed", record.id)
+
+    async def _reap_one(self, record: SandboxRecord, now: float) -> None:
+        """One round of the reaper for one record (its ``lifecycle`` held)."""
+        if self._records.get(record.id) is not record:
+            return
+        if record.state == "running":
+            idle_at = record.idle_deadline()
+            if now >= record.expires_at:
+                # Its deadline, which E2B's timeout may have moved before max_lifetime_s.
+                self.telemetry.sandbox_reaped(record, "lifetime", record.expires_at - record.created_at)
+                await self._stop_record(record, "lifetime")
+            elif idle_at is not None and now >= idle_at:
+                self.telemetry.sandbox_reaped(record, "idle", now - record.last_activity)
+                if record.on_idle != "pause" or not await self._pause_if_room(record, "idle"):
+                    await self._stop_record(record, "idle")
+        elif record.state == "paused" and now >= record.expires_at:
+            self.telemetry.sandbox_reaped(record, "lifetime", record.limits.max_lifetime_s)
+            await self._stop_record(record, "lifetime")
+        elif record.state in ("stopped", "failed") and record.sandbox is None and \
+                now - record.last_activity > self.stopped_retention_s:
+            self._records.pop(record.id, None)
+            self.executions.forget_sandbox(record.id)
+            self._forget(record)
 
     # -- sandboxes --------------------------------------------------------------------------------------
 
@@ -609,6 +672,8 @@ class Sandboxes:
             self._sessions[session.id] = (record, session)
             if pooled_session is None:
                 await session.start()
+            if record.state != "starting":  # deleted, or its sandbox died, while it started
+                raise SandboxError(f"Sandbox {record.id} stopped while it was starting.")
             record.state = "running"
             record.touch()
             self._save(record)
@@ -623,8 +688,10 @@ class Sandboxes:
             if sandbox is not None:
                 record_ = self._records.get(sandbox.id)
                 if record_ is not None:
-                    await self._stop_record(record_, "failed")
+                    # Never announced: no row may outlive it (a restart would list a sandbox nobody was given).
                     self._records.pop(sandbox.id, None)
+                    self._forget(record_)
+                    await self._stop_record(record_, "failed")
                 else:
                     await sandbox.stop("failed")
             raise
@@ -638,7 +705,14 @@ class Sandboxes:
             record.state = "failed"
             record.reason = (sb.reason if sb else None) or "failed"
             self.telemetry.sandbox_failed(record.template.name, record.id, f"it died ({record.reason})")
-            self.spawn(self._stop_record(record, record.reason))
+            self.spawn(self._stop_died(record, sb))
+
+    async def _stop_died(self, record: SandboxRecord, sandbox: Sandbox | None) -> None:
+        """Stop ``record`` after its ``sandbox`` died, once the change of state in progress (if any) ended;
+        unless that change already replaced or stopped it."""
+        async with record.lifecycle:
+            if record.sandbox is sandbox and not record.forgotten:
+                await self._stop_record(record, record.reason)
 
     def list_sandboxes(self, tenant: Tenant) -> list[SandboxRecord]:
         """``sandbox_list``: the tenant's sandboxes, stopped ones included until ``stopped_retention_s``."""
@@ -672,8 +746,8 @@ class Sandboxes:
         return record, record.sandbox
 
     async def _stop_record(self, record: SandboxRecord, reason: str | None) -> None:
-        if record.state == "paused":
-            # Its processes are gone already; what it kept goes now.
+        if record.state == "paused" or (record.sandbox is None and record.reason == "restore_failed"):
+            # Its processes are gone already; what it kept (for a resume, or another restore) goes now.
             await self.factory.discard(record.id)
             record.paused_at = None
         if record.state in ("starting", "running", "paused"):
@@ -700,13 +774,28 @@ class Sandboxes:
             self._save(record)
 
     async def delete_sandbox(self, tenant: Tenant, sandbox_id: object) -> None:
-        """``sandbox_delete``: kill everything, free every resource, forget the sandbox."""
+        """``sandbox_delete``: kill everything, free every resource, forget the sandbox. A pause, resume or
+        PATCH in progress ends first."""
+        record = await self._locked(tenant, sandbox_id)
+        try:
+            self.telemetry.sandbox_deleted(record)
+            await self._stop_record(record, "deleted")
+            self._records.pop(record.id, None)
+            self.executions.forget_sandbox(record.id)
+            self._forget(record)
+        finally:
+            record.lifecycle.release()
+
+    async def _locked(self, tenant: Tenant, sandbox_id: object) -> SandboxRecord:
+        """The tenant's sandbox with its ``lifecycle`` lock held (the caller releases it), once any change in
+        progress ended; raises :class:`~kernelhub.errors.NotFound` as :meth:`get_sandbox`, also when that
+        change deleted it."""
         record = self.get_sandbox(tenant, sandbox_id)
-        self.telemetry.sandbox_deleted(record)
-        await self._stop_record(record, "deleted")
-        self._records.pop(record.id, None)
-        self.executions.forget_sandbox(record.id)
-        self._forget(record)
+        await record.lifecycle.acquire()
+        if self._records.get(record.id) is not record:
+            record.lifecycle.release()
+            raise NotFound(f"No sandbox {record.id!r}.")
+        return record
 
     async def pause_sandbox(self, tenant: Tenant, sandbox_id: object) -> SandboxRecord:
         """``sandbox_pause``: stop the running sandbox's processes and free its memory and uid, keeping its record,
@@ -715,10 +804,14 @@ class Sandboxes:
         at most ``max_paused_per_tenant`` may be paused at once. Raises :class:`~kernelhub.errors.NotFound`,
         :class:`~kernelhub.errors.Conflict` (``sandbox_not_running``) unless it runs, and
         :class:`~kernelhub.errors.QuotaExceeded` past the paused cap."""
-        record, _ = self.running(tenant, sandbox_id)
-        if not await self._pause_if_room(record, "paused"):
-            raise QuotaExceeded(f"Tenant {tenant.name!r} already has {self.max_paused_per_tenant} paused sandboxes, "
-                                "the most it may keep; resume or delete one first.")
+        record = await self._locked(tenant, sandbox_id)
+        try:
+            self.running(tenant, record.id)
+            if not await self._pause_if_room(record, "paused"):
+                raise QuotaExceeded(f"Tenant {tenant.name!r} already has {self.max_paused_per_tenant} paused "
+                                    "sandboxes, the most it may keep; resume or delete one first.")
+        finally:
+            record.lifecycle.release()
         return record
 
     async def _pause_if_room(self, record: SandboxRecord, reason: str) -> bool:
@@ -739,15 +832,18 @@ class Sandboxes:
         unless it is paused, :class:`~kernelhub.errors.QuotaExceeded` at the live cap, and
         :class:`~kernelhub.errors.SandboxError` when it cannot start (it is then ``failed``, its workspace
         kept)."""
-        record = self.get_sandbox(tenant, sandbox_id)
-        if record.state != "paused":
-            raise SandboxNotPaused(f"Sandbox {record.id} is {record.state}, not paused.")
-        self._reserve_sandbox(tenant)
+        record = await self._locked(tenant, sandbox_id)
         try:
-            record.state, record.paused_at = "starting", None
-            ok = await self._bring_back(record, "resumed")
+            if record.state != "paused":
+                raise SandboxNotPaused(f"Sandbox {record.id} is {record.state}, not paused.")
+            self._reserve_sandbox(tenant)
+            try:
+                record.state, record.paused_at = "starting", None
+                ok = await self._bring_back(record, "resumed")
+            finally:
+                self._release_sandbox(tenant)
         finally:
-            self._release_sandbox(tenant)
+            record.lifecycle.release()
         if not ok:
             raise SandboxError(f"Sandbox {record.id} could not start again on its workspace; its files are kept.")
         return record
@@ -824,24 +920,27 @@ class Sandboxes:
         not wait for it). Node kernels, terminals and commands already running keep their environment: restart
         them to reach the network. Raises :class:`~kernelhub.errors.InvalidRequest` for a bad policy,
         what :meth:`running` raises, and :class:`~kernelhub.errors.SandboxError` if the forwarder cannot start."""
-        record, sandbox = self.running(tenant, sandbox_id)
+        record, _ = self.running(tenant, sandbox_id)
         policy = self._network_policy(network)
         if self.egress is None:
             return record
+        record = await self._locked(tenant, record.id)
         record.busy += 1
         try:
+            record, sandbox = self.running(tenant, record.id)  # a pause or delete may have come first
             if await self.egress.update(sandbox, policy):
                 for session in list(record.sessions.values()):
                     if isinstance(session, JupyterSession) and session.language in ("python", "bash"):
                         # Each in a task of its own, started now: its turn comes before any later execution.
                         self.spawn(self._give_env(sandbox, session, proxy_env()))
+            record.network = policy
+            if policy.mode != "none":
+                record.env.update(proxy_env())  # a restored or resumed sandbox starts its kernels with them
+            record.touch()
+            await self._saved(record)
         finally:
             record.busy -= 1
-        record.network = policy
-        if policy.mode != "none":
-            record.env.update(proxy_env())  # a restored or resumed sandbox starts its kernels with them
-        record.touch()
-        await self._saved(record)
+            record.lifecycle.release()
         return record
 
     # -- sessions ---------------------------------------------------------------------------------------

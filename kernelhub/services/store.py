@@ -258,7 +258,13 @@ def schema_version(conn: sqlite3.Connection) -> int:
     if found is None:
         return 0
     row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-    return int(row[0] or 0)
+    value = row[0]
+    if value is None:
+        return 0
+    if not isinstance(value, int) or value < 0:
+        raise StoreError(f"The database's schema_version table holds {str(value)[:40]!r}, not a version number: it "
+                         "was damaged or is not kernelhub's. Restore it from a backup, or use another --state-dir.")
+    return value
 
 
 def migrate(conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIONS, *, where: str = "") -> int:
@@ -883,10 +889,12 @@ class Store:
 
         return self.submit(op)
 
-    def list_sandboxes(self, tenant: str | None = None,
-                       states: Iterable[str] | None = None) -> asyncio.Future[list[SandboxRow]]:
+    def list_sandboxes(self, tenant: str | None = None, states: Iterable[str] | None = None, *,
+                       on_bad: Callable[[str, Exception], None] | None = None) -> asyncio.Future[list[SandboxRow]]:
         """Stored sandboxes, oldest first: of ``tenant`` (every tenant's when None), in one of ``states`` (any
-        state when None)."""
+        state when None). A row that cannot be read (a field that is not the JSON it must be: damaged by hand or
+        on disk) raises, or with ``on_bad`` is left out and told to it (its id and the error; called on the
+        store's thread)."""
         clauses, args = [], []
         if tenant is not None:
             clauses.append("tenant = ?")
@@ -897,7 +905,19 @@ class Store:
             args.extend(wanted)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         sql = f"SELECT * FROM sandboxes{where} ORDER BY created_at, id"
-        return self.submit(lambda conn: [SandboxRow._from_db(r) for r in conn.execute(sql, args)])
+
+        def op(conn: sqlite3.Connection) -> list[SandboxRow]:
+            out = []
+            for r in conn.execute(sql, args):
+                try:
+                    out.append(SandboxRow._from_db(r))
+                except (ValueError, TypeError) as exc:
+                    if on_bad is None:
+                        raise StoreError(f"The stored sandbox {str(r['id'])[:64]!r} cannot be read: {exc}.") from None
+                    on_bad(str(r["id"]), exc)
+            return out
+
+        return self.submit(op)
 
     def delete_sandbox(self, sandbox_id: str) -> asyncio.Future[bool]:
         """Forget the sandbox with its sessions, executions and their outputs; False if it was not stored."""

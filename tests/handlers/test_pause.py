@@ -146,3 +146,81 @@ def test_a_paused_sandbox_survives_a_killed_gateway() -> None:
     finally:
         if gw.proc.poll() is None:
             gw.stop()
+
+
+def stored_sandbox_ids(gw: Gateway) -> set[str]:
+    """The sandbox ids the gateway's store holds (read-only, beside the running gateway)."""
+    import sqlite3
+
+    db = Path(gw.state_dir) / "kernelhub.db"
+    conn = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
+    try:
+        return {row[0] for row in conn.execute("SELECT id FROM sandboxes")}
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("change", ["resume", "pause"])
+def test_a_delete_during_a_pause_or_a_resume_leaves_nothing_behind(gw: Gateway, change: str) -> None:
+    """A delete that arrives while a resume starts kernels (or a pause stops them) waits for it, then deletes:
+    the resume's late write must not bring the row back (the next gateway would restore a deleted sandbox), nor
+    its sandbox run on, unlisted."""
+    import threading
+
+    sb = create(gw)
+    if change == "resume":
+        assert gw.request("POST", f"/v1/sandboxes/{sb['id']}/pause")[0] == 200
+    answers: list[tuple[int, Any]] = []
+    worker = threading.Thread(target=lambda: answers.append(gw.request("POST", f"/v1/sandboxes/{sb['id']}/{change}")))
+    worker.start()
+    during = "starting" if change == "resume" else "paused"
+    wait_for(lambda: gw.request("GET", f"/v1/sandboxes/{sb['id']}")[1].get("state") == during, f"the {change}")
+    assert gw.request("DELETE", f"/v1/sandboxes/{sb['id']}")[0] == 204
+    worker.join()
+    assert answers[0][0] == 200, answers
+    assert gw.request("GET", f"/v1/sandboxes/{sb['id']}")[0] == 404
+    wait_for(lambda: sb["id"] not in stored_sandbox_ids(gw), "the store to forget the sandbox")
+    assert not (Path(gw.state_dir) / "sandboxes" / sb["id"]).exists()
+    assert not cgroup_exists(sb["id"])
+
+
+def test_a_resumed_sandbox_keeps_its_network(gw: Gateway) -> None:
+    """The proxy of the processes a pause stops goes with them, so the resumed sandbox gets its own forwarder."""
+    sb = create(gw, network={"allow": ["example.invalid"]})
+    code = ("import os, socket\nsocket.create_connection(('127.0.0.1', 3128), timeout=5).close()\n"
+            "print(os.environ.get('HTTP_PROXY'))")
+    for round in range(3):
+        if round:
+            assert gw.request("POST", f"/v1/sandboxes/{sb['id']}/pause")[0] == 200
+            status, resumed = gw.request("POST", f"/v1/sandboxes/{sb['id']}/resume")
+            assert (status, resumed["network"]) == (200, {"allow": ["example.invalid"], "deny": []}), resumed
+        status, ex = gw.request("POST", f"/v1/sandboxes/{sb['id']}/execute", {"code": code})
+        assert (status, ex["status"], ex["stdout"]) == (200, "ok", "http://127.0.0.1:3128\n"), (round, ex)
+
+
+def test_sigterm_during_a_resume_keeps_the_workspace() -> None:
+    """The shutdown waits for a resume in progress and keeps its sandbox for the next gateway: cut half-way, the
+    sandbox it was starting was stopped for good with the workspace it had re-attached (files lost, and the
+    sandbox ``restore_failed`` at every later start)."""
+    import socket
+
+    gw = Gateway(extra_args=["--pool-size", "0"])
+    try:
+        sb = create(gw, template="bash")
+        assert gw.request("PUT", f"/v1/sandboxes/{sb['id']}/files/f.txt", raw=b"precious")[0] == 201
+        assert gw.request("POST", f"/v1/sandboxes/{sb['id']}/pause")[0] == 200
+        with socket.create_connection(("127.0.0.1", gw.port)) as resume:
+            resume.sendall(f"POST /v1/sandboxes/{sb['id']}/resume HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: "
+                           f"Bearer {gw.token}\r\nContent-Length: 0\r\n\r\n".encode())
+            wait_for(lambda: gw.request("GET", f"/v1/sandboxes/{sb['id']}")[1]["state"] == "starting", "the resume")
+            gw.stop(keep_state=True)
+        successor = Gateway(state_dir=gw.state_dir)
+        try:
+            status, info = successor.request("GET", f"/v1/sandboxes/{sb['id']}")
+            assert (status, info["state"]) == (200, "running"), info
+            assert successor.request("GET", f"/v1/sandboxes/{sb['id']}/files/f.txt") == (200, b"precious")
+        finally:
+            successor.stop()
+    finally:
+        if gw.proc.poll() is None:
+            gw.stop()

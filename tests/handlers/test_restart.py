@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -224,11 +225,21 @@ def test_sigterm_keeps_sandboxes_unless_ephemeral(first: Gateway) -> None:
     assert gw.request("PUT", f"/v1/sandboxes/{sb['id']}/files/a.txt", raw=b"a")[0] == 201
     status, ex = gw.request("POST", f"/v1/sandboxes/{sb['id']}/executions", {"code": "import time; time.sleep(600)"})
     assert status == 202
-    gw.stop(keep_state=True)
+    # A create in flight when SIGTERM comes fails, and leaves no record for the next gateway to list.
+    known = sandbox_dirs(gw)
+    creator = subprocess.Popen(
+        ["curl", "-s", "-o", "/dev/null", "-X", "POST", "-H", f"Authorization: Bearer {gw.token}",
+         "-H", "Content-Type: application/json", "-d", '{"template": "node"}', f"{gw.url}/v1/sandboxes"])
+    try:
+        wait_for(lambda: sandbox_dirs(gw) - known, "the create to make its sandbox directory")
+        gw.stop(keep_state=True)
+    finally:
+        creator.wait()
     second = Gateway(state_dir=gw.state_dir, extra_args=["--ephemeral"])
     try:
         status, info = second.request("GET", f"/v1/sandboxes/{sb['id']}")
         assert (status, info["state"]) == (200, "running"), info
+        assert [s["id"] for s in second.request("GET", "/v1/sandboxes")[1]["sandboxes"]] == [sb["id"]]
         assert second.request("GET", f"/v1/sandboxes/{sb['id']}/files/a.txt") == (200, b"a")
         status, cut = second.request("GET", f"/v1/executions/{ex['id']}")
         assert (cut["status"], cut["reason"]) == ("killed", "gateway_restart"), cut
@@ -240,3 +251,73 @@ def test_sigterm_keeps_sandboxes_unless_ephemeral(first: Gateway) -> None:
         assert sb["id"] not in sandbox_dirs(third)
     finally:
         third.stop()
+
+
+def test_a_damaged_sandbox_row_costs_neither_the_start_nor_its_files(first: Gateway) -> None:
+    """One sandbox's record damaged on disk (a limit this kernelhub does not know, a field that is not JSON):
+    the successor starts, restores the others, and leaves the damaged one's row and workspace as they were."""
+    import sqlite3
+
+    gw = first
+    made = []
+    for _ in range(3):
+        status, sb = gw.request("POST", "/v1/sandboxes", {"template": "bash"})
+        assert status == 201, sb
+        assert gw.request("PUT", f"/v1/sandboxes/{sb['id']}/files/a.txt", raw=sb["id"].encode())[0] == 201
+        made.append(sb["id"])
+    gw.crash()
+    conn = sqlite3.connect(Path(gw.state_dir) / "kernelhub.db")
+    conn.execute("UPDATE sandboxes SET limits = '{\"from_the_future\": 1}' WHERE id = ?", (made[0],))
+    conn.execute("UPDATE sandboxes SET metadata = '{not json' WHERE id = ?", (made[1],))
+    conn.commit()
+    conn.close()
+    second = Gateway(state_dir=gw.state_dir)
+    try:
+        for damaged in made[:2]:
+            assert second.request("GET", f"/v1/sandboxes/{damaged}")[0] == 404
+            assert damaged in sandbox_dirs(second)
+            assert f"sandbox {damaged}: its stored record cannot be read" in second.log()
+        status, info = second.request("GET", f"/v1/sandboxes/{made[2]}")
+        assert (status, info["state"]) == (200, "running"), info
+        assert second.request("GET", f"/v1/sandboxes/{made[2]}/files/a.txt") == (200, made[2].encode())
+    finally:
+        second.stop(keep_state=True)
+    conn = sqlite3.connect(Path(gw.state_dir) / "kernelhub.db")
+    assert {r[0] for r in conn.execute("SELECT id FROM sandboxes")} >= set(made[:2])
+    conn.close()
+    with open("/proc/self/mountinfo") as f:
+        if not any(line.split()[4].startswith(gw.state_dir + "/") for line in f):
+            shutil.rmtree(gw.state_dir, ignore_errors=True)
+
+
+def test_a_sandbox_whose_restore_failed_is_tried_again_with_its_files(first: Gateway) -> None:
+    """A restore that fails (here the agent cannot start; in life a full disk, no free uid or loop device) leaves
+    the sandbox ``failed`` (``restore_failed``) with its workspace: the next start tries again rather than reaping
+    the workspace as unclaimed."""
+    gw = first
+    status, sb = gw.request("POST", "/v1/sandboxes", {"template": "bash"})
+    assert status == 201, sb
+    assert gw.request("PUT", f"/v1/sandboxes/{sb['id']}/files/a.txt", raw=b"still here")[0] == 201
+    gw.crash()
+    broken = Gateway(state_dir=gw.state_dir, extra_args=["--SandboxFactory.agent_python=/nonexistent/python3"])
+    try:
+        status, info = broken.request("GET", f"/v1/sandboxes/{sb['id']}")
+        assert (status, info["state"], info.get("reason")) == (200, "failed", "restore_failed"), info.get("reason")
+    finally:
+        broken.stop(keep_state=True)
+    assert sb["id"] in sandbox_dirs(broken)
+    second = Gateway(state_dir=gw.state_dir)
+    try:
+        status, info = second.request("GET", f"/v1/sandboxes/{sb['id']}")
+        assert (status, info["state"]) == (200, "running"), info
+        assert second.request("GET", f"/v1/sandboxes/{sb['id']}/files/a.txt") == (200, b"still here")
+    finally:
+        second.stop(keep_state=True)
+    # Failed again, then deleted: what it kept goes with it at once, not at the next start.
+    broken = Gateway(state_dir=gw.state_dir, extra_args=["--SandboxFactory.agent_python=/nonexistent/python3"])
+    try:
+        assert broken.request("GET", f"/v1/sandboxes/{sb['id']}")[1]["reason"] == "restore_failed"
+        assert broken.request("DELETE", f"/v1/sandboxes/{sb['id']}")[0] == 204
+        assert sb["id"] not in sandbox_dirs(broken)
+    finally:
+        broken.stop()

@@ -8,6 +8,7 @@ Real SQLite files in temporary state directories; no sandboxes.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import sqlite3
@@ -20,7 +21,17 @@ from typing import Any
 import pytest
 
 from kernelhub.errors import InvalidRequest, StoreError
-from kernelhub.services.audit import GENESIS, AuditLog, canonical, entry_hash, main, verify, verify_jsonl
+from kernelhub.services.audit import (
+    GENESIS,
+    AuditLog,
+    _row_entry,  # noqa: PLC2701 - the tests rewrite rows as an attacker would
+    canonical,
+    compare_mirror,
+    entry_hash,
+    main,
+    verify,
+    verify_jsonl,
+)
 from kernelhub.services.store import DB_NAME, MIGRATIONS, Store, code_digest, connect, migrate
 
 # A run of mixed actions as the surfaces will record them: REST routes, websocket messages, the Jupyter API and
@@ -54,7 +65,11 @@ def run(body: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
 
 async def open_log(state: Path, **options: Any) -> tuple[Store, AuditLog]:
     store = await Store.open(state)
-    return store, await AuditLog.open(store, state, **options)
+    try:
+        return store, await AuditLog.open(store, state, **options)
+    except BaseException:
+        await store.close()
+        raise
 
 
 async def close(store: Store, audit: AuditLog) -> None:
@@ -345,6 +360,26 @@ def test_verify_finds_entries_removed_from_or_added_at_the_end(state: Path,
     assert bad is not None and bad.seq == 19 and "after the log's head" in bad.problem
 
 
+def test_a_restart_does_not_cover_entries_removed_from_the_end(state: Path, recorded: list[dict[str, Any]]) -> None:
+    """Entries cut from the end (or the last one replaced) while the gateway was down: the next gateway goes on
+    from the head its metadata records, so the gap stays, named, instead of being covered by new entries."""
+    conn = db(state)
+    conn.execute("DELETE FROM audit WHERE seq >= 19")
+    conn.close()
+    after = record_actions(state, ACTIONS[:2])
+    assert [e["seq"] for e in after] == [21, 22] and after[0]["prev_hash"] == recorded[-1]["hash"]
+    bad = verify(state / DB_NAME)
+    assert bad is not None and bad.seq == 21 and "entries 19 to 20 are missing" in bad.problem
+
+    conn = db(state)
+    conn.execute("UPDATE audit SET status = 500, hash = ? WHERE seq = 22",
+                 (entry_hash({**after[1], "status": 500}),))
+    conn.close()
+    record_actions(state, ACTIONS[:1])
+    bad = verify(state / DB_NAME)
+    assert bad is not None and bad.seq == 21  # still the first break; the replaced 22 is behind it
+
+
 # -- kernelhub audit verify -------------------------------------------------------------------------------
 
 
@@ -439,7 +474,87 @@ def test_verify_jsonl_finds_tampering_and_allows_rotation_and_repeats(state: Pat
 
     copy.write_text("".join(text[:3]) + "not json\n")
     bad = verify_jsonl(copy)
-    assert bad is not None and "line 4" in bad.problem
+    assert bad is not None and "line 4, which is not a JSON object" in str(bad)
+
+
+def rewrite_chain(state: Path, seq: int, **changes: Any) -> None:
+    """What someone able to write the database can do: change entry ``seq`` and recompute every hash after it and
+    the head, so that the database's own chain holds."""
+    conn = db(state)
+    conn.row_factory = sqlite3.Row
+    prev = GENESIS
+    for row in [dict(r) for r in conn.execute("SELECT * FROM audit ORDER BY seq")]:
+        if row["seq"] == seq:
+            row |= changes
+        row["prev_hash"] = prev
+        row["hash"] = prev = entry_hash(_row_entry(row))
+        conn.execute("UPDATE audit SET status = ?, prev_hash = ?, hash = ? WHERE seq = ?",
+                     (row["status"], row["prev_hash"], row["hash"], row["seq"]))
+    conn.execute("UPDATE audit_meta SET value = ? WHERE name = 'head_hash'", (prev,))
+    conn.close()
+
+
+def test_verify_compares_the_mirror_with_the_database(state: Path, recorded: list[dict[str, Any]],
+                                                      capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Each chain alone cannot show a rewrite with recomputed hashes, nor a forged entry past the other's end,
+    nor entries cut from the mirror's end: verify compares the two, and checks the state directory's own
+    mirror without being asked."""
+    mirror = state / "audit.jsonl"
+    text = mirror.read_text().splitlines(keepends=True)
+    assert compare_mirror(mirror, state / DB_NAME, own=True) is None
+
+    # A forged entry with a valid hash appended to the mirror.
+    forged = dict(recorded[-1], seq=21, prev_hash=recorded[-1]["hash"], action="sandbox_delete")
+    forged["hash"] = entry_hash(forged)
+    mirror.write_text("".join(text) + json.dumps(forged) + "\n")
+    assert verify_jsonl(mirror) is None
+    assert main(["--state-dir", str(state)]) == 1
+    assert "broken at entry 21" in capsys.readouterr().out
+
+    # The mirror's tail cut (a shipped copy may be older than the database: only the live mirror is held to it).
+    mirror.write_text("".join(text[:17]))
+    bad = compare_mirror(mirror, state / DB_NAME, own=True)
+    assert bad is not None and bad.seq == 18 and "entries 18 to 20 are missing from the end" in bad.problem
+    copy = tmp_path / "older.jsonl"
+    copy.write_text("".join(text[:17]))
+    assert main(["--state-dir", str(state), "--jsonl", str(copy)]) == 0
+    capsys.readouterr()
+
+    # The database rewritten with recomputed hashes: its chain holds, the mirror shows it.
+    mirror.write_text("".join(text))
+    rewrite_chain(state, 7, status=204)
+    assert verify(state / DB_NAME) is None
+    assert main(["--state-dir", str(state)]) == 1
+    out = capsys.readouterr().out
+    assert "kernelhub.db is intact" in out and "broken at entry 7" in out and "differs from entry 7" in out
+
+
+def test_verify_names_damaged_metadata_and_ids_instead_of_a_traceback(state: Path, recorded: list[dict[str, Any]],
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    conn = db(state)
+    conn.execute("UPDATE audit SET ids = '{not json' WHERE seq = 2")
+    conn.close()
+    bad = verify(state / DB_NAME)
+    assert bad is not None and bad.seq == 2 and "does not match its hash" in bad.problem
+    for name in ("head_seq", "pruned_seq", "mirror_seq"):
+        conn = db(state)
+        kept = conn.execute("SELECT value FROM audit_meta WHERE name = ?", (name,)).fetchone()
+        conn.execute("INSERT INTO audit_meta (name, value) VALUES (?, 'xx') "
+                     "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (name,))
+        conn.close()
+        if name != "mirror_seq":
+            assert main(["--state-dir", str(state)]) == 1
+            assert f"broken at its metadata: audit_meta holds 'xx' as {name}" in capsys.readouterr().out
+        if name != "pruned_seq":  # (which a gateway reads only when it prunes)
+            # The gateway refuses to start on it with a sentence: not a traceback, not a silent reset of the chain.
+            with pytest.raises(StoreError, match=f"audit_meta holds 'xx' as {name}"):
+                record_actions(state, [])
+        conn = db(state)
+        if kept is None:
+            conn.execute("DELETE FROM audit_meta WHERE name = ?", (name,))
+        else:
+            conn.execute("UPDATE audit_meta SET value = ? WHERE name = ?", (kept[0], name))
+        conn.close()
 
 
 def test_the_mirror_catches_up_after_a_crash_between_commit_and_write(state: Path,
@@ -515,7 +630,9 @@ def test_a_tenant_reads_only_its_own_entries_page_by_page(state: Path, recorded:
             assert first["entries"] + second["entries"] == later["entries"][:2]
 
             for bad in ({"since": "yesterday"}, {"since": 5}, {"limit": 0}, {"limit": 1001}, {"limit": "x"},
-                        {"limit": True}, {"cursor": "!!"}, {"cursor": "bm9wZQ"}):
+                        {"limit": True}, {"cursor": "!!"}, {"cursor": "bm9wZQ"},
+                        # A seq past SQLite's integers (was a 500: OverflowError in the query).
+                        {"cursor": base64.urlsafe_b64encode(b"a1:" + b"9" * 44).decode().rstrip("=")}):
                 with pytest.raises(InvalidRequest):
                     await audit.read("alice", **bad)
         finally:

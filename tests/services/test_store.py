@@ -158,6 +158,38 @@ def test_a_database_from_a_newer_kernelhub_is_refused_and_left_alone(state: Path
     run(lambda: _close(Store.open(state)))
 
 
+def test_a_damaged_schema_version_is_refused_with_a_sentence(state: Path) -> None:
+    """A version that is not a whole number (the table rewritten by hand, or another program's) is a sentence at
+    start, not a traceback."""
+    state.mkdir()
+    conn = sqlite3.connect(state / DB_NAME)
+    conn.execute("CREATE TABLE schema_version (version TEXT, description TEXT, applied_at REAL)")
+    conn.execute("INSERT INTO schema_version VALUES ('two', 'x', 0)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError) as info:
+        run(lambda: Store.open(state))
+    assert "schema_version table holds 'two', not a version number" in info.value.message
+    with pytest.raises(StoreError):
+        verify(state / DB_NAME)
+
+
+def test_an_unreadable_sandbox_row_is_told_or_raised_not_a_crash(state: Path) -> None:
+    async def body() -> None:
+        store = await open_with_sandbox(state, sandbox("sb1"), sandbox("sb2"), sandbox("sb3"))
+        try:
+            await store.submit(lambda conn: conn.execute("UPDATE sandboxes SET limits = '{bad' WHERE id = 'sb2'"))
+            with pytest.raises(StoreError, match="'sb2' cannot be read"):
+                await store.list_sandboxes()
+            bad: list[str] = []
+            rows = await store.list_sandboxes(on_bad=lambda sandbox_id, exc: bad.append(sandbox_id))
+            assert [r.id for r in rows] == ["sb1", "sb3"] and bad == ["sb2"]
+        finally:
+            await store.close()
+
+    run(body)
+
+
 def test_a_file_that_is_not_a_database_is_refused_with_a_sentence(state: Path) -> None:
     state.mkdir()
     (state / DB_NAME).write_bytes(b"this is not an SQLite file at all, just text" * 100)
