@@ -556,6 +556,77 @@ def test_an_early_answer_reaches_the_sandbox(egress: Any, runner: asyncio.Runner
     run(runner, go())
 
 
+def test_a_length_beside_chunks_is_not_passed_on(egress: Any, runner: asyncio.Runner) -> None:
+    """Request smuggling (CL.TE): h11 frames a message that has both Transfer-Encoding and Content-Length by its
+    chunks; the proxy must not hand the length on (a server that reads it would take the rest of the body for a
+    second request, with a Host the sandbox chose). The same for a response, which would otherwise be framed
+    by a length its body does not have."""
+    heads: list[bytes] = []
+
+    async def server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"0\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"5\r\nhello\r\n0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def go() -> None:
+        upstream = await asyncio.start_server(server, "127.0.0.1", 0)
+        port = upstream.sockets[0].getsockname()[1]
+        try:
+            proxy = await egress.start({"allow": ["svc.test"]})
+            smuggled = b"GET /admin HTTP/1.1\r\nHost: elsewhere.test\r\n\r\n"
+            body = f"{len(smuggled):x}\r\n".encode() + smuggled + b"\r\n0\r\n\r\n"
+            answer = await egress.raw(proxy, (
+                f"POST http://svc.test:{port}/ HTTP/1.1\r\nHost: svc.test\r\nContent-Length: 4\r\n"
+                "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode() + body)
+            assert (answer.status, answer.body) == (200, b"hello")
+            assert "content-length" not in answer.headers
+            head = heads[0].lower()
+            assert b"transfer-encoding: chunked\r\n" in head and b"content-length" not in head, heads
+            assert head.endswith(body.lower())
+        finally:
+            upstream.close()
+            await upstream.wait_closed()
+
+    run(runner, go())
+
+
+def test_a_request_head_has_a_deadline_not_just_a_read_timeout(egress: Any, runner: asyncio.Runner) -> None:
+    """Slowloris: a byte every 50 ms never lets a read time out after 0.5 s, but the head as a whole must come
+    within the handshake timeout (the first request's from the connection's start, a later one's from its first
+    byte), or the connection is closed."""
+    s = egress.servers
+
+    async def trickle(writer: asyncio.StreamWriter, data: bytes) -> None:
+        for byte in data:
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.05)  # the attack's pace, not a wait for anything
+
+    async def go() -> None:
+        proxy = await egress.start({"allow": ["svc.test"]}, handshake_timeout=0.5)
+        head = f"GET http://svc.test:{s.http_port}/hello HTTP/1.1\r\nHost: svc.test\r\nX-Pad: ".encode()
+        head += b"a" * 400 + b"\r\n\r\n"  # 20 s at that pace
+        for earlier in (b"", f"GET http://svc.test:{s.http_port}/hello HTTP/1.1\r\nHost: svc.test\r\n\r\n"
+                             .encode()):
+            reader, writer = await asyncio.open_unix_connection(proxy.socket_path)
+            if earlier:
+                client = h11.Connection(h11.CLIENT)
+                client.send(h11.Request(method="GET", target=b"/", headers=[("Host", "x")]))
+                client.send(h11.EndOfMessage())
+                writer.write(earlier)
+                assert (await egress.read(reader, parser=client)).status == 200
+            sending = asyncio.ensure_future(trickle(writer, head))
+            started = asyncio.get_running_loop().time()
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            assert asyncio.get_running_loop().time() - started < 5
+            sending.cancel()
+            writer.close()
+        assert proxy.active_connections == 0
+
+    run(runner, go())
+
+
 @pytest.mark.parametrize("request_bytes, status, phrase", [
     (b"GET /hello HTTP/1.1\r\nHost: svc.test\r\n\r\n", 400, "send an absolute http:// URI or CONNECT"),
     (b"GET https://svc.test/hello HTTP/1.1\r\nHost: svc.test\r\n\r\n", 400, "through a CONNECT tunnel"),

@@ -135,11 +135,19 @@ class _Conn:
 
 
 def _end_to_end(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """``headers`` without hop-by-hop ones, those ``Connection`` names, ``Proxy-*`` and ``Host``."""
+    """``headers`` without hop-by-hop ones, those ``Connection`` names, ``Proxy-*`` and ``Host``; and without
+    ``Content-Length`` when the message came with a ``Transfer-Encoding``.
+
+    h11 frames such a message by its chunks and ignores the length (RFC 9112 6.3), and so must the next hop:
+    passing both on would let the sandbox smuggle a second request, with a ``Host`` of its choosing, to a
+    server that reads the length instead (CL.TE), and would frame a response by a length its body does not
+    have. The RFC's rule for an intermediary: remove the ``Content-Length`` before forwarding."""
     named = {token.strip().lower() for name, value in headers if name == b"connection"
              for token in value.split(b",")}
+    chunked = any(name == b"transfer-encoding" for name, _ in headers)
     return [(name, value) for name, value in headers
-            if name not in _HOP_BY_HOP and name not in named and not name.startswith(b"proxy-")]
+            if name not in _HOP_BY_HOP and name not in named and not name.startswith(b"proxy-")
+            and not (chunked and name == b"content-length")]
 
 
 def _sni_problem(target: Target, server_name: str | None) -> str | None:
@@ -314,10 +322,10 @@ class SandboxProxy:
     async def _serve(self, conn: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Requests of one connection from the sandbox, until it closes or a tunnel takes it over."""
         client = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
-        timeout = self.limits.handshake_timeout
+        first = True
         while True:
             try:
-                event = await self._next_event(client, reader, timeout)
+                event = await self._request_head(client, reader, first)
             except h11.RemoteProtocolError as exc:
                 reply = _Reply(exc.error_status_hint, f"The request is malformed: {exc}.", refusal=True)
                 await self._answer(conn, client, writer, reply)
@@ -343,7 +351,26 @@ class SandboxProxy:
                 return
             client.start_next_cycle()
             conn.target, conn.addresses = None, ()
-            timeout = self.limits.idle_timeout
+            first = False
+
+    async def _request_head(self, client: h11.Connection, reader: asyncio.StreamReader, first: bool) -> Any:
+        """The next request head from the sandbox (or what else h11 makes of its bytes), whole within the
+        handshake timeout: of the connection's start for its first request, of the request's first byte for a
+        later one (which may be awaited for the idle timeout). A deadline for the whole head, not for each
+        read: a client trickling a byte at a time (slowloris) would otherwise hold the connection for as long
+        as the head may be long. Raises ``TimeoutError``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.handshake_timeout if first else None
+        while True:
+            event = client.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            async with asyncio.timeout_at(deadline if deadline is not None
+                                          else loop.time() + self.limits.idle_timeout):
+                data = await reader.read(_CHUNK)
+            if deadline is None:
+                deadline = loop.time() + self.limits.handshake_timeout
+            client.receive_data(data)
 
     async def _next_event(self, parser: h11.Connection, reader: asyncio.StreamReader, timeout: float) -> Any:
         """The next h11 event from ``reader``, each read bounded by ``timeout`` (raises ``TimeoutError``)."""
