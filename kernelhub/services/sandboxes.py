@@ -165,6 +165,9 @@ class SandboxRecord:
     busy: int = dataclasses.field(default=0, init=False)
     #: Sessions being started by ``create_session``: they count against :data:`MAX_SESSIONS` already.
     starting_sessions: int = dataclasses.field(default=0, init=False)
+    #: Held by a ``PATCH`` of its network from the proxy's change to the record's: one at a time, so the policy
+    #: the sandbox shows is the one its proxy enforces.
+    network_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.expires_at = self.created_at + self.limits.max_lifetime_s
@@ -828,20 +831,35 @@ class Sandboxes:
         policy = self._network_policy(network)
         if self.egress is None:
             return record
-        record.busy += 1
-        try:
-            if await self.egress.update(sandbox, policy):
+        # A first policy other than "none" starts the proxy and the forwarder, which waits on the sandbox: a
+        # second PATCH meanwhile would find the proxy, set its own policy on it and answer, and the first would
+        # then write its policy into the record over the second's. One at a time, the sandbox checked again.
+        async with record.network_lock:
+            record, sandbox = self.running(tenant, sandbox_id)
+            record.busy += 1
+            try:
+                first = await self.egress.update(sandbox, policy)
+            except Exception:
+                if record.state == "running" and record.sandbox is sandbox:
+                    raise
+                first = False  # it stopped meanwhile, which is why the forwarder could not start
+            finally:
+                record.busy -= 1
+            if record.state != "running" or record.sandbox is not sandbox:
+                # Deleted, paused or stopped while the proxy started (its stop closed the proxy): no policy to
+                # record, and no row to write back into the store for a sandbox a DELETE removed from it.
+                reason = f" ({record.reason})" if record.reason else ""
+                raise SandboxNotRunning(f"Sandbox {record.id} is {record.state}{reason}.")
+            if first:
                 for session in list(record.sessions.values()):
                     if isinstance(session, JupyterSession) and session.language in ("python", "bash"):
                         # Each in a task of its own, started now: its turn comes before any later execution.
                         self.spawn(self._give_env(sandbox, session, proxy_env()))
-        finally:
-            record.busy -= 1
-        record.network = policy
-        if policy.mode != "none":
-            record.env.update(proxy_env())  # a restored or resumed sandbox starts its kernels with them
-        record.touch()
-        await self._saved(record)
+            record.network = policy
+            if policy.mode != "none":
+                record.env.update(proxy_env())  # a restored or resumed sandbox starts its kernels with them
+            record.touch()
+            await self._saved(record)
         return record
 
     # -- sessions ---------------------------------------------------------------------------------------

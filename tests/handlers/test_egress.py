@@ -349,6 +349,69 @@ def test_patch_changes_the_policy_at_once(world: World) -> None:
     assert info["network"] == "none"
 
 
+def test_concurrent_patches_leave_the_policy_shown_the_policy_enforced(world: World) -> None:
+    """Two PATCHes of a sandbox that had no egress: the first starts its proxy and forwarder (it waits on the
+    sandbox), the second arrives meanwhile. Whichever order they take effect in, the policy the sandbox shows
+    must be the one its proxy enforces (the first used to write its own policy last, over the second's, while
+    the proxy kept the second)."""
+    sid = world.create("bash")["id"]
+    answers: dict[str, tuple[int, Any]] = {}
+
+    def patch(name: str, network: Any) -> None:
+        answers[name] = world.patch(sid, network)
+
+    first = threading.Thread(target=patch, args=("first", {"allow": ["svc.test"]}))
+    second = threading.Thread(target=patch, args=("second", "open"))
+    first.start()
+    second.start()
+    first.join()
+    second.join()
+    assert answers["first"][0] == 200 and answers["second"][0] == 200, answers
+    status, info = world.gw.request("GET", f"/v1/sandboxes/{sid}")
+    assert status == 200
+    reached = world.curl(sid, world.http("other.test"))[1]
+    if info["network"] == "open":
+        assert reached.endswith("[200]"), reached
+    else:
+        assert info["network"] == {"allow": ["svc.test"], "deny": []}
+        assert reached.endswith("matches no allow entry of the sandbox's network policy. [403]"), (info, reached)
+
+
+def proxies_open(world: World) -> float:
+    status, text = world.gw.request("GET", "/metrics")
+    assert status == 200
+    line = next(line for line in text.decode().splitlines() if line.startswith("kernelhub_egress_proxies "))
+    return float(line.split()[1])
+
+
+def test_a_patch_racing_a_delete_does_not_answer_for_a_stopped_sandbox(world: World) -> None:
+    """A sandbox's first policy starts its proxy and forwarder, which waits on the sandbox; a DELETE meanwhile
+    stops it. The PATCH used to carry on and answer 200 with the stopped sandbox (and write its row back into
+    the store the DELETE had removed it from): it answers 409 now, and no proxy outlives the sandbox."""
+    before = proxies_open(world)
+    for _ in range(2):
+        sid = world.create("bash")["id"]
+        answers: dict[str, tuple[int, Any]] = {}
+
+        def patch(sid: str = sid, answers: dict[str, tuple[int, Any]] = answers) -> None:
+            answers["patch"] = world.patch(sid, "open")
+
+        def delete(sid: str = sid, answers: dict[str, tuple[int, Any]] = answers) -> None:
+            answers["delete"] = world.gw.request("DELETE", f"/v1/sandboxes/{sid}")
+
+        threads = [threading.Thread(target=patch), threading.Thread(target=delete)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert answers["delete"][0] == 204, answers
+        status, body = answers["patch"]
+        assert (status == 200 and body["state"] == "running") or \
+            (status in (404, 409) and body["error"] in ("not_found", "sandbox_not_running")), answers
+        assert world.gw.request("GET", f"/v1/sandboxes/{sid}")[0] == 404
+    assert proxies_open(world) == before
+
+
 def test_patch_through_the_client(world: World) -> None:
     from kernelhub.client import Sandbox
 
