@@ -286,6 +286,36 @@ def test_allowed_and_denied_by_domain_port_and_deny_over_allow(world: World, lis
     assert float(samples["kernelhub_egress_denied_total"]) >= 4 and float(samples["kernelhub_egress_proxies"]) >= 1
 
 
+def test_refusals_are_in_the_audit_log(world: World) -> None:
+    """Issue 12: a refusal appears in sandbox_logs and "in the audit log where there is one" (this gateway
+    keeps one): an entry of the sandbox's tenant, action ``egress``, the request and the rule in ``ids``; none
+    that another tenant can read."""
+    sid = world.create("bash", network={"allow": ["svc.test"], "deny": []})["id"]
+    assert world.curl(sid, world.http("other.test"))[1].endswith("[403]")
+    assert world.curl(sid, f"https://metadata.test:{world.servers.https_port}/")[0] != 0
+    found = [e for e in audit_entries(world) if e["action"] == "egress" and e.get("sandbox_id") == sid]
+    assert [(e["status"], e["error"], e["ids"]["method"], e["ids"]["target"]) for e in found] == [
+        (403, "egress_denied", "GET", f"http://other.test:{world.servers.http_port}/hello"),
+        (403, "egress_denied", "CONNECT", f"metadata.test:{world.servers.https_port}")], found
+    assert found[0]["ids"]["reason"] == f"other.test:{world.servers.http_port} matches no allow entry of the " \
+                                        "sandbox's network policy."
+    assert "key_id" not in found[0] and found[0]["tenant"] == "default"
+    assert not [e for e in audit_entries(world, OTHER_TOKEN) if e["action"] == "egress"]
+
+
+def audit_entries(world: World, token: str = "default") -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    cursor = ""
+    while True:
+        status, page = world.gw.request("GET", f"/v1/audit?limit=1000{'&cursor=' + cursor if cursor else ''}",
+                                        token=token)
+        assert status == 200, page
+        got += page["entries"]
+        if page["next"] is None:
+            return got
+        cursor = page["next"]
+
+
 def test_every_kind_of_process_gets_the_proxy(world: World, listed: str) -> None:
     """Kernels (python and bash), commands and terminals of a sandbox with a policy all go through it."""
     url = world.http()

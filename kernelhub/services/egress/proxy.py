@@ -672,6 +672,9 @@ class EgressService(LoggingConfigurable):
         super().__init__(**kwargs)
         self._system = resolver or system_resolver
         self._proxies: dict[str, SandboxProxy] = {}
+        #: Called with every refusal of a sandbox attached by :meth:`attach`, after its log line (the hub puts
+        #: it in the audit log); exceptions are logged and dropped.
+        self.on_refusal: Callable[[Refusal], Any] | None = None
         #: Bytes of proxies already closed (``rx``, ``tx``) and refusals reported, for :meth:`totals`.
         self._closed_bytes = [0, 0]
         self.denied = 0
@@ -724,6 +727,8 @@ class EgressService(LoggingConfigurable):
         def on_denied(refusal: Refusal) -> None:
             self.denied += 1
             sandbox.log(refusal.log_line())
+            if self.on_refusal is not None:
+                self.on_refusal(refusal)  # SandboxProxy._report logs what it raises
 
         await self.open(sandbox.id, str(sandbox.egress_socket), policy, owner=(sandbox.uid, sandbox.gid),
                         on_denied=on_denied)
