@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import h11
@@ -322,6 +323,54 @@ def test_the_system_resolver(runner: asyncio.Runner) -> None:
 
 
 # -- bounds ------------------------------------------------------------------------------------------------------
+
+def test_lookups_that_hang_hold_few_threads_and_none_of_the_gateways(egress: Any, runner: asyncio.Runner,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sandbox asking for names whose servers never answer (here ``*.slow``, whose getaddrinfo blocks) used to
+    fill the loop's default thread pool (6 threads on 2 cores), shared with file transfers and every other
+    sandbox's lookups: those then timed out too. Now a sandbox holds at most ``max_lookups`` threads of a pool
+    of egress's own, until its lookups really end; other sandboxes resolve, the gateway's pool is free."""
+    from kernelhub.services.egress.proxy import EgressService
+
+    s = egress.servers
+    real = socket.getaddrinfo
+    gate = threading.Event()
+    blocked = [0, 0]  # now, most at once
+    lock = threading.Lock()
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(host).endswith(".slow"):
+            with lock:
+                blocked[0] += 1
+                blocked[1] = max(blocked)
+            gate.wait(30)
+            with lock:
+                blocked[0] -= 1
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        if host == "fast.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+    async def go() -> None:
+        service = EgressService(allow_private="127.0.0.1/32", connect_timeout=1.0, max_lookups=2)
+        egress.services.append(service)
+        flooder = await service.open("sbA", str(egress.dir / "a.sock"), "open")
+        other = await service.open("sbB", str(egress.dir / "b.sock"), "open")
+        try:
+            flood = [asyncio.ensure_future(egress.get(flooder, f"http://n{i}.slow/")) for i in range(12)]
+            answers = await asyncio.gather(*flood)
+            assert {a.status for a in answers} == {504}, answers
+            assert blocked == [2, 2]  # still blocked after their requests ended, and never more than two
+            answer = await egress.get(other, f"http://fast.test:{s.http_port}/hello")
+            assert (answer.status, answer.text) == (200, f"hello from http as fast.test:{s.http_port}")
+            assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 5) == "free"
+        finally:
+            gate.set()
+
+    run(runner, go())
+
 
 def test_concurrent_connections_are_bounded(egress: Any, runner: asyncio.Runner) -> None:
     s = egress.servers

@@ -26,8 +26,10 @@ a new policy at once (:meth:`SandboxProxy.set_policy`), cutting live connections
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import http
 import ipaddress
 import logging
@@ -68,10 +70,12 @@ _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te
                          b"transfer-encoding", b"upgrade", b"expect", b"host"})
 
 
-async def system_resolver(host: str, port: int) -> list[IPAddress]:
-    """The host's resolver (``getaddrinfo`` in a thread), every distinct address in its order."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                         proto=socket.IPPROTO_TCP)
+async def system_resolver(host: str, port: int, executor: concurrent.futures.Executor | None = None
+                          ) -> list[IPAddress]:
+    """The host's resolver (``getaddrinfo`` in a thread of ``executor``, by default the loop's), every distinct
+    address in its order."""
+    infos = await asyncio.get_running_loop().run_in_executor(executor, functools.partial(
+        socket.getaddrinfo, host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP))
     out: list[IPAddress] = []
     for _family, _type, _proto, _name, sockaddr in infos:
         ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
@@ -109,6 +113,7 @@ class ProxyLimits:
     connect_timeout: float = 10.0
     handshake_timeout: float = 30.0
     idle_timeout: float = 300.0
+    max_lookups: int = 4
 
 
 class _Reply(Exception):
@@ -184,6 +189,8 @@ class SandboxProxy:
         self.tx_bytes = 0
         self._policy = policy
         self._conns: set[_Conn] = set()
+        #: Name lookups of this sandbox in flight, held until the lookup itself ends (see :meth:`_resolve`).
+        self._lookups = asyncio.Semaphore(max(1, self.limits.max_lookups))
         self._tokens = float(self.limits.burst)
         self._refilled = time.monotonic()
         self._server: asyncio.AbstractServer | None = None
@@ -410,7 +417,7 @@ class SandboxProxy:
         else:
             try:
                 async with asyncio.timeout(self.limits.connect_timeout):
-                    addresses = [unwrap(a) for a in await self.resolver(target.host, target.port)]
+                    addresses = [unwrap(a) for a in await self._resolve(target)]
             except TimeoutError:
                 raise _Reply(504, f"Resolving {target.host} took longer than {self.limits.connect_timeout:g} s."
                              ) from None
@@ -422,6 +429,29 @@ class SandboxProxy:
                 raise _Reply(403, verdict.reason, refusal=True)
         conn.target, conn.addresses = target, addresses
         return addresses
+
+    async def _resolve(self, target: Target) -> Sequence[IPAddress]:
+        """``target.host`` looked up, at most ``max_lookups`` of this sandbox's at a time (more wait their turn,
+        within the caller's timeout).
+
+        A lookup is a thread blocked in ``getaddrinfo`` for as long as the name's servers take to answer (or not:
+        tens of seconds), and a timeout here cannot stop that thread. So a slot is given back when the lookup
+        ends, not when its caller stops waiting: a sandbox asking for names whose servers never answer holds
+        ``max_lookups`` threads of the lookup pool at most, and the other sandboxes' lookups still run."""
+        await self._lookups.acquire()
+        try:
+            lookup = asyncio.ensure_future(self.resolver(target.host, target.port))
+        except BaseException:
+            self._lookups.release()
+            raise
+
+        def done(future: asyncio.Future[Sequence[IPAddress]]) -> None:
+            self._lookups.release()
+            if not future.cancelled():
+                future.exception()  # retrieved: a lookup nobody waits for any more is no error to report
+
+        lookup.add_done_callback(done)
+        return await asyncio.shield(lookup)
 
     async def _open(self, target: Target, addresses: Sequence[IPAddress]) -> socket.socket:
         """A non-blocking TCP socket connected to the first of ``addresses`` that answers (never a name:
@@ -651,6 +681,12 @@ class EgressService(LoggingConfigurable):
                               config=True).tag(env="KERNELHUB_EGRESS_HANDSHAKE_TIMEOUT")
     idle_timeout = Float(300.0, help="Seconds an egress connection may carry nothing before it is closed.",
                          config=True).tag(env="KERNELHUB_EGRESS_IDLE_TIMEOUT")
+    max_lookups = Integer(4, help="Name lookups one sandbox may have running at once (more wait their turn); a "
+                          "lookup holds a thread of the egress lookup pool until the name's servers answer.",
+                          config=True).tag(env="KERNELHUB_EGRESS_MAX_LOOKUPS")
+    lookup_threads = Integer(64, help="Threads of the egress lookup pool (getaddrinfo), shared by every sandbox "
+                             "and apart from the gateway's own thread pool.", config=True).tag(
+        env="KERNELHUB_EGRESS_LOOKUP_THREADS")
 
     @validate("allow_private")
     def _check_allow_private(self, proposal: Any) -> str:
@@ -670,7 +706,10 @@ class EgressService(LoggingConfigurable):
     def __init__(self, resolver: Resolver | None = None, **kwargs: Any) -> None:
         """``resolver`` replaces the system resolver (tests); names in :attr:`hosts` are answered first."""
         super().__init__(**kwargs)
-        self._system = resolver or system_resolver
+        self._system = resolver
+        #: The threads ``getaddrinfo`` runs in: not the loop's default pool, which file transfers and the store's
+        #: helpers share, and which lookups that hang would fill (made at the first system lookup).
+        self._lookup_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._proxies: dict[str, SandboxProxy] = {}
         #: Called with every refusal of a sandbox attached by :meth:`attach`, after its log line (the hub puts
         #: it in the audit log); exceptions are logged and dropped.
@@ -684,7 +723,12 @@ class EgressService(LoggingConfigurable):
         fixed = self.hosts.get(host)
         if fixed is not None:
             return [ipaddress.ip_address(a) for a in fixed]
-        return await self._system(host, port)
+        if self._system is not None:
+            return await self._system(host, port)
+        if self._lookup_pool is None:
+            self._lookup_pool = concurrent.futures.ThreadPoolExecutor(max(1, self.lookup_threads),
+                                                                      thread_name_prefix="egress-lookup")
+        return await system_resolver(host, port, self._lookup_pool)
 
     @property
     def allowed_private_networks(self) -> tuple[IPNetwork, ...]:
@@ -693,7 +737,8 @@ class EgressService(LoggingConfigurable):
     def limits(self) -> ProxyLimits:
         return ProxyLimits(max_connections=self.max_connections, rate=self.connection_rate,
                            burst=self.connection_burst, connect_timeout=self.connect_timeout,
-                           handshake_timeout=self.handshake_timeout, idle_timeout=self.idle_timeout)
+                           handshake_timeout=self.handshake_timeout, idle_timeout=self.idle_timeout,
+                           max_lookups=self.max_lookups)
 
     async def open(self, sandbox_id: str, socket_path: str, policy: Any, *,
                    owner: tuple[int, int] | None = None,
@@ -792,9 +837,12 @@ class EgressService(LoggingConfigurable):
             self._closed_bytes[1] += proxy.tx_bytes
 
     async def close_all(self) -> None:
-        """Stop every proxy (the app's shutdown)."""
+        """Stop every proxy (the app's shutdown), and the lookup pool (lookups still blocked are left to end)."""
         for sandbox_id in list(self._proxies):
             await self.close(sandbox_id)
+        if self._lookup_pool is not None:
+            self._lookup_pool.shutdown(wait=False, cancel_futures=True)
+            self._lookup_pool = None
 
 
 def _hosts_table(value: Any) -> dict[str, list[str]]:
