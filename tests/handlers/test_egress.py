@@ -407,6 +407,31 @@ def test_concurrent_patches_leave_the_policy_shown_the_policy_enforced(world: Wo
         assert reached.endswith("matches no allow entry of the sandbox's network policy. [403]"), (info, reached)
 
 
+def test_patch_to_none_cuts_a_download_in_progress(world: World) -> None:
+    """A plain HTTP request waiting on its server when the policy becomes "none": its connection is cut at
+    once (the server never answered), and the cut is in the sandbox's log."""
+    sid = world.create("bash", network={"allow": ["svc.test"]})["id"]
+    world.servers.hold.reset()
+    result: dict[str, Any] = {}
+
+    def download() -> None:
+        result.update(world.sh(sid, f"curl -sS --max-time 50 http://svc.test:{world.servers.http_port}/hold"))
+
+    thread = threading.Thread(target=download)
+    thread.start()
+    try:
+        world.servers.hold.wait_for(1)
+        status, body = world.patch(sid, "none")
+        assert status == 200 and body["network"] == "none"
+        thread.join(20)
+        assert not thread.is_alive(), "the download was not cut"
+    finally:
+        world.servers.hold.release()
+        thread.join()
+    assert result["exit_code"] == 52 and "Empty reply from server" in result["stderr"], result
+    assert any("cut by a policy change" in line for line in world.logs(sid))
+
+
 def proxies_open(world: World) -> float:
     status, text = world.gw.request("GET", "/metrics")
     assert status == 200
