@@ -414,6 +414,36 @@ def test_connection_rate_is_bounded(egress: Any, runner: asyncio.Runner) -> None
     run(runner, go())
 
 
+def test_requests_kept_alive_count_against_the_rate(egress: Any, runner: asyncio.Runner) -> None:
+    """Each plain HTTP request is a new connection upstream and a new lookup: on one kept-alive connection from
+    the sandbox they used to go as fast as the server answered (hundreds a second under a rate of 2). Every
+    request after a connection's first takes a token of the rate too, and one without is answered 429."""
+    s = egress.servers
+
+    async def go() -> None:
+        proxy = await egress.start({"allow": ["svc.test"]}, connection_burst=3, connection_rate=0.001)
+        reader, writer = await asyncio.open_unix_connection(proxy.socket_path)
+        client = h11.Connection(h11.CLIENT)
+        statuses = []
+        for _ in range(4):
+            writer.write(client.send(h11.Request(method="GET", target=f"http://svc.test:{s.http_port}/hello",
+                                                 headers=[("Host", "svc.test")])))
+            writer.write(client.send(h11.EndOfMessage()))
+            answer = await egress.read(reader, parser=client)
+            statuses.append(answer.status)
+            if answer.status != 200:
+                break
+            client.start_next_cycle()
+        writer.close()
+        assert statuses == [200, 200, 200, 429], statuses
+        assert answer.text == "egress denied: The sandbox opens egress connections faster than 0.001 per second; " \
+                              "retry later.\n"
+        assert egress.dns.asked == ["svc.test"] * 3
+        assert [r.status for r in egress.refusals] == [429]
+
+    run(runner, go())
+
+
 def test_byte_counters(egress: Any, runner: asyncio.Runner) -> None:
     s = egress.servers
 

@@ -119,11 +119,12 @@ class ProxyLimits:
 class _Reply(Exception):
     """An answer instead of a forwarded response: ``status`` and a sentence; ``refusal`` ones are reported."""
 
-    def __init__(self, status: int, reason: str, *, refusal: bool = False) -> None:
+    def __init__(self, status: int, reason: str, *, refusal: bool = False, reported: bool = False) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.refusal = refusal
+        self.reported = reported
 
 
 class _Conn:
@@ -283,6 +284,9 @@ class SandboxProxy:
             reason += f" ({quiet} more connections were turned away since the last report.)"
         self._report(conn, status, reason)
 
+    def _rate_reason(self) -> str:
+        return f"The sandbox opens egress connections faster than {self.limits.rate:g} per second; retry later."
+
     def _take_token(self) -> bool:
         now = time.monotonic()
         self._tokens = min(float(self.limits.burst), self._tokens + (now - self._refilled) * self.limits.rate)
@@ -301,8 +305,7 @@ class SandboxProxy:
             turned_away = (503, f"The sandbox already has {self.limits.max_connections} egress connections "
                                 "open, its limit; close some and retry.")
         elif not self._take_token():
-            turned_away = (429, f"The sandbox opens egress connections faster than {self.limits.rate:g} per "
-                                "second; retry later.")
+            turned_away = (429, self._rate_reason())
         if turned_away is not None:
             self._report_turned_away(conn, *turned_away)
             status, reason = turned_away
@@ -346,6 +349,12 @@ class SandboxProxy:
             conn.method = event.method.decode("ascii", "replace")
             conn.asked = event.target.decode("ascii", "replace")  # h11 refuses targets that are not ASCII
             try:
+                if not first and not self._take_token():
+                    # Each request is a new connection upstream (and a lookup): kept alive, one connection from
+                    # the sandbox would otherwise open them as fast as the servers answer, past the rate.
+                    reason = self._rate_reason()
+                    self._report_turned_away(conn, 429, reason)
+                    raise _Reply(429, reason, refusal=True, reported=True)
                 if event.method == b"CONNECT":
                     await self._tunnel(conn, client, reader, writer)
                     return
@@ -392,7 +401,7 @@ class SandboxProxy:
     async def _answer(self, conn: _Conn, client: h11.Connection, writer: asyncio.StreamWriter,
                       reply: _Reply) -> None:
         """Send ``reply`` as the response (then the connection closes); report it if it is a refusal."""
-        if reply.refusal:
+        if reply.refusal and not reply.reported:
             self._report(conn, reply.status, reply.reason)
         if client.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return  # a response already began: nothing to do but close
