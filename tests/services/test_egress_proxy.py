@@ -314,6 +314,50 @@ def test_an_idle_tunnel_is_closed(egress: Any, runner: asyncio.Runner) -> None:
     run(runner, go())
 
 
+def test_a_download_the_sandbox_stops_reading_is_closed(egress: Any, runner: asyncio.Runner) -> None:
+    """A plain HTTP response the sandbox stops reading: nothing moves for the idle timeout, so the connection
+    (and its upstream one) is closed, as a tunnel's is; it used to wait for the sandbox for ever. And either
+    way, the proxy's end is closed at once, not left holding what it could not write."""
+    s = egress.servers
+
+    async def stalled(proxy: SandboxProxy, request: bytes, tls: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, proxy.socket_path)
+            await loop.sock_sendall(sock, request)
+            got = b""
+            while b"xxxx" not in got and b"200 Connection established" not in got:
+                got += await loop.sock_recv(sock, 1024)  # the download started; then nothing more is read
+            if tls:  # a ClientHello for svc.test: the tunnel is up, and the server's answer is left unread
+                hello = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(),
+                                                              server_hostname="svc.test")
+                with pytest.raises(ssl.SSLWantReadError):
+                    hello.do_handshake()
+                await loop.sock_sendall(sock, out.read())
+            tasks = [c.task for c in proxy._conns if c.task is not None]
+            assert len(tasks) == 1
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 15)  # the connection ends
+            assert proxy.active_connections == 0
+            # And the proxy's end is closed, not left waiting to flush what the sandbox will never read (an
+            # open descriptor the connection bound no longer counts).
+            with pytest.raises((BrokenPipeError, ConnectionResetError)):
+                for _ in range(100):
+                    sock.send(b"x" * 1024)
+        finally:
+            sock.close()
+
+    async def go() -> None:
+        proxy = await egress.start({"allow": ["svc.test"]}, idle_timeout=0.5)
+        await stalled(proxy, f"GET http://svc.test:{s.http_port}/bytes?n=50000000 HTTP/1.1\r\nHost: svc.test\r\n"
+                             "\r\n".encode())
+        await stalled(proxy, f"CONNECT svc.test:{s.https_port} HTTP/1.1\r\nHost: svc.test\r\n\r\n".encode(),
+                      tls=True)
+
+    run(runner, go())
+
+
 def test_the_system_resolver(runner: asyncio.Runner) -> None:
     from kernelhub.services.egress.proxy import system_resolver
 

@@ -138,6 +138,8 @@ class _Conn:
         self.addresses: Sequence[IPAddress] = ()
         self.last = time.monotonic()
         self.cut: str | None = None
+        #: Ended because nothing moved for a timeout: closed at once (see :meth:`SandboxProxy._accept`).
+        self.stalled = False
 
 
 def _end_to_end(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -318,13 +320,17 @@ class SandboxProxy:
         except asyncio.CancelledError:
             if conn.cut is None:
                 raise
-        except (ConnectionError, TimeoutError, h11.ProtocolError):
+        except TimeoutError:
+            conn.stalled = True
+        except (ConnectionError, h11.ProtocolError):
             pass  # the sandbox or the server went away mid-stream; nothing to answer
         except Exception:
             log.exception("egress proxy of sandbox %s: unexpected error", self.sandbox_id)
         finally:
             self._conns.discard(conn)
-            if conn.cut is not None:
+            if conn.cut is not None or conn.stalled:
+                # Not close(), which waits to write what is buffered: a sandbox that stopped reading would
+                # keep the descriptor open, out of the connection count, for as long as it liked.
                 writer.transport.abort()
             else:
                 writer.close()
@@ -492,6 +498,12 @@ class SandboxProxy:
                          ) from None
         raise _Reply(502, f"Could not connect to {target}: {'; '.join(errors) or 'no address'}.")
 
+    async def _drain(self, writer: asyncio.StreamWriter) -> None:
+        """``writer.drain()`` within the idle timeout: a sandbox that stops reading a response must not hold its
+        connection, and the server's, for ever (a tunnel's relay has the same bound). Raises ``TimeoutError``."""
+        async with asyncio.timeout(self.limits.idle_timeout):
+            await writer.drain()
+
     async def _send_up(self, sock: socket.socket, data: bytes) -> None:
         if data:
             self.tx_bytes += len(data)
@@ -574,6 +586,7 @@ class SandboxProxy:
             while pending := {p for p in pumps if not p.done()}:
                 left = conn.last + self.limits.idle_timeout - time.monotonic()
                 if left <= 0:
+                    conn.stalled = True
                     return
                 done, _ = await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
                 if any(not p.cancelled() and p.exception() is not None for p in done):
@@ -646,10 +659,10 @@ class SandboxProxy:
                                                           headers=_end_to_end(event.headers))))
                 elif isinstance(event, h11.Data):
                     writer.write(client.send(h11.Data(data=event.data)))
-                    await writer.drain()
+                    await self._drain(writer)
                 elif isinstance(event, h11.EndOfMessage):
                     writer.write(client.send(h11.EndOfMessage()))
-                    await writer.drain()
+                    await self._drain(writer)
                     return True
                 else:  # ConnectionClosed before a whole response: h11 raised above instead
                     return False
