@@ -302,16 +302,17 @@ class Hub(LoggingConfigurable):
         self.audit.record(tenant.name if tenant is not None else None, key_id, action, ids,
                           status if 100 <= status <= 599 else 500, error, code)
 
-    def _audit_refusal(self, refusal: Refusal) -> None:
+    def _audit_refusal(self, refusal: Refusal, left_out: int) -> None:
         """An egress refusal as an audit entry of the sandbox's tenant (issue 12: "in the audit log where there is
-        one"): action ``egress``, the request in ``ids`` (``method``, ``target``, ``reason``), ``status`` what the
-        sandbox was answered, ``error`` ``egress_denied``. No key: the sandbox's code asked, not an API caller.
-        Bounded like the refusals themselves (by the proxy's connection rate; turned-away floods once a second)."""
+        one"): action ``egress``, the request in ``ids`` (``method``, ``target``, ``reason``, and ``left_out``,
+        how many of the sandbox's refusals before it the egress service's budget kept out of the log, when
+        any), ``status`` what the sandbox was answered, ``error`` ``egress_denied``. No key: the sandbox's code
+        asked, not an API caller."""
         record = self.sandboxes.find(refusal.sandbox_id)
         if record is None:
             return
         ids = {"sandbox_id": refusal.sandbox_id, "method": refusal.method or None, "target": refusal.target or None,
-               "reason": refusal.reason}
+               "reason": refusal.reason, "left_out": str(left_out) if left_out else None}
         self.record_action(record.tenant, None, "egress", ids, refusal.status, "egress_denied")
 
     async def read_audit(self, tenant: Tenant, since: object = None, limit: object = None,

@@ -20,6 +20,7 @@ import shutil
 import tarfile
 import tempfile
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -301,6 +302,20 @@ def test_refusals_are_in_the_audit_log(world: World) -> None:
                                         "sandbox's network policy."
     assert "key_id" not in found[0] and found[0]["tenant"] == "default"
     assert not [e for e in audit_entries(world, OTHER_TOKEN) if e["action"] == "egress"]
+    # Refused in a loop: every refusal in the sandbox's log, the audit log's share bounded (50 at once, then
+    # one a second).
+    loop = ("import socket\nfor _ in range(90):\n    s = socket.create_connection(('127.0.0.1', 3128))\n"
+            "    s.sendall(b'GET http://other.test/ HTTP/1.1\\r\\nHost: other.test\\r\\n\\r\\n')\n"
+            "    assert b' 403 ' in s.recv(100)\n    s.close()\n")
+    status, _ = world.gw.request("PUT", f"/v1/sandboxes/{sid}/files/loop.py", raw=loop.encode())
+    assert status in (200, 201)
+    started = time.monotonic()
+    assert world.sh(sid, "python3 loop.py")["exit_code"] == 0
+    took = time.monotonic() - started
+    lines = [line for line in world.logs(sid) if "egress denied: GET http://other.test/: " in line]
+    assert len(lines) == 90
+    kept = [e for e in audit_entries(world) if e["action"] == "egress" and e.get("sandbox_id") == sid]
+    assert 50 <= len(kept) <= 50 + int(took) + 1, (len(kept), took)
 
 
 def audit_entries(world: World, token: str = "default") -> list[dict[str, Any]]:

@@ -845,6 +845,22 @@ def test_only_the_sandbox_uid_may_use_the_socket(egress: Any, runner: asyncio.Ru
     run(runner, go())
 
 
+def test_the_audit_budget_of_refusals() -> None:
+    """A sandbox's refusals reach the audit log ``burst`` at once, then ``rate`` a second; the first kept after
+    some were left out says how many."""
+    from kernelhub.services.egress.proxy import RefusalBudget
+
+    now = [100.0]
+    budget = RefusalBudget(3, 0.5, clock=lambda: now[0])
+    assert [budget.take() for _ in range(5)] == [0, 0, 0, None, None]
+    now[0] += 1.0  # half a token
+    assert budget.take() is None
+    now[0] += 1.0
+    assert budget.take() == 3
+    now[0] += 1000.0  # refills to the burst, no more
+    assert [budget.take() for _ in range(4)] == [0, 0, 0, None]
+
+
 def test_service_configuration(egress: Any, runner: asyncio.Runner) -> None:
     from traitlets import TraitError
 

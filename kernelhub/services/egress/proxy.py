@@ -63,6 +63,10 @@ Resolver = Callable[[str, int], Awaitable[Sequence[IPAddress]]]
 MAX_REQUEST_HEAD = 16 * 1024
 MAX_RESPONSE_HEAD = 64 * 1024
 _CHUNK = 64 * 1024
+#: Refusals of one sandbox passed on to :attr:`EgressService.on_refusal` (the audit log): this many at once, then
+#: this many a second; the sandbox log has every one.
+AUDIT_BURST = 50
+AUDIT_RATE = 1.0
 #: Unix socket paths are limited to 108 bytes with the NUL (sun_path).
 MAX_SOCKET_PATH = 107
 #: Headers for one hop only (RFC 9110 7.6.1), and ``Expect`` (the proxy answers ``100 Continue`` itself).
@@ -114,6 +118,32 @@ class ProxyLimits:
     handshake_timeout: float = 30.0
     idle_timeout: float = 300.0
     max_lookups: int = 4
+
+
+class RefusalBudget:
+    """How many of a sandbox's refusals go to the audit log: ``burst`` at once, then ``rate`` a second. The log is
+    durable and hash-chained: a sandbox refused in a loop (20 a second, its connection rate) must not grow it by
+    millions of entries a day; its own log (``sandbox_logs``, bounded) has every one."""
+
+    def __init__(self, burst: int, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst = float(burst)
+        self.rate = rate
+        self.clock = clock
+        self.tokens = self.burst
+        self.at = clock()
+        self.left_out = 0
+
+    def take(self) -> int | None:
+        """For one refusal: ``None`` if it is left out, else how many were left out since the last one kept."""
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            self.left_out += 1
+            return None
+        self.tokens -= 1
+        left_out, self.left_out = self.left_out, 0
+        return left_out
 
 
 class _Reply(Exception):
@@ -733,9 +763,10 @@ class EgressService(LoggingConfigurable):
         #: helpers share, and which lookups that hang would fill (made at the first system lookup).
         self._lookup_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._proxies: dict[str, SandboxProxy] = {}
-        #: Called with every refusal of a sandbox attached by :meth:`attach`, after its log line (the hub puts
-        #: it in the audit log); exceptions are logged and dropped.
-        self.on_refusal: Callable[[Refusal], Any] | None = None
+        #: Called with refusals of a sandbox attached by :meth:`attach`, after their log line, and how many of
+        #: its refusals were left out since the last call: :data:`AUDIT_BURST` at once, then
+        #: :data:`AUDIT_RATE` a second (the hub puts them in the audit log). Exceptions are logged and dropped.
+        self.on_refusal: Callable[[Refusal, int], Any] | None = None
         #: Bytes of proxies already closed (``rx``, ``tx``) and refusals reported, for :meth:`totals`.
         self._closed_bytes = [0, 0]
         self.denied = 0
@@ -791,11 +822,16 @@ class EgressService(LoggingConfigurable):
         proxy is closed again); the caller stops the sandbox or answers the error."""
         if policy.mode == "none" or sandbox.id in self._proxies:
             return
+        budget = RefusalBudget(AUDIT_BURST, AUDIT_RATE)
+
         def on_denied(refusal: Refusal) -> None:
             self.denied += 1
             sandbox.log(refusal.log_line())
-            if self.on_refusal is not None:
-                self.on_refusal(refusal)  # SandboxProxy._report logs what it raises
+            if self.on_refusal is None:
+                return
+            left_out = budget.take()
+            if left_out is not None:
+                self.on_refusal(refusal, left_out)  # SandboxProxy._report logs what it raises
 
         await self.open(sandbox.id, str(sandbox.egress_socket), policy, owner=(sandbox.uid, sandbox.gid),
                         on_denied=on_denied)
