@@ -447,6 +447,23 @@ def test_patch_to_none_cuts_a_download_in_progress(world: World) -> None:
     assert any("cut by a policy change" in line for line in world.logs(sid))
 
 
+def test_a_patch_starts_a_forwarder_the_sandbox_killed_again(world: World) -> None:
+    """The forwarder is a process of the sandbox's: its code may kill it (``pkill python`` does), which leaves it
+    no way out. A PATCH (the same policy will do) starts it again."""
+    sid = world.create("bash", network={"allow": ["svc.test"]})["id"]
+    assert world.curl(sid, world.http())[1].endswith(" [200]")
+    kill = ("for p in /proc/[0-9]*; do if tr '\\000' ' ' < $p/cmdline 2>/dev/null | grep -q 'egress_forwarder[.]py';"
+            " then pid=${p#/proc/}; kill $pid; while kill -0 $pid 2>/dev/null; do sleep 0.05; done; echo killed; fi;"
+            " done")
+    assert world.sh(sid, kill)["stdout"] == "killed\n"
+    code, out = world.curl(sid, world.http())
+    assert code == 7 and "Failed to connect" in out, out
+    status, body = world.patch(sid, {"allow": ["svc.test"]})
+    assert status == 200, body
+    assert world.curl(sid, world.http())[1].endswith(" [200]")
+    assert any("egress forwarder: it had ended" in line for line in world.logs(sid))
+
+
 def proxies_open(world: World) -> float:
     status, text = world.gw.request("GET", "/metrics")
     assert status == 200

@@ -845,12 +845,14 @@ class EgressService(LoggingConfigurable):
     async def update(self, sandbox: Sandbox, policy: NetworkPolicy) -> bool:
         """``PATCH`` of a running sandbox's network: new connections follow ``policy`` at once and open ones it
         refuses are cut. A sandbox created with ``"none"`` has no proxy yet: it gets one now (:meth:`attach`);
-        answers True then (its processes already running lack the proxy variables, the caller's to set).
-        Going back to ``"none"`` keeps the proxy, which then refuses everything. Raises what :meth:`attach`
-        raises."""
+        answers True then (its processes already running lack the proxy variables, the caller's to set). A
+        sandbox that has one gets its forwarder started again if it ended. Going back to ``"none"`` keeps the
+        proxy, which then refuses everything. Raises what :meth:`attach` raises."""
         proxy = self._proxies.get(sandbox.id)
         if proxy is not None:
             proxy.set_policy(policy)
+            if policy.mode != "none":
+                await sandbox.start_egress_forwarder()  # again if the sandbox's code killed it
             return False
         if policy.mode == "none":
             return False
