@@ -273,6 +273,8 @@ class Sandbox:
         self.kernel_drops = DropLog(f"sandbox {sandbox_id}")
         #: The proxy variables once :meth:`start_egress_forwarder` ran.
         self._egress_env: dict[str, str] | None = None
+        #: The forwarder's process, to start it again if it ended (:meth:`start_egress_forwarder`).
+        self._egress_proc: SandboxProcess | None = None
 
     # -- logs -----------------------------------------------------------------------------------------
 
@@ -584,18 +586,21 @@ class Sandbox:
         port :data:`~kernelhub.sandbox.egress_forwarder.DEFAULT_LISTEN`, relaying to the proxy's socket (which
         the caller has made), wait until it accepts connections, and give every later process of the sandbox
         the proxy variables (:func:`~kernelhub.sandbox.egress_forwarder.proxy_env`, answered too). Its error
-        lines go to the sandbox log. Once per sandbox; later calls answer the same variables. Raises
+        lines go to the sandbox log. Once per sandbox while it runs; later calls answer the same variables, and
+        start it again if it ended (the sandbox's code may kill it: ``pkill python`` does). Raises
         :class:`~kernelhub.errors.SandboxError` if it does not start within the start timeout."""
-        if self._egress_env is not None:
+        if self._egress_env is not None and self._egress_proc is not None and self._egress_proc.returncode is None:
             return dict(self._egress_env)
+        if self._egress_proc is not None:
+            self.log(f"egress forwarder: it had ended (status {self._egress_proc.returncode}); starting it again")
         r, w = os.pipe2(os.O_CLOEXEC)
         devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         err = self.log_pipe("egress forwarder: ")
         try:
-            await self.spawn([self.factory.agent_python, "-I", "-S", "-B",
-                              f"{bwrap.INNER_AGENT_DIR}/egress_forwarder.py", "--listen",
-                              egress_forwarder.DEFAULT_LISTEN, "--socket", egress_forwarder.INNER_SOCKET],
-                             stdin=devnull, stdout=w, stderr=err)
+            self._egress_proc = await self.spawn(
+                [self.factory.agent_python, "-I", "-S", "-B", f"{bwrap.INNER_AGENT_DIR}/egress_forwarder.py",
+                 "--listen", egress_forwarder.DEFAULT_LISTEN, "--socket", egress_forwarder.INNER_SOCKET],
+                stdin=devnull, stdout=w, stderr=err)
         finally:
             for fd in (w, err, devnull):
                 os.close(fd)

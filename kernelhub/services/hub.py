@@ -44,7 +44,7 @@ from ..sandbox.limits import DEFAULT_MAXIMUM, Limits, resolve_limits
 from ..sandbox.provisioner import KERNELSPECS_DIR
 from .audit import AuditLog
 from .commands import Commands
-from .egress import EgressService
+from .egress import EgressService, Refusal
 from .executions import StoreExecutionHistory
 from .executor import Executor
 from .files import Files
@@ -168,6 +168,7 @@ class Hub(LoggingConfigurable):
                          {name: t.base_limits(self.defaults, self.maximum) for name, t in self.templates.items()},
                          parent=self)
         self.egress = EgressService(parent=self)
+        self.egress.on_refusal = self._audit_refusal
         self.telemetry = Telemetry(lambda: self.sandboxes.all_records(), self.pool_state, self.egress.totals)
         self.sandboxes = Sandboxes(
             factory=factory, kernel_spec_manager=self.kernel_spec_manager, templates=self.templates,
@@ -300,6 +301,19 @@ class Hub(LoggingConfigurable):
         key_id = self.audit.fingerprint(key) if key else None
         self.audit.record(tenant.name if tenant is not None else None, key_id, action, ids,
                           status if 100 <= status <= 599 else 500, error, code)
+
+    def _audit_refusal(self, refusal: Refusal, left_out: int) -> None:
+        """An egress refusal as an audit entry of the sandbox's tenant (issue 12: "in the audit log where there is
+        one"): action ``egress``, the request in ``ids`` (``method``, ``target``, ``reason``, and ``left_out``,
+        how many of the sandbox's refusals before it the egress service's budget kept out of the log, when
+        any), ``status`` what the sandbox was answered, ``error`` ``egress_denied``. No key: the sandbox's code
+        asked, not an API caller."""
+        record = self.sandboxes.find(refusal.sandbox_id)
+        if record is None:
+            return
+        ids = {"sandbox_id": refusal.sandbox_id, "method": refusal.method or None, "target": refusal.target or None,
+               "reason": refusal.reason, "left_out": str(left_out) if left_out else None}
+        self.record_action(record.tenant, None, "egress", ids, refusal.status, "egress_denied")
 
     async def read_audit(self, tenant: Tenant, since: object = None, limit: object = None,
                          cursor: object = None) -> dict[str, Any]:

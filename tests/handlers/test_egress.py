@@ -20,6 +20,7 @@ import shutil
 import tarfile
 import tempfile
 import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -286,6 +287,50 @@ def test_allowed_and_denied_by_domain_port_and_deny_over_allow(world: World, lis
     assert float(samples["kernelhub_egress_denied_total"]) >= 4 and float(samples["kernelhub_egress_proxies"]) >= 1
 
 
+def test_refusals_are_in_the_audit_log(world: World) -> None:
+    """Issue 12: a refusal appears in sandbox_logs and "in the audit log where there is one" (this gateway
+    keeps one): an entry of the sandbox's tenant, action ``egress``, the request and the rule in ``ids``; none
+    that another tenant can read."""
+    sid = world.create("bash", network={"allow": ["svc.test"], "deny": []})["id"]
+    assert world.curl(sid, world.http("other.test"))[1].endswith("[403]")
+    assert world.curl(sid, f"https://metadata.test:{world.servers.https_port}/")[0] != 0
+    found = [e for e in audit_entries(world) if e["action"] == "egress" and e.get("sandbox_id") == sid]
+    assert [(e["status"], e["error"], e["ids"]["method"], e["ids"]["target"]) for e in found] == [
+        (403, "egress_denied", "GET", f"http://other.test:{world.servers.http_port}/hello"),
+        (403, "egress_denied", "CONNECT", f"metadata.test:{world.servers.https_port}")], found
+    assert found[0]["ids"]["reason"] == f"other.test:{world.servers.http_port} matches no allow entry of the " \
+                                        "sandbox's network policy."
+    assert "key_id" not in found[0] and found[0]["tenant"] == "default"
+    assert not [e for e in audit_entries(world, OTHER_TOKEN) if e["action"] == "egress"]
+    # Refused in a loop: every refusal in the sandbox's log, the audit log's share bounded (50 at once, then
+    # one a second).
+    loop = ("import socket\nfor _ in range(90):\n    s = socket.create_connection(('127.0.0.1', 3128))\n"
+            "    s.sendall(b'GET http://other.test/ HTTP/1.1\\r\\nHost: other.test\\r\\n\\r\\n')\n"
+            "    assert b' 403 ' in s.recv(100)\n    s.close()\n")
+    status, _ = world.gw.request("PUT", f"/v1/sandboxes/{sid}/files/loop.py", raw=loop.encode())
+    assert status in (200, 201)
+    started = time.monotonic()
+    assert world.sh(sid, "python3 loop.py")["exit_code"] == 0
+    took = time.monotonic() - started
+    lines = [line for line in world.logs(sid) if "egress denied: GET http://other.test/: " in line]
+    assert len(lines) == 90
+    kept = [e for e in audit_entries(world) if e["action"] == "egress" and e.get("sandbox_id") == sid]
+    assert 50 <= len(kept) <= 50 + int(took) + 1, (len(kept), took)
+
+
+def audit_entries(world: World, token: str = "default") -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    cursor = ""
+    while True:
+        status, page = world.gw.request("GET", f"/v1/audit?limit=1000{'&cursor=' + cursor if cursor else ''}",
+                                        token=token)
+        assert status == 200, page
+        got += page["entries"]
+        if page["next"] is None:
+            return got
+        cursor = page["next"]
+
+
 def test_every_kind_of_process_gets_the_proxy(world: World, listed: str) -> None:
     """Kernels (python and bash), commands and terminals of a sandbox with a policy all go through it."""
     url = world.http()
@@ -347,6 +392,111 @@ def test_patch_changes_the_policy_at_once(world: World) -> None:
     assert status == 404 and body["error"] == "not_found"
     status, info = world.gw.request("GET", f"/v1/sandboxes/{sid}")
     assert info["network"] == "none"
+
+
+def test_concurrent_patches_leave_the_policy_shown_the_policy_enforced(world: World) -> None:
+    """Two PATCHes of a sandbox that had no egress: the first starts its proxy and forwarder (it waits on the
+    sandbox), the second arrives meanwhile. Whichever order they take effect in, the policy the sandbox shows
+    must be the one its proxy enforces (the first used to write its own policy last, over the second's, while
+    the proxy kept the second)."""
+    sid = world.create("bash")["id"]
+    answers: dict[str, tuple[int, Any]] = {}
+
+    def patch(name: str, network: Any) -> None:
+        answers[name] = world.patch(sid, network)
+
+    first = threading.Thread(target=patch, args=("first", {"allow": ["svc.test"]}))
+    second = threading.Thread(target=patch, args=("second", "open"))
+    first.start()
+    second.start()
+    first.join()
+    second.join()
+    assert answers["first"][0] == 200 and answers["second"][0] == 200, answers
+    status, info = world.gw.request("GET", f"/v1/sandboxes/{sid}")
+    assert status == 200
+    reached = world.curl(sid, world.http("other.test"))[1]
+    if info["network"] == "open":
+        assert reached.endswith("[200]"), reached
+    else:
+        assert info["network"] == {"allow": ["svc.test"], "deny": []}
+        assert reached.endswith("matches no allow entry of the sandbox's network policy. [403]"), (info, reached)
+
+
+def test_patch_to_none_cuts_a_download_in_progress(world: World) -> None:
+    """A plain HTTP request waiting on its server when the policy becomes "none": its connection is cut at
+    once (the server never answered), and the cut is in the sandbox's log."""
+    sid = world.create("bash", network={"allow": ["svc.test"]})["id"]
+    world.servers.hold.reset()
+    result: dict[str, Any] = {}
+
+    def download() -> None:
+        result.update(world.sh(sid, f"curl -sS --max-time 50 http://svc.test:{world.servers.http_port}/hold"))
+
+    thread = threading.Thread(target=download)
+    thread.start()
+    try:
+        world.servers.hold.wait_for(1)
+        status, body = world.patch(sid, "none")
+        assert status == 200 and body["network"] == "none"
+        thread.join(20)
+        assert not thread.is_alive(), "the download was not cut"
+    finally:
+        world.servers.hold.release()
+        thread.join()
+    assert result["exit_code"] == 52 and "Empty reply from server" in result["stderr"], result
+    assert any("cut by a policy change" in line for line in world.logs(sid))
+
+
+def test_a_patch_starts_a_forwarder_the_sandbox_killed_again(world: World) -> None:
+    """The forwarder is a process of the sandbox's: its code may kill it (``pkill python`` does), which leaves it
+    no way out. A PATCH (the same policy will do) starts it again."""
+    sid = world.create("bash", network={"allow": ["svc.test"]})["id"]
+    assert world.curl(sid, world.http())[1].endswith(" [200]")
+    kill = ("for p in /proc/[0-9]*; do if tr '\\000' ' ' < $p/cmdline 2>/dev/null | grep -q 'egress_forwarder[.]py';"
+            " then pid=${p#/proc/}; kill $pid; while kill -0 $pid 2>/dev/null; do sleep 0.05; done; echo killed; fi;"
+            " done")
+    assert world.sh(sid, kill)["stdout"] == "killed\n"
+    code, out = world.curl(sid, world.http())
+    assert code == 7 and "Failed to connect" in out, out
+    status, body = world.patch(sid, {"allow": ["svc.test"]})
+    assert status == 200, body
+    assert world.curl(sid, world.http())[1].endswith(" [200]")
+    assert any("egress forwarder: it had ended" in line for line in world.logs(sid))
+
+
+def proxies_open(world: World) -> float:
+    status, text = world.gw.request("GET", "/metrics")
+    assert status == 200
+    line = next(line for line in text.decode().splitlines() if line.startswith("kernelhub_egress_proxies "))
+    return float(line.split()[1])
+
+
+def test_a_patch_racing_a_delete_does_not_answer_for_a_stopped_sandbox(world: World) -> None:
+    """A sandbox's first policy starts its proxy and forwarder, which waits on the sandbox; a DELETE meanwhile
+    stops it. The PATCH used to carry on and answer 200 with the stopped sandbox (and write its row back into
+    the store the DELETE had removed it from): it answers 409 now, and no proxy outlives the sandbox."""
+    before = proxies_open(world)
+    for _ in range(2):
+        sid = world.create("bash")["id"]
+        answers: dict[str, tuple[int, Any]] = {}
+
+        def patch(sid: str = sid, answers: dict[str, tuple[int, Any]] = answers) -> None:
+            answers["patch"] = world.patch(sid, "open")
+
+        def delete(sid: str = sid, answers: dict[str, tuple[int, Any]] = answers) -> None:
+            answers["delete"] = world.gw.request("DELETE", f"/v1/sandboxes/{sid}")
+
+        threads = [threading.Thread(target=patch), threading.Thread(target=delete)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert answers["delete"][0] == 204, answers
+        status, body = answers["patch"]
+        assert (status == 200 and body["state"] == "running") or \
+            (status in (404, 409) and body["error"] in ("not_found", "sandbox_not_running")), answers
+        assert world.gw.request("GET", f"/v1/sandboxes/{sid}")[0] == 404
+    assert proxies_open(world) == before
 
 
 def test_patch_through_the_client(world: World) -> None:

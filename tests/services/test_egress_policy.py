@@ -118,7 +118,8 @@ def test_default_port_for_urls() -> None:
     ("100.100.100.200", "carrier-grade NAT"), ("0.0.0.0", "unspecified"), ("0.1.2.3", "unspecified"),
     ("192.0.0.192", "IETF"), ("192.0.2.1", "documentation"), ("198.18.0.1", "benchmarking"),
     ("224.0.0.1", "multicast"), ("239.255.255.250", "multicast"), ("240.0.0.1", "reserved"),
-    ("255.255.255.255", "broadcast"),
+    ("255.255.255.255", "broadcast"), ("168.63.129.16", "Azure platform (WireServer)"),
+    ("::ffff:168.63.129.16", "Azure platform"), ("64:ff9b::a83f:8110", "Azure platform"),
     ("::1", "loopback"), ("::", "unspecified"), ("fe80::1", "link-local"), ("fc00::1", "unique local"),
     ("fd00:ec2::254", "metadata"), ("ff02::1", "multicast"), ("fec0::1", "site-local"),
     ("::ffff:127.0.0.1", "loopback"), ("::ffff:169.254.169.254", "metadata"), ("::ffff:10.0.0.1", "RFC 1918"),
@@ -132,7 +133,8 @@ def test_forbidden_ranges(address: str, what: str) -> None:
     assert reason is not None and what in reason
 
 
-@pytest.mark.parametrize("address", ["93.184.216.34", "1.1.1.1", "8.8.8.8", "2606:4700::1111",
+@pytest.mark.parametrize("address", ["93.184.216.34", "1.1.1.1", "8.8.8.8", "2606:4700::1111", "168.63.129.15",
+                                     "168.63.129.17",
                                      "2a00:1450:4001::1", "::ffff:93.184.216.34", "64:ff9b::5db8:d822"])
 def test_public_addresses_pass(address: str) -> None:
     assert forbidden(ip(address)) is None

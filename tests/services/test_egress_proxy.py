@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import h11
@@ -313,6 +314,50 @@ def test_an_idle_tunnel_is_closed(egress: Any, runner: asyncio.Runner) -> None:
     run(runner, go())
 
 
+def test_a_download_the_sandbox_stops_reading_is_closed(egress: Any, runner: asyncio.Runner) -> None:
+    """A plain HTTP response the sandbox stops reading: nothing moves for the idle timeout, so the connection
+    (and its upstream one) is closed, as a tunnel's is; it used to wait for the sandbox for ever. And either
+    way, the proxy's end is closed at once, not left holding what it could not write."""
+    s = egress.servers
+
+    async def stalled(proxy: SandboxProxy, request: bytes, tls: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, proxy.socket_path)
+            await loop.sock_sendall(sock, request)
+            got = b""
+            while b"xxxx" not in got and b"200 Connection established" not in got:
+                got += await loop.sock_recv(sock, 1024)  # the download started; then nothing more is read
+            if tls:  # a ClientHello for svc.test: the tunnel is up, and the server's answer is left unread
+                hello = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(),
+                                                              server_hostname="svc.test")
+                with pytest.raises(ssl.SSLWantReadError):
+                    hello.do_handshake()
+                await loop.sock_sendall(sock, out.read())
+            tasks = [c.task for c in proxy._conns if c.task is not None]
+            assert len(tasks) == 1
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 15)  # the connection ends
+            assert proxy.active_connections == 0
+            # And the proxy's end is closed, not left waiting to flush what the sandbox will never read (an
+            # open descriptor the connection bound no longer counts).
+            with pytest.raises((BrokenPipeError, ConnectionResetError)):
+                for _ in range(100):
+                    sock.send(b"x" * 1024)
+        finally:
+            sock.close()
+
+    async def go() -> None:
+        proxy = await egress.start({"allow": ["svc.test"]}, idle_timeout=0.5)
+        await stalled(proxy, f"GET http://svc.test:{s.http_port}/bytes?n=50000000 HTTP/1.1\r\nHost: svc.test\r\n"
+                             "\r\n".encode())
+        await stalled(proxy, f"CONNECT svc.test:{s.https_port} HTTP/1.1\r\nHost: svc.test\r\n\r\n".encode(),
+                      tls=True)
+
+    run(runner, go())
+
+
 def test_the_system_resolver(runner: asyncio.Runner) -> None:
     from kernelhub.services.egress.proxy import system_resolver
 
@@ -322,6 +367,54 @@ def test_the_system_resolver(runner: asyncio.Runner) -> None:
 
 
 # -- bounds ------------------------------------------------------------------------------------------------------
+
+def test_lookups_that_hang_hold_few_threads_and_none_of_the_gateways(egress: Any, runner: asyncio.Runner,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sandbox asking for names whose servers never answer (here ``*.slow``, whose getaddrinfo blocks) used to
+    fill the loop's default thread pool (6 threads on 2 cores), shared with file transfers and every other
+    sandbox's lookups: those then timed out too. Now a sandbox holds at most ``max_lookups`` threads of a pool
+    of egress's own, until its lookups really end; other sandboxes resolve, the gateway's pool is free."""
+    from kernelhub.services.egress.proxy import EgressService
+
+    s = egress.servers
+    real = socket.getaddrinfo
+    gate = threading.Event()
+    blocked = [0, 0]  # now, most at once
+    lock = threading.Lock()
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(host).endswith(".slow"):
+            with lock:
+                blocked[0] += 1
+                blocked[1] = max(blocked)
+            gate.wait(30)
+            with lock:
+                blocked[0] -= 1
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        if host == "fast.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+    async def go() -> None:
+        service = EgressService(allow_private="127.0.0.1/32", connect_timeout=1.0, max_lookups=2)
+        egress.services.append(service)
+        flooder = await service.open("sbA", str(egress.dir / "a.sock"), "open")
+        other = await service.open("sbB", str(egress.dir / "b.sock"), "open")
+        try:
+            flood = [asyncio.ensure_future(egress.get(flooder, f"http://n{i}.slow/")) for i in range(12)]
+            answers = await asyncio.gather(*flood)
+            assert {a.status for a in answers} == {504}, answers
+            assert blocked == [2, 2]  # still blocked after their requests ended, and never more than two
+            answer = await egress.get(other, f"http://fast.test:{s.http_port}/hello")
+            assert (answer.status, answer.text) == (200, f"hello from http as fast.test:{s.http_port}")
+            assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 5) == "free"
+        finally:
+            gate.set()
+
+    run(runner, go())
+
 
 def test_concurrent_connections_are_bounded(egress: Any, runner: asyncio.Runner) -> None:
     s = egress.servers
@@ -360,6 +453,36 @@ def test_connection_rate_is_bounded(egress: Any, runner: asyncio.Runner) -> None
             assert (await egress.get(proxy, f"http://svc.test:{s.http_port}/hello")).status == 200
         answer = await egress.get(proxy, f"http://svc.test:{s.http_port}/hello")
         assert answer.status == 429 and "faster than 0.001 per second" in answer.text
+        assert [r.status for r in egress.refusals] == [429]
+
+    run(runner, go())
+
+
+def test_requests_kept_alive_count_against_the_rate(egress: Any, runner: asyncio.Runner) -> None:
+    """Each plain HTTP request is a new connection upstream and a new lookup: on one kept-alive connection from
+    the sandbox they used to go as fast as the server answered (hundreds a second under a rate of 2). Every
+    request after a connection's first takes a token of the rate too, and one without is answered 429."""
+    s = egress.servers
+
+    async def go() -> None:
+        proxy = await egress.start({"allow": ["svc.test"]}, connection_burst=3, connection_rate=0.001)
+        reader, writer = await asyncio.open_unix_connection(proxy.socket_path)
+        client = h11.Connection(h11.CLIENT)
+        statuses = []
+        for _ in range(4):
+            writer.write(client.send(h11.Request(method="GET", target=f"http://svc.test:{s.http_port}/hello",
+                                                 headers=[("Host", "svc.test")])))
+            writer.write(client.send(h11.EndOfMessage()))
+            answer = await egress.read(reader, parser=client)
+            statuses.append(answer.status)
+            if answer.status != 200:
+                break
+            client.start_next_cycle()
+        writer.close()
+        assert statuses == [200, 200, 200, 429], statuses
+        assert answer.text == "egress denied: The sandbox opens egress connections faster than 0.001 per second; " \
+                              "retry later.\n"
+        assert egress.dns.asked == ["svc.test"] * 3
         assert [r.status for r in egress.refusals] == [429]
 
     run(runner, go())
@@ -556,6 +679,77 @@ def test_an_early_answer_reaches_the_sandbox(egress: Any, runner: asyncio.Runner
     run(runner, go())
 
 
+def test_a_length_beside_chunks_is_not_passed_on(egress: Any, runner: asyncio.Runner) -> None:
+    """Request smuggling (CL.TE): h11 frames a message that has both Transfer-Encoding and Content-Length by its
+    chunks; the proxy must not hand the length on (a server that reads it would take the rest of the body for a
+    second request, with a Host the sandbox chose). The same for a response, which would otherwise be framed
+    by a length its body does not have."""
+    heads: list[bytes] = []
+
+    async def server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"0\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"5\r\nhello\r\n0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def go() -> None:
+        upstream = await asyncio.start_server(server, "127.0.0.1", 0)
+        port = upstream.sockets[0].getsockname()[1]
+        try:
+            proxy = await egress.start({"allow": ["svc.test"]})
+            smuggled = b"GET /admin HTTP/1.1\r\nHost: elsewhere.test\r\n\r\n"
+            body = f"{len(smuggled):x}\r\n".encode() + smuggled + b"\r\n0\r\n\r\n"
+            answer = await egress.raw(proxy, (
+                f"POST http://svc.test:{port}/ HTTP/1.1\r\nHost: svc.test\r\nContent-Length: 4\r\n"
+                "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode() + body)
+            assert (answer.status, answer.body) == (200, b"hello")
+            assert "content-length" not in answer.headers
+            head = heads[0].lower()
+            assert b"transfer-encoding: chunked\r\n" in head and b"content-length" not in head, heads
+            assert head.endswith(body.lower())
+        finally:
+            upstream.close()
+            await upstream.wait_closed()
+
+    run(runner, go())
+
+
+def test_a_request_head_has_a_deadline_not_just_a_read_timeout(egress: Any, runner: asyncio.Runner) -> None:
+    """Slowloris: a byte every 50 ms never lets a read time out after 0.5 s, but the head as a whole must come
+    within the handshake timeout (the first request's from the connection's start, a later one's from its first
+    byte), or the connection is closed."""
+    s = egress.servers
+
+    async def trickle(writer: asyncio.StreamWriter, data: bytes) -> None:
+        for byte in data:
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.05)  # the attack's pace, not a wait for anything
+
+    async def go() -> None:
+        proxy = await egress.start({"allow": ["svc.test"]}, handshake_timeout=0.5)
+        head = f"GET http://svc.test:{s.http_port}/hello HTTP/1.1\r\nHost: svc.test\r\nX-Pad: ".encode()
+        head += b"a" * 400 + b"\r\n\r\n"  # 20 s at that pace
+        for earlier in (b"", f"GET http://svc.test:{s.http_port}/hello HTTP/1.1\r\nHost: svc.test\r\n\r\n"
+                             .encode()):
+            reader, writer = await asyncio.open_unix_connection(proxy.socket_path)
+            if earlier:
+                client = h11.Connection(h11.CLIENT)
+                client.send(h11.Request(method="GET", target=b"/", headers=[("Host", "x")]))
+                client.send(h11.EndOfMessage())
+                writer.write(earlier)
+                assert (await egress.read(reader, parser=client)).status == 200
+            sending = asyncio.ensure_future(trickle(writer, head))
+            started = asyncio.get_running_loop().time()
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            assert asyncio.get_running_loop().time() - started < 5
+            sending.cancel()
+            writer.close()
+        assert proxy.active_connections == 0
+
+    run(runner, go())
+
+
 @pytest.mark.parametrize("request_bytes, status, phrase", [
     (b"GET /hello HTTP/1.1\r\nHost: svc.test\r\n\r\n", 400, "send an absolute http:// URI or CONNECT"),
     (b"GET https://svc.test/hello HTTP/1.1\r\nHost: svc.test\r\n\r\n", 400, "through a CONNECT tunnel"),
@@ -649,6 +843,22 @@ def test_only_the_sandbox_uid_may_use_the_socket(egress: Any, runner: asyncio.Ru
         assert not os.path.exists(proxy.socket_path)
 
     run(runner, go())
+
+
+def test_the_audit_budget_of_refusals() -> None:
+    """A sandbox's refusals reach the audit log ``burst`` at once, then ``rate`` a second; the first kept after
+    some were left out says how many."""
+    from kernelhub.services.egress.proxy import RefusalBudget
+
+    now = [100.0]
+    budget = RefusalBudget(3, 0.5, clock=lambda: now[0])
+    assert [budget.take() for _ in range(5)] == [0, 0, 0, None, None]
+    now[0] += 1.0  # half a token
+    assert budget.take() is None
+    now[0] += 1.0
+    assert budget.take() == 3
+    now[0] += 1000.0  # refills to the burst, no more
+    assert [budget.take() for _ in range(4)] == [0, 0, 0, None]
 
 
 def test_service_configuration(egress: Any, runner: asyncio.Runner) -> None:

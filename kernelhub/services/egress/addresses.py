@@ -9,7 +9,8 @@ Pure functions, no I/O. Two jobs:
   of them: the proxy decides on, and connects to, the address the client meant, and never hands a numeric
   string to a resolver that might read it otherwise.
 - :func:`forbidden` says whether an address lies in a range that no policy opens (loopback, RFC 1918,
-  link-local and cloud metadata, carrier-grade NAT, unique local, multicast, reserved, documentation...), the
+  link-local and cloud metadata (Azure's public 168.63.129.16 too), carrier-grade NAT, unique local, multicast,
+  reserved, documentation...), the
   operator's ``allow_private`` networks being the only exception. IPv4 addresses carried inside IPv6
   (``::ffff:a.b.c.d``, NAT64 ``64:ff9b::/96``) are judged as the IPv4 address they reach.
 
@@ -36,6 +37,9 @@ _FORBIDDEN_V4: tuple[tuple[str, str], ...] = (
     ("127.0.0.0/8", "a loopback address"),
     ("169.254.169.254/32", "the cloud metadata address"),
     ("169.254.0.0/16", "a link-local address"),
+    # Public, but a cloud host's own agent endpoint: Azure's WireServer and platform DNS, which serves a VM's
+    # extension settings (secrets included) to anything on the VM that asks, as 169.254.169.254 does elsewhere.
+    ("168.63.129.16/32", "the Azure platform (WireServer) address"),
     ("172.16.0.0/12", "a private (RFC 1918) address"),
     ("192.0.0.0/24", "an IETF protocol assignment (RFC 6890) address"),
     ("192.0.2.0/24", "a documentation (TEST-NET-1) address"),

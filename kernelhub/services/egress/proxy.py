@@ -26,8 +26,10 @@ a new policy at once (:meth:`SandboxProxy.set_policy`), cutting live connections
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import http
 import ipaddress
 import logging
@@ -61,6 +63,10 @@ Resolver = Callable[[str, int], Awaitable[Sequence[IPAddress]]]
 MAX_REQUEST_HEAD = 16 * 1024
 MAX_RESPONSE_HEAD = 64 * 1024
 _CHUNK = 64 * 1024
+#: Refusals of one sandbox passed on to :attr:`EgressService.on_refusal` (the audit log): this many at once, then
+#: this many a second; the sandbox log has every one.
+AUDIT_BURST = 50
+AUDIT_RATE = 1.0
 #: Unix socket paths are limited to 108 bytes with the NUL (sun_path).
 MAX_SOCKET_PATH = 107
 #: Headers for one hop only (RFC 9110 7.6.1), and ``Expect`` (the proxy answers ``100 Continue`` itself).
@@ -68,10 +74,12 @@ _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te
                          b"transfer-encoding", b"upgrade", b"expect", b"host"})
 
 
-async def system_resolver(host: str, port: int) -> list[IPAddress]:
-    """The host's resolver (``getaddrinfo`` in a thread), every distinct address in its order."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                         proto=socket.IPPROTO_TCP)
+async def system_resolver(host: str, port: int, executor: concurrent.futures.Executor | None = None
+                          ) -> list[IPAddress]:
+    """The host's resolver (``getaddrinfo`` in a thread of ``executor``, by default the loop's), every distinct
+    address in its order."""
+    infos = await asyncio.get_running_loop().run_in_executor(executor, functools.partial(
+        socket.getaddrinfo, host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP))
     out: list[IPAddress] = []
     for _family, _type, _proto, _name, sockaddr in infos:
         ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
@@ -109,16 +117,44 @@ class ProxyLimits:
     connect_timeout: float = 10.0
     handshake_timeout: float = 30.0
     idle_timeout: float = 300.0
+    max_lookups: int = 4
+
+
+class RefusalBudget:
+    """How many of a sandbox's refusals go to the audit log: ``burst`` at once, then ``rate`` a second. The log is
+    durable and hash-chained: a sandbox refused in a loop (20 a second, its connection rate) must not grow it by
+    millions of entries a day; its own log (``sandbox_logs``, bounded) has every one."""
+
+    def __init__(self, burst: int, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst = float(burst)
+        self.rate = rate
+        self.clock = clock
+        self.tokens = self.burst
+        self.at = clock()
+        self.left_out = 0
+
+    def take(self) -> int | None:
+        """For one refusal: ``None`` if it is left out, else how many were left out since the last one kept."""
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            self.left_out += 1
+            return None
+        self.tokens -= 1
+        left_out, self.left_out = self.left_out, 0
+        return left_out
 
 
 class _Reply(Exception):
     """An answer instead of a forwarded response: ``status`` and a sentence; ``refusal`` ones are reported."""
 
-    def __init__(self, status: int, reason: str, *, refusal: bool = False) -> None:
+    def __init__(self, status: int, reason: str, *, refusal: bool = False, reported: bool = False) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.refusal = refusal
+        self.reported = reported
 
 
 class _Conn:
@@ -132,14 +168,24 @@ class _Conn:
         self.addresses: Sequence[IPAddress] = ()
         self.last = time.monotonic()
         self.cut: str | None = None
+        #: Ended because nothing moved for a timeout: closed at once (see :meth:`SandboxProxy._accept`).
+        self.stalled = False
 
 
 def _end_to_end(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """``headers`` without hop-by-hop ones, those ``Connection`` names, ``Proxy-*`` and ``Host``."""
+    """``headers`` without hop-by-hop ones, those ``Connection`` names, ``Proxy-*`` and ``Host``; and without
+    ``Content-Length`` when the message came with a ``Transfer-Encoding``.
+
+    h11 frames such a message by its chunks and ignores the length (RFC 9112 6.3), and so must the next hop:
+    passing both on would let the sandbox smuggle a second request, with a ``Host`` of its choosing, to a
+    server that reads the length instead (CL.TE), and would frame a response by a length its body does not
+    have. The RFC's rule for an intermediary: remove the ``Content-Length`` before forwarding."""
     named = {token.strip().lower() for name, value in headers if name == b"connection"
              for token in value.split(b",")}
+    chunked = any(name == b"transfer-encoding" for name, _ in headers)
     return [(name, value) for name, value in headers
-            if name not in _HOP_BY_HOP and name not in named and not name.startswith(b"proxy-")]
+            if name not in _HOP_BY_HOP and name not in named and not name.startswith(b"proxy-")
+            and not (chunked and name == b"content-length")]
 
 
 def _sni_problem(target: Target, server_name: str | None) -> str | None:
@@ -176,6 +222,8 @@ class SandboxProxy:
         self.tx_bytes = 0
         self._policy = policy
         self._conns: set[_Conn] = set()
+        #: Name lookups of this sandbox in flight, held until the lookup itself ends (see :meth:`_resolve`).
+        self._lookups = asyncio.Semaphore(max(1, self.limits.max_lookups))
         self._tokens = float(self.limits.burst)
         self._refilled = time.monotonic()
         self._server: asyncio.AbstractServer | None = None
@@ -268,6 +316,9 @@ class SandboxProxy:
             reason += f" ({quiet} more connections were turned away since the last report.)"
         self._report(conn, status, reason)
 
+    def _rate_reason(self) -> str:
+        return f"The sandbox opens egress connections faster than {self.limits.rate:g} per second; retry later."
+
     def _take_token(self) -> bool:
         now = time.monotonic()
         self._tokens = min(float(self.limits.burst), self._tokens + (now - self._refilled) * self.limits.rate)
@@ -286,8 +337,7 @@ class SandboxProxy:
             turned_away = (503, f"The sandbox already has {self.limits.max_connections} egress connections "
                                 "open, its limit; close some and retry.")
         elif not self._take_token():
-            turned_away = (429, f"The sandbox opens egress connections faster than {self.limits.rate:g} per "
-                                "second; retry later.")
+            turned_away = (429, self._rate_reason())
         if turned_away is not None:
             self._report_turned_away(conn, *turned_away)
             status, reason = turned_away
@@ -300,13 +350,17 @@ class SandboxProxy:
         except asyncio.CancelledError:
             if conn.cut is None:
                 raise
-        except (ConnectionError, TimeoutError, h11.ProtocolError):
+        except TimeoutError:
+            conn.stalled = True
+        except (ConnectionError, h11.ProtocolError):
             pass  # the sandbox or the server went away mid-stream; nothing to answer
         except Exception:
             log.exception("egress proxy of sandbox %s: unexpected error", self.sandbox_id)
         finally:
             self._conns.discard(conn)
-            if conn.cut is not None:
+            if conn.cut is not None or conn.stalled:
+                # Not close(), which waits to write what is buffered: a sandbox that stopped reading would
+                # keep the descriptor open, out of the connection count, for as long as it liked.
                 writer.transport.abort()
             else:
                 writer.close()
@@ -314,10 +368,10 @@ class SandboxProxy:
     async def _serve(self, conn: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Requests of one connection from the sandbox, until it closes or a tunnel takes it over."""
         client = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
-        timeout = self.limits.handshake_timeout
+        first = True
         while True:
             try:
-                event = await self._next_event(client, reader, timeout)
+                event = await self._request_head(client, reader, first)
             except h11.RemoteProtocolError as exc:
                 reply = _Reply(exc.error_status_hint, f"The request is malformed: {exc}.", refusal=True)
                 await self._answer(conn, client, writer, reply)
@@ -331,6 +385,12 @@ class SandboxProxy:
             conn.method = event.method.decode("ascii", "replace")
             conn.asked = event.target.decode("ascii", "replace")  # h11 refuses targets that are not ASCII
             try:
+                if not first and not self._take_token():
+                    # Each request is a new connection upstream (and a lookup): kept alive, one connection from
+                    # the sandbox would otherwise open them as fast as the servers answer, past the rate.
+                    reason = self._rate_reason()
+                    self._report_turned_away(conn, 429, reason)
+                    raise _Reply(429, reason, refusal=True, reported=True)
                 if event.method == b"CONNECT":
                     await self._tunnel(conn, client, reader, writer)
                     return
@@ -343,7 +403,26 @@ class SandboxProxy:
                 return
             client.start_next_cycle()
             conn.target, conn.addresses = None, ()
-            timeout = self.limits.idle_timeout
+            first = False
+
+    async def _request_head(self, client: h11.Connection, reader: asyncio.StreamReader, first: bool) -> Any:
+        """The next request head from the sandbox (or what else h11 makes of its bytes), whole within the
+        handshake timeout: of the connection's start for its first request, of the request's first byte for a
+        later one (which may be awaited for the idle timeout). A deadline for the whole head, not for each
+        read: a client trickling a byte at a time (slowloris) would otherwise hold the connection for as long
+        as the head may be long. Raises ``TimeoutError``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.handshake_timeout if first else None
+        while True:
+            event = client.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            async with asyncio.timeout_at(deadline if deadline is not None
+                                          else loop.time() + self.limits.idle_timeout):
+                data = await reader.read(_CHUNK)
+            if deadline is None:
+                deadline = loop.time() + self.limits.handshake_timeout
+            client.receive_data(data)
 
     async def _next_event(self, parser: h11.Connection, reader: asyncio.StreamReader, timeout: float) -> Any:
         """The next h11 event from ``reader``, each read bounded by ``timeout`` (raises ``TimeoutError``)."""
@@ -358,7 +437,7 @@ class SandboxProxy:
     async def _answer(self, conn: _Conn, client: h11.Connection, writer: asyncio.StreamWriter,
                       reply: _Reply) -> None:
         """Send ``reply`` as the response (then the connection closes); report it if it is a refusal."""
-        if reply.refusal:
+        if reply.refusal and not reply.reported:
             self._report(conn, reply.status, reply.reason)
         if client.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return  # a response already began: nothing to do but close
@@ -383,7 +462,7 @@ class SandboxProxy:
         else:
             try:
                 async with asyncio.timeout(self.limits.connect_timeout):
-                    addresses = [unwrap(a) for a in await self.resolver(target.host, target.port)]
+                    addresses = [unwrap(a) for a in await self._resolve(target)]
             except TimeoutError:
                 raise _Reply(504, f"Resolving {target.host} took longer than {self.limits.connect_timeout:g} s."
                              ) from None
@@ -395,6 +474,29 @@ class SandboxProxy:
                 raise _Reply(403, verdict.reason, refusal=True)
         conn.target, conn.addresses = target, addresses
         return addresses
+
+    async def _resolve(self, target: Target) -> Sequence[IPAddress]:
+        """``target.host`` looked up, at most ``max_lookups`` of this sandbox's at a time (more wait their turn,
+        within the caller's timeout).
+
+        A lookup is a thread blocked in ``getaddrinfo`` for as long as the name's servers take to answer (or not:
+        tens of seconds), and a timeout here cannot stop that thread. So a slot is given back when the lookup
+        ends, not when its caller stops waiting: a sandbox asking for names whose servers never answer holds
+        ``max_lookups`` threads of the lookup pool at most, and the other sandboxes' lookups still run."""
+        await self._lookups.acquire()
+        try:
+            lookup = asyncio.ensure_future(self.resolver(target.host, target.port))
+        except BaseException:
+            self._lookups.release()
+            raise
+
+        def done(future: asyncio.Future[Sequence[IPAddress]]) -> None:
+            self._lookups.release()
+            if not future.cancelled():
+                future.exception()  # retrieved: a lookup nobody waits for any more is no error to report
+
+        lookup.add_done_callback(done)
+        return await asyncio.shield(lookup)
 
     async def _open(self, target: Target, addresses: Sequence[IPAddress]) -> socket.socket:
         """A non-blocking TCP socket connected to the first of ``addresses`` that answers (never a name:
@@ -425,6 +527,12 @@ class SandboxProxy:
             raise _Reply(504, f"Connecting to {target} took longer than {self.limits.connect_timeout:g} s."
                          ) from None
         raise _Reply(502, f"Could not connect to {target}: {'; '.join(errors) or 'no address'}.")
+
+    async def _drain(self, writer: asyncio.StreamWriter) -> None:
+        """``writer.drain()`` within the idle timeout: a sandbox that stops reading a response must not hold its
+        connection, and the server's, for ever (a tunnel's relay has the same bound). Raises ``TimeoutError``."""
+        async with asyncio.timeout(self.limits.idle_timeout):
+            await writer.drain()
 
     async def _send_up(self, sock: socket.socket, data: bytes) -> None:
         if data:
@@ -508,6 +616,7 @@ class SandboxProxy:
             while pending := {p for p in pumps if not p.done()}:
                 left = conn.last + self.limits.idle_timeout - time.monotonic()
                 if left <= 0:
+                    conn.stalled = True
                     return
                 done, _ = await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
                 if any(not p.cancelled() and p.exception() is not None for p in done):
@@ -580,10 +689,10 @@ class SandboxProxy:
                                                           headers=_end_to_end(event.headers))))
                 elif isinstance(event, h11.Data):
                     writer.write(client.send(h11.Data(data=event.data)))
-                    await writer.drain()
+                    await self._drain(writer)
                 elif isinstance(event, h11.EndOfMessage):
                     writer.write(client.send(h11.EndOfMessage()))
-                    await writer.drain()
+                    await self._drain(writer)
                     return True
                 else:  # ConnectionClosed before a whole response: h11 raised above instead
                     return False
@@ -624,6 +733,12 @@ class EgressService(LoggingConfigurable):
                               config=True).tag(env="KERNELHUB_EGRESS_HANDSHAKE_TIMEOUT")
     idle_timeout = Float(300.0, help="Seconds an egress connection may carry nothing before it is closed.",
                          config=True).tag(env="KERNELHUB_EGRESS_IDLE_TIMEOUT")
+    max_lookups = Integer(4, help="Name lookups one sandbox may have running at once (more wait their turn); a "
+                          "lookup holds a thread of the egress lookup pool until the name's servers answer.",
+                          config=True).tag(env="KERNELHUB_EGRESS_MAX_LOOKUPS")
+    lookup_threads = Integer(64, help="Threads of the egress lookup pool (getaddrinfo), shared by every sandbox "
+                             "and apart from the gateway's own thread pool.", config=True).tag(
+        env="KERNELHUB_EGRESS_LOOKUP_THREADS")
 
     @validate("allow_private")
     def _check_allow_private(self, proposal: Any) -> str:
@@ -643,8 +758,15 @@ class EgressService(LoggingConfigurable):
     def __init__(self, resolver: Resolver | None = None, **kwargs: Any) -> None:
         """``resolver`` replaces the system resolver (tests); names in :attr:`hosts` are answered first."""
         super().__init__(**kwargs)
-        self._system = resolver or system_resolver
+        self._system = resolver
+        #: The threads ``getaddrinfo`` runs in: not the loop's default pool, which file transfers and the store's
+        #: helpers share, and which lookups that hang would fill (made at the first system lookup).
+        self._lookup_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._proxies: dict[str, SandboxProxy] = {}
+        #: Called with refusals of a sandbox attached by :meth:`attach`, after their log line, and how many of
+        #: its refusals were left out since the last call: :data:`AUDIT_BURST` at once, then
+        #: :data:`AUDIT_RATE` a second (the hub puts them in the audit log). Exceptions are logged and dropped.
+        self.on_refusal: Callable[[Refusal, int], Any] | None = None
         #: Bytes of proxies already closed (``rx``, ``tx``) and refusals reported, for :meth:`totals`.
         self._closed_bytes = [0, 0]
         self.denied = 0
@@ -654,7 +776,12 @@ class EgressService(LoggingConfigurable):
         fixed = self.hosts.get(host)
         if fixed is not None:
             return [ipaddress.ip_address(a) for a in fixed]
-        return await self._system(host, port)
+        if self._system is not None:
+            return await self._system(host, port)
+        if self._lookup_pool is None:
+            self._lookup_pool = concurrent.futures.ThreadPoolExecutor(max(1, self.lookup_threads),
+                                                                      thread_name_prefix="egress-lookup")
+        return await system_resolver(host, port, self._lookup_pool)
 
     @property
     def allowed_private_networks(self) -> tuple[IPNetwork, ...]:
@@ -663,7 +790,8 @@ class EgressService(LoggingConfigurable):
     def limits(self) -> ProxyLimits:
         return ProxyLimits(max_connections=self.max_connections, rate=self.connection_rate,
                            burst=self.connection_burst, connect_timeout=self.connect_timeout,
-                           handshake_timeout=self.handshake_timeout, idle_timeout=self.idle_timeout)
+                           handshake_timeout=self.handshake_timeout, idle_timeout=self.idle_timeout,
+                           max_lookups=self.max_lookups)
 
     async def open(self, sandbox_id: str, socket_path: str, policy: Any, *,
                    owner: tuple[int, int] | None = None,
@@ -694,9 +822,16 @@ class EgressService(LoggingConfigurable):
         proxy is closed again); the caller stops the sandbox or answers the error."""
         if policy.mode == "none" or sandbox.id in self._proxies:
             return
+        budget = RefusalBudget(AUDIT_BURST, AUDIT_RATE)
+
         def on_denied(refusal: Refusal) -> None:
             self.denied += 1
             sandbox.log(refusal.log_line())
+            if self.on_refusal is None:
+                return
+            left_out = budget.take()
+            if left_out is not None:
+                self.on_refusal(refusal, left_out)  # SandboxProxy._report logs what it raises
 
         await self.open(sandbox.id, str(sandbox.egress_socket), policy, owner=(sandbox.uid, sandbox.gid),
                         on_denied=on_denied)
@@ -710,12 +845,14 @@ class EgressService(LoggingConfigurable):
     async def update(self, sandbox: Sandbox, policy: NetworkPolicy) -> bool:
         """``PATCH`` of a running sandbox's network: new connections follow ``policy`` at once and open ones it
         refuses are cut. A sandbox created with ``"none"`` has no proxy yet: it gets one now (:meth:`attach`);
-        answers True then (its processes already running lack the proxy variables, the caller's to set).
-        Going back to ``"none"`` keeps the proxy, which then refuses everything. Raises what :meth:`attach`
-        raises."""
+        answers True then (its processes already running lack the proxy variables, the caller's to set). A
+        sandbox that has one gets its forwarder started again if it ended. Going back to ``"none"`` keeps the
+        proxy, which then refuses everything. Raises what :meth:`attach` raises."""
         proxy = self._proxies.get(sandbox.id)
         if proxy is not None:
             proxy.set_policy(policy)
+            if policy.mode != "none":
+                await sandbox.start_egress_forwarder()  # again if the sandbox's code killed it
             return False
         if policy.mode == "none":
             return False
@@ -760,9 +897,12 @@ class EgressService(LoggingConfigurable):
             self._closed_bytes[1] += proxy.tx_bytes
 
     async def close_all(self) -> None:
-        """Stop every proxy (the app's shutdown)."""
+        """Stop every proxy (the app's shutdown), and the lookup pool (lookups still blocked are left to end)."""
         for sandbox_id in list(self._proxies):
             await self.close(sandbox_id)
+        if self._lookup_pool is not None:
+            self._lookup_pool.shutdown(wait=False, cancel_futures=True)
+            self._lookup_pool = None
 
 
 def _hosts_table(value: Any) -> dict[str, list[str]]:
