@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import kernelhub
+import kernelhub.app  # noqa: F401  (every module a gateway loads, so that answerable() sees each class it declares)
 from kernelhub import client, errors
 from kernelhub.client.errors import error_from_response
 from kernelhub.mcp.tools import error_output

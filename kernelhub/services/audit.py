@@ -196,26 +196,28 @@ def _meta(conn: sqlite3.Connection) -> dict[str, str]:
     return {name: value for name, value in conn.execute("SELECT name, value FROM audit_meta")}
 
 
-class DamagedMeta(StoreError):
-    """``audit_meta`` holds something kernelhub never writes there: it was changed outside kernelhub."""
-
-    def __init__(self, name: str, value: object) -> None:
-        self.problem = (f"its metadata: audit_meta holds {str(value)[:40]!r} as {name}, not an entry number; it was "
-                        "changed outside kernelhub")
-        super().__init__(f"The audit log is damaged at {self.problem}. Run kernelhub audit verify.")
+def _meta_problem(meta: Mapping[str, object], *names: str) -> str | None:
+    """Where ``audit_meta`` holds, as one of ``names``, something kernelhub never writes there (not an entry
+    number): the damage in words, or None. It was changed outside kernelhub."""
+    for name in names:
+        value = meta.get(name, "0")
+        try:
+            number = int(value) if isinstance(value, (str, int)) else -1
+        except ValueError:
+            number = -1
+        if number < 0:
+            return (f"its metadata: audit_meta holds {str(value)[:40]!r} as {name}, not an entry number; it was "
+                    "changed outside kernelhub")
+    return None
 
 
 def _meta_int(meta: Mapping[str, object], name: str) -> int:
-    """The entry number ``audit_meta`` keeps as ``name`` (0 when absent); raises :class:`DamagedMeta` for a value
-    that is not one."""
-    value = meta.get(name, "0")
-    try:
-        number = int(value) if isinstance(value, (str, int)) else -1
-    except ValueError:
-        number = -1
-    if number < 0:
-        raise DamagedMeta(name, value)
-    return number
+    """The entry number ``audit_meta`` keeps as ``name`` (0 when absent). Raises :class:`StoreError` for a value
+    that is not one (a StoreError of its own would share the ``store_error`` code: one code, one class)."""
+    problem = _meta_problem(meta, name)
+    if problem is not None:
+        raise StoreError(f"The audit log is damaged at {problem}. Run kernelhub audit verify.")
+    return int(str(meta.get(name, "0")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,12 +248,11 @@ def _check_db(db_path: Path) -> _Report:
             raise StoreError(f"The database {db_path} was written by a newer kernelhub (schema version "
                              f"{version}); verify it with that version.")
         meta = _meta(conn)
-        try:
-            pruned_seq = _meta_int(meta, "pruned_seq")
-            head_seq = _meta_int(meta, "head_seq")
-        except DamagedMeta as exc:
+        problem = _meta_problem(meta, "pruned_seq", "head_seq")
+        if problem is not None:
             conn.execute("COMMIT")
-            return _Report(BadEntry(0, None, exc.problem), 0, 0, 0, GENESIS, 0)
+            return _Report(BadEntry(0, None, problem), 0, 0, 0, GENESIS, 0)
+        pruned_seq, head_seq = _meta_int(meta, "pruned_seq"), _meta_int(meta, "head_seq")
         pruned_hash = meta.get("pruned_hash", GENESIS)
         rows = conn.execute("SELECT * FROM audit ORDER BY seq")
         bad, count, last_seq, last_hash = _check_chain((_row_entry(r) for r in rows), pruned_seq, pruned_hash)
@@ -327,10 +328,9 @@ def compare_mirror(path: str | Path, db_path: str | Path, *, own: bool = False) 
         # read after it is in it, or was committed after it (checked again below).
         conn.execute("BEGIN")
         meta = _meta(conn)
-        try:
-            pruned, written = _meta_int(meta, "pruned_seq"), _meta_int(meta, "mirror_seq")
-        except DamagedMeta:
+        if _meta_problem(meta, "pruned_seq", "mirror_seq") is not None:
             return None  # the database's own check names it
+        pruned, written = _meta_int(meta, "pruned_seq"), _meta_int(meta, "mirror_seq")
 
         def head() -> int:
             return int(conn.execute("SELECT max(seq) FROM audit").fetchone()[0] or pruned)
