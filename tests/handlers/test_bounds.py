@@ -225,6 +225,10 @@ def test_request_bodies_being_received_are_capped_per_tenant(gw: Gateway) -> Non
     stalled.sendall(f"POST /v1/sandboxes HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {gw.token}\r\n"
                     f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n".encode())
     stalled.sendall(b" " * (length - 1))  # all but the last byte: the gateway holds it, waiting for the rest
+    # The probes below must not race the stalled body: one arriving while the gateway still reads it pushes the
+    # tenant past its cap first, and then the stalled body is the one refused (CI saw 400s for 10 s that way).
+    # Hence: wait until the gateway has taken in every byte sent (TCP paces a large send by the gateway's window).
+    _wait_until_read(int(port), stalled.getsockname()[1])
     big = {"template": "python", "metadata": {"a": "x" * (300 * KiB)}}  # refused as too much metadata (400)
 
     def status(token: str | None) -> tuple[int, Any]:
@@ -241,6 +245,26 @@ def test_request_bodies_being_received_are_capped_per_tenant(gw: Gateway) -> Non
     deadline = time.monotonic() + 10
     while (answer := status("default"))[0] != 400:
         assert answer[0] == 429 and time.monotonic() < deadline, answer
+
+
+def _wait_until_read(server_port: int, client_port: int, timeout: float = 10.0) -> None:
+    """Wait until the gateway has read all that the loopback connection from ``client_port`` sent: nothing is
+    left in the client's send queue (sent but not yet taken in by the gateway's end: the window is paced) nor
+    in the gateway's receive queue, the ``tx_queue`` and ``rx_queue`` of /proc/net/tcp (proc(5))."""
+    ends = {(f"{client_port:04X}", f"{server_port:04X}"): 0, (f"{server_port:04X}", f"{client_port:04X}"): 1}
+    deadline = time.monotonic() + timeout
+    while True:
+        queued = [0, 0]
+        with open("/proc/net/tcp") as table:
+            for row in (line.split() for line in list(table)[1:]):
+                end = ends.get((row[1].split(":")[1], row[2].split(":")[1]))
+                if end is not None:
+                    queued[end] = int(row[4].split(":")[end], 16)  # the client's tx_queue, the gateway's rx_queue
+        if queued == [0, 0]:
+            time.sleep(0.2)  # the last chunk tornado read reaches the handler
+            return
+        assert time.monotonic() < deadline, f"unsent, unread bytes after {timeout} s: {queued}"
+        time.sleep(0.05)
 
 
 # -- a kernel that claims to be busy for ever --------------------------------------------------------------------
