@@ -412,6 +412,9 @@ KERNELHUB_TOKEN=KEY KERNELHUB_STATE_DIR=/srv/kernelhub kernelhub serve
         env="KERNELHUB_HEADER_TIMEOUT")
     idle_timeout = Float(75.0, help="Seconds a kept-alive connection may wait for its next request.",
                          config=True).tag(env="KERNELHUB_IDLE_TIMEOUT")
+    body_timeout = Float(60.0, help="Seconds a request body may send nothing before its connection is closed "
+                         "(a stalled or trickled upload); 0 turns the deadline off.", config=True).tag(
+        env="KERNELHUB_BODY_TIMEOUT")
     max_connections_per_address = Integer(128, help="Connections in their HTTP phase one client address may "
                                           "hold; more are closed on arrival (websockets do not count).",
                                           config=True).tag(env="KERNELHUB_MAX_CONNECTIONS_PER_ADDRESS")
@@ -467,6 +470,7 @@ KERNELHUB_TOKEN=KEY KERNELHUB_STATE_DIR=/srv/kernelhub kernelhub serve
                 fd_limit = raise_fd_limit()
                 server = GatewayServer(make_app(hub, tenants, config), max_body_size=MAX_BODY_BYTES,
                                        header_timeout=self.header_timeout, idle_timeout=self.idle_timeout,
+                                       body_timeout=self.body_timeout or None,
                                        max_per_address=self.max_connections_per_address,
                                        max_connections=min(self.max_connections, fd_limit // 2))
                 server.add_sockets(sockets)

@@ -5,6 +5,9 @@ connections held every descriptor of the process, and each failed ``accept`` wro
 
 - a connection must send the headers of its first request within ``header_timeout`` seconds (slow or silent
   clients are closed); between two requests of a kept-alive connection, ``idle_timeout`` applies;
+- a request body that stalls, no byte of it arriving for ``body_timeout`` seconds, closes its connection (what
+  nginx's ``client_body_timeout`` does, 60 s there too): a body trickled in pins its tenant's body budget and a
+  connection, and was bounded only by the caps before;
 - each client address holds at most ``max_per_address`` connections in their HTTP phase, and the server at most
   ``max_connections``; a connection past either cap is closed as soon as it is accepted;
 - a request too malformed to reach any handler (bytes HTTP forbids in a header, a bad request line) gets the
@@ -31,7 +34,7 @@ import socket
 import time
 from typing import Any
 
-from tornado import httputil, iostream
+from tornado import gen, httputil, iostream
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 
@@ -80,36 +83,76 @@ class _State:
 
 
 class _HeadersSeen(httputil.HTTPMessageDelegate):
-    """Passes every call on to tornado's delegate; notes that a request's headers arrived."""
+    """Passes every call on to tornado's delegate; notes that a request's headers arrived, and closes the
+    connection when its body stalls for ``body_timeout`` seconds (the deadline restarts with each chunk, once
+    the handler took it: a handler that holds the body back for flow control is not a stalled client)."""
 
-    def __init__(self, delegate: httputil.HTTPMessageDelegate, state: _State | None) -> None:
+    def __init__(self, delegate: httputil.HTTPMessageDelegate, state: _State | None,
+                 stream: iostream.IOStream | None, body_timeout: float | None) -> None:
         self.delegate = delegate
         self.state = state
+        self.stream = stream
+        self.body_timeout = body_timeout
+        self._timer: object | None = None
 
     def headers_received(self, start_line: Any, headers: httputil.HTTPHeaders) -> Any:
         if self.state is not None:
             self.state.headers_seen = True
+        if headers.get("Content-Length", "0").strip() not in ("", "0") or "Transfer-Encoding" in headers:
+            self._arm()
         return self.delegate.headers_received(start_line, headers)
 
     def data_received(self, chunk: bytes) -> Any:
-        return self.delegate.data_received(chunk)
+        self._disarm()
+        result = self.delegate.data_received(chunk)
+        if result is None:
+            self._arm()
+        else:
+            result = gen.convert_yielded(result)
+            result.add_done_callback(lambda _: self._arm())
+        return result
 
     def finish(self) -> None:
+        self._disarm()
+        self._timer = False  # the body is complete: a flow-control callback arriving now arms nothing
         self.delegate.finish()
 
     def on_connection_close(self) -> None:
+        self._disarm()
+        self._timer = False
         self.delegate.on_connection_close()
+
+    def _arm(self) -> None:
+        if self.body_timeout is None or self.stream is None or self._timer is False:
+            return
+        self._disarm()
+        self._timer = IOLoop.current().call_later(self.body_timeout, self._stalled)
+
+    def _disarm(self) -> None:
+        if self._timer:
+            IOLoop.current().remove_timeout(self._timer)
+            self._timer = None
+
+    def _stalled(self) -> None:
+        self._timer = None
+        if self.stream is not None and not self.stream.closed():
+            log.info("closed a connection from %s: its request body sent nothing for %g s",
+                     self.state.address if self.state is not None else "?", self.body_timeout)
+            self.stream.close()
 
 
 class GatewayServer(HTTPServer):
-    """tornado's HTTPServer with the bounds of this module. ``header_timeout``, ``idle_timeout`` (seconds),
-    ``max_per_address`` and ``max_connections`` (connections) come on top of HTTPServer's own arguments."""
+    """tornado's HTTPServer with the bounds of this module. ``header_timeout``, ``idle_timeout``,
+    ``body_timeout`` (seconds; None: no body deadline), ``max_per_address`` and ``max_connections``
+    (connections) come on top of HTTPServer's own arguments."""
 
     def initialize(self, *args: Any, header_timeout: float = 10.0, idle_timeout: float = 75.0,  # type: ignore[override]
-                   max_per_address: int = 128, max_connections: int = 4096, **kwargs: Any) -> None:
+                   body_timeout: float | None = 60.0, max_per_address: int = 128, max_connections: int = 4096,
+                   **kwargs: Any) -> None:
         kwargs["idle_connection_timeout"] = idle_timeout
         super().initialize(*args, **kwargs)
         self.header_timeout = header_timeout
+        self.body_stall_timeout = body_timeout
         self.max_per_address = max_per_address
         self.max_connections = max_connections
         self._states: dict[iostream.IOStream, _State] = {}
@@ -210,7 +253,8 @@ class GatewayServer(HTTPServer):
 
     def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection) -> Any:
         delegate = super().start_request(server_conn, request_conn)
-        return _HeadersSeen(delegate, self._states.get(getattr(server_conn, "stream", None)))  # type: ignore[arg-type]
+        stream = getattr(server_conn, "stream", None)
+        return _HeadersSeen(delegate, self._states.get(stream), stream, self.body_stall_timeout)  # type: ignore[arg-type]
 
     def on_close(self, server_conn: object) -> None:
         super().on_close(server_conn)
