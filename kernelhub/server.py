@@ -84,8 +84,14 @@ class _State:
 
 class _HeadersSeen(httputil.HTTPMessageDelegate):
     """Passes every call on to tornado's delegate; notes that a request's headers arrived, and closes the
-    connection when its body stalls for ``body_timeout`` seconds (the deadline restarts with each chunk, once
-    the handler took it: a handler that holds the body back for flow control is not a stalled client)."""
+    connection when its body sends nothing for ``body_timeout`` seconds.
+
+    The clock restarts with each chunk the handler has taken, and stops while the handler holds the body back
+    (its ``data_received`` answered an awaitable, for flow control): that is not a stalled client. One timer per
+    body: a chunk only notes the loop's time (a 1 GiB upload is 16,384 chunks of 64 KiB), and the timer, when
+    it fires before the body was quiet that long, waits out the rest. Not tornado's own ``body_timeout``
+    (``HTTP1ConnectionParameters``): that one bounds the whole body, and would cut a large upload on a slow
+    link while it still progresses."""
 
     def __init__(self, delegate: httputil.HTTPMessageDelegate, state: _State | None,
                  stream: iostream.IOStream | None, body_timeout: float | None) -> None:
@@ -94,48 +100,54 @@ class _HeadersSeen(httputil.HTTPMessageDelegate):
         self.stream = stream
         self.body_timeout = body_timeout
         self._timer: object | None = None
+        self._last_chunk = 0.0  # the loop's time when the handler last took a chunk
+        self._held = False  # the handler holds the body back
 
     def headers_received(self, start_line: Any, headers: httputil.HTTPHeaders) -> Any:
         if self.state is not None:
             self.state.headers_seen = True
-        if headers.get("Content-Length", "0").strip() not in ("", "0") or "Transfer-Encoding" in headers:
-            self._arm()
+        has_body = headers.get("Content-Length", "0").strip() not in ("", "0") or "Transfer-Encoding" in headers
+        if has_body and self.body_timeout is not None and self.stream is not None:
+            self._last_chunk = IOLoop.current().time()
+            self._timer = IOLoop.current().call_later(self.body_timeout, self._deadline)
         return self.delegate.headers_received(start_line, headers)
 
     def data_received(self, chunk: bytes) -> Any:
-        self._disarm()
         result = self.delegate.data_received(chunk)
         if result is None:
-            self._arm()
+            self._last_chunk = IOLoop.current().time()
         else:
+            self._held = True
             result = gen.convert_yielded(result)
-            result.add_done_callback(lambda _: self._arm())
+            result.add_done_callback(self._released)
         return result
 
+    def _released(self, _: object) -> None:
+        self._held = False
+        self._last_chunk = IOLoop.current().time()
+
     def finish(self) -> None:
-        self._disarm()
-        self._timer = False  # the body is complete: a flow-control callback arriving now arms nothing
+        self._stop()
         self.delegate.finish()
 
     def on_connection_close(self) -> None:
-        self._disarm()
-        self._timer = False
+        self._stop()
         self.delegate.on_connection_close()
 
-    def _arm(self) -> None:
-        if self.body_timeout is None or self.stream is None or self._timer is False:
-            return
-        self._disarm()
-        self._timer = IOLoop.current().call_later(self.body_timeout, self._stalled)
-
-    def _disarm(self) -> None:
-        if self._timer:
+    def _stop(self) -> None:
+        if self._timer is not None:
             IOLoop.current().remove_timeout(self._timer)
             self._timer = None
 
-    def _stalled(self) -> None:
+    def _deadline(self) -> None:
+        assert self.body_timeout is not None and self.stream is not None  # armed only with both
+        loop = IOLoop.current()
+        wait = self.body_timeout if self._held else self._last_chunk + self.body_timeout - loop.time()
+        if wait > 0:
+            self._timer = loop.call_later(wait, self._deadline)
+            return
         self._timer = None
-        if self.stream is not None and not self.stream.closed():
+        if not self.stream.closed():
             log.info("closed a connection from %s: its request body sent nothing for %g s",
                      self.state.address if self.state is not None else "?", self.body_timeout)
             self.stream.close()
@@ -152,7 +164,7 @@ class GatewayServer(HTTPServer):
         kwargs["idle_connection_timeout"] = idle_timeout
         super().initialize(*args, **kwargs)
         self.header_timeout = header_timeout
-        self.body_stall_timeout = body_timeout
+        self.body_stall_timeout = body_timeout  # HTTPServer.initialize takes body_timeout too, for the whole body
         self.max_per_address = max_per_address
         self.max_connections = max_connections
         self._states: dict[iostream.IOStream, _State] = {}
