@@ -218,11 +218,14 @@ def test_async_execution_read_back_by_id(gateway: Gateway, python_sandbox: dict[
 def test_interrupt_extension(gateway: Gateway, python_sandbox: dict[str, Any], execute: Any) -> None:
     sid = python_sandbox["id"]
     status, accepted = gateway.request("POST", f"/v1/sandboxes/{sid}/executions",
-                                       {"code": "import time\nfor _ in range(600): time.sleep(0.1)"})
+                                       {"code": "import time\nprint('looping', flush=True)\n"
+                                                "for _ in range(600): time.sleep(0.1)"})
     assert status == 202
     deadline = time.monotonic() + 30
     ex = accepted
-    while ex["status"] != "running" and time.monotonic() < deadline:
+    # Once the cell has printed, SIGINT lands in its loop. Sent at "running", it could land in ipykernel's own
+    # code, whose error may be another than KeyboardInterrupt (test_streams.py::test_ws_interrupt says more).
+    while "looping" not in (ex.get("stdout") or "") and time.monotonic() < deadline:
         time.sleep(0.05)
         ex = gateway.request("GET", f"/v1/executions/{accepted['id']}")[1]
     status, ex = gateway.request("POST", f"/v1/executions/{accepted['id']}/interrupt")
