@@ -32,7 +32,7 @@ from copy import deepcopy
 from typing import Any
 
 from tornado import netutil, web
-from traitlets import Bool, CaselessStrEnum, Float, Integer, List, Unicode, observe
+from traitlets import Bool, CaselessStrEnum, Float, Integer, List, TraitError, Unicode, observe, validate
 from traitlets.config import Application, Config, Configurable
 from traitlets.config.loader import ArgumentError, KVArgParseConfigLoader
 from traitlets.utils.text import wrap_paragraphs
@@ -413,7 +413,7 @@ KERNELHUB_TOKEN=KEY KERNELHUB_STATE_DIR=/srv/kernelhub kernelhub serve
     idle_timeout = Float(75.0, help="Seconds a kept-alive connection may wait for its next request.",
                          config=True).tag(env="KERNELHUB_IDLE_TIMEOUT")
     body_timeout = Float(60.0, help="Seconds a request body may send nothing before its connection is closed "
-                         "(a stalled or trickled upload); 0 turns the deadline off.", config=True).tag(
+                         "(a stalled upload); 0 turns the deadline off.", config=True).tag(
         env="KERNELHUB_BODY_TIMEOUT")
     max_connections_per_address = Integer(128, help="Connections in their HTTP phase one client address may "
                                           "hold; more are closed on arrival (websockets do not count).",
@@ -421,6 +421,18 @@ KERNELHUB_TOKEN=KEY KERNELHUB_STATE_DIR=/srv/kernelhub kernelhub serve
     max_connections = Integer(4096, help="Connections in their HTTP phase the gateway holds in all; more are "
                               "closed on arrival. Kept below the descriptor limit, with room for sandboxes.",
                               config=True).tag(env="KERNELHUB_MAX_CONNECTIONS")
+
+    @validate("header_timeout", "idle_timeout", "max_connections_per_address", "max_connections")
+    def _positive(self, proposal: Any) -> Any:
+        if not proposal["value"] > 0:  # 0 or less closed or refused every connection
+            raise TraitError(f"ServeApp.{proposal['trait'].name} must be positive; it was {proposal['value']}.")
+        return proposal["value"]
+
+    @validate("body_timeout")
+    def _not_negative(self, proposal: Any) -> Any:
+        if not proposal["value"] >= 0:  # below 0, every request with a body was dropped unanswered
+            raise TraitError(f"ServeApp.body_timeout must be 0 (no deadline) or more; it was {proposal['value']}.")
+        return proposal["value"]
 
     def _tenants(self) -> tuple[TenantRegistry, bool]:
         generated = False

@@ -197,6 +197,9 @@ def test_version() -> None:
     (("doctor", "--isolation", "loose"), "kernelhub doctor: --isolation='loose': expected any of ['strict', "),
     (("serve", "--Hub.max_sandboxes=3"), "kernelhub serve: on the command line: Hub has no option 'max_sandboxes'"),
     (("serve", "--Nope.x=3"), "kernelhub serve: on the command line: unknown option 'Nope'"),
+    (("serve", "--ServeApp.body_timeout=-1"), "kernelhub serve: ServeApp.body_timeout must be 0 (no deadline) or "),
+    (("serve", "--ServeApp.header_timeout=0"), "kernelhub serve: ServeApp.header_timeout must be positive"),
+    (("serve", "--ServeApp.max_connections=0"), "kernelhub serve: ServeApp.max_connections must be positive"),
     (("serve", "--config", "/nonexistent/kernelhub_config.py"),
      "the config file /nonexistent/kernelhub_config.py (from --config) does not exist."),
 ])
