@@ -5,16 +5,16 @@ connections held every descriptor of the process, and each failed ``accept`` wro
 
 - a connection must send the headers of its first request within ``header_timeout`` seconds (slow or silent
   clients are closed); between two requests of a kept-alive connection, ``idle_timeout`` applies;
-- a request body that stalls, no byte of it arriving for ``body_timeout`` seconds, closes its connection (what
-  nginx's ``client_body_timeout`` does, 60 s there too): a body trickled in pins its tenant's body budget and a
-  connection, and was bounded only by the caps before;
+- a request body that stalls, the handler taking no chunk of it for ``body_timeout`` seconds, closes its
+  connection (what nginx's ``client_body_timeout`` does, 60 s there too), so that a stalled body does not pin
+  its tenant's body budget and a connection; a body trickled in within each deadline is bounded by the caps;
 - each client address holds at most ``max_per_address`` connections in their HTTP phase, and the server at most
   ``max_connections``; a connection past either cap is closed as soon as it is accepted;
 - a request too malformed to reach any handler (bytes HTTP forbids in a header, a bad request line) gets the
   same JSON error as any other bad request, instead of tornado's bare ``400 Bad Request`` without a body;
 - one descriptor is kept in reserve: when ``accept`` fails for lack of descriptors (``EMFILE``/``ENFILE``), the
   reserve is freed to accept and close the waiting connections, so the listening socket does not spin, and
-  the condition is logged once per :data:`LOG_INTERVAL_S`, not once per attempt.
+  the condition is logged once per :data:`LOG_INTERVAL_S`, not once per attempt (so are closed stalled bodies).
 
 A connection upgraded to a websocket leaves the HTTP phase (it passed authentication to get there) and no
 longer counts toward the caps. Who calls what: :class:`kernelhub.app.ServeApp` makes one :class:`GatewayServer`
@@ -32,6 +32,7 @@ import os
 import resource
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tornado import gen, httputil, iostream
@@ -94,11 +95,13 @@ class _HeadersSeen(httputil.HTTPMessageDelegate):
     link while it still progresses."""
 
     def __init__(self, delegate: httputil.HTTPMessageDelegate, state: _State | None,
-                 stream: iostream.IOStream | None, body_timeout: float | None) -> None:
+                 stream: iostream.IOStream | None, body_timeout: float | None,
+                 on_stalled: Callable[[str], None]) -> None:
         self.delegate = delegate
         self.state = state
         self.stream = stream
         self.body_timeout = body_timeout
+        self.on_stalled = on_stalled  # told the client's address when a stalled body's connection is closed
         self._timer: object | None = None
         self._last_chunk = 0.0  # the loop's time when the handler last took a chunk
         self._held = False  # the handler holds the body back
@@ -148,8 +151,7 @@ class _HeadersSeen(httputil.HTTPMessageDelegate):
             return
         self._timer = None
         if not self.stream.closed():
-            log.info("closed a connection from %s: its request body sent nothing for %g s",
-                     self.state.address if self.state is not None else "?", self.body_timeout)
+            self.on_stalled(self.state.address if self.state is not None else "?")
             self.stream.close()
 
 
@@ -172,7 +174,8 @@ class GatewayServer(HTTPServer):
         self._reserve: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._refused = 0
         self._shed = 0
-        self._logged_at = -LOG_INTERVAL_S
+        self._stalled = 0
+        self._logged_at = self._stall_logged_at = -LOG_INTERVAL_S
 
     # -- accepting ------------------------------------------------------------------------------------------
 
@@ -266,7 +269,18 @@ class GatewayServer(HTTPServer):
     def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection) -> Any:
         delegate = super().start_request(server_conn, request_conn)
         stream = getattr(server_conn, "stream", None)
-        return _HeadersSeen(delegate, self._states.get(stream), stream, self.body_stall_timeout)  # type: ignore[arg-type]
+        return _HeadersSeen(delegate, self._states.get(stream), stream,  # type: ignore[arg-type]
+                            self.body_stall_timeout, self._body_stalled)
+
+    def _body_stalled(self, address: str) -> None:
+        """A stalled body's connection is being closed: counted, and logged once per :data:`LOG_INTERVAL_S`
+        (anyone may send a body to a route without auth, so a line per connection is a log flood)."""
+        self._stalled += 1
+        now = time.monotonic()
+        if now - self._stall_logged_at >= LOG_INTERVAL_S:
+            self._stall_logged_at = now
+            log.info("closed a connection from %s whose request body sent nothing for %g s (%d so far)", address,
+                     self.body_stall_timeout, self._stalled)
 
     def on_close(self, server_conn: object) -> None:
         super().on_close(server_conn)
